@@ -1,0 +1,410 @@
+"""One frozen, typed settings object for the whole node.
+
+Settings come from, in increasing priority:
+
+1. the bundled defaults ``config/default.yaml``;
+2. an optional site YAML file (``fpe-node --config site.yaml ...`` or ``FPENODE_CONFIG``);
+3. environment variables ``FPENODE_<SECTION>__<FIELD>`` (nested with ``__``), e.g.
+   ``FPENODE_NETWORK__PORT=11113`` or ``FPENODE_STORAGE__DATA_DIR=/srv/fpe``.
+
+Every field is validated at start-up; a bad value stops start-up with a
+:class:`SettingsError` whose message names the field (``network.ae_title: ...``).
+The object is built once by the entry point and passed down; nothing re-reads it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from config import DEFAULT_SETTINGS
+
+ENV_PREFIX = "FPENODE_"
+ENV_NESTED_DELIMITER = "__"
+
+_UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# Roots that belong to libraries' examples, never to be used for a site's objects.
+FORBIDDEN_UID_ROOTS = ("1.2.826.0.1.3680043.8.498", "1.2.826.0.1.3680043.9.3811", "1.2.840.10008")
+
+
+class SettingsError(ValueError):
+    """A settings value is invalid; the message names each bad field."""
+
+
+def validate_ae_title(value: str) -> str:
+    """Check an Application Entity title (PS3.5 section 6.2, VR AE).
+
+    1 to 16 characters from the default character repertoire, no backslash, no control
+    characters, not all spaces. Leading and trailing spaces are not significant and are
+    stripped.
+    """
+    if not isinstance(value, str):
+        raise ValueError("AE title must be a string")
+    if len(value) > 16:
+        raise ValueError(f"AE title {value!r} is longer than 16 characters")
+    if "\\" in value:
+        raise ValueError(f"AE title {value!r} contains a backslash")
+    if any(ord(ch) < 0x20 or ord(ch) > 0x7E for ch in value):
+        raise ValueError(f"AE title {value!r} contains control or non-ASCII characters")
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("AE title is empty or all spaces")
+    return stripped
+
+
+def _frozen() -> ConfigDict:
+    return ConfigDict(frozen=True, extra="forbid")
+
+
+class NetworkSettings(BaseModel):
+    """The node's own DICOM Application Entity (the SCP)."""
+
+    model_config = _frozen()
+
+    ae_title: str = Field("FPENODE", description="Called AE title the node answers to.")
+    host: str = Field("0.0.0.0", description="Address to listen on (0.0.0.0: all interfaces).")
+    port: int = Field(11112, ge=1, le=65535, description="TCP port of the SCP.")
+    max_pdu: int = Field(
+        4_194_304, ge=0, description="Maximum PDU length the node advertises, bytes (0: unlimited)."
+    )
+    max_associations: int = Field(32, ge=1, le=1000, description="Concurrent associations accepted.")
+    acse_timeout_s: float = Field(30.0, gt=0, description="Association negotiation timeout.")
+    dimse_timeout_s: float = Field(60.0, gt=0, description="DIMSE message timeout.")
+    network_timeout_s: float = Field(120.0, gt=0, description="Idle association timeout.")
+    check_calling_host: bool = Field(
+        True, description="Reject a known calling AE title that connects from an address not registered for it."
+    )
+
+    _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: validate_ae_title(v)))
+
+
+class StorageSettings(BaseModel):
+    """Where received instances, results and the default SQLite index live."""
+
+    model_config = _frozen()
+
+    data_dir: Path = Field(Path("fpe-node-data"), description="Root of everything the node writes.")
+    fsync: bool = Field(True, description="fsync each file and its folder before acknowledging a C-STORE.")
+
+    @property
+    def dicom_dir(self) -> Path:
+        """Received instances, ``<data_dir>/dicom/<study>/<series>/<sop>.dcm``."""
+        return self.data_dir / "dicom"
+
+    @property
+    def results_dir(self) -> Path:
+        """DICOM objects the node produced, kept until delivered and retained."""
+        return self.data_dir / "results"
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Temporary files (same filesystem as the stores, so rename is atomic)."""
+        return self.data_dir / "tmp"
+
+
+class IndexSettings(BaseModel):
+    """The index database."""
+
+    model_config = _frozen()
+
+    url: str | None = Field(
+        None,
+        description=(
+            "SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db. "
+            "Empty: SQLite file <data_dir>/index.sqlite3."
+        ),
+    )
+    echo: bool = Field(False, description="Log SQL statements (debugging only).")
+
+
+class CompletionSettings(BaseModel):
+    """When a series and a study count as complete (see dicom_node.completion)."""
+
+    model_config = _frozen()
+
+    series_quiet_s: float = Field(8.0, gt=0, description="A series is complete after this long without a new instance.")
+    study_timeout_s: float = Field(
+        180.0, gt=0, description="A study is forced complete this long after its last instance."
+    )
+    release_shortens_wait: bool = Field(
+        True, description="An association release marks the series it sent as quiet at once."
+    )
+    live_window_s: float = Field(
+        3600.0, ge=0, description="Studies acquired this recently are worked on before older backlog."
+    )
+
+    @model_validator(mode="after")
+    def _timeout_after_quiet(self) -> "CompletionSettings":
+        if self.study_timeout_s < self.series_quiet_s:
+            raise ValueError("study_timeout_s must not be shorter than series_quiet_s")
+        return self
+
+
+class RetentionSettings(BaseModel):
+    """Purging of processed studies."""
+
+    model_config = _frozen()
+
+    enabled: bool = Field(True, description="Purge processed studies after `days`.")
+    days: float = Field(7.0, gt=0, description="Age (since last arrival) after which a processed study is purged.")
+    disk_high_watermark_pct: float = Field(
+        90.0, gt=0, le=100, description="Above this disk use, oldest processed studies are purged first."
+    )
+    disk_low_watermark_pct: float = Field(80.0, gt=0, le=100, description="Purging stops below this disk use.")
+    check_interval_s: float = Field(300.0, gt=0, description="How often retention runs.")
+
+    @model_validator(mode="after")
+    def _low_below_high(self) -> "RetentionSettings":
+        if self.disk_low_watermark_pct > self.disk_high_watermark_pct:
+            raise ValueError("disk_low_watermark_pct must not exceed disk_high_watermark_pct")
+        return self
+
+
+class UIDSettings(BaseModel):
+    """How the node makes new UIDs (PS3.5 section 9)."""
+
+    model_config = _frozen()
+
+    root: str | None = Field(
+        None,
+        description="Site UID root (digits and dots, at most 40 characters). Empty: UUID-derived 2.25. UIDs.",
+    )
+
+    @field_validator("root")
+    @classmethod
+    def _check_root(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        value = value.rstrip(".")
+        if not _UID_ROOT_RE.match(value) or len(value) > 40:
+            raise ValueError(f"{value!r} is not a UID root (digits and dots, at most 40 characters)")
+        if any(value == root or value.startswith(root + ".") for root in FORBIDDEN_UID_ROOTS):
+            raise ValueError(f"{value!r} belongs to a library's or the standard's root, not to a site")
+        return value
+
+
+class InferenceSettings(BaseModel):
+    """Model and rules used by the worker."""
+
+    model_config = _frozen()
+
+    checkpoint: Path | None = Field(
+        None, description="Checkpoint to serve. Empty: deterministic untrained demonstration weights."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
+    eligibility_rules: Path | None = Field(None, description="Eligibility YAML. Empty: bundled config/eligibility.yaml.")
+    selection_rules: Path | None = Field(None, description="Series selection YAML. Empty: bundled config/selection.yaml.")
+    case_window_h: float = Field(
+        24.0, ge=0, description="Roles may come from studies of the same patient acquired within this window."
+    )
+    prefer_pipeline: Literal["MR", "CT"] = Field("MR", description="Pipeline used when both CT and MR are ready.")
+    workers: int = Field(1, ge=1, le=16, description="Inference worker processes.")
+    torch_threads: int = Field(0, ge=0, description="Threads for torch on CPU (0: torch's default).")
+
+
+class ReportSettings(BaseModel):
+    """Result objects the node builds."""
+
+    model_config = _frozen()
+
+    sr_for_not_analysed: bool = Field(True, description="Send an SR saying why a study was not analysed.")
+    secondary_capture: bool = Field(True, description="Build attention-map secondary captures.")
+    multiframe_sc: bool = Field(False, description="One multi-frame true-colour SC instead of single-frame images.")
+    pdf: bool = Field(False, description="Also build a one-page Encapsulated PDF.")
+    institution_name: str | None = Field(None, description="InstitutionName written in results (optional).")
+
+
+class DeliverySettings(BaseModel):
+    """Sending results back (see dicom_node.outbox)."""
+
+    model_config = _frozen()
+
+    allow_demonstration_results: bool = Field(
+        False, description="Send results of untrained demonstration weights to destinations (off: keep them in the node)."
+    )
+    retry_initial_s: float = Field(5.0, gt=0, description="First retry delay; doubles each attempt.")
+    retry_max_s: float = Field(300.0, gt=0, description="Cap on the retry delay.")
+    deadline_s: float = Field(86400.0, gt=0, description="After this long without success an item is dead-lettered.")
+    calling_ae_title: str | None = Field(None, description="AE title used when sending. Empty: network.ae_title.")
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _check_ae(cls, value: str | None) -> str | None:
+        return None if value in (None, "") else validate_ae_title(value)
+
+
+class PeerSettings(BaseModel):
+    """A remote system seeded into the peer registry at start-up (managed afterwards by `fpe-node peers`)."""
+
+    model_config = _frozen()
+
+    name: str = Field(..., min_length=1, max_length=64, description="Unique name of the system.")
+    ae_titles: tuple[str, ...] = Field(..., min_length=1, description="AE titles the system uses.")
+    host: str = Field("*", description="Host or IP address; '*' accepts any host.")
+    port: int | None = Field(None, ge=1, le=65535, description="Port of its SCP (needed for destinations and echo).")
+    roles: tuple[Literal["source", "destination"], ...] = Field(("source",), min_length=1)
+
+    @field_validator("ae_titles")
+    @classmethod
+    def _check_titles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(validate_ae_title(v) for v in value)
+
+    @model_validator(mode="after")
+    def _destination_needs_port(self) -> "PeerSettings":
+        if "destination" in self.roles and (self.port is None or self.host == "*"):
+            raise ValueError("a destination needs a host (not '*') and a port")
+        return self
+
+
+class LoggingSettings(BaseModel):
+    """Console logging of `fpe-node serve`."""
+
+    model_config = _frozen()
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(BaseSettings):
+    """All settings of fpe-node. Build with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        case_sensitive=False,
+    )
+
+    network: NetworkSettings = NetworkSettings()
+    storage: StorageSettings = StorageSettings()
+    index: IndexSettings = IndexSettings()
+    completion: CompletionSettings = CompletionSettings()
+    retention: RetentionSettings = RetentionSettings()
+    uid: UIDSettings = UIDSettings()
+    inference: InferenceSettings = InferenceSettings()
+    reports: ReportSettings = ReportSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    peers: tuple[PeerSettings, ...] = ()
+    logging: LoggingSettings = LoggingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over YAML (passed as init kwargs).
+        environ = _ENVIRON_FOR_LOAD.get()
+        if environ is not None:
+            env_settings = _MappingEnvSource(settings_cls, environ)
+        return (env_settings, init_settings)
+
+    @property
+    def index_url(self) -> str:
+        """The index URL, defaulting to SQLite inside the data directory."""
+        if self.index.url:
+            return self.index.url
+        return f"sqlite:///{(self.storage.data_dir / 'index.sqlite3').resolve()}"
+
+
+_ENVIRON_FOR_LOAD: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
+    "fpenode_environ", default=None
+)
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """Environment source reading a given mapping instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._given_environ = {k.lower(): v for k, v in environ.items()}
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return self._given_environ
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SettingsError(f"config file {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path} must hold a mapping at top level")
+    return data
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per bad field: ``section.field: message (got value)``."""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{field}: {err['msg']}{shown}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(
+    path: Path | str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the validated settings object.
+
+    Parameters
+    ----------
+    path:
+        Site YAML file merged over the bundled defaults; ``None`` uses ``FPENODE_CONFIG``
+        from the environment when set.
+    environ:
+        Environment to read ``FPENODE_*`` overrides from (default: ``os.environ``).
+    overrides:
+        Values merged last over the YAML (tests and the CLI use it); the environment still wins.
+
+    Raises
+    ------
+    SettingsError
+        Naming every invalid field.
+    """
+    env = dict(os.environ if environ is None else environ)
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = env[ENV_PREFIX + "CONFIG"]
+    data = _read_yaml(DEFAULT_SETTINGS)
+    if path is not None:
+        data = _deep_merge(data, _read_yaml(Path(path)))
+    if overrides:
+        data = _deep_merge(data, overrides)
+    env_only = {k: v for k, v in env.items() if k.upper().startswith(ENV_PREFIX) and k.upper() != ENV_PREFIX + "CONFIG"}
+    token = _ENVIRON_FOR_LOAD.set(env_only)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise SettingsError(format_validation_error(exc)) from None
+    finally:
+        _ENVIRON_FOR_LOAD.reset(token)

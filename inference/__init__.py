@@ -1,0 +1,1 @@
+"""Arrays and metadata in, a first-pass-effect prediction out (no sockets, no database)."""
