@@ -1,0 +1,191 @@
+"""ORM models of the index: what the node received, who may talk to it, what changed.
+
+The hierarchy follows the DICOM information model (PS3.3 section A.1.2, Patient - Study -
+Series - Instance). Only the attributes routing, completion and reporting need are kept;
+the files on disk stay the reference.
+
+Patient names are never stored in clear; the index keeps the Patient ID (PS3.3 C.7.1.1,
+needed to group studies of one patient) and its issuer.
+
+Every timestamp is a timezone-aware UTC datetime (:func:`dicom_node.index.base.utcnow`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from dicom_node.index.base import UID, AETitle, Base, IntPK, Timestamp, utcnow
+
+# Study states written by dicom_node.lifecycle; the index stores them as plain strings so
+# later issues can add states without a migration.
+STATE_RECEIVED = "received"
+
+
+class Patient(Base):
+    """A patient as the senders identify it: Patient ID plus its issuer (PS3.3 C.7.1.1).
+
+    ``issuer`` is ``""`` when the sender gave no Issuer of Patient ID (0010,0021), so the
+    unique constraint also works on databases that treat NULLs as distinct.
+    """
+
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patient_patient_id_issuer"),)
+
+    id: Mapped[IntPK]
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer: Mapped[str] = mapped_column(String(64), default="")
+    name_hash: Mapped[str | None] = mapped_column(String(16), default=None)
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    """One study (Study Instance UID, PS3.3 C.7.2.1) and its place in the node's life cycle."""
+
+    __tablename__ = "study"
+    __table_args__ = (
+        Index("ix_study_state", "state"),
+        Index("ix_study_last_received_at", "last_received_at"),
+    )
+
+    id: Mapped[IntPK]
+    study_uid: Mapped[UID] = mapped_column(unique=True)
+    patient_pk: Mapped[int | None] = mapped_column(
+        ForeignKey("patient.id", ondelete="SET NULL"), index=True, default=None
+    )
+    acquired_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    """StudyDate + StudyTime (naive local scanner time, stored as given)."""
+    accession: Mapped[str | None] = mapped_column(String(16), default=None)
+    description: Mapped[str | None] = mapped_column(String(64), default=None)
+    modalities: Mapped[str] = mapped_column(String(64), default="")
+    """Modalities of its series, backslash-separated and sorted, e.g. ``CT\\SR``."""
+    state: Mapped[str] = mapped_column(String(32), default=STATE_RECEIVED)
+    state_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    first_received_at: Mapped[Timestamp] = mapped_column(default=utcnow)
+    last_received_at: Mapped[Timestamp] = mapped_column(default=utcnow)
+    calling_ae: Mapped[AETitle | None] = mapped_column(default=None)
+    """Calling AE title of the association that brought its latest instance."""
+
+    patient: Mapped[Patient | None] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(
+        back_populates="study", cascade="all, delete-orphan", passive_deletes=True
+    )
+    events: Mapped[list[StudyEvent]] = relationship(
+        back_populates="study", cascade="all, delete-orphan", passive_deletes=True, order_by="StudyEvent.id"
+    )
+
+
+class Series(Base):
+    """One series (Series Instance UID, PS3.3 C.7.3.1) with the tags series selection reads."""
+
+    __tablename__ = "series"
+
+    id: Mapped[IntPK]
+    series_uid: Mapped[UID] = mapped_column(unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16), default=None)
+    description: Mapped[str | None] = mapped_column(String(64), default=None)
+    number: Mapped[int | None] = mapped_column(Integer, default=None)
+    manufacturer: Mapped[str | None] = mapped_column(String(64), default=None)
+    image_type: Mapped[str | None] = mapped_column(String(160), default=None)
+    """ImageType (0008,0008) of its first instance, backslash-separated."""
+    body_part: Mapped[str | None] = mapped_column(String(16), default=None)
+    frame_of_reference_uid: Mapped[UID | None] = mapped_column(default=None)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    last_received_at: Mapped[Timestamp] = mapped_column(default=utcnow)
+    complete_at: Mapped[Timestamp | None] = mapped_column(default=None)
+    """When the series went quiet (written by dicom_node.completion); NULL while receiving."""
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(
+        back_populates="series", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Instance(Base):
+    """One stored composite instance (SOP Instance UID, PS3.3 C.12.1) and its file."""
+
+    __tablename__ = "instance"
+
+    id: Mapped[IntPK]
+    sop_instance_uid: Mapped[UID] = mapped_column(unique=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_class_uid: Mapped[UID]
+    transfer_syntax_uid: Mapped[UID]
+    instance_number: Mapped[int | None] = mapped_column(Integer, default=None)
+    path: Mapped[str] = mapped_column(String(255))
+    """File path relative to ``storage.data_dir`` (``dicom/<study>/<series>/<sop>.dcm``)."""
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    """SHA-256 of the data set as received (without the file meta group), for the duplicate rule."""
+    received_at: Mapped[Timestamp] = mapped_column(default=utcnow)
+    calling_ae: Mapped[AETitle | None] = mapped_column(default=None)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Peer(Base):
+    """A remote system: where it may connect from, where it listens, what it may do."""
+
+    __tablename__ = "peer"
+
+    id: Mapped[IntPK]
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    host: Mapped[str] = mapped_column(String(255), default="*")
+    """Host name or IP address; ``*`` accepts associations from any address."""
+    port: Mapped[int | None] = mapped_column(Integer, default=None)
+    roles: Mapped[str] = mapped_column(String(64), default="source")
+    """Comma-separated roles: ``source`` (may send to the node), ``destination`` (receives results)."""
+    created_at: Mapped[Timestamp] = mapped_column(default=utcnow)
+
+    ae_titles: Mapped[list[PeerAETitle]] = relationship(
+        back_populates="peer", cascade="all, delete-orphan", passive_deletes=True, order_by="PeerAETitle.id"
+    )
+
+    @property
+    def role_set(self) -> frozenset[str]:
+        """The roles as a set."""
+        return frozenset(role for role in self.roles.split(",") if role)
+
+
+class PeerAETitle(Base):
+    """One AE title a peer uses; a PACS often sends from another title than it queries with."""
+
+    __tablename__ = "peer_ae_title"
+
+    id: Mapped[IntPK]
+    peer_pk: Mapped[int] = mapped_column(ForeignKey("peer.id", ondelete="CASCADE"), index=True)
+    ae_title: Mapped[AETitle] = mapped_column(unique=True)
+
+    peer: Mapped[Peer] = relationship(back_populates="ae_titles")
+
+
+class AuditEntry(Base):
+    """An administrative change (peers, configuration) and who made it."""
+
+    __tablename__ = "audit_entry"
+
+    id: Mapped[IntPK]
+    at: Mapped[Timestamp] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    """``<command> (<OS user>)``, e.g. ``fpe-node peers add (alice)``, or ``startup``."""
+    action: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text, default=None)
+    """JSON text describing the change."""
+
+
+class StudyEvent(Base):
+    """One entry of a study's timeline: it entered ``state`` at ``at``."""
+
+    __tablename__ = "study_event"
+
+    id: Mapped[IntPK]
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    at: Mapped[Timestamp] = mapped_column(default=utcnow)
+    state: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text, default=None)
+
+    study: Mapped[Study] = relationship(back_populates="events")
