@@ -1,0 +1,1 @@
+"""Alembic migrations of the index (run by dicom_node.index.db.upgrade_to_head)."""

@@ -1,0 +1,1 @@
+"""Index schema revisions, one module each, chained by down_revision."""
