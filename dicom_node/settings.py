@@ -234,6 +234,11 @@ class DeliverySettings(BaseModel):
     retry_max_s: float = Field(300.0, gt=0, description="Cap on the retry delay.")
     deadline_s: float = Field(86400.0, gt=0, description="After this long without success an item is dead-lettered.")
     calling_ae_title: str | None = Field(None, description="AE title used when sending. Empty: network.ae_title.")
+    routing_rules: Path | None = Field(
+        None, description="Routing YAML (which results go to which destinations). Empty: every result to every destination."
+    )
+    scan_interval_s: float = Field(2.0, gt=0, description="How often the outbox looks for due items when not woken.")
+    association_timeout_s: float = Field(30.0, gt=0, description="ACSE, DIMSE and network timeout when sending.")
 
     @field_validator("calling_ae_title")
     @classmethod
