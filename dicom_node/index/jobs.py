@@ -1,0 +1,53 @@
+"""The analysis job queue table (see :mod:`dicom_node.lifecycle`).
+
+One row per time a study was put in the queue. A partial unique index allows at most one
+*open* job (``queued`` or ``running``) per study, so the database itself guarantees that a
+study never waits in the queue twice nor runs in two workers at once, on SQLite and on
+PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from dicom_node.index.base import Base, IntPK, Timestamp, utcnow
+
+OPEN_JOB_STATES = ("queued", "running")
+_OPEN_JOB_WHERE = text("state IN ('queued', 'running')")
+
+
+class AnalysisJob(Base):
+    """A study waiting for, or taken by, an inference worker.
+
+    ``priority_at`` is when the study was acquired (UTC; the first arrival when the study
+    carries no date): jobs whose ``priority_at`` lies within the live window are claimed
+    before older backlog. ``state`` is ``queued`` -> ``running`` -> ``done``, or ``cancelled``
+    when a new usable series pulled the study back before a worker took it.
+    """
+
+    __tablename__ = "analysis_job"
+    __table_args__ = (
+        Index("ix_analysis_job_state", "state"),
+        Index(
+            "uq_analysis_job_open_study",
+            "study_pk",
+            unique=True,
+            sqlite_where=_OPEN_JOB_WHERE,
+            postgresql_where=_OPEN_JOB_WHERE,
+        ),
+    )
+
+    id: Mapped[IntPK]
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+    enqueued_at: Mapped[Timestamp] = mapped_column(default=utcnow)
+    priority_at: Mapped[Timestamp]
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    claimed_by: Mapped[str | None] = mapped_column(String(64), default=None)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    outcome: Mapped[str | None] = mapped_column(String(32), default=None)
