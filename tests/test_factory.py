@@ -1,0 +1,108 @@
+"""The synthetic-study factory writes readable DICOM with the geometry and content it claims."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from tests import factory
+
+
+def _hu(path: Path) -> np.ndarray:
+    ds = pydicom.dcmread(path)
+    return ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def test_ct_stroke_study_series_and_geometry(tmp_path: Path) -> None:
+    study = factory.write_ct_stroke_study(tmp_path, thin_slices=30, cta_slices=30, with_reformats=False)
+    assert set(study.series) == {"localizer", "ncct_thin", "ncct_thick", "cta", "cta_mip", "dose_report"}
+    thin = study.series["ncct_thin"]
+    datasets = [pydicom.dcmread(p) for p in thin.paths]
+    assert {ds.SeriesInstanceUID for ds in datasets} == {thin.series_uid}
+    z = sorted(float(ds.ImagePositionPatient[2]) for ds in datasets)
+    assert np.allclose(np.diff(z), 2.5)
+    # files are not in slice order, InstanceNumber neither: readers must sort by position
+    assert [float(ds.ImagePositionPatient[2]) for ds in datasets] != z
+    assert all(ds.PatientID == study.patient.patient_id and ds.IssuerOfPatientID for ds in datasets)
+    cta = study.series["cta"]
+    assert cta.frame_of_reference_uid != thin.frame_of_reference_uid
+    assert not np.allclose(cta.world_from_patient, np.eye(4))
+    cta_ds = pydicom.dcmread(cta.paths[0])
+    assert cta_ds.ContrastBolusAgent and cta_ds.Rows != datasets[0].Rows
+    assert pydicom.dcmread(study.series["localizer"].paths[0]).ImageType[2] == "LOCALIZER"
+    assert pydicom.dcmread(study.series["dose_report"].paths[0]).SOPClassUID == factory.XRAY_DOSE_SR_STORAGE
+    assert "MIP" in pydicom.dcmread(study.series["cta_mip"].paths[0]).ImageType
+
+
+def test_ct_content_is_a_head_in_hounsfield_units(tmp_path: Path) -> None:
+    series = factory.write_ct_series(tmp_path, offsets=[20.0], shuffle=False, lesion=False, clot=False)
+    hu = _hu(series.paths[0])
+    centre = hu[28:36, 20:28]  # right hemisphere brain, away from ventricles
+    assert 25 < float(np.median(centre)) < 45
+    assert hu[0, 0] < -900  # air
+    assert hu.max() > 900  # skull
+
+
+@pytest.mark.parametrize("transfer_syntax", factory.TRANSFER_SYNTAXES, ids=lambda uid: uid.name)
+def test_transfer_syntaxes_decode_to_the_same_pixels(tmp_path: Path, transfer_syntax: pydicom.uid.UID) -> None:
+    reference = factory.write_ct_series(tmp_path / "ref", n_slices=2, shuffle=False)
+    encoded = factory.write_ct_series(tmp_path / "enc", n_slices=2, shuffle=False, transfer_syntax=transfer_syntax)
+    ds = pydicom.dcmread(encoded.paths[0])
+    assert ds.file_meta.TransferSyntaxUID == transfer_syntax
+    assert np.array_equal(ds.pixel_array, pydicom.dcmread(reference.paths[0]).pixel_array)
+
+
+def test_tilted_ct_has_tilted_orientation_and_z_stepping(tmp_path: Path) -> None:
+    series = factory.write_tilted_ct(tmp_path, tilt_deg=20.0, n_slices=4, shuffle=False)
+    datasets = [pydicom.dcmread(p) for p in series.paths]
+    assert float(datasets[0].GantryDetectorTilt) == 20.0
+    iop = np.asarray(datasets[0].ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    assert np.degrees(np.arccos(abs(normal[2]))) == pytest.approx(20.0, abs=1e-3)
+    steps = np.diff([np.asarray(ds.ImagePositionPatient, dtype=float) for ds in datasets], axis=0)
+    assert np.allclose(steps[:, :2], 0.0) and np.allclose(steps[:, 2], 5.0)
+
+
+@pytest.mark.parametrize("dwi", ["public", "ge", "siemens", "philips", "directional"])
+def test_mr_study_b_values_where_claimed(tmp_path: Path, dwi: str) -> None:
+    study = factory.write_mr_stroke_study(tmp_path, dwi=dwi, n_slices=4, with_adc=False, with_flair=False)
+    datasets = [pydicom.dcmread(p) for p in study.series["dwi"].paths]
+    public = [ds.get("DiffusionBValue") for ds in datasets]
+    if dwi in ("public", "directional"):
+        assert sorted({float(b) for b in public}) == [0.0, 1000.0]
+    else:
+        assert public == [None] * len(datasets)
+        group = {"ge": 0x0043, "siemens": 0x0019, "philips": 0x2001}[dwi]
+        elements = [ds.get((group, 0x1000 + {"ge": 0x39, "siemens": 0x0C, "philips": 0x03}[dwi])) for ds in datasets]
+        assert all(el is not None for el in elements)
+    if dwi == "directional":
+        assert {ds.DiffusionDirectionality for ds in datasets} == {"NONE", "DIRECTIONAL"}
+        assert len(datasets) == 4 * 4
+
+
+def test_enhanced_mr_and_flair_in_other_frame(tmp_path: Path) -> None:
+    study = factory.write_mr_stroke_study(tmp_path, enhanced=True, n_slices=6)
+    dwi = pydicom.dcmread(study.series["dwi"].paths[0])
+    assert dwi.SOPClassUID == factory.ENHANCED_MR_IMAGE_STORAGE
+    assert int(dwi.NumberOfFrames) == 12 and dwi.pixel_array.shape == (12, 64, 64)
+    b_values = [float(f.MRDiffusionSequence[0].DiffusionBValue) for f in dwi.PerFrameFunctionalGroupsSequence]
+    assert b_values == [0.0] * 6 + [1000.0] * 6
+    assert study.series["flair"].frame_of_reference_uid != study.series["dwi"].frame_of_reference_uid
+
+
+def test_split_studies_share_the_patient(tmp_path: Path) -> None:
+    ncct, cta = factory.write_split_ct_studies(tmp_path, with_reformats=False, thin_slices=10)
+    assert ncct.study_uid != cta.study_uid
+    a = pydicom.dcmread(ncct.series["ncct_thin"].paths[0])
+    b = pydicom.dcmread(cta.series["cta"].paths[0])
+    assert (a.PatientID, a.IssuerOfPatientID) == (b.PatientID, b.IssuerOfPatientID)
+    assert "cta" not in ncct.series
+
+
+def test_factory_is_deterministic(tmp_path: Path) -> None:
+    one = factory.write_ct_series(tmp_path / "a", n_slices=3)
+    two = factory.write_ct_series(tmp_path / "b", n_slices=3)
+    assert [p.read_bytes() for p in one.paths] == [p.read_bytes() for p in two.paths]
