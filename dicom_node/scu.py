@@ -1,0 +1,297 @@
+"""C-STORE SCU: send result objects to one destination, with SR class fallback.
+
+One association per destination and batch. Presentation contexts are negotiated for every
+object of the batch (PS3.8 section 9.3.2.2): each object's own SOP class, plus for a
+Comprehensive 3D SR the classes it may fall back to, each offered with the object's own
+transfer syntax and the two uncompressed little-endian ones.
+
+SR class fallback (PS3.3 A.35): an archive that refuses Comprehensive 3D SR
+(1.2.840.10008.5.1.4.1.1.88.34) gets the same content as Comprehensive SR (...88.33), and one
+that refuses that too gets Enhanced SR (...88.22), provided the content fits the narrower IOD:
+
+- Comprehensive SR has no SCOORD3D content items (PS3.3 A.35.3.3 value types);
+- Enhanced SR additionally has no by-reference relationships (PS3.3 A.35.2.3.1).
+
+The re-encoded object keeps its SOP Instance UID: the archive never stored the refused class,
+and one result keeps one identity wherever it goes, so a later re-send is recognised as such.
+
+A refused presentation context, a refused or aborted association and any status other than
+Success or Warning (PS3.4 Annex B.2.3, PS3.7 Annex C) is a failure, never "sent". Warning
+statuses (0xB000, 0xB006, 0xB007: stored with coercion or elements discarded) count as stored
+and are recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+
+log = logging.getLogger(__name__)
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
+
+#: The classes an SR may be re-encoded as, in order of preference (issue 4 item 4).
+SR_FALLBACK_CHAIN: dict[str, tuple[str, ...]] = {
+    COMPREHENSIVE_3D_SR: (COMPREHENSIVE_SR, ENHANCED_SR),
+    COMPREHENSIVE_SR: (ENHANCED_SR,),
+}
+
+#: C-STORE "Refused: SOP Class not supported" (PS3.4 B.2.3): try the next class as well.
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+_WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+_MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A remote Storage SCP (a peer with the destination role)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class OutgoingObject:
+    """One DICOM file to send."""
+
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What happened to one object.
+
+    ``sent_sop_class_uid`` is the class the archive stored (after any fallback) when ``ok``.
+    ``status`` is the C-STORE status, ``None`` when no response came (refused context, failed
+    association, abort, timeout).
+    """
+
+    sop_instance_uid: str
+    ok: bool
+    status: int | None = None
+    sent_sop_class_uid: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ScuTimeouts:
+    """Timeouts of one association, seconds (PS3.8 9.1.5 ARTIM / DIMSE)."""
+
+    acse_s: float = 30.0
+    dimse_s: float = 60.0
+    network_s: float = 60.0
+    connect_s: float = 10.0
+
+
+def iter_content_items(items: Sequence[Dataset]) -> Iterator[Dataset]:
+    """Every content item of an SR content tree, depth first (PS3.3 C.17.3)."""
+    for item in items:
+        yield item
+        yield from iter_content_items(item.get("ContentSequence", []))
+
+
+def allowed_sr_classes(dataset: Dataset) -> tuple[str, ...]:
+    """The SR classes ``dataset`` may be sent as, its own class first.
+
+    Parameters
+    ----------
+    dataset:
+        An SR document (any SOP class; non-SR objects get their own class only).
+
+    Returns
+    -------
+    tuple of str
+        Its own class, followed by the fallback classes whose IOD can hold its content
+        (PS3.3 A.35.3 for Comprehensive SR, A.35.2 for Enhanced SR).
+    """
+    own = str(dataset.SOPClassUID)
+    chain = SR_FALLBACK_CHAIN.get(own, ())
+    if not chain:
+        return (own,)
+    items = list(iter_content_items(dataset.get("ContentSequence", [])))
+    has_3d = any(item.get("ValueType") == "SCOORD3D" for item in items)
+    by_reference = any("ReferencedContentItemIdentifier" in item for item in items)
+    allowed = [own]
+    for sop_class in chain:
+        if has_3d:
+            break
+        if sop_class == ENHANCED_SR and by_reference:
+            break
+        allowed.append(sop_class)
+    return tuple(allowed)
+
+
+def recode_sr(dataset: Dataset, sop_class_uid: str) -> Dataset:
+    """The same SR document as another SR class, same SOP Instance UID.
+
+    Raises
+    ------
+    ValueError
+        When ``sop_class_uid`` cannot hold the document's content (see :func:`allowed_sr_classes`).
+    """
+    if sop_class_uid == str(dataset.SOPClassUID):
+        return dataset
+    if sop_class_uid not in allowed_sr_classes(dataset):
+        raise ValueError(f"SR {dataset.SOPInstanceUID} cannot be re-encoded as {sop_class_uid}")
+    recoded = copy.deepcopy(dataset)
+    recoded.SOPClassUID = sop_class_uid
+    if hasattr(recoded, "file_meta"):
+        recoded.file_meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    return recoded
+
+
+def _transfer_syntaxes(dataset: Dataset) -> list[str]:
+    own = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    syntaxes = [str(own)] if own else []
+    for uid in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        if uid not in syntaxes:
+            syntaxes.append(uid)
+    if own and own.is_compressed:
+        return [str(own)]  # never transcode pixel data on the way out
+    return syntaxes
+
+
+def requested_contexts(datasets: Sequence[Dataset]) -> list[PresentationContext]:
+    """Presentation contexts for a batch: every object's candidate classes and syntaxes.
+
+    Raises
+    ------
+    ValueError
+        When the batch needs more than 128 contexts (PS3.8 9.3.2.2).
+    """
+    wanted: dict[str, list[str]] = {}
+    for dataset in datasets:
+        syntaxes = _transfer_syntaxes(dataset)
+        for sop_class in allowed_sr_classes(dataset):
+            known = wanted.setdefault(sop_class, [])
+            known.extend(ts for ts in syntaxes if ts not in known)
+    if len(wanted) > _MAX_CONTEXTS:
+        raise ValueError(f"{len(wanted)} SOP classes in one batch; at most {_MAX_CONTEXTS} contexts")
+    return [build_context(sop_class, syntaxes) for sop_class, syntaxes in wanted.items()]
+
+
+def _accepted_classes(assoc: Association) -> set[str]:
+    return {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+
+
+def _status_text(status: int) -> str:
+    return f"0x{status:04X}"
+
+
+class StoreScu:
+    """Sends batches of files to destinations (one association per call).
+
+    Parameters
+    ----------
+    calling_ae_title:
+        The node's AE title when sending (``delivery.calling_ae_title`` or ``network.ae_title``).
+    timeouts:
+        Association and DIMSE timeouts.
+    max_pdu:
+        Maximum PDU length the node advertises for the association.
+    after_each:
+        Called with each object's outcome as soon as it is known (progress, timing).
+    """
+
+    def __init__(
+        self,
+        calling_ae_title: str,
+        timeouts: ScuTimeouts | None = None,
+        max_pdu: int = 4_194_304,
+        after_each: Callable[[StoreOutcome], None] | None = None,
+    ) -> None:
+        self.calling_ae_title = calling_ae_title
+        self.timeouts = timeouts or ScuTimeouts()
+        self.max_pdu = max_pdu
+        self.after_each = after_each
+
+    def _build_ae(self, contexts: list[PresentationContext]) -> AE:
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.acse_timeout = self.timeouts.acse_s
+        ae.dimse_timeout = self.timeouts.dimse_s
+        ae.network_timeout = self.timeouts.network_s
+        ae.connection_timeout = self.timeouts.connect_s
+        ae.requested_contexts = contexts
+        return ae
+
+    def send(self, destination: Destination, objects: Sequence[OutgoingObject]) -> list[StoreOutcome]:
+        """Send ``objects`` to ``destination``; one outcome per object, in order.
+
+        Never raises for network or archive failures: each is an outcome with ``ok`` False.
+        """
+        loaded: list[tuple[OutgoingObject, Dataset | None, str | None]] = []
+        for obj in objects:
+            try:
+                loaded.append((obj, dcmread(obj.path), None))
+            except (OSError, InvalidDicomError) as exc:
+                loaded.append((obj, None, f"cannot read {obj.path.name}: {exc}"))
+        datasets = [ds for _, ds, _ in loaded if ds is not None]
+        if not datasets:
+            return [StoreOutcome(o.sop_instance_uid, False, error=err) for o, _, err in loaded]
+        ae = self._build_ae(requested_contexts(datasets))
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, max_pdu=self.max_pdu)
+        if not assoc.is_established:
+            reason = "association rejected" if assoc.is_rejected else "association failed or aborted"
+            log.warning("delivery to %s (%s@%s:%d): %s", destination.name, destination.ae_title,
+                        destination.host, destination.port, reason)
+            return [StoreOutcome(o.sop_instance_uid, False, error=err or reason) for o, _, err in loaded]
+        try:
+            outcomes = []
+            for obj, dataset, error in loaded:
+                if dataset is None:
+                    outcomes.append(StoreOutcome(obj.sop_instance_uid, False, error=error))
+                    continue
+                outcome = self._store_one(assoc, destination, obj, dataset)
+                outcomes.append(outcome)
+                if self.after_each is not None:
+                    self.after_each(outcome)
+            return outcomes
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _store_one(
+        self, assoc: Association, destination: Destination, obj: OutgoingObject, dataset: Dataset
+    ) -> StoreOutcome:
+        accepted = _accepted_classes(assoc)
+        candidates = allowed_sr_classes(dataset)
+        last = StoreOutcome(obj.sop_instance_uid, False, error="no presentation context accepted for "
+                            + ", ".join(candidates))
+        for sop_class in candidates:
+            if sop_class not in accepted:
+                continue
+            if not assoc.is_established:
+                return StoreOutcome(obj.sop_instance_uid, False, error="association aborted")
+            status_ds = assoc.send_c_store(recode_sr(dataset, sop_class))
+            if "Status" not in status_ds:
+                return StoreOutcome(obj.sop_instance_uid, False, error="no C-STORE response (timeout or abort)")
+            status = int(status_ds.Status)
+            if status == 0x0000 or status in _WARNING_STATUSES:
+                if sop_class != candidates[0]:
+                    refused = candidates[: candidates.index(sop_class)]
+                    log.info("SR %s sent to %s as %s (archive refused %s)", obj.sop_instance_uid,
+                             destination.name, sop_class, ", ".join(refused))
+                return StoreOutcome(obj.sop_instance_uid, True, status, sop_class)
+            last = StoreOutcome(obj.sop_instance_uid, False, status,
+                                error=f"C-STORE status {_status_text(status)} for {sop_class}")
+            if status != STATUS_SOP_CLASS_NOT_SUPPORTED:
+                break
+        if not last.ok:
+            log.warning("delivery of %s to %s failed: %s", obj.sop_instance_uid, destination.name, last.error)
+        return last
