@@ -1,0 +1,459 @@
+"""Reading the header facts that eligibility, selection and volumes need.
+
+Headers are read without pixel data (``stop_before_pixels``). Single-frame images give one
+:class:`FrameHeader` each; enhanced multi-frame images (PS3.3 C.7.6.16, Multi-frame Functional
+Groups) give one per frame, with geometry and diffusion taken from the per-frame group and falling
+back to the shared group. b-values come from the public Diffusion b-value (0018,9087) (top level
+or MR Diffusion Sequence (0018,9117)) and from the vendors' private elements: GE (0043,1039)
+(creator ``GEMS_PARM_01``, first value, offset by 10^9 on some software), Siemens (0019,100C)
+(``SIEMENS MR HEADER``), Philips (2001,1003) (``Philips Imaging DD 001``).
+
+The types here hold plain values only (no datasets), so they can cross process boundaries and be
+built from the node's index as well as from files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+log = logging.getLogger(__name__)
+
+# Vendor private b-value elements: (group, private creator, element offset in the block, name).
+PRIVATE_B_VALUE_TAGS: tuple[tuple[int, str, int, str], ...] = (
+    (0x0043, "GEMS_PARM_01", 0x39, "GE (0043,1039)"),
+    (0x0019, "SIEMENS MR HEADER", 0x0C, "Siemens (0019,100C)"),
+    (0x2001, "Philips Imaging DD 001", 0x03, "Philips (2001,1003)"),
+)
+_GE_B_OFFSET = 1_000_000_000
+
+Vector = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """One image plane: a single-frame instance or one frame of a multi-frame instance."""
+
+    sop_instance_uid: str
+    frame: int | None  # 1-based frame number in a multi-frame instance, None for single-frame
+    position: Vector | None  # ImagePositionPatient (0020,0032)
+    orientation: tuple[float, float, float, float, float, float] | None  # (0020,0037)
+    pixel_spacing: tuple[float, float] | None
+    slice_thickness: float | None
+    b_value: float | None
+    directionality: str | None  # NONE, ISOTROPIC, DIRECTIONAL, BMATRIX (C.8.13.5.9)
+    gradient: Vector | None
+    frame_type: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The header of one SOP instance, reduced to what the pipeline needs."""
+
+    path: Path | None
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    image_type: tuple[str, ...]
+    series_description: str
+    protocol_name: str
+    study_description: str
+    procedure_description: str  # Requested/Performed Procedure Step Description
+    patient_id: str
+    issuer_of_patient_id: str
+    study_datetime: datetime | None
+    acquisition_datetime: datetime | None
+    frame_of_reference_uid: str
+    manufacturer: str
+    contrast_agent: str
+    gantry_tilt: float | None
+    rows: int
+    columns: int
+    instance_number: int | None
+    transfer_syntax_uid: str
+    has_pixels: bool
+    frames: tuple[FrameHeader, ...]
+    b_value_source: str | None = None  # where the b-values were found
+
+
+@dataclass(frozen=True)
+class SeriesHeader:
+    """Facts about one series aggregated over its instances (what selection classifies)."""
+
+    study_uid: str
+    series_uid: str
+    modality: str
+    sop_class_uids: tuple[str, ...]
+    image_type: tuple[str, ...]  # of the first instance; values upper-case
+    image_types: frozenset[str]  # every value seen in ImageType / FrameType
+    series_description: str
+    protocol_name: str
+    study_description: str
+    procedure_description: str
+    patient_id: str
+    issuer_of_patient_id: str
+    study_datetime: datetime | None
+    acquisition_datetime: datetime | None
+    frame_of_reference_uid: str
+    manufacturer: str
+    contrast_agent: str
+    gantry_tilt: float | None
+    rows: int
+    columns: int
+    n_instances: int
+    n_frames: int
+    n_positions: int  # distinct plane positions along the normal
+    normal: Vector | None
+    slice_thickness: float | None
+    slice_spacing: float | None  # median distance between distinct positions along the normal
+    coverage_mm: float | None  # extent along the normal, from the first to the last plane
+    pixel_spacing: tuple[float, float] | None
+    b_values: tuple[float, ...]  # distinct, sorted
+    b_value_source: str | None
+    directionalities: frozenset[str]
+    n_directions_at_max_b: int  # distinct gradient directions at the highest b-value
+    has_pixels: bool
+    instances: tuple[InstanceHeader, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def axial_tilt_deg(self) -> float | None:
+        """Angle between the slice normal and the head-foot axis, degrees (0 = axial)."""
+        if self.normal is None:
+            return None
+        return math.degrees(math.acos(min(1.0, abs(self.normal[2]))))
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """Files of the instances read from disk."""
+        return tuple(i.path for i in self.instances if i.path is not None)
+
+
+# --------------------------------------------------------------------------- small readers
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _floats(value: Any, count: int) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        values = tuple(float(v) for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]))
+    except (TypeError, ValueError):
+        return None
+    if len(values) != count or not all(math.isfinite(v) for v in values):
+        return None
+    return values
+
+
+def _float(value: Any) -> float | None:
+    got = _floats(value, 1)
+    return None if got is None else got[0]
+
+
+def _datetime(date: str, time: str) -> datetime | None:
+    if not date:
+        return None
+    time = (time or "000000").split(".")[0].ljust(6, "0")[:6]
+    try:
+        return datetime.strptime(date[:8] + time, "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+
+
+def _image_type(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip().upper() for v in value.split("\\"))
+    return tuple(str(v).strip().upper() for v in value)
+
+
+def private_b_value(ds: Dataset) -> tuple[float, str] | None:
+    """The b-value from a vendor private element, with the element's name, or None."""
+    for group, creator, offset, name in PRIVATE_B_VALUE_TAGS:
+        try:
+            block = ds.private_block(group, creator)
+            element = block[offset]
+        except KeyError:
+            continue
+        raw = element.value
+        if isinstance(raw, (list, tuple, pydicom.multival.MultiValue)):
+            raw = raw[0] if len(raw) else None
+        if isinstance(raw, bytes):
+            raw = raw.decode("ascii", "replace").strip("\x00 ").split("\\")[0]
+        value = _float(raw)
+        if value is None:
+            continue
+        if group == 0x0043 and value >= _GE_B_OFFSET:
+            value = value % _GE_B_OFFSET
+        return value, name
+    return None
+
+
+def _diffusion(item: Dataset | None) -> tuple[float | None, str | None, Vector | None]:
+    if item is None:
+        return None, None, None
+    b_value = _float(item.get("DiffusionBValue"))
+    directionality = _text(item, "DiffusionDirectionality") or None
+    gradient = None
+    if "DiffusionGradientDirectionSequence" in item and len(item.DiffusionGradientDirectionSequence):
+        gradient = _floats(item.DiffusionGradientDirectionSequence[0].get("DiffusionGradientOrientation"), 3)
+    elif "DiffusionGradientOrientation" in item:
+        gradient = _floats(item.DiffusionGradientOrientation, 3)
+    return b_value, directionality, gradient  # type: ignore[return-value]
+
+
+def _first(group: Dataset | None, keyword: str) -> Dataset | None:
+    if group is None or keyword not in group or not len(group[keyword].value):
+        return None
+    return group[keyword].value[0]
+
+
+def _group_item(per_frame: Dataset | None, shared: Dataset | None, keyword: str) -> Dataset | None:
+    return _first(per_frame, keyword) or _first(shared, keyword)
+
+
+def _enhanced_frames(ds: Dataset, sop_uid: str) -> tuple[FrameHeader, ...]:
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    per_frames = list(ds.get("PerFrameFunctionalGroupsSequence", []))
+    n_frames = int(ds.get("NumberOfFrames", len(per_frames) or 1))
+    frames = []
+    for index in range(n_frames):
+        per_frame = per_frames[index] if index < len(per_frames) else None
+        position = _group_item(per_frame, shared, "PlanePositionSequence")
+        orientation = _group_item(per_frame, shared, "PlaneOrientationSequence")
+        measures = _group_item(per_frame, shared, "PixelMeasuresSequence")
+        diffusion = _group_item(per_frame, shared, "MRDiffusionSequence")
+        frame_type = _group_item(per_frame, shared, "MRImageFrameTypeSequence") or _group_item(
+            per_frame, shared, "CTImageFrameTypeSequence"
+        )
+        b_value, directionality, gradient = _diffusion(diffusion)
+        frames.append(
+            FrameHeader(
+                sop_instance_uid=sop_uid,
+                frame=index + 1,
+                position=_floats(position.get("ImagePositionPatient") if position else None, 3),  # type: ignore[arg-type]
+                orientation=_floats(orientation.get("ImageOrientationPatient") if orientation else None, 6),  # type: ignore[arg-type]
+                pixel_spacing=_floats(measures.get("PixelSpacing") if measures else None, 2),  # type: ignore[arg-type]
+                slice_thickness=_float(measures.get("SliceThickness") if measures else None),
+                b_value=b_value,
+                directionality=directionality,
+                gradient=gradient,
+                frame_type=_image_type(frame_type.get("FrameType") if frame_type else None),
+            )
+        )
+    return tuple(frames)
+
+
+def _single_frame(ds: Dataset, sop_uid: str) -> tuple[tuple[FrameHeader, ...], str | None]:
+    b_value, directionality, gradient = _diffusion(ds)
+    source: str | None = "DiffusionBValue (0018,9087)" if b_value is not None else None
+    if b_value is None and "MRDiffusionSequence" in ds:
+        b_value, directionality, gradient = _diffusion(_first(ds, "MRDiffusionSequence"))
+        source = "MR Diffusion Sequence (0018,9117)" if b_value is not None else None
+    if b_value is None:
+        private = private_b_value(ds)
+        if private is not None:
+            b_value, source = private
+    frame = FrameHeader(
+        sop_instance_uid=sop_uid,
+        frame=None,
+        position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
+        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+        slice_thickness=_float(ds.get("SliceThickness")),
+        b_value=b_value,
+        directionality=directionality,
+        gradient=gradient,
+        frame_type=_image_type(ds.get("ImageType")),
+    )
+    return (frame,), source
+
+
+def instance_header(ds: Dataset, path: Path | None = None) -> InstanceHeader:
+    """Reduce a dataset (header only is enough) to an :class:`InstanceHeader`."""
+    sop_uid = _text(ds, "SOPInstanceUID")
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        frames = _enhanced_frames(ds, sop_uid)
+        source = "MR Diffusion Sequence (0018,9117)" if any(f.b_value is not None for f in frames) else None
+    else:
+        frames, source = _single_frame(ds, sop_uid)
+    procedure = _text(ds, "PerformedProcedureStepDescription") or _text(ds, "RequestedProcedureDescription")
+    acquisition = _text(ds, "AcquisitionDateTime")
+    acq_dt = (
+        _datetime(acquisition[:8], acquisition[8:14])
+        if acquisition
+        else _datetime(_text(ds, "AcquisitionDate") or _text(ds, "SeriesDate"), _text(ds, "AcquisitionTime") or _text(ds, "SeriesTime"))
+    )
+    transfer_syntax = ""
+    if getattr(ds, "file_meta", None) is not None:
+        transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    number = ds.get("InstanceNumber")
+    return InstanceHeader(
+        path=path,
+        sop_class_uid=_text(ds, "SOPClassUID"),
+        sop_instance_uid=sop_uid,
+        study_uid=_text(ds, "StudyInstanceUID"),
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        modality=_text(ds, "Modality").upper(),
+        image_type=_image_type(ds.get("ImageType")),
+        series_description=_text(ds, "SeriesDescription"),
+        protocol_name=_text(ds, "ProtocolName"),
+        study_description=_text(ds, "StudyDescription"),
+        procedure_description=procedure,
+        patient_id=_text(ds, "PatientID"),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        study_datetime=_datetime(_text(ds, "StudyDate"), _text(ds, "StudyTime")),
+        acquisition_datetime=acq_dt,
+        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
+        manufacturer=_text(ds, "Manufacturer"),
+        contrast_agent=_text(ds, "ContrastBolusAgent"),
+        gantry_tilt=_float(ds.get("GantryDetectorTilt")),
+        rows=int(ds.get("Rows", 0) or 0),
+        columns=int(ds.get("Columns", 0) or 0),
+        instance_number=int(number) if number not in (None, "") else None,
+        transfer_syntax_uid=transfer_syntax,
+        has_pixels="PixelData" in ds or int(ds.get("Rows", 0) or 0) > 0,
+        frames=frames,
+        b_value_source=source,
+    )
+
+
+def read_instance_header(path: Path) -> InstanceHeader | None:
+    """Read one file's header; None when it is not DICOM (logged at DEBUG)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, EOFError) as exc:
+        log.debug("skipping %s: %s", path.name, exc)
+        return None
+    if "SOPInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
+        log.debug("skipping %s: no SOP Instance or Series UID", path.name)
+        return None
+    return instance_header(ds, path)
+
+
+# --------------------------------------------------------------------------- series summary
+
+
+def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+    """Unit normal of an image plane from ImageOrientationPatient (PS3.3 C.7.6.2.1.1)."""
+    row = np.asarray(orientation[:3], dtype=float)
+    col = np.asarray(orientation[3:6], dtype=float)
+    normal = np.cross(row, col)
+    norm = float(np.linalg.norm(normal))
+    return normal / norm if norm > 0 else normal
+
+
+def _distinct(values: Iterable[float], tolerance: float) -> list[float]:
+    out: list[float] = []
+    for value in sorted(values):
+        if not out or value - out[-1] > tolerance:
+            out.append(value)
+    return out
+
+
+def _round_b(value: float) -> float:
+    return float(round(value))
+
+
+def summarise_series(instances: Sequence[InstanceHeader]) -> SeriesHeader:
+    """Aggregate the headers of one series' instances into a :class:`SeriesHeader`."""
+    if not instances:
+        raise ValueError("a series needs at least one instance")
+    first = instances[0]
+    frames = [frame for inst in instances for frame in inst.frames]
+    orientation = next((f.orientation for f in frames if f.orientation is not None), None)
+    normal = slice_normal(orientation) if orientation is not None else None
+    along: list[float] = []
+    if normal is not None:
+        along = [float(np.dot(f.position, normal)) for f in frames if f.position is not None]
+    positions = _distinct(along, 0.01)
+    gaps = np.diff(positions)
+    b_values = sorted({_round_b(f.b_value) for f in frames if f.b_value is not None})
+    max_b = b_values[-1] if b_values else None
+    directions = {
+        tuple(round(v, 2) for v in f.gradient)
+        for f in frames
+        if f.gradient is not None and f.b_value is not None and _round_b(f.b_value) == max_b
+        and any(abs(v) > 1e-3 for v in f.gradient)
+    }
+    image_types = {v for inst in instances for v in inst.image_type} | {v for f in frames for v in f.frame_type}
+    thickness = next((f.slice_thickness for f in frames if f.slice_thickness is not None), None)
+    return SeriesHeader(
+        study_uid=first.study_uid,
+        series_uid=first.series_uid,
+        modality=first.modality,
+        sop_class_uids=tuple(sorted({i.sop_class_uid for i in instances})),
+        image_type=first.image_type,
+        image_types=frozenset(image_types),
+        series_description=first.series_description,
+        protocol_name=first.protocol_name,
+        study_description=first.study_description,
+        procedure_description=first.procedure_description,
+        patient_id=first.patient_id,
+        issuer_of_patient_id=first.issuer_of_patient_id,
+        study_datetime=first.study_datetime,
+        acquisition_datetime=min((i.acquisition_datetime for i in instances if i.acquisition_datetime), default=None),
+        frame_of_reference_uid=first.frame_of_reference_uid,
+        manufacturer=first.manufacturer,
+        contrast_agent=next((i.contrast_agent for i in instances if i.contrast_agent), ""),
+        gantry_tilt=first.gantry_tilt,
+        rows=first.rows,
+        columns=first.columns,
+        n_instances=len(instances),
+        n_frames=len(frames),
+        n_positions=len(positions),
+        normal=tuple(float(v) for v in normal) if normal is not None else None,  # type: ignore[arg-type]
+        slice_thickness=thickness,
+        slice_spacing=float(np.median(gaps)) if len(gaps) else None,
+        coverage_mm=float(positions[-1] - positions[0]) if len(positions) > 1 else (0.0 if positions else None),
+        pixel_spacing=next((f.pixel_spacing for f in frames if f.pixel_spacing is not None), None),
+        b_values=tuple(b_values),
+        b_value_source=next((i.b_value_source for i in instances if i.b_value_source), None),
+        directionalities=frozenset(f.directionality.upper() for f in frames if f.directionality),
+        n_directions_at_max_b=len(directions),
+        has_pixels=any(i.has_pixels for i in instances),
+        instances=tuple(instances),
+    )
+
+
+def iter_files(paths: Iterable[Path]) -> list[Path]:
+    """Every regular file under ``paths`` (files given directly or folders walked), sorted."""
+    files: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            files.extend(p for p in sorted(path.rglob("*")) if p.is_file())
+        elif path.is_file():
+            files.append(path)
+    return files
+
+
+def read_series_headers(paths: Iterable[Path]) -> list[SeriesHeader]:
+    """Read every DICOM file under ``paths`` and group them into series (non-DICOM skipped)."""
+    by_series: dict[tuple[str, str], list[InstanceHeader]] = defaultdict(list)
+    for path in iter_files(paths):
+        header = read_instance_header(path)
+        if header is not None:
+            by_series[(header.study_uid, header.series_uid)].append(header)
+    return [summarise_series(instances) for instances in by_series.values()]
