@@ -1,0 +1,550 @@
+"""Delivering result objects: routing, the persistent outbox, retries and dead letters.
+
+Guarantees (issue 4 item 4)
+---------------------------
+- **At least once.** A row becomes ``sent`` only after the archive answered the C-STORE
+  with Success or Warning (:mod:`dicom_node.scu`); a crash between the answer and the
+  update sends the object again on restart. Every attempt sends the same file, so the same
+  SOP Instance UID: archives see a re-send, not a second result.
+- **Retries** with exponential backoff, ``retry_initial_s * 2**(attempts-1)`` capped at
+  ``retry_max_s``; the last attempt is made at the deadline.
+- **Dead letters.** An object not stored ``deadline_s`` after it was queued is ``dead``:
+  logged at ERROR and shown by ``fpe-node studies`` (:func:`delivery_rows`).
+- **Restart resumes**: rows are the only state; a new :class:`Outbox` on the same index
+  carries on with every ``pending`` and ``failed`` row when it is due.
+- **Demonstration results stay in the node** (rows ``held``) unless
+  ``delivery.allow_demonstration_results`` is set: a clinical archive must not receive the
+  output of untrained weights by accident.
+
+Routing
+-------
+Destinations are peers with the ``destination`` role. Without a rules file every result goes
+to every destination. ``delivery.routing_rules`` names a YAML file such as::
+
+    rules:
+      - destinations: [PACS]            # peer names, or "*" for every destination
+        kinds: [sr, sc]                 # optional: sr, sc, pdf
+        pipelines: [CT, MR]             # optional: results of these pipelines only
+        calling_ae_titles: [CTSCANNER]  # optional: studies received from these AE titles
+      - destinations: [RESEARCH]
+        kinds: [sr]
+
+An object goes to the union of the destinations of every rule it matches; an object that
+matches no rule stays in the node (logged).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Literal, Protocol
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.index.base import utcnow
+from dicom_node.index.db import write_session
+from dicom_node.index.outbox import OPEN_STATES, OutboxItem, OutboxState
+from dicom_node.scu import Destination, OutgoingObject, StoreOutcome
+from dicom_node.settings import DeliverySettings, validate_ae_title
+
+log = logging.getLogger(__name__)
+
+ResultKind = Literal["sr", "sc", "pdf"]
+_BATCH_LIMIT = 500
+_MIN_SLEEP_S = 0.05
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """A UTC-aware datetime (SQLite hands timezone-aware columns back naive, in UTC)."""
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+
+
+# --- routing -------------------------------------------------------------------------------
+
+
+class RouteRule(BaseModel):
+    """One routing rule: which results go to which destinations."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    destinations: tuple[str, ...] = Field(..., min_length=1, description='Peer names, or "*" for all destinations.')
+    kinds: tuple[ResultKind, ...] | None = Field(None, description="Result kinds matched (default: all).")
+    pipelines: tuple[Literal["CT", "MR"], ...] | None = Field(None, description="Pipelines matched (default: all).")
+    calling_ae_titles: tuple[str, ...] | None = Field(
+        None, description="AE titles the study was received from (default: any)."
+    )
+
+    @field_validator("calling_ae_titles")
+    @classmethod
+    def _check_titles(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else tuple(validate_ae_title(v) for v in value)
+
+
+class RoutingRules(BaseModel):
+    """The routing rules file (``delivery.routing_rules``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rules: tuple[RouteRule, ...] = ()
+
+
+class RoutingError(ValueError):
+    """The routing rules file is missing or invalid; the message names the problem."""
+
+
+def load_routing_rules(path: Path | None) -> RoutingRules | None:
+    """Read and validate the routing rules; ``None`` (every result everywhere) without a file.
+
+    Raises
+    ------
+    RoutingError
+        Naming the file and each bad field.
+    """
+    if path is None:
+        return None
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return RoutingRules.model_validate(data)
+    except OSError as exc:
+        raise RoutingError(f"routing rules {path}: {exc}") from exc
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise RoutingError(f"routing rules {path} are invalid: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class RoutingContext:
+    """What routing rules may look at, beside the object's kind."""
+
+    pipeline: str | None = None
+    calling_ae_title: str | None = None
+
+
+def route(
+    rules: RoutingRules | None, kind: str, context: RoutingContext, destinations: Sequence[str]
+) -> list[str]:
+    """The destination names an object of ``kind`` goes to, in ``destinations`` order.
+
+    Names in rules that are not configured destinations are ignored (and logged).
+    """
+    if rules is None:
+        return list(destinations)
+    chosen: set[str] = set()
+    for rule in rules.rules:
+        if rule.kinds is not None and kind not in rule.kinds:
+            continue
+        if rule.pipelines is not None and context.pipeline not in rule.pipelines:
+            continue
+        if rule.calling_ae_titles is not None and context.calling_ae_title not in rule.calling_ae_titles:
+            continue
+        for name in rule.destinations:
+            if name == "*":
+                chosen.update(destinations)
+            elif name in destinations:
+                chosen.add(name)
+            else:
+                log.warning("routing rule names %r, which is not a configured destination", name)
+    return [name for name in destinations if name in chosen]
+
+
+# --- the outbox ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """One result object written under ``storage.results_dir``, ready to queue."""
+
+    path: Path  # absolute, inside storage.data_dir
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    kind: ResultKind
+
+
+class Sender(Protocol):
+    """Sends a batch to one destination (:class:`dicom_node.scu.StoreScu` is one)."""
+
+    def send(self, destination: Destination, objects: Sequence[OutgoingObject]) -> list[StoreOutcome]:
+        """One outcome per object, in order; never raises for network failures."""
+        ...
+
+
+class StudyDelivery(str, Enum):
+    """How delivery of a study's results ended (for the study's life cycle)."""
+
+    DELIVERED = "delivered"  # every object at every destination
+    PARTLY_DELIVERED = "partly_delivered"  # some stored, some dead-lettered
+    DEAD_LETTERED = "dead_lettered"  # nothing stored
+    KEPT = "kept"  # nothing to send: no destination, no matching rule, or held in the node
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    """One outbox row as ``fpe-node studies`` shows it."""
+
+    study_uid: str
+    sop_instance_uid: str
+    kind: str
+    destination: str
+    state: str
+    attempts: int
+    sop_class_uid: str
+    sent_sop_class_uid: str | None
+    last_status: int | None
+    last_error: str | None
+    next_try_at: dt.datetime
+    deadline_at: dt.datetime
+    sent_at: dt.datetime | None
+
+
+@dataclass
+class RunReport:
+    """What one pass of the outbox did."""
+
+    attempted: int = 0
+    sent: int = 0
+    failed: int = 0
+    dead: int = 0
+    settled: dict[str, StudyDelivery] = field(default_factory=dict)
+
+
+def _to_row(item: OutboxItem) -> DeliveryRow:
+    return DeliveryRow(
+        study_uid=item.study_uid, sop_instance_uid=item.sop_instance_uid, kind=item.kind,
+        destination=item.destination, state=item.state, attempts=item.attempts,
+        sop_class_uid=item.sop_class_uid, sent_sop_class_uid=item.sent_sop_class_uid,
+        last_status=item.last_status, last_error=item.last_error, next_try_at=as_utc(item.next_try_at),
+        deadline_at=as_utc(item.deadline_at), sent_at=None if item.sent_at is None else as_utc(item.sent_at),
+    )
+
+
+def delivery_rows(session: Session, study_uid: str | None = None, states: Iterable[str] | None = None) -> list[DeliveryRow]:
+    """Outbox rows of one study (or all), optionally only some states, oldest first.
+
+    ``fpe-node studies`` uses it to show each result's delivery and the dead letters
+    (``states=["dead"]``).
+    """
+    query = select(OutboxItem).order_by(OutboxItem.id)
+    if study_uid is not None:
+        query = query.where(OutboxItem.study_uid == study_uid)
+    if states is not None:
+        query = query.where(OutboxItem.state.in_(list(states)))
+    return [_to_row(item) for item in session.scalars(query)]
+
+
+def study_delivery_outcome(states: Iterable[str]) -> StudyDelivery | None:
+    """A study's delivery outcome from its rows' states; ``None`` while any row is open."""
+    states = list(states)
+    if any(state in OPEN_STATES for state in states):
+        return None
+    sent = sum(state == OutboxState.SENT.value for state in states)
+    dead = sum(state == OutboxState.DEAD.value for state in states)
+    if sent and not dead:
+        return StudyDelivery.DELIVERED
+    if sent and dead:
+        return StudyDelivery.PARTLY_DELIVERED
+    if dead:
+        return StudyDelivery.DEAD_LETTERED
+    return StudyDelivery.KEPT
+
+
+def backoff_s(attempts: int, delivery: DeliverySettings) -> float:
+    """Delay before the next attempt after ``attempts`` failed ones (doubling, capped)."""
+    exponent = max(attempts - 1, 0)
+    if exponent > 60:
+        return delivery.retry_max_s
+    return float(min(delivery.retry_initial_s * 2**exponent, delivery.retry_max_s))
+
+
+class Outbox:
+    """The persistent outbox over the index.
+
+    Parameters
+    ----------
+    session_factory:
+        The node's session factory.
+    delivery:
+        ``settings.delivery``.
+    data_dir:
+        ``settings.storage.data_dir``: rows hold paths relative to it.
+    sender:
+        Sends batches (:class:`dicom_node.scu.StoreScu`).
+    destinations:
+        Returns the configured destinations, read fresh on each pass (peers change without
+        a restart).
+    clock:
+        Current UTC time (tests pass a fake one).
+    on_settled:
+        Called with ``(study_uid, outcome)`` when the last open row of a study settles.
+    """
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        delivery: DeliverySettings,
+        data_dir: Path,
+        sender: Sender,
+        destinations: Callable[[], Sequence[Destination]],
+        *,
+        clock: Callable[[], dt.datetime] = utcnow,
+        on_settled: Callable[[str, StudyDelivery], None] | None = None,
+        rules: RoutingRules | None = None,
+    ) -> None:
+        self._sessions = session_factory
+        self.delivery = delivery
+        self.data_dir = Path(data_dir)
+        self.sender = sender
+        self.destinations = destinations
+        self.clock = clock
+        self.on_settled = on_settled
+        self.rules = rules if rules is not None else load_routing_rules(delivery.routing_rules)
+        self._pass_lock = threading.Lock()
+
+    # -- queueing -----------------------------------------------------------------------
+
+    def enqueue(
+        self, objects: Sequence[ResultFile], context: RoutingContext, *, demonstration: bool
+    ) -> list[DeliveryRow]:
+        """Queue each object for each destination routing gives it.
+
+        Results of demonstration weights are ``held`` unless the settings allow sending them.
+        Queuing the same object for the same destination again is a no-op (the row stays).
+        """
+        names = [d.name for d in self.destinations()]
+        hold = demonstration and not self.delivery.allow_demonstration_results
+        now = self.clock()
+        deadline = now + dt.timedelta(seconds=self.delivery.deadline_s)
+        state = OutboxState.HELD.value if hold else OutboxState.PENDING.value
+        with write_session(self._sessions) as session:
+            rows = []
+            for obj in objects:
+                targets = route(self.rules, obj.kind, context, names)
+                if not targets:
+                    log.warning("result %s (%s) of study %s has no destination: kept in the node",
+                                obj.sop_instance_uid, obj.kind, obj.study_uid)
+                for name in targets:
+                    rows.append(self._add(session, obj, name, state, now, deadline))
+        if hold and rows:
+            log.info("%d result objects of demonstration weights held in the node "
+                     "(delivery.allow_demonstration_results is off)", len(rows))
+        return rows
+
+    def _add(
+        self, session: Session, obj: ResultFile, destination: str, state: str, now: dt.datetime, deadline: dt.datetime
+    ) -> DeliveryRow:
+        existing = session.scalars(
+            select(OutboxItem).where(
+                OutboxItem.sop_instance_uid == obj.sop_instance_uid, OutboxItem.destination == destination
+            )
+        ).one_or_none()
+        if existing is not None:
+            return _to_row(existing)
+        item = OutboxItem(
+            study_uid=obj.study_uid, series_uid=obj.series_uid, sop_instance_uid=obj.sop_instance_uid,
+            sop_class_uid=obj.sop_class_uid, kind=obj.kind, path=self._relative(obj.path),
+            destination=destination, state=state, attempts=0, created_at=now, updated_at=now,
+            next_try_at=now, deadline_at=deadline,
+        )
+        session.add(item)
+        session.flush()
+        return _to_row(item)
+
+    def _relative(self, path: Path) -> str:
+        path = Path(path)
+        try:
+            return path.resolve().relative_to(self.data_dir.resolve()).as_posix()
+        except ValueError:
+            return str(path.resolve())
+
+    def resend(self, study_uid: str) -> int:
+        """Re-queue the outbox rows of a study with a fresh deadline.
+
+        Every row is re-queued (sent, failed, dead), except ``held`` rows while
+        ``delivery.allow_demonstration_results`` is off: a resend never bypasses that setting.
+        Returns the number of rows re-queued. The objects keep their SOP Instance UIDs.
+        """
+        now = self.clock()
+        condition = OutboxItem.study_uid == study_uid
+        if not self.delivery.allow_demonstration_results:
+            condition = condition & (OutboxItem.state != OutboxState.HELD.value)
+        with write_session(self._sessions) as session:
+            result = session.execute(
+                update(OutboxItem)
+                .where(condition)
+                .values(
+                    state=OutboxState.PENDING.value, attempts=0, next_try_at=now, updated_at=now,
+                    deadline_at=now + dt.timedelta(seconds=self.delivery.deadline_s), last_error=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            count = int(getattr(result, "rowcount", 0) or 0)
+        log.info("study %s: %d outbox rows re-queued", study_uid, count)
+        return count
+
+    def rows(self, study_uid: str | None = None) -> list[DeliveryRow]:
+        """Outbox rows of a study (or all)."""
+        with self._sessions() as session:
+            return delivery_rows(session, study_uid)
+
+    def next_due(self) -> dt.datetime | None:
+        """When the earliest open row is due, or ``None`` when nothing waits."""
+        with self._sessions() as session:
+            value = session.scalars(
+                select(OutboxItem.next_try_at).where(OutboxItem.state.in_(OPEN_STATES)).order_by(OutboxItem.next_try_at)
+            ).first()
+        return None if value is None else as_utc(value)
+
+    # -- sending ------------------------------------------------------------------------
+
+    def run_once(self) -> RunReport:
+        """Attempt every due row once, one association per destination; update the rows."""
+        with self._pass_lock:
+            report = RunReport()
+            now = self.clock()
+            due = self._due(now)
+            if not due:
+                return report
+            known = {d.name: d for d in self.destinations()}
+            by_destination: dict[str, list[OutboxItem]] = defaultdict(list)
+            for item in due:
+                by_destination[item.destination].append(item)
+            touched: set[str] = set()
+            for name, items in by_destination.items():
+                outcomes = self._send(known.get(name), name, items)
+                self._record(items, outcomes, report)
+                touched.update(item.study_uid for item in items)
+            self._settle(touched, report)
+            return report
+
+    def _due(self, now: dt.datetime) -> list[OutboxItem]:
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(OutboxItem)
+                    .where(OutboxItem.state.in_(OPEN_STATES), OutboxItem.next_try_at <= now)
+                    .order_by(OutboxItem.id)
+                    .limit(_BATCH_LIMIT)
+                )
+            )
+
+    def _send(self, destination: Destination | None, name: str, items: list[OutboxItem]) -> list[StoreOutcome]:
+        if destination is None:
+            error = f"{name} is not a configured destination"
+            return [StoreOutcome(item.sop_instance_uid, False, error=error) for item in items]
+        objects = [
+            OutgoingObject(self.data_dir / item.path, item.sop_instance_uid, item.sop_class_uid) for item in items
+        ]
+        return self.sender.send(destination, objects)
+
+    def _record(self, items: list[OutboxItem], outcomes: list[StoreOutcome], report: RunReport) -> None:
+        now = self.clock()
+        with write_session(self._sessions) as session:
+            for item, outcome in zip(items, outcomes, strict=True):
+                row = session.get(OutboxItem, item.id)
+                if row is None or row.state not in OPEN_STATES:
+                    continue  # re-queued or removed meanwhile
+                self._apply(row, outcome, now, report)
+
+    def _apply(self, row: OutboxItem, outcome: StoreOutcome, now: dt.datetime, report: RunReport) -> None:
+        report.attempted += 1
+        row.attempts += 1
+        row.last_try_at = now
+        row.updated_at = now
+        row.last_status = outcome.status
+        if outcome.ok:
+            row.state = OutboxState.SENT.value
+            row.sent_sop_class_uid = outcome.sent_sop_class_uid
+            row.sent_at = now
+            row.last_error = None
+            report.sent += 1
+            return
+        row.last_error = outcome.error
+        deadline = as_utc(row.deadline_at)
+        if now >= deadline:
+            row.state = OutboxState.DEAD.value
+            report.dead += 1
+            log.error(
+                "dead letter: %s %s of study %s not stored at %s after %d attempts: %s",
+                row.kind, row.sop_instance_uid, row.study_uid, row.destination, row.attempts, row.last_error,
+            )
+            return
+        row.state = OutboxState.FAILED.value
+        row.next_try_at = min(now + dt.timedelta(seconds=backoff_s(row.attempts, self.delivery)), deadline)
+        report.failed += 1
+
+    def _settle(self, study_uids: set[str], report: RunReport) -> None:
+        with self._sessions() as session:
+            for study_uid in sorted(study_uids):
+                states = session.scalars(select(OutboxItem.state).where(OutboxItem.study_uid == study_uid)).all()
+                outcome = study_delivery_outcome(states)
+                if outcome is not None:
+                    report.settled[study_uid] = outcome
+        for study_uid, outcome in report.settled.items():
+            log.info("study %s: delivery %s", study_uid, outcome.value)
+            if self.on_settled is not None:
+                self.on_settled(study_uid, outcome)
+
+
+class OutboxRunner:
+    """A background thread that runs the outbox when woken or when a row falls due.
+
+    Parameters
+    ----------
+    outbox:
+        The outbox to run.
+    scan_interval_s:
+        Longest sleep between passes when nothing wakes the runner.
+    """
+
+    def __init__(self, outbox: Outbox, scan_interval_s: float) -> None:
+        self.outbox = outbox
+        self.scan_interval_s = scan_interval_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread (pending rows from before a restart are picked up at once)."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="fpe-outbox", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Run a pass now (new rows were queued)."""
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop after the pass in progress."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def _sleep_s(self) -> float:
+        due = self.outbox.next_due()
+        if due is None:
+            return self.scan_interval_s
+        return max(_MIN_SLEEP_S, min((due - self.outbox.clock()).total_seconds(), self.scan_interval_s))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.outbox.run_once()
+                sleep_s = self._sleep_s()
+            except Exception:  # noqa: BLE001 - the runner must outlive a bad pass; logged with traceback
+                log.exception("outbox pass failed; retrying in %.1f s", self.scan_interval_s)
+                sleep_s = self.scan_interval_s
+            self._wake.wait(sleep_s)
+            self._wake.clear()
