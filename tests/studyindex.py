@@ -146,3 +146,35 @@ def add_instances(
         series.last_received_at = at
         study.last_received_at = at
     return paths
+
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+GRAYSCALE_PR = "1.2.840.10008.5.1.4.1.1.11.1"
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What the SCP hands its listeners after an instance is stored and indexed."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str = CT_IMAGE
+    modality: str | None = "CT"
+    manufacturer: str | None = "ACME"
+    series_description: str | None = None
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL")
+    calling_ae: str | None = "PACS"
+    path: Path | None = None
+
+
+def receive(index: Index, listener: object, stored: Stored, count: int = 1) -> None:
+    """Index ``count`` instances of a series and tell the listener, as the SCP does."""
+    for _ in range(count):
+        add_instances(
+            index, stored.study_uid, stored.series_uid, 1, modality=stored.modality or "OT",
+            sop_class_uid=stored.sop_class_uid, manufacturer=stored.manufacturer,
+        )
+        listener.instance_stored(stored)  # type: ignore[attr-defined]

@@ -1,0 +1,574 @@
+"""When a study is complete: series quiet periods, pipeline readiness, study timeout, re-opening.
+
+DICOM has no "end of study" message (a C-STORE association may carry part of a study, or
+several studies, PS3.4 B.2), so the node decides from timing:
+
+* a **series is complete** once no instance of it arrived for ``completion.series_quiet_s``;
+  an association release (``completion.release_shortens_wait``) shortens that to a short
+  grace period (:data:`RELEASE_GRACE_MAX_S`, at most a quarter of the quiet period) for the
+  series the association sent, so a PACS that sends one series per association can open the
+  next association before the study is judged;
+* a **study is ready** when every series a pipeline could use (``could_use``) is complete and
+  ``pipeline_ready`` says those are enough; series no pipeline uses (localizers, dose reports,
+  other systems' results...) never hold a study back;
+* otherwise it is **forced complete** ``completion.study_timeout_s`` after its last instance
+  (a study with no usable series at all then ends ``not_eligible`` without a worker);
+* a ready study goes to the queue through :meth:`dicom_node.lifecycle.Lifecycle.enqueue`.
+
+**Re-opening.** A series arriving after the study left ``received`` re-opens it only when it
+is a *new* series (not one the study already had: a PACS that re-sends the whole study after
+our results landed must not start a second analysis) and a pipeline could use it. The node's
+own results (SOP Instance or Series UID under ``uid.root``, or Manufacturer ``fpe-node``),
+other systems' SR, SC, presentation states, KO, PDF and any series ``could_use`` rejects never
+re-open a study: a PACS that routes results back would otherwise loop forever. The decision is
+a timeline entry either way. A study being analysed or reported re-opens when that work is over.
+
+**Restart.** :meth:`Completion.rebuild` re-creates the timers of every ``received`` study from
+the index (receive times, ``series.complete_at``), and re-examines new series that arrived
+after processing but were not yet acted on.
+
+Timers run on an APScheduler ``BackgroundScheduler``; one check job per open study, moved only
+when its deadline comes earlier (the C-STORE path only updates in-memory times).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from apscheduler.schedulers.base import BaseScheduler
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.index.base import utcnow
+from dicom_node.index.db import write_session
+from dicom_node.index.models import Instance, Series, Study
+from dicom_node.lifecycle import BUSY_STATES, PROCESSED_STATES, WAITING_STATES, Lifecycle, StudyState, as_utc
+from dicom_node.settings import CompletionSettings
+
+log = logging.getLogger(__name__)
+
+OWN_MANUFACTURER = "fpe-node"
+"""Manufacturer (0008,0070) of every object the node builds (``reports.sr.MANUFACTURER``)."""
+
+RELEASE_GRACE_MAX_S = 1.0
+"""Longest wait after an association release before its series count as quiet."""
+
+_IGNORED_MEMORY = 10_000  # series remembered as "does not re-open", per process
+
+# Storage SOP classes that carry no image a pipeline reads (PS3.4 B.5 / PS3.6 Annex A).
+_NON_IMAGE_SOP_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports, incl. dose SR and Key Object Selection
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF, CDA, STL...
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, spatial registration, fiducials, segmentation
+    "1.2.840.10008.5.1.4.1.1.481.",  # radiotherapy objects
+    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
+    "1.2.840.10008.5.1.4.1.1.7",  # secondary capture, single and multi-frame
+    "1.2.840.10008.5.1.4.1.1.30",  # parametric maps (other systems' results)
+)
+_NON_IMAGE_MODALITIES = frozenset(
+    {"SR", "PR", "KO", "DOC", "REG", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "PLAN", "ECG", "AU", "OT"}
+)
+
+
+class StoredInstanceLike(Protocol):
+    """What completion reads of an instance the SCP stored (``dicom_node.scp.StoredInstance``)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str | None
+    manufacturer: str | None
+    series_description: str | None
+    image_type: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """What readiness rules see of one series (built from a stored instance or from the index).
+
+    ``path`` is one of its files (absolute), so a rule may read more of the header.
+    """
+
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    modality: str | None = None
+    manufacturer: str | None = None
+    series_description: str | None = None
+    image_type: tuple[str, ...] = ()
+    instance_count: int = 0
+    path: Path | None = None
+
+
+CouldUse = Callable[[SeriesInfo], bool]
+PipelineReady = Callable[[Sequence[SeriesInfo]], bool]
+ReadyHook = Callable[[str, str], bool]
+
+
+def is_non_image(series: SeriesInfo) -> bool:
+    """True for SR, presentation states, KO, PDF, SC, RT, waveforms, segmentations... (no pipeline input)."""
+    if any(series.sop_class_uid.startswith(prefix) for prefix in _NON_IMAGE_SOP_PREFIXES):
+        return True
+    return (series.modality or "").upper() in _NON_IMAGE_MODALITIES
+
+
+def default_could_use(series: SeriesInfo) -> bool:
+    """Until selection rules are plugged in every image series counts (issue 2 item 7)."""
+    return not is_non_image(series)
+
+
+def default_pipeline_ready(series: Sequence[SeriesInfo]) -> bool:
+    """Until selection rules are plugged in, any complete usable series is enough."""
+    return len(series) > 0
+
+
+def is_own_result(series: SeriesInfo, uid_root: str | None) -> bool:
+    """True for objects the node itself built: its UID root or its Manufacturer.
+
+    Without a site UID root the node makes ``2.25.`` UUID UIDs (PS3.5 B.2), which say
+    nothing of their maker; the Manufacturer check still holds.
+    """
+    if (series.manufacturer or "").strip().lower() == OWN_MANUFACTURER:
+        return True
+    if uid_root:
+        prefix = uid_root.rstrip(".") + "."
+        return series.series_uid.startswith(prefix) or series.sop_instance_uid.startswith(prefix)
+    return False
+
+
+def series_info_of(instance: StoredInstanceLike, path: Path | None = None) -> SeriesInfo:
+    """The :class:`SeriesInfo` of the series a stored instance belongs to."""
+    return SeriesInfo(
+        study_uid=instance.study_uid,
+        series_uid=instance.series_uid,
+        sop_class_uid=instance.sop_class_uid,
+        sop_instance_uid=instance.sop_instance_uid,
+        modality=instance.modality,
+        manufacturer=instance.manufacturer,
+        series_description=instance.series_description,
+        image_type=tuple(instance.image_type or ()),
+        instance_count=1,
+        path=path if path is not None else getattr(instance, "path", None),
+    )
+
+
+@dataclass
+class _SeriesTrack:
+    info: SeriesInfo
+    usable: bool
+    last_at: float
+    count: int = 1
+    complete: bool = False
+    released_at: float | None = None
+
+
+@dataclass
+class _StudyTrack:
+    study_uid: str
+    last_at: float
+    series: dict[str, _SeriesTrack] = field(default_factory=dict)
+    check_at: float | None = None  # monotonic deadline of the scheduled check
+    reopen: str | None = None  # re-open reason waiting for busy work to end
+
+
+class Completion:
+    """Decides when studies are ready; an ``IngestListener`` of the SCP.
+
+    Parameters
+    ----------
+    completion:
+        ``settings.completion``.
+    lifecycle:
+        Queue and transitions; :meth:`Lifecycle.enqueue` is the "study ready" hook.
+    sessions:
+        Session factory of the index.
+    scheduler:
+        A started (or later started) APScheduler scheduler; jobs use ids ``completion:<uid>``.
+    data_dir:
+        ``settings.storage.data_dir`` (instance paths in the index are relative to it).
+    uid_root:
+        ``settings.uid.root``: objects under it are the node's own results.
+    could_use, pipeline_ready:
+        Readiness rules (the selection rules of the inference package supply real ones).
+    clock:
+        Monotonic clock (tests may pass their own).
+    """
+
+    def __init__(
+        self,
+        completion: CompletionSettings,
+        lifecycle: Lifecycle,
+        sessions: sessionmaker[Session],
+        scheduler: BaseScheduler,
+        *,
+        data_dir: Path,
+        uid_root: str | None = None,
+        could_use: CouldUse = default_could_use,
+        pipeline_ready: PipelineReady = default_pipeline_ready,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = completion
+        self._lifecycle = lifecycle
+        self._sessions = sessions
+        self._scheduler = scheduler
+        self._data_dir = data_dir
+        self._uid_root = uid_root
+        self._could_use = could_use
+        self._pipeline_ready = pipeline_ready
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._studies: dict[str, _StudyTrack] = {}
+        self._ignored: OrderedDict[str, None] = OrderedDict()
+        self._quiet = completion.series_quiet_s
+        self._timeout = completion.study_timeout_s
+        self._grace = min(RELEASE_GRACE_MAX_S, completion.series_quiet_s / 4)
+
+    # -- IngestListener -----------------------------------------------------------------
+
+    def instance_stored(self, info: StoredInstanceLike) -> None:
+        """Called by the SCP after an instance is on disk and indexed."""
+        now = self._clock()
+        with self._lock:
+            study = self._studies.get(info.study_uid)
+            track = study.series.get(info.series_uid) if study is not None else None
+            if study is not None and track is not None:
+                reopened_series = track.complete
+                track.last_at = study.last_at = now
+                track.count += 1
+                track.complete, track.released_at = False, None
+                self._ensure_check(study)
+            elif info.series_uid in self._ignored:
+                return
+        if study is not None and track is not None:
+            if reopened_series:
+                self._set_series_complete(info.series_uid, None)
+            return
+        self._admit_series(series_info_of(info), now)
+
+    def association_released(self, series_uids: Iterable[str]) -> None:
+        """The series an association sent count as quiet after a short grace period."""
+        if not self._settings.release_shortens_wait:
+            return
+        now = self._clock()
+        with self._lock:
+            for study in self._studies.values():
+                touched = False
+                for series_uid, track in study.series.items():
+                    if series_uid in series_uids and not track.complete:
+                        track.released_at = now
+                        touched = True
+                if touched:
+                    self._schedule(study, now + self._grace)
+
+    # -- start and restart -----------------------------------------------------------------
+
+    def start(self) -> int:
+        """Rebuild timers from the index and install the sweeper; returns the open studies.
+
+        The sweeper (every quiet period) re-arms any study whose check is overdue, so a timer
+        lost by the scheduler cannot leave a study waiting forever.
+        """
+        opened = self.rebuild()
+        self._scheduler.add_job(
+            self._sweep, trigger="interval", seconds=max(self._quiet, 1.0), id="completion:sweep",
+            replace_existing=True, coalesce=True, max_instances=1,
+        )
+        return opened
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        with self._lock:
+            overdue = [s for s in self._studies.values() if s.check_at is None or s.check_at < now - 1.0]
+            for study in overdue:
+                study.check_at = None
+                self._schedule(study, now)
+        if overdue:
+            log.warning("completion: %d overdue study checks re-armed", len(overdue))
+
+
+    def rebuild(self) -> int:
+        """Re-create timers from the index after a restart; returns the number of open studies.
+
+        ``received`` studies get their series back with their receive times; new series of
+        studies that left ``received`` (``complete_at`` still empty) are judged for re-opening.
+        """
+        infos = self._series_from_index()
+        now_mono, now_utc = self._clock(), utcnow()
+        opened = 0
+        for study_uid, state, rows in infos:
+            if state is StudyState.RECEIVED:
+                with self._lock:
+                    study = self._studies.setdefault(study_uid, _StudyTrack(study_uid, now_mono))
+                    for info, last_received, complete in rows:
+                        age = max(0.0, (now_utc - last_received).total_seconds())
+                        study.series[info.series_uid] = _SeriesTrack(
+                            info, self._usable(info), now_mono - age, info.instance_count, complete
+                        )
+                    if study.series:
+                        study.last_at = max(track.last_at for track in study.series.values())
+                    self._schedule(study, now_mono)
+                opened += 1
+            else:
+                for info, _last, complete in rows:
+                    if not complete:
+                        self._admit_series(info, now_mono)
+        if opened:
+            log.info("completion timers rebuilt for %d received studies", opened)
+        return opened
+
+    def open_studies(self) -> list[str]:
+        """Study UIDs with timers (for tests and the start-up log)."""
+        with self._lock:
+            return sorted(self._studies)
+
+    # -- deciding about a series seen for the first time -------------------------------
+
+    def _usable(self, info: SeriesInfo) -> bool:
+        return not is_own_result(info, self._uid_root) and self._could_use(info)
+
+    def _admit_series(self, info: SeriesInfo, now: float) -> None:
+        state, known = self._study_and_series_state(info.study_uid, info.series_uid)
+        if state is None or state is StudyState.RECEIVED:
+            self._track(info, now, usable=self._usable(info))
+            return
+        why_not = self._why_no_reopen(info, known)
+        if why_not is not None:
+            self._remember_ignored(info.series_uid)
+            if not known:
+                self._set_series_complete(info.series_uid, utcnow())
+                self._lifecycle.note(info.study_uid, f"series {info.series_uid} arrived while {state.value}: {why_not}")
+            log.info("study %s not re-opened by series %s: %s", info.study_uid, info.series_uid, why_not)
+            return
+        reason = f"re-opened by new series {info.series_uid} ({info.modality or '?'})"
+        if state in BUSY_STATES:
+            self._track(info, now, usable=True, reopen=reason)
+            self._lifecycle.note(info.study_uid, f"series {info.series_uid} arrived while {state.value}; re-open when done")
+            return
+        if self._lifecycle.reopen(info.study_uid, reason) is None:  # became busy meanwhile
+            self._track(info, now, usable=True, reopen=reason)
+            return
+        self._track(info, now, usable=True)
+
+    def _why_no_reopen(self, info: SeriesInfo, known: bool) -> str | None:
+        if known:
+            return "a series the study already had (late or repeated instance); not re-opened"
+        if is_own_result(info, self._uid_root):
+            return "the node's own result; not re-opened"
+        if is_non_image(info):
+            return f"another system's {info.modality or 'non-image'} object; not re-opened"
+        if not self._could_use(info):
+            return "no pipeline could use it; not re-opened"
+        return None
+
+    def _track(self, info: SeriesInfo, now: float, *, usable: bool, reopen: str | None = None) -> None:
+        with self._lock:
+            study = self._studies.get(info.study_uid)
+            if study is None:
+                study = self._studies[info.study_uid] = _StudyTrack(info.study_uid, now)
+            track = study.series.get(info.series_uid)
+            if track is None:
+                study.series[info.series_uid] = _SeriesTrack(info, usable, now)
+            else:
+                track.last_at, track.complete = now, False
+                track.count += 1
+            study.last_at = now
+            if reopen is not None:
+                study.reopen = reopen
+            self._ensure_check(study)
+
+    def _remember_ignored(self, series_uid: str) -> None:
+        with self._lock:
+            self._ignored[series_uid] = None
+            while len(self._ignored) > _IGNORED_MEMORY:
+                self._ignored.popitem(last=False)
+
+    # -- timers -------------------------------------------------------------------------
+
+    def _ensure_check(self, study: _StudyTrack) -> None:
+        """Schedule a check if none is pending (a later deadline is found when it runs)."""
+        if study.check_at is None:
+            self._schedule(study, study.last_at + min(self._quiet, self._timeout))
+
+    def _schedule(self, study: _StudyTrack, at: float) -> None:
+        if study.check_at is not None and study.check_at <= at:
+            return
+        study.check_at = at
+        delay = max(0.0, at - self._clock())
+        self._scheduler.add_job(
+            self._check,
+            trigger="date",
+            run_date=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=delay),
+            args=[study.study_uid],
+            id=f"completion:{study.study_uid}",
+            replace_existing=True,
+            misfire_grace_time=None,
+            coalesce=True,
+            max_instances=4,  # a check that reschedules itself must not be skipped as "still running"
+        )
+
+    def _check(self, study_uid: str) -> None:
+        """Timer callback: mark quiet series complete, then decide whether the study is ready."""
+        now = self._clock()
+        with self._lock:
+            study = self._studies.get(study_uid)
+            if study is None:
+                return
+            study.check_at = None
+            newly_complete = self._close_quiet_series(study, now)
+            decision = self._readiness(study, now)
+            if decision is None:
+                self._schedule(study, self._next_deadline(study))
+            else:
+                del self._studies[study_uid]
+        for track in newly_complete:
+            self._set_series_complete(track.info.series_uid, utcnow())
+            self._lifecycle.note(
+                study_uid, f"series {track.info.series_uid} complete ({track.count} instances received)"
+            )
+        if decision is not None:
+            try:
+                self._study_ready(study, *decision)
+            except Exception:  # noqa: BLE001 - a timer must not lose a study: log and look again
+                log.exception("study %s: readiness step failed; retrying in %g s", study_uid, self._quiet)
+                self._retry_later(study)
+
+    def _retry_later(self, study: _StudyTrack) -> None:
+        with self._lock:
+            self._studies.setdefault(study.study_uid, study)
+            self._schedule(study, self._clock() + self._quiet)
+
+    def _close_quiet_series(self, study: _StudyTrack, now: float) -> list[_SeriesTrack]:
+        closed = []
+        for track in study.series.values():
+            if track.complete:
+                continue
+            released = track.released_at is not None and now - track.released_at >= self._grace - 1e-3
+            if released or now - track.last_at >= self._quiet - 1e-3:
+                track.complete = True
+                closed.append(track)
+        return closed
+
+    def _readiness(self, study: _StudyTrack, now: float) -> tuple[str, bool] | None:
+        """``(reason, has_usable)`` when the study is ready or timed out, else ``None``."""
+        usable = [t for t in study.series.values() if t.usable]
+        if usable and all(t.complete for t in usable):
+            if self._pipeline_ready([t.info for t in usable]):
+                return f"{len(usable)} usable series complete", True
+        if now - study.last_at >= self._timeout - 1e-3:
+            return f"study timeout ({self._timeout:g} s after its last instance)", bool(usable)
+        return None
+
+    def _next_deadline(self, study: _StudyTrack) -> float:
+        deadlines = [study.last_at + self._timeout]
+        for track in study.series.values():
+            if not track.complete:
+                deadlines.append(track.last_at + self._quiet)
+                if track.released_at is not None:
+                    deadlines.append(track.released_at + self._grace)
+        return min(deadlines)
+
+    # -- the study is ready ---------------------------------------------------------------
+
+    def _study_ready(self, study: _StudyTrack, reason: str, has_usable: bool) -> None:
+        state = self._lifecycle.state_of(study.study_uid)
+        if state in BUSY_STATES:  # analysis or reporting still running: look again later
+            self._retry_later(study)
+            return
+        if study.reopen is not None and (state in PROCESSED_STATES | WAITING_STATES or state is StudyState.PURGED):
+            if self._lifecycle.reopen(study.study_uid, study.reopen) is None:
+                self._retry_later(study)
+                return
+            state = StudyState.RECEIVED
+        if state is not StudyState.RECEIVED:
+            log.debug("study %s ready but %s; nothing to do", study.study_uid, state)
+            return
+        self._mark_all_series_complete(study.study_uid)
+        if not has_usable:
+            self._lifecycle.transition(study.study_uid, StudyState.COMPLETE, reason)
+            self._lifecycle.transition(
+                study.study_uid, StudyState.NOT_ELIGIBLE, f"no series any pipeline could use ({len(study.series)} received)"
+            )
+            return
+        self._lifecycle.enqueue(study.study_uid, reason)
+
+    # -- index access ---------------------------------------------------------------------
+
+    def _study_and_series_state(self, study_uid: str, series_uid: str) -> tuple[StudyState | None, bool]:
+        """The study's state and whether the series was already known (``complete_at`` set)."""
+        with self._sessions() as session:
+            row = session.execute(
+                select(Study.state, Series.complete_at)
+                .select_from(Study)
+                .outerjoin(Series, (Series.study_pk == Study.id) & (Series.series_uid == series_uid))
+                .where(Study.study_uid == study_uid)
+            ).one_or_none()
+        if row is None:
+            return None, False
+        return StudyState(row.state), row.complete_at is not None
+
+    def _set_series_complete(self, series_uid: str, at: dt.datetime | None) -> None:
+        with write_session(self._sessions) as session:
+            session.execute(
+                update(Series).where(Series.series_uid == series_uid).values(complete_at=at)
+                .execution_options(synchronize_session=False)
+            )
+
+    def _mark_all_series_complete(self, study_uid: str) -> None:
+        """Every series of a study leaving ``received`` counts as known (see re-opening)."""
+        with write_session(self._sessions) as session:
+            study_pk = session.execute(select(Study.id).where(Study.study_uid == study_uid)).scalar_one()
+            session.execute(
+                update(Series)
+                .where(Series.study_pk == study_pk, Series.complete_at.is_(None))
+                .values(complete_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+
+    def _series_from_index(self) -> list[tuple[str, StudyState, list[tuple[SeriesInfo, dt.datetime, bool]]]]:
+        """Studies with open series: received ones, and others with series not yet judged."""
+        with self._sessions() as session:
+            studies = session.execute(
+                select(Study.id, Study.study_uid, Study.state).where(
+                    (Study.state == StudyState.RECEIVED.value)
+                    | Study.id.in_(select(Series.study_pk).where(Series.complete_at.is_(None)))
+                )
+            ).all()
+            result = []
+            for study_pk, study_uid, state in studies:
+                rows = [self._series_row(session, study_uid, series) for series in
+                        session.execute(select(Series).where(Series.study_pk == study_pk)).scalars()]
+                result.append((study_uid, StudyState(state), [row for row in rows if row is not None]))
+        return result
+
+    def _series_row(self, session: Session, study_uid: str, series: Series) -> tuple[SeriesInfo, dt.datetime, bool] | None:
+        first = session.execute(
+            select(Instance.sop_class_uid, Instance.sop_instance_uid, Instance.path)
+            .where(Instance.series_pk == series.id).order_by(Instance.id).limit(1)
+        ).one_or_none()
+        if first is None:
+            return None
+        info = SeriesInfo(
+            study_uid=study_uid,
+            series_uid=series.series_uid,
+            sop_class_uid=first.sop_class_uid,
+            sop_instance_uid=first.sop_instance_uid,
+            modality=series.modality,
+            manufacturer=series.manufacturer,
+            series_description=series.description,
+            image_type=tuple(v for v in (series.image_type or "").split("\\") if v),
+            instance_count=series.instance_count,
+            path=self._data_dir / first.path,
+        )
+        return info, as_utc(series.last_received_at), series.complete_at is not None
+

@@ -1,0 +1,142 @@
+"""Completion: series quiet periods, pipeline readiness, study timeout, association release, restart.
+
+Short timers (0.3 s quiet, 1.2 s study timeout) on a real APScheduler BackgroundScheduler.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import select, update
+
+from dicom_node.completion import Completion, SeriesInfo
+from dicom_node.index.db import write_session
+from dicom_node.index.models import Series, Study, StudyEvent
+from dicom_node.lifecycle import Lifecycle, StudyState
+from dicom_node.settings import CompletionSettings
+from tests.studyindex import COMPREHENSIVE_SR, Index, Stored, add_instances, index, receive  # noqa: F401
+
+S = StudyState
+SHORT = CompletionSettings(series_quiet_s=0.3, study_timeout_s=1.2, release_shortens_wait=True, live_window_s=3600)
+pytestmark = pytest.mark.parametrize("index", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def scheduler() -> Iterator[BackgroundScheduler]:
+    sched = BackgroundScheduler(timezone=dt.timezone.utc)
+    sched.start()
+    yield sched
+    sched.shutdown(wait=False)
+
+
+def _completion(index: Index, scheduler: BackgroundScheduler, settings: CompletionSettings = SHORT, **rules: object) -> Completion:
+    lifecycle = Lifecycle(index.sessions, settings)
+    return Completion(settings, lifecycle, index.sessions, scheduler, data_dir=index.data_dir, **rules)  # type: ignore[arg-type]
+
+
+def _state(index: Index, study_uid: str) -> str:
+    with index.sessions() as session:
+        return session.execute(select(Study.state).where(Study.study_uid == study_uid)).scalar_one()
+
+
+def _wait_for(index: Index, study_uid: str, states: set[str], timeout: float = 5.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if _state(index, study_uid) in states:
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"study {study_uid} still {_state(index, study_uid)} after {timeout} s")
+
+
+def _events(index: Index, study_uid: str) -> list[tuple[str, str | None]]:
+    with index.sessions() as session:
+        return [
+            (row.state, row.detail)
+            for row in session.execute(
+                select(StudyEvent.state, StudyEvent.detail).join(Study).where(Study.study_uid == study_uid).order_by(StudyEvent.id)
+            )
+        ]
+
+
+def test_series_quiet_makes_the_study_ready(index: Index, scheduler: BackgroundScheduler) -> None:
+    completion = _completion(index, scheduler)
+    receive(index, completion, Stored("1.3.1", "1.3.1.1", "x"), count=5)
+    receive(index, completion, Stored("1.3.1", "1.3.1.2", "x", sop_class_uid=COMPREHENSIVE_SR, modality="SR"))
+    waited = _wait_for(index, "1.3.1", {"queued"})
+    assert 0.2 < waited < 1.0  # the quiet period, not the study timeout
+    events = _events(index, "1.3.1")
+    assert ("received", "series 1.3.1.1 complete (5 instances received)") in events
+    assert [state for state, _ in events][-2:] == ["complete", "queued"]
+    assert events[-1][1] == "1 usable series complete"
+    with index.sessions() as session:
+        assert all(at is not None for at in session.execute(select(Series.complete_at)).scalars())
+    assert completion.open_studies() == []
+
+
+def test_a_series_still_arriving_holds_the_study(index: Index, scheduler: BackgroundScheduler) -> None:
+    completion = _completion(index, scheduler)
+    receive(index, completion, Stored("1.3.2", "1.3.2.1", "x"))
+    start = time.monotonic()
+    for _ in range(6):  # the second series keeps coming for ~0.9 s
+        receive(index, completion, Stored("1.3.2", "1.3.2.2", "x"))
+        assert _state(index, "1.3.2") == "received"
+        time.sleep(0.15)
+    _wait_for(index, "1.3.2", {"queued"})
+    assert time.monotonic() - start > 0.9
+
+
+def test_pipeline_not_ready_waits_for_the_study_timeout(index: Index, scheduler: BackgroundScheduler) -> None:
+    def needs_dwi_and_adc(series: Sequence[SeriesInfo]) -> bool:
+        return {"DWI", "ADC"} <= {s.series_description for s in series}
+
+    completion = _completion(index, scheduler, pipeline_ready=needs_dwi_and_adc)
+    receive(index, completion, Stored("1.3.3", "1.3.3.1", "x", modality="MR", series_description="DWI"))
+    waited = _wait_for(index, "1.3.3", {"queued"})
+    assert waited > 1.0
+    assert _events(index, "1.3.3")[-2][1] == "study timeout (1.2 s after its last instance)"
+
+    receive(index, completion, Stored("1.3.4", "1.3.4.1", "x", modality="MR", series_description="DWI"))
+    receive(index, completion, Stored("1.3.4", "1.3.4.2", "x", modality="MR", series_description="ADC"))
+    assert _wait_for(index, "1.3.4", {"queued"}) < 1.0
+
+
+def test_only_unusable_series_end_not_eligible_after_timeout(index: Index, scheduler: BackgroundScheduler) -> None:
+    completion = _completion(index, scheduler)
+    receive(index, completion, Stored("1.3.5", "1.3.5.1", "x", sop_class_uid=COMPREHENSIVE_SR, modality="SR"))
+    _wait_for(index, "1.3.5", {"not_eligible"})
+    assert _events(index, "1.3.5")[-1] == ("not_eligible", "no series any pipeline could use (1 received)")
+
+
+def test_association_release_shortens_the_wait(index: Index, scheduler: BackgroundScheduler) -> None:
+    slow = CompletionSettings(series_quiet_s=4, study_timeout_s=8, release_shortens_wait=True, live_window_s=3600)
+    completion = _completion(index, scheduler, slow)
+    receive(index, completion, Stored("1.3.6", "1.3.6.1", "x"), count=3)
+    completion.association_released({"1.3.6.1"})
+    assert _wait_for(index, "1.3.6", {"queued"}) < 2.0
+
+    off = slow.model_copy(update={"release_shortens_wait": False})
+    completion = _completion(index, scheduler, off)
+    receive(index, completion, Stored("1.3.7", "1.3.7.1", "x"))
+    completion.association_released({"1.3.7.1"})
+    time.sleep(1.5)
+    assert _state(index, "1.3.7") == "received"
+
+
+def test_restart_rebuilds_timers_from_the_index(index: Index, scheduler: BackgroundScheduler) -> None:
+    long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
+    add_instances(index, "1.3.8", "1.3.8.1", 4, received_at=long_ago)  # node died before the timer fired
+    add_instances(index, "1.3.9", "1.3.9.1", 2)  # arrived just now
+    with write_session(index.sessions) as session:
+        session.execute(update(Study).values(last_received_at=long_ago).where(Study.study_uid == "1.3.8"))
+    completion = _completion(index, scheduler)
+    assert completion.start() == 2
+    assert _wait_for(index, "1.3.8", {"queued"}) < 0.3
+    assert _wait_for(index, "1.3.9", {"queued"}) < 1.0
+    assert completion.rebuild() == 0  # nothing left open, nothing queued twice
+    lifecycle = Lifecycle(index.sessions, SHORT)
+    assert {lifecycle.claim_next().study_uid, lifecycle.claim_next().study_uid} == {"1.3.8", "1.3.9"}  # type: ignore[union-attr]
+    assert lifecycle.claim_next() is None
