@@ -38,8 +38,9 @@ import socket
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import case, select, update
+from sqlalchemy import CursorResult, Update, case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.index.base import utcnow
@@ -128,6 +129,12 @@ def as_utc(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
 
 
+def _rows_changed(session: Session, statement: Update) -> int:
+    """Run a conditional UPDATE and return how many rows it changed."""
+    result = cast(CursorResult[Any], session.execute(statement.execution_options(synchronize_session=False)))
+    return result.rowcount
+
+
 def record_event(session: Session, study_pk: int, state: str, detail: str | None, at: dt.datetime | None = None) -> None:
     """Append one entry to a study's timeline (in the caller's transaction)."""
     session.add(StudyEvent(study_pk=study_pk, state=state, detail=detail, at=at or utcnow()))
@@ -173,13 +180,11 @@ def transition(
     current = session.execute(select(Study.id, Study.state).where(Study.study_uid == study_uid)).one_or_none()
     if current is None or current.state not in {s.value for s in sources}:
         raise TransitionError(study_uid, None if current is None else current.state, target)
-    result = session.execute(
-        update(Study)
-        .where(Study.id == current.id, Study.state == current.state)
-        .values(state=target.value, state_reason=detail)
-        .execution_options(synchronize_session=False)
+    changed = _rows_changed(
+        session,
+        update(Study).where(Study.id == current.id, Study.state == current.state).values(state=target.value, state_reason=detail),
     )
-    if result.rowcount != 1:  # another process moved it between our read and write
+    if changed != 1:  # another process moved it between our read and write
         now_state = session.execute(select(Study.state).where(Study.id == current.id)).scalar_one_or_none()
         raise TransitionError(study_uid, now_state, target)
     record_event(session, current.id, target.value, detail)
@@ -314,13 +319,13 @@ class Lifecycle:
             .scalar_subquery()
         )
         with write_session(self._sessions) as session:
-            claimed = session.execute(
+            claimed = _rows_changed(
+                session,
                 update(AnalysisJob)
                 .where(AnalysisJob.id == next_id, AnalysisJob.state == "queued")
-                .values(state="running", claimed_at=now, claimed_by=token, attempts=AnalysisJob.attempts + 1)
-                .execution_options(synchronize_session=False)
+                .values(state="running", claimed_at=now, claimed_by=token, attempts=AnalysisJob.attempts + 1),
             )
-            if claimed.rowcount != 1:
+            if claimed != 1:
                 return None
             job = session.execute(select(AnalysisJob).where(AnalysisJob.claimed_by == token)).scalar_one()
             study_uid = session.execute(select(Study.study_uid).where(Study.id == job.study_pk)).scalar_one()
@@ -413,13 +418,13 @@ def _enqueue(session: Session, study_uid: str, reason: str, *, rerun: bool) -> b
 
 def _cancel_queued_job(session: Session, study_uid: str) -> bool:
     study_pk = session.execute(select(Study.id).where(Study.study_uid == study_uid)).scalar_one()
-    result = session.execute(
+    cancelled = _rows_changed(
+        session,
         update(AnalysisJob)
         .where(AnalysisJob.study_pk == study_pk, AnalysisJob.state == "queued")
-        .values(state="cancelled", finished_at=utcnow())
-        .execution_options(synchronize_session=False)
+        .values(state="cancelled", finished_at=utcnow()),
     )
-    return result.rowcount == 1
+    return cancelled == 1
 
 
 def _rebuild_one(session: Session, study_uid: str, state: StudyState) -> str:
