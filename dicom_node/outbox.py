@@ -199,6 +199,7 @@ class DeliveryRow:
     attempts: int
     sop_class_uid: str
     sent_sop_class_uid: str | None
+    sent_sop_instance_uid: str | None
     last_status: int | None
     last_error: str | None
     next_try_at: dt.datetime
@@ -222,6 +223,7 @@ def _to_row(item: OutboxItem) -> DeliveryRow:
         study_uid=item.study_uid, sop_instance_uid=item.sop_instance_uid, kind=item.kind,
         destination=item.destination, state=item.state, attempts=item.attempts,
         sop_class_uid=item.sop_class_uid, sent_sop_class_uid=item.sent_sop_class_uid,
+        sent_sop_instance_uid=item.sent_sop_instance_uid,
         last_status=item.last_status, last_error=item.last_error, next_try_at=as_utc(item.next_try_at),
         deadline_at=as_utc(item.deadline_at), sent_at=None if item.sent_at is None else as_utc(item.sent_at),
     )
@@ -312,12 +314,19 @@ class Outbox:
     # -- queueing -----------------------------------------------------------------------
 
     def enqueue(
-        self, objects: Sequence[ResultFile], context: RoutingContext, *, demonstration: bool
+        self,
+        objects: Sequence[ResultFile],
+        context: RoutingContext,
+        *,
+        demonstration: bool,
+        in_transaction: Callable[[Session, list[DeliveryRow]], None] | None = None,
     ) -> list[DeliveryRow]:
         """Queue each object for each destination routing gives it.
 
         Results of demonstration weights are ``held`` unless the settings allow sending them.
         Queuing the same object for the same destination again is a no-op (the row stays).
+        ``in_transaction(session, rows)`` runs in the same unit of work before it commits
+        (the study's life-cycle transition), so the runner never sees rows without it.
         """
         names = [d.name for d in self.destinations()]
         hold = demonstration and not self.delivery.allow_demonstration_results
@@ -333,6 +342,8 @@ class Outbox:
                                 obj.sop_instance_uid, obj.kind, obj.study_uid)
                 for name in targets:
                     rows.append(self._add(session, obj, name, state, now, deadline))
+            if in_transaction is not None:
+                in_transaction(session, rows)
         if hold and rows:
             log.info("%d result objects of demonstration weights held in the node "
                      "(delivery.allow_demonstration_results is off)", len(rows))
@@ -365,12 +376,13 @@ class Outbox:
         except ValueError:
             return str(path.resolve())
 
-    def resend(self, study_uid: str) -> int:
+    def resend(self, study_uid: str, *, in_transaction: Callable[[Session, int], None] | None = None) -> int:
         """Re-queue the outbox rows of a study with a fresh deadline.
 
         Every row is re-queued (sent, failed, dead), except ``held`` rows while
         ``delivery.allow_demonstration_results`` is off: a resend never bypasses that setting.
         Returns the number of rows re-queued. The objects keep their SOP Instance UIDs.
+        ``in_transaction(session, count)`` runs in the same unit of work before it commits.
         """
         now = self.clock()
         condition = OutboxItem.study_uid == study_uid
@@ -387,6 +399,8 @@ class Outbox:
                 .execution_options(synchronize_session=False)
             )
             count = int(getattr(result, "rowcount", 0) or 0)
+            if in_transaction is not None:
+                in_transaction(session, count)
         log.info("study %s: %d outbox rows re-queued", study_uid, count)
         return count
 
@@ -463,6 +477,7 @@ class Outbox:
         if outcome.ok:
             row.state = OutboxState.SENT.value
             row.sent_sop_class_uid = outcome.sent_sop_class_uid
+            row.sent_sop_instance_uid = outcome.sent_sop_instance_uid
             row.sent_at = now
             row.last_error = None
             report.sent += 1

@@ -12,8 +12,11 @@ that refuses that too gets Enhanced SR (...88.22), provided the content fits the
 - Comprehensive SR has no SCOORD3D content items (PS3.3 A.35.3.3 value types);
 - Enhanced SR additionally has no by-reference relationships (PS3.3 A.35.2.3.1).
 
-The re-encoded object keeps its SOP Instance UID: the archive never stored the refused class,
-and one result keeps one identity wherever it goes, so a later re-send is recognised as such.
+The re-encoding is a :data:`Recoder` passed in (the node uses :func:`reports.sr.reencode_sr`).
+A SOP Instance UID names one instance of one SOP class (PS3.3 C.12.1.1.1), so the
+re-encoded SR carries a UID *derived deterministically* from the original and the target
+class: every retry of the same fallback sends the same UID, and the outcome records both the
+class and the UID the archive stored.
 
 A refused presentation context, a refused or aborted association and any status other than
 Success or Warning (PS3.4 Annex B.2.3, PS3.7 Annex C) is a failure, never "sent". Warning
@@ -23,7 +26,6 @@ and are recorded.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
@@ -77,7 +79,8 @@ class OutgoingObject:
 class StoreOutcome:
     """What happened to one object.
 
-    ``sent_sop_class_uid`` is the class the archive stored (after any fallback) when ``ok``.
+    ``sent_sop_class_uid`` / ``sent_sop_instance_uid`` are the class and UID the archive
+    stored (after any fallback) when ``ok``.
     ``status`` is the C-STORE status, ``None`` when no response came (refused context, failed
     association, abort, timeout).
     """
@@ -87,6 +90,7 @@ class StoreOutcome:
     status: int | None = None
     sent_sop_class_uid: str | None = None
     error: str | None = None
+    sent_sop_instance_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,23 +141,16 @@ def allowed_sr_classes(dataset: Dataset) -> tuple[str, ...]:
     return tuple(allowed)
 
 
-def recode_sr(dataset: Dataset, sop_class_uid: str) -> Dataset:
-    """The same SR document as another SR class, same SOP Instance UID.
+#: Re-encodes an SR document as another SR SOP class: ``recoder(dataset, sop_class_uid)``.
+#: Raises ``ValueError`` when the content does not fit the class.
+Recoder = Callable[[Dataset, str], Dataset]
 
-    Raises
-    ------
-    ValueError
-        When ``sop_class_uid`` cannot hold the document's content (see :func:`allowed_sr_classes`).
-    """
-    if sop_class_uid == str(dataset.SOPClassUID):
-        return dataset
-    if sop_class_uid not in allowed_sr_classes(dataset):
-        raise ValueError(f"SR {dataset.SOPInstanceUID} cannot be re-encoded as {sop_class_uid}")
-    recoded = copy.deepcopy(dataset)
-    recoded.SOPClassUID = sop_class_uid
-    if hasattr(recoded, "file_meta"):
-        recoded.file_meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-    return recoded
+
+def no_recoding(dataset: Dataset, sop_class_uid: str) -> Dataset:
+    """A :data:`Recoder` that sends objects only as their own class (no SR fallback)."""
+    if sop_class_uid != str(dataset.SOPClassUID):
+        raise ValueError(f"no SR re-encoding configured for {dataset.SOPInstanceUID}")
+    return dataset
 
 
 def _transfer_syntaxes(dataset: Dataset) -> list[str]:
@@ -207,6 +204,8 @@ class StoreScu:
         Maximum PDU length the node advertises for the association.
     after_each:
         Called with each object's outcome as soon as it is known (progress, timing).
+    recoder:
+        Re-encodes an SR for a fallback class; :func:`no_recoding` disables the fallback.
     """
 
     def __init__(
@@ -215,11 +214,13 @@ class StoreScu:
         timeouts: ScuTimeouts | None = None,
         max_pdu: int = 4_194_304,
         after_each: Callable[[StoreOutcome], None] | None = None,
+        recoder: Recoder = no_recoding,
     ) -> None:
         self.calling_ae_title = calling_ae_title
         self.timeouts = timeouts or ScuTimeouts()
         self.max_pdu = max_pdu
         self.after_each = after_each
+        self.recoder = recoder
 
     def _build_ae(self, contexts: list[PresentationContext]) -> AE:
         ae = AE(ae_title=self.calling_ae_title)
@@ -278,16 +279,22 @@ class StoreScu:
                 continue
             if not assoc.is_established:
                 return StoreOutcome(obj.sop_instance_uid, False, error="association aborted")
-            status_ds = assoc.send_c_store(recode_sr(dataset, sop_class))
+            try:
+                to_send = dataset if sop_class == candidates[0] else self.recoder(dataset, sop_class)
+            except ValueError as exc:
+                last = StoreOutcome(obj.sop_instance_uid, False, error=f"cannot send as {sop_class}: {exc}")
+                continue
+            status_ds = assoc.send_c_store(to_send)
             if "Status" not in status_ds:
                 return StoreOutcome(obj.sop_instance_uid, False, error="no C-STORE response (timeout or abort)")
             status = int(status_ds.Status)
             if status == 0x0000 or status in _WARNING_STATUSES:
                 if sop_class != candidates[0]:
                     refused = candidates[: candidates.index(sop_class)]
-                    log.info("SR %s sent to %s as %s (archive refused %s)", obj.sop_instance_uid,
-                             destination.name, sop_class, ", ".join(refused))
-                return StoreOutcome(obj.sop_instance_uid, True, status, sop_class)
+                    log.info("SR %s sent to %s as %s %s (archive refused %s)", obj.sop_instance_uid,
+                             destination.name, sop_class, to_send.SOPInstanceUID, ", ".join(refused))
+                return StoreOutcome(obj.sop_instance_uid, True, status, sop_class,
+                                    sent_sop_instance_uid=str(to_send.SOPInstanceUID))
             last = StoreOutcome(obj.sop_instance_uid, False, status,
                                 error=f"C-STORE status {_status_text(status)} for {sop_class}")
             if status != STATUS_SOP_CLASS_NOT_SUPPORTED:

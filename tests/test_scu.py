@@ -6,12 +6,13 @@ that record what they stored or answer a failure status.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node.scu import (
@@ -73,9 +74,21 @@ class RecordingScp:
         return Destination("recorder", "RECORDER", "127.0.0.1", self.port)
 
 
+def class_changing_recoder(dataset: Dataset, sop_class_uid: str) -> Dataset:
+    """A stand-in for reports.sr.reencode_sr: other class, UID derived from the original's."""
+    recoded = copy.deepcopy(dataset)
+    recoded.SOPClassUID = recoded.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    recoded.SOPInstanceUID = recoded.file_meta.MediaStorageSOPInstanceUID = derived_uid(dataset, sop_class_uid)
+    return recoded
+
+
+def derived_uid(dataset: Dataset, sop_class_uid: str) -> str:
+    return f"{dataset.SOPInstanceUID}.{sop_class_uid.rsplit('.', 1)[-1]}"
+
+
 @pytest.fixture
 def scu() -> Iterator[StoreScu]:
-    yield StoreScu("FPENODE", FAST)
+    yield StoreScu("FPENODE", FAST, recoder=class_changing_recoder)
 
 
 def test_fallback_chain_depends_on_content(tmp_path: Path) -> None:
@@ -103,8 +116,10 @@ def test_archive_refusing_3d_sr_receives_comprehensive_sr(tmp_path: Path, scu: S
         outcomes = scu.send(scp.destination, objects)
     assert all(o.ok for o in outcomes)
     assert outcomes[0].sent_sop_class_uid == COMPREHENSIVE_SR
-    # Same SOP Instance UID, other class; one request each, no 3D attempt reached the archive.
-    assert scp.received[0] == (COMPREHENSIVE_SR, objects[0].sop_instance_uid)
+    sr_uid = derived_uid(dcmread(objects[0].path), COMPREHENSIVE_SR)
+    assert outcomes[0].sent_sop_instance_uid == sr_uid
+    # Re-encoded by the recoder; one request each, no 3D attempt reached the archive.
+    assert scp.received[0] == (COMPREHENSIVE_SR, sr_uid)
     assert [c for c, _ in scp.received].count(COMPREHENSIVE_3D_SR) == 0
     assert len(scp.received) == 3
 
@@ -117,7 +132,7 @@ def test_storescp_with_enhanced_sr_only_gets_enhanced_sr(tmp_path: Path, scu: St
     assert [o.ok for o in outcomes] == [True, True]
     assert outcomes[0].sent_sop_class_uid == ENHANCED_SR
     stored = {dcmread(f).SOPInstanceUID: dcmread(f).SOPClassUID for f in files}
-    assert stored[objects[0].sop_instance_uid] == ENHANCED_SR
+    assert stored[derived_uid(dcmread(objects[0].path), ENHANCED_SR)] == ENHANCED_SR
     assert stored[objects[1].sop_instance_uid] == SC_STORAGE
 
 
@@ -132,6 +147,14 @@ def test_archive_refusing_all_sr_still_gets_captures_and_failure_is_visible(tmp_
     assert all(o.ok and o.sent_sop_class_uid == SC_STORAGE for o in scs)
     assert objects[0].sop_instance_uid not in requests
     assert sorted(requests) == sorted(o.sop_instance_uid for o in objects[1:])
+
+
+def test_without_recoder_there_is_no_fallback(tmp_path: Path) -> None:
+    objects = _objects(tmp_path, n_sc=0)
+    with RecordingScp([COMPREHENSIVE_SR, SC_STORAGE]) as scp:
+        (outcome,) = StoreScu("FPENODE", FAST).send(scp.destination, objects)
+    assert not outcome.ok and "no SR re-encoding" in (outcome.error or "")
+    assert scp.received == []
 
 
 def test_3d_content_does_not_fall_back(tmp_path: Path, scu: StoreScu) -> None:

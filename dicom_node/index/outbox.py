@@ -11,7 +11,8 @@ States
     Tried, not stored; ``next_try_at`` says when the next attempt is due.
 ``sent``
     The archive answered the C-STORE with Success or Warning (PS3.4 B.2.3);
-    ``sent_sop_class_uid`` records the class it stored (after any SR class fallback).
+    ``sent_sop_class_uid`` and ``sent_sop_instance_uid`` record the class and UID it stored
+    (an SR class fallback re-encodes with a UID derived from the original's).
 ``dead``
     Not stored before ``deadline_at``: dead-lettered, logged, shown by ``fpe-node studies``.
 ``held``
@@ -71,6 +72,7 @@ class OutboxItem(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: The SOP class the archive stored (the SR fallback may differ from ``sop_class_uid``).
     sent_sop_class_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    sent_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[Timestamp] = mapped_column(default=utcnow)
     updated_at: Mapped[Timestamp] = mapped_column(default=utcnow)
     next_try_at: Mapped[Timestamp] = mapped_column(default=utcnow)

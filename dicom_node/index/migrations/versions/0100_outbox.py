@@ -35,6 +35,7 @@ def upgrade() -> None:
         sa.Column("last_status", sa.Integer(), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("sent_sop_class_uid", sa.String(length=64), nullable=True),
+        sa.Column("sent_sop_instance_uid", sa.String(length=64), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("next_try_at", sa.DateTime(timezone=True), nullable=False),
