@@ -145,6 +145,7 @@ def add_instances(
         series.instance_count += count
         series.last_received_at = at
         study.last_received_at = at
+        study.modalities = "\\".join(sorted(set(filter(None, study.modalities.split("\\"))) | {modality}))
     return paths
 
 

@@ -1,0 +1,279 @@
+"""``fpe-node studies``: what arrived, how it is grouped, where each study is in its life cycle.
+
+Without ``--study`` it lists studies, latest arrival first: state, arrivals, series and
+instance counts, and how many of its results are dead-lettered. With ``--study UID`` it shows
+that study's series (with completion times), its timeline (every state change and note, UTC),
+its analysis jobs and the delivery of each result object. ``--json`` prints the same as JSON.
+
+Patient names and IDs are never shown (the index does not hold names in clear); studies are
+named by Study Instance UID, accession number and description.
+
+Extra sections of the detail view come from :data:`DETAIL_SECTIONS`: functions
+``(session, study_uid) -> (title, rows)``, so a later part of the node adds its own view of a
+study by adding one function there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicom_node.lifecycle import as_utc
+from dicom_node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+DetailSection = Callable[[Session, str], tuple[str, list[Row]]]
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``studies`` sub-command."""
+    parser = subparsers.add_parser("studies", help="list received studies, their series, state and timeline")
+    parser.add_argument("--study", metavar="UID", help="show one study: series, timeline, jobs, deliveries")
+    parser.add_argument("--state", help="list only studies in this state (e.g. dead_lettered, received)")
+    parser.add_argument("--limit", type=int, default=50, help="list at most this many studies (default 50; 0: all)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the list or one study; exit 1 when ``--study`` names a study not in the index."""
+    from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
+
+    engine = build_engine(settings)
+    try:
+        upgrade_to_head(engine)
+        with build_session_factory(engine)() as session:
+            if args.study:
+                detail = study_detail(session, args.study)
+                if detail is None:
+                    print(f"study {args.study} is not in the index")
+                    return 1
+                print(_dumps(detail) if args.json else format_detail(detail))
+            else:
+                rows = study_rows(session, state=args.state, limit=args.limit or None)
+                print(_dumps(rows) if args.json else format_list(rows))
+    finally:
+        engine.dispose()
+    return 0
+
+
+# -- queries ---------------------------------------------------------------------------------
+
+
+def study_rows(session: Session, *, state: str | None = None, limit: int | None = 50) -> list[Row]:
+    """One row per study, latest arrival first."""
+    from dicom_node.index.models import Series, Study
+
+    series_count = (
+        select(func.count(Series.id)).where(Series.study_pk == Study.id).correlate(Study).scalar_subquery()
+    )
+    instance_count = (
+        select(func.coalesce(func.sum(Series.instance_count), 0))
+        .where(Series.study_pk == Study.id)
+        .correlate(Study)
+        .scalar_subquery()
+    )
+    query = select(Study, series_count.label("series"), instance_count.label("instances")).order_by(
+        Study.last_received_at.desc(), Study.id.desc()
+    )
+    if state:
+        query = query.where(Study.state == state)
+    if limit:
+        query = query.limit(limit)
+    dead = _dead_letters_by_study(session)
+    return [
+        {
+            "study_uid": study.study_uid,
+            "state": study.state,
+            "state_reason": study.state_reason,
+            "accession": study.accession,
+            "description": study.description,
+            "modalities": study.modalities,
+            "acquired_at": study.acquired_at,
+            "first_received_at": _utc(study.first_received_at),
+            "last_received_at": _utc(study.last_received_at),
+            "calling_ae": study.calling_ae,
+            "series": series,
+            "instances": instances,
+            "dead_letters": dead.get(study.study_uid, 0),
+        }
+        for study, series, instances in session.execute(query)
+    ]
+
+
+def study_detail(session: Session, study_uid: str) -> Row | None:
+    """Everything ``--study`` shows, or ``None`` when the study is unknown."""
+    from dicom_node.index.models import Series, Study, StudyEvent
+
+    study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
+    if study is None:
+        return None
+    summary = next(row for row in study_rows(session, limit=None) if row["study_uid"] == study_uid)
+    series = session.execute(select(Series).where(Series.study_pk == study.id).order_by(Series.number, Series.id))
+    events = session.execute(select(StudyEvent).where(StudyEvent.study_pk == study.id).order_by(StudyEvent.id))
+    detail: Row = dict(summary)
+    detail["series_list"] = [
+        {
+            "series_uid": s.series_uid,
+            "number": s.number,
+            "modality": s.modality,
+            "description": s.description,
+            "manufacturer": s.manufacturer,
+            "instances": s.instance_count,
+            "last_received_at": _utc(s.last_received_at),
+            "complete_at": _utc(s.complete_at),
+        }
+        for s in series.scalars()
+    ]
+    detail["timeline"] = [{"at": _utc(e.at), "state": e.state, "detail": e.detail} for e in events.scalars()]
+    detail["sections"] = {}
+    for section in DETAIL_SECTIONS:
+        title, rows = section(session, study_uid)
+        detail["sections"][title] = rows
+    return detail
+
+
+def _jobs_section(session: Session, study_uid: str) -> tuple[str, list[Row]]:
+    """The study's analysis jobs (queue entries), oldest first."""
+    from dicom_node.index.jobs import AnalysisJob
+    from dicom_node.index.models import Study
+
+    jobs = session.execute(
+        select(AnalysisJob).join(Study, Study.id == AnalysisJob.study_pk)
+        .where(Study.study_uid == study_uid).order_by(AnalysisJob.id)
+    ).scalars()
+    return "analysis jobs", [
+        {
+            "state": job.state,
+            "reason": job.reason,
+            "enqueued_at": _utc(job.enqueued_at),
+            "claimed_at": _utc(job.claimed_at),
+            "attempts": job.attempts,
+            "outcome": job.outcome,
+        }
+        for job in jobs
+    ]
+
+
+def _deliveries_section(session: Session, study_uid: str) -> tuple[str, list[Row]]:
+    """Each result object per destination, dead letters included (``dicom_node.outbox``)."""
+    from dicom_node.outbox import delivery_rows
+
+    return "deliveries", [_plain(row) for row in delivery_rows(session, study_uid)]
+
+
+def _dead_letters_by_study(session: Session) -> dict[str, int]:
+    from dicom_node.outbox import delivery_rows
+
+    counts: dict[str, int] = {}
+    for row in delivery_rows(session, states=["dead"]):
+        counts[row.study_uid] = counts.get(row.study_uid, 0) + 1
+    return counts
+
+
+DETAIL_SECTIONS: tuple[DetailSection, ...] = (_jobs_section, _deliveries_section)
+"""Sections of ``fpe-node studies --study`` after series and timeline, in order."""
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses to dicts, datetimes to ISO 8601 UTC strings (for JSON and tables)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain(asdict(value))
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dt.datetime):  # naive: acquired_at, the scanner's local time
+        return value.isoformat(timespec="seconds")
+    return value
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    """Index timestamps are UTC; SQLite hands them back without zone."""
+    return None if value is None else as_utc(value)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(_plain(value), indent=2, ensure_ascii=False)
+
+
+def _time(value: dt.datetime | None) -> str:
+    """UTC ``YYYY-MM-DD HH:MM:SS`` (index timestamps; SQLite returns them naive, in UTC)."""
+    if value is None:
+        return "-"
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc)
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def format_list(rows: list[Row]) -> str:
+    """The study list as a table (times in UTC)."""
+    if not rows:
+        return "no studies"
+    body = [
+        (
+            r["study_uid"], r["state"], r["modalities"], r["series"], r["instances"], _time(r["first_received_at"]),
+            _time(r["last_received_at"]), r["calling_ae"], r["dead_letters"] or "",
+        )
+        for r in rows
+    ]
+    headers = ("STUDY UID", "STATE", "MODALITIES", "SERIES", "INSTANCES", "FIRST ARRIVAL (UTC)", "LAST ARRIVAL (UTC)",
+               "FROM", "DEAD")
+    return _table(headers, body)
+
+
+def format_detail(detail: Row) -> str:
+    """One study: header, series, timeline, extra sections."""
+    acquired = detail["acquired_at"].strftime("%Y-%m-%d %H:%M:%S") if detail["acquired_at"] else "-"
+    lines = [
+        f"Study {detail['study_uid']}",
+        f"  state        {detail['state']}" + (f" ({detail['state_reason']})" if detail["state_reason"] else ""),
+        f"  description  {detail['description'] or '-'}   accession {detail['accession'] or '-'}",
+        f"  acquired     {acquired} (scanner time)   modalities {detail['modalities'] or '-'}",
+        f"  arrivals     {_time(detail['first_received_at'])} .. {_time(detail['last_received_at'])} UTC"
+        f" from {detail['calling_ae'] or '-'}: {detail['series']} series, {detail['instances']} instances",
+        "",
+        "Series",
+        _table(
+            ("NUMBER", "MODALITY", "DESCRIPTION", "INSTANCES", "LAST ARRIVAL", "COMPLETE", "SERIES UID"),
+            [
+                (s["number"], s["modality"], s["description"], s["instances"], _time(s["last_received_at"]),
+                 _time(s["complete_at"]), s["series_uid"])
+                for s in detail["series_list"]
+            ],
+        ) if detail["series_list"] else "  (none: purged or not yet received)",
+        "",
+        "Timeline (UTC)",
+    ]
+    lines += [f"  {_time(e['at'])}  {e['state']:<16} {e['detail'] or ''}".rstrip() for e in detail["timeline"]]
+    for title, rows in detail["sections"].items():
+        lines += ["", title[0].upper() + title[1:]]
+        lines.append(_section_table(rows) if rows else "  (none)")
+    return "\n".join(lines)
+
+
+def _section_table(rows: list[Row]) -> str:
+    plain = [_plain(row) for row in rows]
+    headers = [key for key in plain[0] if any(row.get(key) not in (None, "") for row in plain)]
+    return _table([h.upper() for h in headers], [[row.get(h) for h in headers] for row in plain])
