@@ -83,6 +83,7 @@ class InstanceHeader:
     rows: int
     columns: int
     instance_number: int | None
+    series_number: int | None
     transfer_syntax_uid: str
     has_pixels: bool
     frames: tuple[FrameHeader, ...]
@@ -95,6 +96,7 @@ class SeriesHeader:
 
     study_uid: str
     series_uid: str
+    series_number: int | None
     modality: str
     sop_class_uids: tuple[str, ...]
     image_type: tuple[str, ...]  # of the first instance; values upper-case
@@ -125,6 +127,7 @@ class SeriesHeader:
     b_value_source: str | None
     directionalities: frozenset[str]
     n_directions_at_max_b: int  # distinct gradient directions at the highest b-value
+    images_per_position_at_max_b: float  # > 1: several directions (or repeats) at the highest b
     has_pixels: bool
     instances: tuple[InstanceHeader, ...] = field(default=(), repr=False, compare=False)
 
@@ -309,6 +312,7 @@ def instance_header(ds: Dataset, path: Path | None = None) -> InstanceHeader:
     if getattr(ds, "file_meta", None) is not None:
         transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
     number = ds.get("InstanceNumber")
+    series_number = ds.get("SeriesNumber")
     return InstanceHeader(
         path=path,
         sop_class_uid=_text(ds, "SOPClassUID"),
@@ -332,6 +336,7 @@ def instance_header(ds: Dataset, path: Path | None = None) -> InstanceHeader:
         rows=int(ds.get("Rows", 0) or 0),
         columns=int(ds.get("Columns", 0) or 0),
         instance_number=int(number) if number not in (None, "") else None,
+        series_number=int(series_number) if series_number not in (None, "") else None,
         transfer_syntax_uid=transfer_syntax,
         has_pixels="PixelData" in ds or int(ds.get("Rows", 0) or 0) > 0,
         frames=frames,
@@ -397,11 +402,13 @@ def summarise_series(instances: Sequence[InstanceHeader]) -> SeriesHeader:
         if f.gradient is not None and f.b_value is not None and _round_b(f.b_value) == max_b
         and any(abs(v) > 1e-3 for v in f.gradient)
     }
+    at_max_b = [f for f in frames if f.b_value is not None and _round_b(f.b_value) == max_b]
     image_types = {v for inst in instances for v in inst.image_type} | {v for f in frames for v in f.frame_type}
     thickness = next((f.slice_thickness for f in frames if f.slice_thickness is not None), None)
     return SeriesHeader(
         study_uid=first.study_uid,
         series_uid=first.series_uid,
+        series_number=first.series_number,
         modality=first.modality,
         sop_class_uids=tuple(sorted({i.sop_class_uid for i in instances})),
         image_type=first.image_type,
@@ -432,6 +439,7 @@ def summarise_series(instances: Sequence[InstanceHeader]) -> SeriesHeader:
         b_value_source=next((i.b_value_source for i in instances if i.b_value_source), None),
         directionalities=frozenset(f.directionality.upper() for f in frames if f.directionality),
         n_directions_at_max_b=len(directions),
+        images_per_position_at_max_b=len(at_max_b) / max(1, len(positions)),
         has_pixels=any(i.has_pixels for i in instances),
         instances=tuple(instances),
     )
