@@ -82,14 +82,24 @@ _NON_IMAGE_MODALITIES = frozenset(
 class StoredInstanceLike(Protocol):
     """What completion reads of an instance the SCP stored (``dicom_node.scp.StoredInstance``)."""
 
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    modality: str | None
-    manufacturer: str | None
-    series_description: str | None
-    image_type: tuple[str, ...]
+    @property
+    def study_uid(self) -> str: ...
+    @property
+    def series_uid(self) -> str: ...
+    @property
+    def sop_instance_uid(self) -> str: ...
+    @property
+    def sop_class_uid(self) -> str: ...
+    @property
+    def modality(self) -> str | None: ...
+    @property
+    def manufacturer(self) -> str | None: ...
+    @property
+    def series_description(self) -> str | None: ...
+    @property
+    def image_type(self) -> tuple[str, ...]: ...
+    @property
+    def path(self) -> Path | None: ...
 
 
 @dataclass(frozen=True)
@@ -159,7 +169,7 @@ def series_info_of(instance: StoredInstanceLike, path: Path | None = None) -> Se
         series_description=instance.series_description,
         image_type=tuple(instance.image_type or ()),
         instance_count=1,
-        path=path if path is not None else getattr(instance, "path", None),
+        path=path if path is not None else instance.path,
     )
 
 
