@@ -128,3 +128,20 @@ def test_write_then_load_round_trips(cohort: Path) -> None:
     assert [(c.case_id, c.label, c.fold, dict(c.series)) for c in again] == [
         (c.case_id, c.label, c.fold, {k: v.resolve() for k, v in c.series.items()}) for c in original
     ]
+
+
+def test_selection_checker_names_what_a_dicom_study_lacks(tmp_path: Path) -> None:
+    from tests import factory
+
+    from inference.training.manifest import selection_checker
+
+    factory.write_ct_stroke_study(tmp_path / "ct", rows=32, with_cta=False, with_reformats=False,
+                                  with_mips=False, with_dose_report=False)
+    factory.write_mr_stroke_study(tmp_path / "mr", rows=32, with_flair=False)
+    path = _write(tmp_path, "id,label,modality,study\nct1,1,CT,ct\nmr1,0,MR,mr\nwrong,0,MR,ct\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path, check_case=selection_checker())
+    by_line = {problem.line: problem.message for problem in caught.value.problems}
+    assert 2 not in by_line  # the CT study is complete (CTA is optional)
+    assert by_line[3] == "selection cannot complete the MR pipeline: no flair series"
+    assert by_line[4] == "selection cannot complete the MR pipeline: no dwi series"

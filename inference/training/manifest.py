@@ -328,3 +328,29 @@ def write_manifest(path: Path, cases: Iterable[Case]) -> None:
                 + [shown(case.series.get(role)) for role in ALL_ROLES]
                 + ["" if case.fold is None else case.fold, case.split]
             )
+
+
+def selection_checker(case_window_h: float = 24.0) -> CaseChecker:
+    """A :data:`CaseChecker` that runs series selection on each DICOM study folder.
+
+    Per-role rows are checked by :func:`load_manifest` itself (required roles present); a study
+    folder is read header-only and the row is bad when selection cannot make the row's
+    modality's pipeline ready (the reason names what it lacks, as ``fpe-node explain`` does).
+    """
+    from inference.dicom_headers import read_series_headers
+    from inference.selection import Selector
+
+    def check(case: Case) -> str | None:
+        if case.study is None:
+            return None
+        headers = read_series_headers([case.study])
+        if not headers:
+            return f"study folder {case.study} holds no DICOM series"
+        explanation = Selector(case_window_h=case_window_h, prefer_pipeline=case.modality).explain(headers)
+        plan = explanation.pipelines.get(case.modality)
+        if plan is None or not plan.ready:
+            lacking = "; ".join(plan.lacking) if plan is not None else "no plan"
+            return f"selection cannot complete the {case.modality} pipeline: {lacking}"
+        return None
+
+    return check
