@@ -1,0 +1,52 @@
+"""``fpe-node resend STUDY``: queue a study's results for delivery again.
+
+Every outbox row of the study (sent, failed or dead-lettered) becomes pending with a fresh
+deadline and the study goes back to ``reporting``; the running node's outbox sends them on
+its next pass, with the same SOP Instance UIDs (archives see a re-send, not a new result).
+Results held because they come from demonstration weights stay held unless
+``delivery.allow_demonstration_results`` is on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from dicom_node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``resend`` sub-command."""
+    parser = subparsers.add_parser("resend", help="queue a study's results for delivery again")
+    parser.add_argument("study", metavar="STUDY", help="Study Instance UID")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Re-queue; exit 0 when rows were re-queued, 1 when there was nothing to re-queue."""
+    from dicom_node.delivery import destinations_from_registry, requeue_study
+    from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
+    from dicom_node.outbox import Outbox
+    from dicom_node.peers import PeerRegistry
+    from dicom_node.scu import StoreScu
+
+    engine = build_engine(settings)
+    try:
+        upgrade_to_head(engine)
+        sessions = build_session_factory(engine)
+        outbox = Outbox(
+            sessions, settings.delivery, settings.storage.data_dir,
+            StoreScu(settings.delivery.calling_ae_title or settings.network.ae_title),
+            destinations_from_registry(PeerRegistry(sessions)),
+        )
+        count = requeue_study(outbox, args.study)
+    finally:
+        engine.dispose()
+    if count == 0:
+        print(f"nothing to resend for study {args.study} (no results queued, or held demonstration results)")
+        return 1
+    print(f"{count} result objects of study {args.study} queued again")
+    return 0

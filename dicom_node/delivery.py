@@ -1,0 +1,410 @@
+"""From a prediction to results in the archive: reports, files, outbox, study states.
+
+One study's path after inference (the worker calls :meth:`Delivery.on_result` once it has
+recorded the prediction and moved the study to ``analysed`` / ``not_analysed``)::
+
+    Prediction | NotAnalysed
+      -> source headers from the index (patient and study are copied from them)
+      -> reports.sr.build_sr (+ reports.sc captures, + reports.pdf when switched on)
+      -> files under storage.results_dir/<study>/<series>/<sop>.dcm (temp, fsync, rename)
+      -> outbox rows (routing, demonstration guard) and, in the same transaction,
+         the study's move to ``reporting``
+      -> the outbox runner sends; when the last row settles the study becomes
+         ``delivered`` / ``partly_delivered`` / ``dead_lettered``.
+
+When nothing is to be sent (no destination, no rule matches, or results of demonstration
+weights while ``delivery.allow_demonstration_results`` is off) the results stay in the node,
+the study keeps its state and its timeline says why.
+
+Versions (issue 4 item 5): a re-run's SR names the SR(s) it supersedes in its Predecessor
+Documents Sequence: the earlier SR the node built for the study, and any re-encoded copy an
+archive stored instead (SR class fallback, recorded in the outbox).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import __version__
+from dicom_node.index.db import write_session
+from dicom_node.index.models import Instance, Series, Study
+from dicom_node.index.outbox import OutboxItem, OutboxState
+from dicom_node.lifecycle import Lifecycle, StudyState, TransitionError, transition
+from dicom_node.outbox import DeliveryRow, Outbox, OutboxRunner, ResultFile, ResultKind, RoutingContext, StudyDelivery
+from dicom_node.scu import Destination, ScuTimeouts, StoreScu
+from dicom_node.settings import Settings
+from dicom_node.storage import FileStore
+from inference.result import NotAnalysed, Prediction, SourceInstance
+from reports.sr import SR_CLASS_UIDS, PriorReport, ReportContext, build_sr, reencode_sr
+from reports.uids import UIDFactory
+
+log = logging.getLogger(__name__)
+
+Result = Prediction | NotAnalysed
+#: Builds the result objects of one study: ``(result, source headers, predecessors)`` -> ``[(kind, dataset)]``.
+Builder = Callable[[Result, Sequence[Dataset], Sequence[PriorReport]], list[tuple[ResultKind, Dataset]]]
+
+_SETTLED_STATE = {
+    StudyDelivery.DELIVERED: StudyState.DELIVERED,
+    StudyDelivery.PARTLY_DELIVERED: StudyState.PARTLY_DELIVERED,
+    StudyDelivery.DEAD_LETTERED: StudyState.DEAD_LETTERED,
+}
+_SR_CLASS_KEYS = {uid: key for key, uid in SR_CLASS_UIDS.items()}
+
+
+def report_context(settings: Settings, uids: UIDFactory) -> ReportContext:
+    """The node's identity written into every result (device observer, equipment)."""
+    return ReportContext(
+        software_version=__version__,
+        device_uid=uids.for_name(settings.network.ae_title),
+        device_name=settings.network.ae_title,
+        institution_name=settings.reports.institution_name,
+        station_name=settings.network.ae_title,
+    )
+
+
+def sr_recoder(uids: UIDFactory) -> Callable[[Dataset, str], Dataset]:
+    """The SCU's SR fallback: :func:`reports.sr.reencode_sr` keyed by SOP Class UID."""
+
+    def recode(dataset: Dataset, sop_class_uid: str) -> Dataset:
+        key = _SR_CLASS_KEYS.get(sop_class_uid)
+        if key is None:
+            raise ValueError(f"{sop_class_uid} is not an SR class the node encodes")
+        return reencode_sr(dataset, key, uids)
+
+    return recode
+
+
+def build_store_scu(settings: Settings, uids: UIDFactory, **options: Any) -> StoreScu:
+    """The node's C-STORE SCU: its calling AE title, timeouts and the SR fallback."""
+    timeout = settings.delivery.association_timeout_s
+    return StoreScu(
+        settings.delivery.calling_ae_title or settings.network.ae_title,
+        ScuTimeouts(acse_s=timeout, dimse_s=timeout, network_s=timeout, connect_s=min(timeout, 10.0)),
+        max_pdu=settings.network.max_pdu,
+        recoder=sr_recoder(uids),
+        **options,
+    )
+
+
+def report_builder(settings: Settings, uids: UIDFactory, context: ReportContext) -> Builder:
+    """The default builder: the SR, then secondary captures and PDF as the settings say."""
+
+    def build(result: Result, sources: Sequence[Dataset], predecessors: Sequence[PriorReport]) -> list[tuple[ResultKind, Dataset]]:
+        objects: list[tuple[ResultKind, Dataset]] = [("sr", build_sr(result, sources, uids, context, predecessors=predecessors))]
+        if isinstance(result, Prediction) and settings.reports.secondary_capture and result.attention:
+            objects += [("sc", ds) for ds in _build_captures(settings, result, sources, uids, context)]
+        if isinstance(result, Prediction) and settings.reports.pdf:
+            objects += [("pdf", ds) for ds in _build_pdf(result, sources, uids, context)]
+        return objects
+
+    return build
+
+
+def _build_captures(
+    settings: Settings, result: Prediction, sources: Sequence[Dataset], uids: UIDFactory, context: ReportContext
+) -> list[Dataset]:
+    from reports.sc import build_secondary_captures
+
+    return list(build_secondary_captures(result, sources, uids, context, multiframe=settings.reports.multiframe_sc))
+
+
+def _build_pdf(result: Prediction, sources: Sequence[Dataset], uids: UIDFactory, context: ReportContext) -> list[Dataset]:
+    from reports.pdf import build_pdf
+
+    return [build_pdf(result, sources, uids, context)]
+
+
+def dataset_bytes(dataset: Dataset) -> bytes:
+    """The dataset as a DICOM file (PS3.10), strict: an invalid file meta raises."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@dataclass
+class DeliveryReport:
+    """What :meth:`Delivery.on_result` did for one study."""
+
+    study_uid: str
+    files: list[ResultFile] = field(default_factory=list)
+    rows: list[DeliveryRow] = field(default_factory=list)
+    sending: bool = False
+    kept_reason: str | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+class Delivery:
+    """Turns results into files and outbox rows, and study states follow delivery.
+
+    Parameters
+    ----------
+    settings:
+        The node's settings.
+    session_factory:
+        The index.
+    lifecycle:
+        Study transitions (``reporting`` and the three delivery outcomes).
+    outbox:
+        The outbox; build it with ``on_settled=delivery.on_settled`` (see :func:`build_delivery`).
+    builder:
+        Builds the objects (default :func:`report_builder`).
+    runner:
+        Woken when rows are queued, so sending starts at once.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        lifecycle: Lifecycle,
+        outbox: Outbox,
+        builder: Builder,
+        runner: OutboxRunner | None = None,
+    ) -> None:
+        self.settings = settings
+        self._sessions = session_factory
+        self.lifecycle = lifecycle
+        self.outbox = outbox
+        self.builder = builder
+        self.runner = runner
+        self.files = FileStore(settings.storage.data_dir, fsync=settings.storage.fsync)
+
+    # -- prediction -> outbox -----------------------------------------------------------
+
+    def on_result(self, study_uid: str, result: Result) -> DeliveryReport:
+        """Build, write and queue the results of one study (after the worker recorded it)."""
+        report = DeliveryReport(study_uid)
+        if isinstance(result, NotAnalysed) and not self.settings.reports.sr_for_not_analysed:
+            report.kept_reason = "no SR for studies not analysed (reports.sr_for_not_analysed is off)"
+            return report
+        started = time.perf_counter()
+        sources = self.source_headers(study_uid, result)
+        predecessors = self.predecessors(study_uid)
+        report.timings_s["load_sources"] = time.perf_counter() - started
+        started = time.perf_counter()
+        objects = self.builder(result, sources, predecessors)
+        report.timings_s["build"] = time.perf_counter() - started
+        started = time.perf_counter()
+        report.files = [self._write(kind, dataset) for kind, dataset in objects]
+        report.timings_s["write"] = time.perf_counter() - started
+        demonstration = self._is_demonstration(result)
+        context = RoutingContext(pipeline=result.pipeline, calling_ae_title=self._calling_ae(study_uid))
+        report.rows = self.outbox.enqueue(
+            report.files, context, demonstration=demonstration,
+            in_transaction=lambda session, rows: self._start_reporting(session, study_uid, rows, report),
+        )
+        if report.sending and self.runner is not None:
+            self.runner.wake()
+        elif not report.sending:
+            report.kept_reason = self._kept_reason(report.rows, demonstration)
+            self.lifecycle.note(study_uid, f"results kept in the node: {report.kept_reason}")
+        log.info("study %s: %d result objects written, %s", study_uid, len(report.files),
+                 "queued for delivery" if report.sending else f"kept ({report.kept_reason})")
+        return report
+
+    def _start_reporting(self, session: Session, study_uid: str, rows: list[DeliveryRow], report: DeliveryReport) -> None:
+        pending = [row for row in rows if row.state == OutboxState.PENDING.value]
+        if not pending:
+            return
+        destinations = sorted({row.destination for row in pending})
+        try:
+            transition(session, study_uid, StudyState.REPORTING,
+                       f"{len(pending)} objects queued for {', '.join(destinations)}")
+        except TransitionError as exc:
+            log.warning("study %s: results queued but state not moved to reporting: %s", study_uid, exc)
+        report.sending = True
+
+    def _kept_reason(self, rows: list[DeliveryRow], demonstration: bool) -> str:
+        if rows and demonstration:
+            return "untrained demonstration weights (delivery.allow_demonstration_results is off)"
+        if not self.outbox.destinations():
+            return "no destination configured"
+        return "no routing rule matches"
+
+    def _is_demonstration(self, result: Result) -> bool:
+        if isinstance(result, Prediction):
+            return result.model.demonstration
+        return self.settings.inference.checkpoint is None  # the node runs demonstration weights
+
+    def _write(self, kind: ResultKind, dataset: Dataset) -> ResultFile:
+        study_uid = str(dataset.StudyInstanceUID)
+        series_uid = str(dataset.SeriesInstanceUID)
+        sop_uid = str(dataset.SOPInstanceUID)
+        relative = f"results/{study_uid}/{series_uid}/{sop_uid}.dcm"
+        path = self.files.publish(self.files.write_temp([dataset_bytes(dataset)]), relative)
+        return ResultFile(path, study_uid, series_uid, sop_uid, str(dataset.SOPClassUID), kind)
+
+    # -- what the reports need from the index -------------------------------------------
+
+    def _calling_ae(self, study_uid: str) -> str | None:
+        with self._sessions() as session:
+            return session.scalars(select(Study.calling_ae).where(Study.study_uid == study_uid)).first()
+
+    def source_headers(self, study_uid: str, result: Result) -> list[Dataset]:
+        """Headers (no pixels) of the source images the reports copy from.
+
+        First the first source instance of the primary series (patient and study are copied
+        from it), then the source image of each attention slice (the captures' references).
+        A study not analysed without sources uses any instance of the study.
+        """
+        wanted = _wanted_sources(result)
+        with self._sessions() as session:
+            if wanted:
+                rows = session.execute(
+                    select(Instance.sop_instance_uid, Instance.path).where(Instance.sop_instance_uid.in_(wanted))
+                ).all()
+                paths = {uid: path for uid, path in rows}
+                ordered = [paths[uid] for uid in wanted if uid in paths]
+            else:
+                ordered = list(session.scalars(
+                    select(Instance.path).join(Series).join(Study).where(Study.study_uid == study_uid)
+                    .order_by(Series.number, Instance.instance_number).limit(1)
+                ))
+        headers: list[Dataset] = []
+        for relative in ordered:
+            try:
+                headers.append(dcmread(self.settings.storage.data_dir / relative, stop_before_pixels=True))
+            except (OSError, InvalidDicomError) as exc:
+                log.warning("study %s: source header %s unreadable: %s", study_uid, Path(relative).name, exc)
+        if not headers:
+            raise LookupError(f"study {study_uid}: no source instance found in the index for its results")
+        return headers
+
+    def predecessors(self, study_uid: str) -> list[PriorReport]:
+        """The SRs a new SR of this study supersedes: the latest built one and its sent copies."""
+        with self._sessions() as session:
+            latest = session.scalars(
+                select(OutboxItem).where(OutboxItem.study_uid == study_uid, OutboxItem.kind == "sr")
+                .order_by(OutboxItem.created_at.desc(), OutboxItem.id.desc())
+            ).first()
+            if latest is not None:
+                copies = session.scalars(
+                    select(OutboxItem).where(OutboxItem.sop_instance_uid == latest.sop_instance_uid)
+                ).all()
+                return _prior_reports(latest, copies)
+        return self._predecessor_from_files(study_uid)
+
+    def _predecessor_from_files(self, study_uid: str) -> list[PriorReport]:
+        folder = self.settings.storage.results_dir / study_uid
+        newest: tuple[float, PriorReport] | None = None
+        for path in folder.glob("*/*.dcm") if folder.is_dir() else ():
+            try:
+                header = dcmread(path, stop_before_pixels=True)
+            except (OSError, InvalidDicomError):
+                continue
+            if str(header.SOPClassUID) in _SR_CLASS_KEYS:
+                mtime = path.stat().st_mtime
+                if newest is None or mtime > newest[0]:
+                    newest = (mtime, PriorReport.from_dataset(header))
+        return [] if newest is None else [newest[1]]
+
+    # -- outbox -> study state ----------------------------------------------------------
+
+    def on_settled(self, study_uid: str, outcome: StudyDelivery) -> None:
+        """Move the study to the delivery outcome once its last outbox row settled."""
+        target = _SETTLED_STATE.get(outcome)
+        if target is None:
+            return
+        try:
+            self.lifecycle.transition(study_uid, target, f"delivery {outcome.value}", expected=[StudyState.REPORTING])
+        except TransitionError as exc:
+            log.warning("study %s: delivery %s but state not moved: %s", study_uid, outcome.value, exc)
+
+    def resend(self, study_uid: str) -> int:
+        """Re-queue a study's results (``fpe-node resend``); the study goes back to ``reporting``."""
+        return requeue_study(self.outbox, study_uid)
+
+
+def requeue_study(outbox: Outbox, study_uid: str) -> int:
+    """Re-queue a study's outbox rows and move it to ``reporting`` in one transaction."""
+
+    def to_reporting(session: Session, count: int) -> None:
+        if count:
+            try:
+                transition(session, study_uid, StudyState.REPORTING, f"resend: {count} objects re-queued")
+            except TransitionError as exc:
+                log.warning("study %s: re-queued without a state change: %s", study_uid, exc)
+
+    return outbox.resend(study_uid, in_transaction=to_reporting)
+
+
+def _wanted_sources(result: Result) -> list[str]:
+    """SOP Instance UIDs of the headers the reports need, primary first, without repeats."""
+    sources: Sequence[SourceInstance] = result.sources
+    wanted: list[str] = []
+    if isinstance(result, Prediction):
+        primary_series = result.series_used.get(result.primary_role)
+        primary = [s for s in sources if s.series_uid == primary_series] or list(sources)
+        wanted += [s.sop_instance_uid for s in primary[:1]]
+        wanted += [a.source.sop_instance_uid for a in result.attention]
+        if result.peak is not None:
+            wanted.append(result.peak.source.sop_instance_uid)
+    else:
+        wanted += [s.sop_instance_uid for s in sources[:1]]
+    return list(dict.fromkeys(wanted))
+
+
+def _prior_reports(latest: OutboxItem, copies: Sequence[OutboxItem]) -> list[PriorReport]:
+    priors = {(latest.sop_class_uid, latest.sop_instance_uid): PriorReport(
+        latest.study_uid, latest.series_uid, latest.sop_class_uid, latest.sop_instance_uid)}
+    for row in copies:
+        if row.sent_sop_instance_uid and row.sent_sop_class_uid:
+            key = (row.sent_sop_class_uid, row.sent_sop_instance_uid)
+            priors.setdefault(key, PriorReport(row.study_uid, row.series_uid, *key))
+    return list(priors.values())
+
+
+def destinations_from_registry(registry: Any) -> Callable[[], list[Destination]]:
+    """Destinations read fresh from the peer registry (peers with the destination role)."""
+
+    def destinations() -> list[Destination]:
+        found = []
+        for peer in registry.destinations():
+            if peer.port is None or not peer.ae_titles:
+                log.warning("destination %s has no port or AE title: skipped", peer.name)
+                continue
+            found.append(Destination(peer.name, peer.ae_titles[0], peer.host, int(peer.port)))
+        return found
+
+    return destinations
+
+
+def build_delivery(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    lifecycle: Lifecycle,
+    destinations: Callable[[], Sequence[Destination]],
+    *,
+    builder: Builder | None = None,
+    scu: StoreScu | None = None,
+) -> Delivery:
+    """Wire outbox, SCU, runner and report builder for :func:`dicom_node.bootstrap.build_node`.
+
+    Start ``delivery.runner`` with the node and stop it on shutdown.
+    """
+    uids = UIDFactory(settings.uid.root)
+    holder: dict[str, Delivery] = {}
+    outbox = Outbox(
+        session_factory, settings.delivery, settings.storage.data_dir,
+        scu or build_store_scu(settings, uids), destinations,
+        on_settled=lambda study_uid, outcome: holder["delivery"].on_settled(study_uid, outcome),
+    )
+    runner = OutboxRunner(outbox, settings.delivery.scan_interval_s)
+    delivery = Delivery(
+        settings, session_factory, lifecycle, outbox,
+        builder or report_builder(settings, uids, report_context(settings, uids)), runner,
+    )
+    holder["delivery"] = delivery
+    return delivery
