@@ -41,7 +41,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy import select, update
@@ -171,6 +171,68 @@ def series_info_of(instance: StoredInstanceLike, path: Path | None = None) -> Se
         instance_count=1,
         path=path if path is not None else instance.path,
     )
+
+
+class SelectionReadiness:
+    """``could_use`` / ``pipeline_ready`` from the inference package's series selection rules.
+
+    ``could_use`` reads the header of the series' first file (a partly received series);
+    ``pipeline_ready`` reads every instance header of the complete usable series from the index
+    (cached per series and instance count) and asks the selector whether a pipeline is ready.
+    A file that cannot be read falls back to :func:`default_could_use`.
+
+    Parameters
+    ----------
+    selector:
+        An ``inference.selection.Selector`` (built once with the site's rules).
+    sessions:
+        Session factory of the index (instance paths).
+    data_dir:
+        ``settings.storage.data_dir``.
+    """
+
+    def __init__(self, selector: Any, sessions: sessionmaker[Session], data_dir: Path) -> None:
+        self._selector = selector
+        self._sessions = sessions
+        self._data_dir = data_dir
+        self._cache: dict[tuple[str, int], Any] = {}
+        self._lock = threading.Lock()
+
+    def could_use(self, series: SeriesInfo) -> bool:
+        """True when the series could fill a role of some pipeline."""
+        from inference.dicom_headers import read_instance_header, summarise_series
+
+        header = read_instance_header(series.path) if series.path is not None else None
+        if header is None:
+            return default_could_use(series)
+        return bool(self._selector.could_use(summarise_series([header])))
+
+    def pipeline_ready(self, series: Sequence[SeriesInfo]) -> bool:
+        """True when these complete series make at least one pipeline ready."""
+        headers = [header for header in (self._series_header(info) for info in series) if header is not None]
+        return bool(headers) and bool(self._selector.pipeline_ready(headers))
+
+    def _series_header(self, series: SeriesInfo) -> Any:
+        from inference.dicom_headers import read_instance_header, summarise_series
+
+        with self._sessions() as session:
+            paths = list(
+                session.execute(
+                    select(Instance.path).join(Series, Series.id == Instance.series_pk)
+                    .where(Series.series_uid == series.series_uid).order_by(Instance.id)
+                ).scalars()
+            )
+        key = (series.series_uid, len(paths))
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        headers = [h for h in (read_instance_header(self._data_dir / p) for p in paths) if h is not None]
+        summary = summarise_series(headers) if headers else None
+        with self._lock:
+            self._cache[key] = summary
+            while len(self._cache) > 256:
+                self._cache.pop(next(iter(self._cache)))
+        return summary
 
 
 @dataclass

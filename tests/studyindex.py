@@ -12,6 +12,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,11 @@ def receive(index: Index, listener: object, stored: Stored, count: int = 1) -> N
             sop_class_uid=stored.sop_class_uid, manufacturer=stored.manufacturer,
         )
         listener.instance_stored(stored)  # type: ignore[attr-defined]
+
+
+def add_files(index: Index, study_uid: str, series_uid: str, files: list[Path], **kwargs: Any) -> list[Path]:
+    """Index real DICOM files (copied into the data directory) as one series; returns their new paths."""
+    paths = add_instances(index, study_uid, series_uid, len(files), **kwargs)
+    for source, target in zip(files, paths):
+        target.write_bytes(source.read_bytes())
+    return paths

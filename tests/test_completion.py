@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select, update
 
-from dicom_node.completion import Completion, SeriesInfo
+from dicom_node.completion import Completion, SelectionReadiness, SeriesInfo, series_info_of
 from dicom_node.index.db import write_session
 from dicom_node.index.models import Series, Study, StudyEvent
 from dicom_node.lifecycle import Lifecycle, StudyState
 from dicom_node.settings import CompletionSettings
-from tests.studyindex import COMPREHENSIVE_SR, Index, Stored, add_instances, index, receive  # noqa: F401
+from tests.studyindex import COMPREHENSIVE_SR, Index, Stored, add_files, add_instances, index, receive  # noqa: F401
 
 S = StudyState
 SHORT = CompletionSettings(series_quiet_s=0.3, study_timeout_s=1.2, release_shortens_wait=True, live_window_s=3600)
@@ -140,3 +141,35 @@ def test_restart_rebuilds_timers_from_the_index(index: Index, scheduler: Backgro
     lifecycle = Lifecycle(index.sessions, SHORT)
     assert {lifecycle.claim_next().study_uid, lifecycle.claim_next().study_uid} == {"1.3.8", "1.3.9"}  # type: ignore[union-attr]
     assert lifecycle.claim_next() is None
+
+
+def test_selection_rules_decide_which_series_count(index: Index, scheduler: BackgroundScheduler, tmp_path: Path) -> None:
+    from inference.selection import Selector
+    from tests.factory import write_ct_stroke_study
+
+    study = write_ct_stroke_study(
+        tmp_path / "study", rows=32, thin_slices=40, with_thick=False, with_cta=False, with_reformats=False,
+        with_mips=False,
+    )
+    readiness = SelectionReadiness(Selector(), index.sessions, index.data_dir)
+    completion = _completion(
+        index, scheduler, could_use=readiness.could_use, pipeline_ready=readiness.pipeline_ready
+    )
+    stored = {}
+    for key in ("localizer", "dose_report", "ncct_thin"):
+        series = study.series[key]
+        sop_class = COMPREHENSIVE_SR if key == "dose_report" else "1.2.840.10008.5.1.4.1.1.2"
+        paths = add_files(index, study.study_uid, series.series_uid, series.paths, modality=series.modality,
+                          sop_class_uid=sop_class)
+        stored[key] = Stored(study.study_uid, series.series_uid, f"{series.series_uid}.1", sop_class, series.modality,
+                             "ACME", series.description, path=paths[0])
+    infos = {key: series_info_of(value) for key, value in stored.items()}
+    assert not readiness.could_use(infos["localizer"])
+    assert readiness.could_use(infos["ncct_thin"])
+    assert not readiness.pipeline_ready([infos["localizer"]])
+    assert readiness.pipeline_ready([infos["ncct_thin"]])
+
+    for value in stored.values():
+        completion.instance_stored(value)
+    _wait_for(index, study.study_uid, {"queued"})
+    assert _events(index, study.study_uid)[-1][1] == "1 usable series complete"
