@@ -42,8 +42,8 @@ class PhantomSpec:
 
     shape: tuple[int, int, int] = (20, 48, 48)
     spacing_mm: tuple[float, float, float] = (6.0, 4.0, 4.0)
-    small_lesion: tuple[float, float] = (0.08, 0.14)
-    large_lesion: tuple[float, float] = (0.28, 0.38)
+    small_lesion: tuple[float, float] = (0.05, 0.10)
+    large_lesion: tuple[float, float] = (0.30, 0.42)
     position_jitter: float = 0.08  # of the field of view, each axis
     size_jitter: float = 0.08  # relative head size variation
     intensity_jitter: float = 0.25  # relative per-channel scale variation
