@@ -22,9 +22,10 @@ from dicom_node.bootstrap import Node, build_node
 from dicom_node.delivery import Delivery, build_delivery, destinations_from_registry
 from dicom_node.index.models import StudyEvent
 from dicom_node.lifecycle import Lifecycle, StudyState
+from dicom_node.scu import COMPREHENSIVE_3D_SR, COMPREHENSIVE_SR
 from dicom_node.settings import Settings, load_settings
 from inference.result import AttentionPeak, AttentionSlice, ModelInfo, Prediction, SourceInstance
-from tests.archives import StorescpArchive, free_port
+from tests.archives import SC_STORAGE, StorescpArchive, free_port
 from tests.factory import Study, write_ct_stroke_study
 
 SOURCE_AE = "MODALITY"
@@ -122,8 +123,8 @@ def _wait_state(lifecycle: Lifecycle, study_uid: str, states: set[StudyState], t
 
 @pytest.fixture
 def setup(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Setup]:
-    options = getattr(request, "param", {})
-    archive = StorescpArchive(tmp_path / "archive")
+    options = dict(getattr(request, "param", {}))
+    archive = StorescpArchive(tmp_path / "archive", sop_classes=options.pop("archive_classes", None))
     archive.start()
     settings = _settings(tmp_path, archive, **options)
     node = build_node(settings)
@@ -215,3 +216,30 @@ def test_resend_command_requeues_with_the_same_uids(setup: Setup, capsys: pytest
     counts = Counter(setup.archive.store_requests())
     assert counts == Counter({f.sop_instance_uid: 2 for f in report.files})
     assert resend.run(Namespace(study="2.25.404"), setup.settings) == 1
+
+
+@pytest.mark.parametrize("setup", [{"archive_classes": [COMPREHENSIVE_SR, SC_STORAGE]}], indirect=True)
+def test_archive_without_3d_sr_gets_a_valid_comprehensive_sr(setup: Setup, tmp_path: Path) -> None:
+    from tests.validators import dciodvfy_errors
+
+    study_uid = setup.study.study_uid
+    _analysed(setup.lifecycle, study_uid)
+    report = setup.delivery.on_result(study_uid, _prediction(setup.study))
+    assert _wait_state(setup.lifecycle, study_uid, {StudyState.DELIVERED}) is StudyState.DELIVERED
+    (row,) = [r for r in setup.delivery.outbox.rows(study_uid) if r.kind == "sr"]
+    assert row.sop_class_uid == COMPREHENSIVE_3D_SR and row.sent_sop_class_uid == COMPREHENSIVE_SR
+    assert row.sent_sop_instance_uid not in (None, row.sop_instance_uid)
+    received = {str(dcmread(p).SOPInstanceUID): p for p in setup.archive.received_files()}
+    stored = dcmread(received[row.sent_sop_instance_uid])
+    assert stored.SOPClassUID == COMPREHENSIVE_SR and stored.StudyInstanceUID == study_uid
+    assert dciodvfy_errors(received[row.sent_sop_instance_uid]) == []
+    # A re-run names both the SR the node built and the copy the archive holds.
+    second = setup.delivery.on_result(study_uid, _prediction(setup.study))
+    sr = dcmread(next(f.path for f in second.files if f.kind == "sr"))
+    named = {
+        sop.ReferencedSOPInstanceUID
+        for study_item in sr.PredecessorDocumentsSequence for series in study_item.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+    assert named == {row.sop_instance_uid, row.sent_sop_instance_uid}
+    assert len(report.files) >= 1
