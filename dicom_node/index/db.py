@@ -15,15 +15,16 @@ upgrade to a write.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.settings import Settings
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 _BEGIN_MODE = "fpenode_sqlite_begin"
+T = TypeVar("T")
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -94,6 +96,23 @@ def write_session(factory: sessionmaker[Session]) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def run_write(factory: sessionmaker[Session], work: Callable[[Session], T], *, retries: int = 5) -> T:
+    """Run ``work`` in a :func:`write_session`, retrying after a unique-constraint conflict.
+
+    Conflicts happen when two connections create the same row at once (PostgreSQL; on SQLite
+    writers are serialised by ``BEGIN IMMEDIATE``). ``work`` must be safe to run again.
+    """
+    for attempt in range(1, retries + 1):
+        try:
+            with write_session(factory) as session:
+                return work(session)
+        except IntegrityError:
+            if attempt == retries:
+                raise
+            log.debug("index write conflict, retrying (%d)", attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def alembic_config(engine: Engine) -> Config:

@@ -1,0 +1,534 @@
+"""The node's DICOM front door: association acceptance, C-ECHO and C-STORE (pynetdicom).
+
+Handlers are thin: a C-STORE is checked, written durably (:mod:`dicom_node.storage`), indexed
+(:mod:`dicom_node.index.repository`) and answered; nothing else runs on the network path.
+Listeners (:class:`IngestListener`, e.g. completion) are told about stored instances and
+released associations afterwards, on one background thread, in arrival order.
+
+Behaviour is documented in ``docs/conformance.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000MCLossless,
+    JPEG2000MC,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, Association, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.index import repository
+from dicom_node.index.db import run_write
+from dicom_node.index.repository import FileFacts, RecordOutcome
+from dicom_node.peers import ROLE_SOURCE, PeerInfo, PeerRegistry
+from dicom_node.settings import NetworkSettings
+from dicom_node.status import Status
+from dicom_node.storage import DiskFullError, DiskGuard, FileStore, HeaderError, InstanceHeader, dataset_digest, file_meta_bytes, parse_header
+
+log = logging.getLogger(__name__)
+
+# Transfer syntaxes accepted for every storage SOP class; stored as received (PS3.5 section 10).
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    JPEG2000MCLossless,
+    JPEG2000MC,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+)
+
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"  # PS3.4 Annex A
+
+# A-ASSOCIATE-RJ parameters (PS3.8 section 9.3.4): result, source, diagnostic.
+_REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
+_REJECT_TRANSIENT = (0x02, 0x01, 0x01)  # rejected-transient, service-user, no reason given
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """One instance that is now on disk and in the index (handed to listeners)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    manufacturer: str | None
+    manufacturer_model: str | None
+    series_description: str | None
+    series_number: int | None
+    image_type: tuple[str, ...]
+    calling_ae: str
+    path: Path
+    replaced: bool
+    """True when it replaced an earlier, different copy of the same SOP Instance UID."""
+
+
+class IngestListener(Protocol):
+    """Something that follows arrivals (completion timers, statistics) without touching the SCP.
+
+    Both methods run on the dispatcher thread, after the index commit, in arrival order;
+    an exception is logged and does not reach the sender.
+    """
+
+    def instance_stored(self, info: StoredInstance) -> None:
+        """An instance was stored and indexed (identical duplicates are not reported)."""
+        ...
+
+    def association_released(self, series_uids: set[str]) -> None:
+        """A sender released its association normally after storing into these series."""
+        ...
+
+
+class ListenerDispatcher:
+    """Calls listeners on one background thread, in order, off the C-STORE path."""
+
+    def __init__(self, listeners: Iterable[IngestListener] = ()) -> None:
+        self.listeners: list[IngestListener] = list(listeners)
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="fpenode-listeners", daemon=True)
+        self._thread.start()
+
+    def instance_stored(self, info: StoredInstance) -> None:
+        """Queue an ``instance_stored`` call to every listener."""
+        for listener in self.listeners:
+            self._queue.put(functools.partial(listener.instance_stored, info))
+
+    def association_released(self, series_uids: set[str]) -> None:
+        """Queue an ``association_released`` call to every listener."""
+        for listener in self.listeners:
+            self._queue.put(functools.partial(listener.association_released, set(series_uids)))
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait until every queued call has run (bounded)."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Run what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            call = self._queue.get()
+            try:
+                if call is None:
+                    return
+                call()
+            except Exception:
+                log.exception("ingest listener failed")
+            finally:
+                self._queue.task_done()
+
+
+@dataclass
+class _AssociationState:
+    peer: PeerInfo | None
+    series_uids: set[str] = field(default_factory=set)
+
+
+class AssociationTracker:
+    """Per-association state: the accepted peer and the series it stored into."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[int, _AssociationState] = {}
+
+    def open(self, assoc: Association, peer: PeerInfo | None) -> None:
+        """Remember an accepted association's peer."""
+        with self._lock:
+            self._states[id(assoc)] = _AssociationState(peer)
+
+    def peer(self, assoc: Association) -> PeerInfo | None:
+        """The peer of an association (None if unknown)."""
+        with self._lock:
+            state = self._states.get(id(assoc))
+            return None if state is None else state.peer
+
+    def add_series(self, assoc: Association, series_uid: str) -> None:
+        """Note that an association stored into a series."""
+        with self._lock:
+            state = self._states.setdefault(id(assoc), _AssociationState(None))
+            state.series_uids.add(series_uid)
+
+    def close(self, assoc: Association) -> set[str]:
+        """Forget an association; returns the series it stored into."""
+        with self._lock:
+            state = self._states.pop(id(assoc), None)
+        return set() if state is None else state.series_uids
+
+
+class _UIDLocks:
+    """Striped locks serialising work on one SOP Instance UID (duplicate rule)."""
+
+    def __init__(self, stripes: int = 256) -> None:
+        self._locks = [threading.Lock() for _ in range(stripes)]
+
+    def for_uid(self, uid: str) -> threading.Lock:
+        return self._locks[hash(uid) % len(self._locks)]
+
+
+@dataclass
+class _PublishState:
+    """What one store did to the files, so a failed commit can be undone."""
+
+    published: bool = False
+    previous_path: str | None = None
+
+
+class StoreError(Exception):
+    """A known reason to refuse a C-STORE; ``status`` is answered."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Ingest:
+    """Everything a C-STORE needs: files, index, disk guard, listeners, association state."""
+
+    def __init__(
+        self,
+        *,
+        files: FileStore,
+        session_factory: sessionmaker[Session],
+        disk_guard: DiskGuard,
+        dispatcher: ListenerDispatcher,
+        tracker: AssociationTracker,
+    ) -> None:
+        self.files = files
+        self.session_factory = session_factory
+        self.disk_guard = disk_guard
+        self.dispatcher = dispatcher
+        self.tracker = tracker
+        self.draining = False
+        self._locks = _UIDLocks()
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        """C-STOREs being handled right now."""
+        return self._in_flight
+
+    def store(self, event: Event) -> Status:
+        """Handle one C-STORE request (PS3.4 B.2.2): durable file, index row, then status."""
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            return self._store(event)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def _store(self, event: Event) -> Status:
+        assoc = event.assoc
+        peer = self.tracker.peer(assoc)
+        if peer is not None and ROLE_SOURCE not in peer.roles:
+            log.warning("C-STORE refused: peer %s is not a source", peer.name)
+            return Status.NOT_AUTHORIZED
+        if self.draining:
+            return Status.OUT_OF_RESOURCES
+        calling_ae = assoc.requestor.ae_title.strip()
+        request = cast(C_STORE, event.request)
+        if request.DataSet is None:
+            raise StoreError(Status.CANNOT_UNDERSTAND, "C-STORE request without a data set")
+        with request.DataSet.getbuffer() as dataset_view:
+            size = len(dataset_view)
+            if not self.disk_guard.has_room(size):
+                log.warning("C-STORE refused: disk above its watermark (%d bytes offered)", size)
+                return Status.OUT_OF_RESOURCES
+            meta = event.file_meta
+            meta.SourceApplicationEntityTitle = calling_ae
+            file_bytes = b"".join((file_meta_bytes(meta), dataset_view))
+            digest = dataset_digest(dataset_view)
+        header = parse_header(file_bytes)
+        self._check_matches_command(event, header)
+        stored = self._persist(header, file_bytes, digest, str(event.context.transfer_syntax), calling_ae)
+        if stored is not None:
+            self.tracker.add_series(assoc, header.series_uid)
+            self.dispatcher.instance_stored(stored)
+        return Status.SUCCESS
+
+    def _index_then_publish(
+        self, session: Session, header: InstanceHeader, facts: FileFacts, tmp_path: Path, state: _PublishState
+    ) -> RecordOutcome | None:
+        """Inside the write transaction: duplicate rule, row, then rename into place."""
+        existing = repository.stored_copy(session, header.sop_instance_uid)
+        if existing is not None and existing.sha256 == facts.sha256 and self.files.absolute(existing.path).is_file():
+            return None
+        state.previous_path = None if existing is None else existing.path
+        outcome = repository.record_instance(session, header, facts)
+        self.files.publish(tmp_path, facts.path)
+        state.published = True
+        return outcome
+
+    @staticmethod
+    def _check_matches_command(event: Event, header: InstanceHeader) -> None:
+        """The data set's SOP Class/Instance UIDs must be the command's (PS3.4 B.2.3, 0xA900)."""
+        request = cast(C_STORE, event.request)
+        if header.sop_class_uid != str(request.AffectedSOPClassUID).strip():
+            raise StoreError(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the command's")
+        if header.sop_instance_uid != str(request.AffectedSOPInstanceUID).strip():
+            raise StoreError(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from the command's")
+
+    def _persist(
+        self, header: InstanceHeader, file_bytes: bytes, digest: str, transfer_syntax: str, calling_ae: str
+    ) -> StoredInstance | None:
+        """Write, apply the duplicate rule, index and publish; ``None`` for an identical duplicate.
+
+        Order: temporary file fsynced; then, in one index transaction holding the instance's
+        lock, the row is written and the file renamed to its final name before the commit. A
+        crash at any point leaves no acknowledged instance without its file or row.
+        """
+        relative = self.files.relative_path(header.study_uid, header.series_uid, header.sop_instance_uid)
+        facts = FileFacts(
+            path=relative,
+            size_bytes=len(file_bytes),
+            sha256=digest,
+            transfer_syntax_uid=transfer_syntax,
+            calling_ae=calling_ae,
+            received_at=repository.record_received_at(),
+        )
+        tmp_path = self.files.write_temp([file_bytes])
+        state = _PublishState()
+        try:
+            with self._locks.for_uid(header.sop_instance_uid):
+                outcome = run_write(
+                    self.session_factory, lambda session: self._index_then_publish(session, header, facts, tmp_path, state)
+                )
+        except BaseException:
+            if state.published and state.previous_path != relative:
+                self.files.remove(relative)
+            raise
+        finally:
+            self.files.discard(tmp_path)
+        if outcome is None:
+            log.info("instance %s received again, identical: kept the stored copy", header.sop_instance_uid)
+            return None
+        if state.previous_path is not None and state.previous_path != relative:
+            self.files.remove(state.previous_path)
+        final = self.files.absolute(relative)
+        if outcome is RecordOutcome.REPLACED:
+            log.warning(
+                "instance %s received again with different content: kept the newest (series %s)",
+                header.sop_instance_uid,
+                header.series_uid,
+            )
+        return StoredInstance(
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            transfer_syntax_uid=transfer_syntax,
+            modality=header.modality,
+            manufacturer=header.manufacturer,
+            manufacturer_model=header.manufacturer_model,
+            series_description=header.series_description,
+            series_number=header.series_number,
+            image_type=header.image_type,
+            calling_ae=calling_ae,
+            path=final,
+            replaced=outcome is RecordOutcome.REPLACED,
+        )
+
+
+# -- event handlers (dependencies passed as extra arguments) ------------------------------
+def handle_store(event: Event, ingest: Ingest) -> int:
+    """EVT_C_STORE: answer only once the instance is on disk and indexed."""
+    try:
+        return int(ingest.store(event))
+    except (StoreError, HeaderError) as exc:
+        log.warning(
+            "C-STORE of %s refused with 0x%04X: %s",
+            str(getattr(event.request, "AffectedSOPInstanceUID", "?")),
+            exc.status,
+            exc,
+        )
+        return int(exc.status)
+    except DiskFullError:
+        log.error("C-STORE refused: the data directory's filesystem is full")
+        return int(Status.OUT_OF_RESOURCES)
+    except Exception:
+        log.exception("unexpected error handling a C-STORE; answered 0x%04X", Status.UNEXPECTED_ERROR)
+        return int(Status.UNEXPECTED_ERROR)
+
+
+def handle_echo(event: Event) -> int:
+    """EVT_C_ECHO: Verification (PS3.4 Annex A) always succeeds on an accepted association."""
+    return int(Status.SUCCESS)
+
+
+def handle_association_request(
+    event: Event, registry: PeerRegistry, tracker: AssociationTracker, check_host: bool
+) -> None:
+    """EVT_REQUESTED: refuse unknown calling AE titles, or a known one from the wrong host.
+
+    Fails closed: if the registry cannot be read the request is rejected (transient).
+    """
+    assoc = event.assoc
+    calling_ae = str(cast(A_ASSOCIATE, assoc.requestor.primitive).calling_ae_title).strip()
+    address = str(assoc.requestor.address)
+    try:
+        decision = registry.authorize(calling_ae, address, check_host=check_host)
+    except Exception:
+        log.exception("peer registry unavailable; association from %s rejected", address)
+        _reject(assoc, _REJECT_TRANSIENT)
+        return
+    if not decision.accepted:
+        log.warning("association from AE %r at %s rejected: %s", calling_ae, address, decision.reason)
+        _reject(assoc, _REJECT_CALLING_AE)
+        return
+    tracker.open(assoc, decision.peer)
+
+
+def _reject(assoc: Association, reason: tuple[int, int, int]) -> None:
+    """Send A-ASSOCIATE-RJ and wait until it has left (as pynetdicom does for its own rejections)."""
+    assoc.acse.send_reject(*reason)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
+
+
+def handle_released(event: Event, tracker: AssociationTracker, dispatcher: ListenerDispatcher) -> None:
+    """EVT_RELEASED: tell listeners which series the sender finished with."""
+    series_uids = tracker.close(event.assoc)
+    if series_uids:
+        dispatcher.association_released(series_uids)
+
+
+def handle_closed(event: Event, tracker: AssociationTracker) -> None:
+    """EVT_ABORTED / EVT_CONN_CLOSE: forget the association (an abort does not shorten waits)."""
+    tracker.close(event.assoc)
+
+
+def build_ae(settings: NetworkSettings) -> AE:
+    """The Application Entity: Verification and every Storage SOP class, all transfer syntaxes."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.maximum_associations = settings.max_associations
+    ae.acse_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.network_timeout = settings.network_timeout_s
+    ae.require_called_aet = True
+    ae.add_supported_context(VERIFICATION_SOP_CLASS, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(str(context.abstract_syntax), list(TRANSFER_SYNTAXES))
+    return ae
+
+
+class StorageSCP:
+    """The running listener: an AE, its server thread and the ingest path."""
+
+    def __init__(
+        self,
+        settings: NetworkSettings,
+        *,
+        ingest: Ingest,
+        registry: PeerRegistry,
+    ) -> None:
+        self.settings = settings
+        self.ingest = ingest
+        self.registry = registry
+        self.ae = build_ae(settings)
+        self._server: ThreadedAssociationServer | None = None
+
+    def handlers(self) -> list[Any]:
+        """pynetdicom event bindings, dependencies passed as extra arguments."""
+        tracker = self.ingest.tracker
+        return [
+            (evt.EVT_REQUESTED, handle_association_request, [self.registry, tracker, self.settings.check_calling_host]),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [self.ingest]),
+            (evt.EVT_RELEASED, handle_released, [tracker, self.ingest.dispatcher]),
+            (evt.EVT_ABORTED, handle_closed, [tracker]),
+            (evt.EVT_CONN_CLOSE, handle_closed, [tracker]),
+        ]
+
+    def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
+        """Start listening in background threads; returns the bound address (port 0: any free)."""
+        address = (host or self.settings.host, self.settings.port if port is None else port)
+        server = cast(ThreadedAssociationServer, self.ae.start_server(address, block=False, evt_handlers=self.handlers()))
+        self._server = server
+        bound = server.server_address
+        log.info("listening as %s on %s:%d", self.settings.ae_title, bound[0], bound[1])
+        return str(bound[0]), int(bound[1])
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port)."""
+        if self._server is None:
+            raise RuntimeError("the SCP is not started")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop accepting, let in-flight stores finish, then close remaining associations.
+
+        Open associations get ``grace_s`` to end on their own; after that new C-STOREs are
+        refused (0xA700), stores being handled finish, and the rest are aborted.
+        """
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._wait(lambda: not self._server_associations(), grace_s)
+        self.ingest.draining = True
+        self._wait(lambda: self.ingest.in_flight == 0, 60.0)
+        self.ae.shutdown()
+        self.ingest.dispatcher.drain()
+        self._server = None
+        log.info("stopped")
+
+    def _server_associations(self) -> Sequence[Association]:
+        return [assoc for assoc in self.ae.active_associations if assoc.is_acceptor]
+
+    @staticmethod
+    def _wait(condition: Callable[[], bool], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -1,0 +1,206 @@
+"""Shared fixtures: data directory, settings factory, free ports, the node in-process and as
+an ``fpe-node serve`` subprocess, and the path of the real DICOM test data.
+
+Real data lives in ``../shared/data`` (relative to the repository root); a test that needs it
+FAILS when it is missing (``shared_data`` fixture), it never skips.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dicom_node.settings import Settings, load_settings
+from tests.peers import dcmtk, postgres_url  # noqa: F401 - fixtures shared with every test module
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CT_PHILIPS = SHARED_DATA / "ct_philips_headphantom_1mm"
+MR_ENHANCED = SHARED_DATA / "mr_siemens_xa30_dwi_enh"
+TS_SIEMENS = SHARED_DATA / "ts_siemens_mr_transfer_syntaxes"
+
+# The sender registered in every test node, with the titles DCMTK and pynetdicom tools use.
+TEST_PEER = {
+    "name": "TESTSCU",
+    "ae_titles": ["STORESCU", "ECHOSCU", "TESTSCU", "FINDSCU"],
+    "host": "127.0.0.1",
+    "roles": ["source"],
+}
+NODE_AE = "FPENODE"
+
+
+def require_shared_data(*parts: str) -> Path:
+    """A path under ``../shared/data``; fails the test (never skips) when it is missing."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"shared test data missing: {path} (see ../shared/data/MANIFEST.md)")
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real DICOM test data folder (fails when missing)."""
+    return require_shared_data()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """An empty data directory for one test."""
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def settings_overrides(data_dir: Path, **sections: Any) -> dict[str, Any]:
+    """Overrides for a test node: its data dir, a free port, the test peer, fast timers."""
+    base: dict[str, Any] = {
+        "network": {"port": free_port(), "host": "127.0.0.1"},
+        "storage": {"data_dir": str(data_dir)},
+        "peers": [TEST_PEER],
+    }
+    return _merge(base, sections)
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(data_dir: Path) -> SettingsFactory:
+    """``make_settings(network={...}, index={...})``: validated settings for a test node."""
+
+    def factory(**sections: Any) -> Settings:
+        return load_settings(environ={}, overrides=settings_overrides(data_dir, **sections))
+
+    return factory
+
+
+@pytest.fixture
+def node(make_settings: SettingsFactory) -> Iterator[Any]:
+    """The node in-process on a free port (SQLite index), stopped after the test."""
+    from dicom_node.bootstrap import build_node
+
+    built = build_node(make_settings())
+    built.start("127.0.0.1", 0)
+    try:
+        yield built
+    finally:
+        built.stop(grace_s=1.0)
+
+
+_SERVING_RE = re.compile(r"serving AE \S+ on \S+ port (\d+)")
+
+
+@dataclass
+class ServeProcess:
+    """An ``fpe-node serve`` subprocess (stderr captured to a file)."""
+
+    config: Path
+    log_path: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    _log: Any = field(default=None, repr=False)
+
+    def start(self, timeout_s: float = 60.0) -> ServeProcess:
+        """Start and wait until it listens."""
+        self._log = open(self.log_path, "ab")
+        offset = self.log_path.stat().st_size
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node", "--config", str(self.config), "serve"],
+            cwd=REPO_ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            match = _SERVING_RE.search(self.log_path.read_bytes()[offset:].decode("utf-8", "replace"))
+            if match:
+                self.port = int(match.group(1))
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"fpe-node serve exited early:\n{self.log_text()}")
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"fpe-node serve did not start in {timeout_s} s:\n{self.log_text()}")
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout_s)
+        self._close_log()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL (kill -9) and reap."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+        self._close_log()
+
+    def log_text(self) -> str:
+        """Everything the process logged so far."""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path, data_dir: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Factory starting ``fpe-node serve`` with a site YAML; every process is stopped afterwards.
+
+    ``serve_process(network={...}, ...)`` merges sections over the test defaults.
+    """
+    started: list[ServeProcess] = []
+
+    def factory(env: Mapping[str, str] | None = None, start: bool = True, **sections: Any) -> ServeProcess:
+        config = tmp_path / f"site{len(started)}.yaml"
+        config.write_text(yaml.safe_dump(settings_overrides(data_dir, **sections)))
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("FPENODE_")}
+        environ.update(env or {})
+        handle = ServeProcess(config=config, log_path=tmp_path / "serve.log", env=environ)
+        started.append(handle)
+        return handle.start() if start else handle
+
+    yield factory
+    for handle in started:
+        if handle.process is not None and handle.process.poll() is None:
+            handle.process.send_signal(signal.SIGTERM)
+            try:
+                handle.process.wait(30)
+            except subprocess.TimeoutExpired:
+                handle.kill()
+        handle._close_log()
