@@ -220,8 +220,9 @@ class Delivery:
             return
         destinations = sorted({row.destination for row in pending})
         try:
+            timings = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in report.timings_s.items())
             transition(session, study_uid, StudyState.REPORTING,
-                       f"{len(pending)} objects queued for {', '.join(destinations)}")
+                       f"{len(pending)} objects queued for {', '.join(destinations)} ({timings})")
         except TransitionError as exc:
             log.warning("study %s: results queued but state not moved to reporting: %s", study_uid, exc)
         report.sending = True
