@@ -1,0 +1,264 @@
+"""Where the model looked: slice weights x Grad-CAM, combined into one map on the model grid.
+
+The res25 classifier mixes per-slice scores through a softmax over the slices; those *slice
+weights* say which slices drive the logit. Within a slice, Grad-CAM (Selvaraju et al., ICCV
+2017) on the last convolutional stage (``layer4``) says which region does: the feature maps
+``A_k`` weighted by the spatial mean of the gradient of the target logit,
+``cam = ReLU(sum_k mean(dy/dA_k) A_k)``. The target ``y`` is the logit for the predicted class
+(``+logit`` when the prediction is positive, ``-logit`` when negative) unless the caller names
+one.
+
+Combined map: ``heat[s] = w_s * upsample(cam[s])`` on the model grid (``n_slices x H x W``),
+divided by its maximum so it lies in [0, 1]. When Grad-CAM is zero everywhere (possible with
+untrained weights) the map falls back to the slice weights alone, constant within each slice.
+
+Only the head of the network (pooling, slice attention, classifier) is differentiated: the
+trunk runs once without gradients, so the map costs little more than the forward pass.
+
+Mapping the map back onto the primary series' geometry belongs to ``inference.predictor``;
+:func:`peak` and :func:`hot_region_outline` work on any 3-D / 2-D array, so they can run on the
+map after it has been resampled onto the primary series.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from torch import Tensor
+
+from inference.model.res25 import Res25, Res25Output
+from inference.model.runtime import autocast
+
+logger = logging.getLogger(__name__)
+
+FloatArray = NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class AttentionMap:
+    """Attention of one case on the model grid.
+
+    Attributes
+    ----------
+    heat
+        ``(n_slices, H, W)`` combined map in [0, 1].
+    slice_weights
+        ``(n_slices,)`` softmax weights of the classifier.
+    cam
+        ``(n_slices, h, w)`` Grad-CAM on the ``layer4`` grid (non-negative, not normalised).
+    target_sign
+        ``+1.0``: evidence for FPE; ``-1.0``: evidence against.
+    """
+
+    heat: FloatArray
+    slice_weights: FloatArray
+    cam: FloatArray
+    target_sign: float
+
+
+@dataclass(frozen=True)
+class Peak:
+    """Where a map peaks, with the outline of the hot region around it.
+
+    ``row`` and ``column`` are pixel indices; ``outline`` is a closed polygon (first point
+    repeated last) of ``(row, column)`` pixel-corner coordinates in the same index space (the
+    centre of pixel ``(r, c)`` is ``(r, c)``; its corners are at ``r +- 0.5, c +- 0.5``). Use
+    :func:`to_image_coordinates` for DICOM SCOORD ``(column, row)`` points.
+    """
+
+    slice_index: int
+    row: int
+    column: int
+    value: float
+    outline: tuple[tuple[float, float], ...]
+
+
+def grad_cam(model: Res25, volumes: Tensor, target_sign: Tensor | float | None = None,
+             precision: str = "fp32") -> tuple[Res25Output, Tensor]:
+    """Forward pass plus Grad-CAM of the last convolutional stage.
+
+    Parameters
+    ----------
+    model
+        Network in ``eval()`` mode.
+    volumes
+        ``(B, in_channels, n_slices, H, W)`` on the model's device.
+    target_sign
+        Per case (``(B,)``) or scalar ``+1`` / ``-1``; ``None``: the predicted class
+        (``sign(logit)``, ``+1`` at 0).
+    precision
+        Autocast precision of the trunk (the differentiated head always runs in fp32).
+
+    Returns
+    -------
+    output, cam
+        The network outputs (detached, fp32) and ``(B, n_slices, h, w)`` Grad-CAM maps.
+    """
+    if model.training:
+        raise RuntimeError("grad_cam() needs a model in eval() mode")
+    batch = volumes.shape[0]
+    with torch.inference_mode(False):
+        with torch.no_grad(), autocast(volumes.device, precision):
+            feature_maps = model.trunk(model.slice_images(volumes.clone()))
+        feature_maps = feature_maps.float().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = model.head(feature_maps, batch)
+            logits = out.logits[:, 0]
+            if target_sign is None:
+                sign = torch.where(logits.detach() >= 0, 1.0, -1.0)
+            else:
+                sign = torch.as_tensor(target_sign, dtype=logits.dtype, device=logits.device).expand(batch)
+            (grads,) = torch.autograd.grad((logits * sign).sum(), feature_maps)
+        weights = grads.mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * feature_maps.detach()).sum(dim=1))
+    cam = cam.reshape(batch, model.config.n_slices, *cam.shape[1:])
+    detached = Res25Output(out.logits.detach(), out.aux_logits.detach(), out.slice_scores.detach(),
+                           out.slice_weights.detach())
+    return detached, cam
+
+
+def combine(slice_weights: NDArray[np.floating], cam: NDArray[np.floating], shape: tuple[int, int]) -> FloatArray:
+    """``w_s * upsample(cam_s)`` on a ``(n_slices, *shape)`` grid, scaled to [0, 1].
+
+    Bilinear upsampling with pixel centres aligned (``align_corners=False``). Falls back to
+    the slice weights alone where ``cam`` is zero everywhere.
+    """
+    weights = np.asarray(slice_weights, dtype=np.float32).reshape(-1)
+    cam_t = torch.as_tensor(np.asarray(cam, dtype=np.float32))
+    if cam_t.dim() != 3 or cam_t.shape[0] != weights.shape[0]:
+        raise ValueError(f"cam must be (n_slices, h, w) with n_slices={weights.shape[0]}, got {tuple(cam_t.shape)}")
+    if float(cam_t.max()) <= 0.0:
+        logger.debug("Grad-CAM is zero everywhere: attention map from slice weights only")
+        cam_t = torch.ones_like(cam_t)
+    up = F.interpolate(cam_t[:, None], size=tuple(shape), mode="bilinear", align_corners=False)[:, 0]
+    heat = (up * torch.as_tensor(weights)[:, None, None]).clamp_min(0).numpy()
+    top = float(heat.max())
+    return (heat / top).astype(np.float32) if top > 0 else np.zeros_like(heat, dtype=np.float32)
+
+
+def attention_map(model: Res25, volume: Tensor, target_sign: float | None = None,
+                  precision: str = "fp32") -> tuple[Res25Output, AttentionMap]:
+    """Outputs and the combined attention map of ONE case ``(1, C, n_slices, H, W)``."""
+    if volume.dim() != 5 or volume.shape[0] != 1:
+        raise ValueError(f"attention_map() takes one case (1, C, S, H, W), got {tuple(volume.shape)}")
+    out, cam = grad_cam(model, volume, target_sign, precision)
+    sign = target_sign if target_sign is not None else (1.0 if float(out.logits[0, 0]) >= 0 else -1.0)
+    weights = out.slice_weights[0].float().cpu().numpy()
+    cam_np = cam[0].float().cpu().numpy()
+    heat = combine(weights, cam_np, (volume.shape[3], volume.shape[4]))
+    return out, AttentionMap(heat=heat, slice_weights=weights, cam=cam_np, target_sign=float(sign))
+
+
+def peak(heat: NDArray[np.floating], fraction: float = 0.5) -> Peak:
+    """Location of the maximum of a 3-D map ``(slices, rows, columns)`` and its hot region.
+
+    The outline surrounds the 4-connected region around the peak, on the peak's slice, where
+    the map is at least ``fraction`` of the peak value.
+    """
+    volume = np.asarray(heat, dtype=np.float32)
+    if volume.ndim != 3 or volume.size == 0:
+        raise ValueError(f"heat must be a non-empty 3-D array, got shape {volume.shape}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    s, r, c = (int(v) for v in np.unravel_index(int(np.argmax(volume)), volume.shape))
+    outline = hot_region_outline(volume[s], r, c, fraction)
+    return Peak(slice_index=s, row=r, column=c, value=float(volume[s, r, c]), outline=outline)
+
+
+def _grow_region(mask: NDArray[np.bool_], row: int, column: int) -> NDArray[np.bool_]:
+    """4-connected component of ``mask`` that holds ``(row, column)`` (vectorised flood fill)."""
+    region = np.zeros_like(mask)
+    region[row, column] = True
+    while True:
+        grown = region.copy()
+        grown[1:, :] |= region[:-1, :]
+        grown[:-1, :] |= region[1:, :]
+        grown[:, 1:] |= region[:, :-1]
+        grown[:, :-1] |= region[:, 1:]
+        grown &= mask
+        if np.array_equal(grown, region):
+            return region
+        region = grown
+
+
+def _boundary_edges(region: NDArray[np.bool_]) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """Directed pixel-edge boundary, clockwise on screen; corner ``(i, j)`` = point ``(i-0.5, j-0.5)``."""
+    padded = np.pad(region, 1)
+    inside = padded[1:-1, 1:-1]
+    edges: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    def add(pixels: NDArray[np.bool_], start: tuple[int, int], end: tuple[int, int]) -> None:
+        rows, cols = np.nonzero(pixels)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            edges.setdefault((r + start[0], c + start[1]), []).append((r + end[0], c + end[1]))
+
+    add(inside & ~padded[:-2, 1:-1], (0, 0), (0, 1))  # top, heading right
+    add(inside & ~padded[1:-1, 2:], (0, 1), (1, 1))  # right side, heading down
+    add(inside & ~padded[2:, 1:-1], (1, 1), (1, 0))  # bottom, heading left
+    add(inside & ~padded[1:-1, :-2], (1, 0), (0, 0))  # left side, heading up
+    return edges
+
+
+def _trace(edges: dict[tuple[int, int], list[tuple[int, int]]], start: tuple[int, int]) -> list[tuple[int, int]]:
+    """Follow the boundary from ``start`` until it closes.
+
+    At a corner where two region pixels touch diagonally the walk turns left, so it stays on
+    the outer boundary and never enters a hole that touches it there: a simple polygon.
+    """
+    path = [start]
+    previous, current = start, edges[start].pop()
+    while current != start:
+        path.append(current)
+        options = edges[current]
+        if len(options) > 1:
+            heading = (current[0] - previous[0], current[1] - previous[1])
+            left_turn = (current[0] - heading[1], current[1] + heading[0])
+            following = left_turn if left_turn in options else options[0]
+            options.remove(following)
+        else:
+            following = options.pop()
+        previous, current = current, following
+    path.append(start)
+    return path
+
+
+def _drop_collinear(path: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    kept = [path[0]]
+    for here, after in zip(path[1:-1], path[2:]):
+        before = kept[-1]
+        if (here[0] - before[0]) * (after[1] - here[1]) != (here[1] - before[1]) * (after[0] - here[0]):
+            kept.append(here)
+    kept.append(path[-1])
+    return kept
+
+
+def hot_region_outline(plane: NDArray[np.floating], row: int, column: int,
+                       fraction: float = 0.5) -> tuple[tuple[float, float], ...]:
+    """Closed outline ``((row, column), ...)`` of the hot region of a 2-D map around a pixel.
+
+    The region is the 4-connected set of pixels around ``(row, column)`` whose value is at
+    least ``fraction`` of the value there; the outline follows the pixel edges of its outer
+    boundary clockwise on screen, collinear points removed, first point repeated last.
+    """
+    image = np.asarray(plane, dtype=np.float32)
+    level = float(image[row, column]) * fraction
+    region = _grow_region(image >= level, row, column)
+    rows, cols = np.nonzero(region)
+    first = int(np.argmin(rows * image.shape[1] + cols))
+    start = (int(rows[first]), int(cols[first]))  # top-left corner of the first pixel in raster order
+    path = _drop_collinear(_trace(_boundary_edges(region), start))
+    return tuple((float(i) - 0.5, float(j) - 0.5) for i, j in path)
+
+
+def to_image_coordinates(outline: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+    """``(row, column)`` index points as DICOM image coordinates ``(column, row)``.
+
+    PS3.3 C.10.5.1.2: the top left-hand corner of the top left pixel is ``(0.0, 0.0)``, its
+    centre ``(0.5, 0.5)``; SCOORD points are (column, row) pairs (PS3.3 C.18.6.1.1).
+    """
+    return tuple((column + 0.5, row + 0.5) for row, column in outline)

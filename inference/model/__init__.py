@@ -1,0 +1,31 @@
+"""The res25 network, its checkpoints and how it runs (see ``res25``, ``checkpoint``, ``runtime``)."""
+
+from inference.model.calibration import Calibration
+from inference.model.checkpoint import (
+    CheckpointError,
+    LoadedModel,
+    ModelCard,
+    demonstration_model,
+    load_checkpoint,
+    load_model,
+    load_original_state_dict,
+    save_checkpoint,
+    weights_sha256,
+)
+from inference.model.res25 import Res25, Res25Config, Res25Output
+
+__all__ = [
+    "Calibration",
+    "CheckpointError",
+    "LoadedModel",
+    "ModelCard",
+    "Res25",
+    "Res25Config",
+    "Res25Output",
+    "demonstration_model",
+    "load_checkpoint",
+    "load_model",
+    "load_original_state_dict",
+    "save_checkpoint",
+    "weights_sha256",
+]

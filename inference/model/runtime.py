@@ -1,0 +1,96 @@
+"""Where and in which precision the model runs.
+
+A checkpoint card names the precision the model was validated in (``fp32``, ``bf16`` or
+``fp16``). On a CUDA device the model runs in that precision (autocast for bf16/fp16). On CPU
+it runs in fp32 unless bf16 autocast is asked for explicitly (``cpu_bf16=True``): CPU bf16 is
+only fast on processors with native bf16 instructions (AVX512-BF16 / AMX) and can change
+decisions near the threshold, so it is opt-in and its decision flips are measured by
+``benchmarks/model.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import ContextManager, Literal
+
+import torch
+from torch import Tensor
+
+from inference.model.res25 import Res25, Res25Output
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+DevicePreference = Literal["auto", "cpu", "cuda"]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def select_device(preference: DevicePreference = "auto") -> torch.device:
+    """The device to run on: ``auto`` takes CUDA when present, else CPU.
+
+    Raises
+    ------
+    RuntimeError
+        ``cuda`` was asked for and no CUDA device is available.
+    """
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {preference!r}")
+    if preference == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if preference == "cuda":
+        raise RuntimeError("device 'cuda' was configured but no CUDA device is available")
+    return torch.device("cpu")
+
+
+def runtime_precision(card_precision: str, device: torch.device, cpu_bf16: bool = False) -> Precision:
+    """The precision to run in: the card's on CUDA; fp32 on CPU unless ``cpu_bf16``."""
+    if card_precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {card_precision!r}")
+    if device.type == "cuda":
+        return card_precision  # type: ignore[return-value]
+    return "bf16" if cpu_bf16 else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager[object]:
+    """Autocast context for ``precision`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def prepare(model: Res25, device: torch.device, channels_last: bool = True) -> Res25:
+    """Move ``model`` to ``device`` in ``eval()`` mode, channels-last for faster convolutions."""
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model
+
+
+def run(model: Res25, volumes: Tensor, device: torch.device, precision: str = "fp32",
+        return_features: bool = False) -> Res25Output:
+    """One inference forward: ``eval()``, ``torch.inference_mode()``, autocast, fp32 outputs on CPU.
+
+    Parameters
+    ----------
+    model
+        The network (already on ``device``; see :func:`prepare`).
+    volumes
+        ``(B, in_channels, n_slices, H, W)``.
+    """
+    if model.training:
+        raise RuntimeError("run() needs a model in eval() mode")
+    with torch.inference_mode(), autocast(device, precision):
+        out = model(volumes.to(device, non_blocking=True), return_features=return_features)
+    return Res25Output(
+        logits=out.logits.float().cpu(),
+        aux_logits=out.aux_logits.float().cpu(),
+        slice_scores=out.slice_scores.float().cpu(),
+        slice_weights=out.slice_weights.float().cpu(),
+        features=None if out.features is None else out.features.float().cpu(),
+    )
