@@ -1,0 +1,204 @@
+"""The index on SQLite and on a real PostgreSQL: migrations, recording instances, the
+duplicate rule, concurrent creation of one study, the peer registry and its audit."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import func, inspect, select
+from sqlalchemy.orm import Session, sessionmaker
+
+import dicom_node.index.models  # noqa: F401 - tables on the metadata
+from dicom_node.index.base import Base, utcnow
+from dicom_node.index.db import build_engine, build_session_factory, run_write, upgrade_to_head
+from dicom_node.index.models import AuditEntry, Instance, Patient, Peer, PeerAETitle, Series, Study, StudyEvent
+from dicom_node.index.repository import FileFacts, RecordOutcome, record_instance, stored_copy
+from dicom_node.peers import PeerError, PeerInfo, PeerRegistry
+from dicom_node.settings import PeerSettings, load_settings
+from dicom_node.storage import InstanceHeader
+from tests.peers import drop_postgres_schema, fresh_postgres_schema, postgres_base_url
+
+
+@dataclasses.dataclass
+class Index:
+    sessions: sessionmaker[Session]
+    backend: str
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
+    """A freshly migrated index on each backend (PostgreSQL: a schema of its own)."""
+    url, schema, base = None, None, None
+    if request.param == "postgresql":
+        base = postgres_base_url()
+        url, schema = fresh_postgres_schema(base)
+    settings = load_settings(environ={}, overrides={"storage": {"data_dir": str(tmp_path / "data")}, "index": {"url": url}})
+    engine = build_engine(settings)
+    try:
+        upgrade_to_head(engine)
+        yield Index(build_session_factory(engine), request.param)
+    finally:
+        engine.dispose()
+        if schema is not None and base is not None:
+            drop_postgres_schema(base, schema)
+
+
+def _header(study: str = "2.25.1", series: str = "2.25.11", sop: str = "2.25.111", **changes: object) -> InstanceHeader:
+    header = InstanceHeader(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid=sop,
+        study_uid=study,
+        series_uid=series,
+        patient_id="PID1",
+        issuer_of_patient_id="",
+        acquired_at=None,
+        accession="A1",
+        study_description="HEAD",
+        modality="CT",
+        series_description="AXIAL 5MM",
+        series_number=3,
+        manufacturer="VENDOR",
+        manufacturer_model="MODEL",
+        image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+        body_part="HEAD",
+        frame_of_reference_uid="2.25.9",
+        instance_number=1,
+    )
+    return dataclasses.replace(header, **changes)  # type: ignore[arg-type]
+
+
+def _facts(header: InstanceHeader, sha: str = "a" * 64) -> FileFacts:
+    return FileFacts(
+        path=f"dicom/{header.study_uid}/{header.series_uid}/{header.sop_instance_uid}.dcm",
+        size_bytes=100,
+        sha256=sha,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        calling_ae="TESTSCU",
+        received_at=utcnow(),
+    )
+
+
+def _record(index: Index, header: InstanceHeader, sha: str = "a" * 64) -> RecordOutcome:
+    return run_write(index.sessions, lambda session: record_instance(session, header, _facts(header, sha)))
+
+
+def _count(index: Index, model: object) -> int:
+    with index.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)  # type: ignore[arg-type]
+
+
+OWN_TABLES = {"patient", "study", "series", "instance", "peer", "peer_ae_title", "audit_entry", "study_event"}
+
+
+def _tables_in(diff_item: object) -> set[str]:
+    """Names of the tables a compare_metadata entry is about."""
+    items = diff_item if isinstance(diff_item, list) else [diff_item]
+    names = set()
+    for item in items:
+        for part in item:
+            table = getattr(part, "table", None)
+            name = getattr(part, "name", None) if table is None else table.name
+            if isinstance(part, str) and part in OWN_TABLES:
+                names.add(part)
+            elif isinstance(name, str):
+                names.add(name)
+    return names
+
+
+def test_migrations_match_the_models(index: Index) -> None:
+    with index.sessions() as session:
+        connection = session.connection()
+        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+        names = set(inspect(connection).get_table_names())
+    assert OWN_TABLES <= names
+    # Only the tables of migration 0001 (other revisions' models may not be imported here).
+    own_diff = [item for item in diff if _tables_in(item) & OWN_TABLES]
+    assert own_diff == [], own_diff
+
+
+def test_record_groups_patient_study_series_instance(index: Index) -> None:
+    assert _record(index, _header()) is RecordOutcome.NEW
+    assert _record(index, _header(sop="2.25.112", instance_number=2)) is RecordOutcome.NEW
+    assert _record(index, _header(series="2.25.12", sop="2.25.121", modality="SR")) is RecordOutcome.NEW
+    with index.sessions() as session:
+        study = session.scalars(select(Study)).one()
+        assert study.modalities == "CT\\SR"
+        assert study.state == "received" and [e.state for e in study.events] == ["received"]
+        assert study.patient is not None and (study.patient.patient_id, study.patient.issuer) == ("PID1", "")
+        counts = {s.series_uid: s.instance_count for s in study.series}
+        assert counts == {"2.25.11": 2, "2.25.12": 1}
+        assert stored_copy(session, "2.25.112") is not None
+        assert stored_copy(session, "2.25.999") is None
+
+
+def test_duplicate_with_new_content_updates_the_row(index: Index) -> None:
+    _record(index, _header(), sha="a" * 64)
+    assert _record(index, _header(), sha="b" * 64) is RecordOutcome.REPLACED
+    assert _count(index, Instance) == 1
+    with index.sessions() as session:
+        assert session.scalar(select(Instance.sha256)) == "b" * 64
+        assert session.scalar(select(Series.instance_count)) == 1
+
+
+def test_duplicate_moving_to_another_series_moves_the_count(index: Index) -> None:
+    _record(index, _header())
+    _record(index, _header(series="2.25.12"), sha="c" * 64)
+    with index.sessions() as session:
+        counts = {row.series_uid: row.instance_count for row in session.execute(select(Series.series_uid, Series.instance_count))}
+    assert counts == {"2.25.11": 0, "2.25.12": 1}
+
+
+def test_concurrent_writers_create_one_study(index: Index) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def writer(number: int) -> None:
+        try:
+            barrier.wait(10)
+            for k in range(4):
+                _record(index, _header(series=f"2.25.2{number}", sop=f"2.25.3{number}{k}"))
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert (_count(index, Study), _count(index, Patient), _count(index, Series), _count(index, Instance)) == (1, 1, 6, 24)
+    assert _count(index, StudyEvent) == 1
+
+
+def test_deleting_a_study_cascades(index: Index) -> None:
+    _record(index, _header())
+    with index.sessions() as session:
+        session.delete(session.scalars(select(Study)).one())
+        session.commit()
+    assert (_count(index, Series), _count(index, Instance), _count(index, StudyEvent)) == (0, 0, 0)
+
+
+def test_peer_registry_and_audit(index: Index) -> None:
+    registry = PeerRegistry(index.sessions)
+    seeded = registry.seed([PeerSettings(name="PACS", ae_titles=("PACS_STORE", "PACS_QR"), host="10.0.0.9")])
+    assert seeded == 1 and registry.seed([PeerSettings(name="PACS", ae_titles=("PACS_STORE", "PACS_QR"), host="10.0.0.9")]) == 0
+    assert registry.authorize("PACS_QR", "10.0.0.9").accepted
+    assert not registry.authorize("PACS_QR", "10.0.0.8").accepted
+    assert registry.authorize("PACS_QR", "10.0.0.8", check_host=False).accepted
+    assert not registry.authorize("NOBODY", "10.0.0.9").accepted
+    with pytest.raises(PeerError):
+        registry.add(PeerInfo("OTHER", ("PACS_QR",)), actor="test")
+    registry.add(PeerInfo("PACS", ("PACS_STORE",), "*"), actor="test", replace=True)
+    assert registry.authorize("PACS_STORE", "192.0.2.1").accepted
+    assert not registry.authorize("PACS_QR", "10.0.0.9").accepted
+    registry.remove("PACS", actor="test")
+    assert (_count(index, Peer), _count(index, PeerAETitle)) == (0, 0)
+    actions = [entry.action for entry in registry.audit_entries()]
+    assert actions == ["peer.remove", "peer.update", "peer.add"]
+    assert _count(index, AuditEntry) == 3
