@@ -1,0 +1,605 @@
+"""3-D volumes from DICOM series, checked for soundness.
+
+:func:`load_volume` turns the files of one series (single-frame images or enhanced multi-frame
+images, PS3.3 C.7.6.16) into a :class:`Volume`:
+
+1. every frame is decoded (all transfer syntaxes pydicom's pixel plugins handle: RLE, JPEG
+   baseline/lossless, JPEG-LS, JPEG 2000 through pylibjpeg and pyjpegls, deflate, big endian)
+   and rescaled to modality units (Rescale Slope/Intercept, PS3.3 C.11.1.1.2; for enhanced
+   images the Pixel Value Transformation functional group);
+2. frames are sorted by their position along the slice normal (the cross product of the
+   ImageOrientationPatient cosines, PS3.3 C.7.6.2.1.1), never by InstanceNumber;
+3. the stack is checked: one orientation, one matrix and pixel spacing, no duplicated positions
+   (identical re-sent images are dropped with a note; different images at one position are
+   refused), no missing slice (a gap more than 1.5 times both neighbouring gaps), enough head
+   coverage along the normal;
+4. a gantry-tilted stack (slice positions stepping along an axis other than the normal, as
+   GantryDetectorTilt (0018,1120) produces) is resampled onto an orthogonal grid; a stack whose
+   spacing varies (e.g. 2.5 mm then 5 mm) is resampled onto a uniform grid at its smallest
+   spacing. Both are noted in :attr:`Volume.notes`.
+
+Each slice of a volume keeps the source instance (and frame) it came from, or for a resampled
+volume the nearest source plane, so attention can be mapped back onto source images.
+
+Diffusion helpers: :func:`load_diffusion` splits a series by b-value (and gradient direction),
+:func:`trace_from_directions` builds the trace-weighted image (geometric mean over directions),
+:func:`adc_from_b0_and_trace` computes ADC = ln(S0 / Sb) / b in 10^-6 mm2/s (the scale scanners
+store ADC maps in).
+
+A series that cannot make a sound volume raises :class:`VolumeError` (or a subclass) whose
+``reason`` a radiologist can read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+
+from inference.dicom_headers import FrameHeader, instance_header, iter_files, slice_normal
+from inference.result import SourceInstance
+
+log = logging.getLogger(__name__)
+
+POSITION_TOLERANCE_MM = 0.01
+ORIENTATION_TOLERANCE = 1e-3
+TILT_TOLERANCE_DEG = 0.5
+SPACING_TOLERANCE = 0.05  # relative variation of slice spacing still called uniform
+MISSING_GAP_FACTOR = 1.5
+DEFAULT_MIN_COVERAGE_MM = 80.0
+
+
+class VolumeError(ValueError):
+    """A series cannot make a sound volume; ``reason`` says why."""
+
+    def __init__(self, reason: str, series_uid: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.series_uid = series_uid
+
+
+class DecodeError(VolumeError):
+    """Pixel data could not be decoded (unsupported transfer syntax, corrupt data)."""
+
+
+class GeometryError(VolumeError):
+    """Missing or inconsistent geometry (orientation, matrix, spacing)."""
+
+
+class MissingSliceError(VolumeError):
+    """A gap in the stack where a slice should be."""
+
+
+class DuplicateSliceError(VolumeError):
+    """Different images at the same position."""
+
+
+class CoverageError(VolumeError):
+    """The series covers too little of the head."""
+
+
+@dataclass(frozen=True)
+class Plane:
+    """One decoded image plane: stored values and the rescale to modality units."""
+
+    stored: np.ndarray  # (rows, columns) as decoded
+    slope: float
+    intercept: float
+    header: FrameHeader
+    source: SourceInstance
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The plane in modality units (float32)."""
+        out = np.empty(self.stored.shape, dtype=np.float32)
+        self.write_into(out)
+        return out
+
+    def write_into(self, out: np.ndarray) -> None:
+        """Write the plane in modality units into ``out`` (float32, same shape)."""
+        np.copyto(out, self.stored, casting="unsafe")
+        if self.slope != 1.0:
+            out *= np.float32(self.slope)
+        if self.intercept != 0.0:
+            out += np.float32(self.intercept)
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3-D volume in patient space (LPS, mm).
+
+    ``array[k, j, i]``: slice k, row j, column i. Voxel (i, j, k) lies at
+    ``origin + i * spacing[0] * direction[:, 0] + j * spacing[1] * direction[:, 1]
+    + k * spacing[2] * direction[:, 2]`` (the SimpleITK convention).
+    """
+
+    array: np.ndarray  # float32 (slices, rows, columns), modality units
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]  # (column spacing, row spacing, slice spacing) mm
+    direction: np.ndarray  # 3x3, columns: row direction, column direction, slice normal
+    sources: tuple[SourceInstance, ...]  # one per slice (nearest source plane when resampled)
+    study_uid: str
+    series_uid: str
+    frame_of_reference_uid: str
+    modality: str
+    notes: tuple[str, ...] = ()
+    b_value: float | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    def to_sitk(self) -> sitk.Image:
+        """The volume as a SimpleITK image with the same geometry."""
+        image = sitk.GetImageFromArray(np.ascontiguousarray(self.array, dtype=np.float32))
+        image.SetOrigin(self.origin)
+        image.SetSpacing(self.spacing)
+        image.SetDirection(tuple(float(v) for v in self.direction.flatten()))
+        return image
+
+    def slice_positions(self) -> np.ndarray:
+        """Patient position of the first voxel of every slice, (slices, 3)."""
+        k = np.arange(self.array.shape[0], dtype=float)[:, None]
+        return np.asarray(self.origin) + k * self.spacing[2] * self.direction[:, 2]
+
+    @property
+    def coverage_mm(self) -> float:
+        return float((self.array.shape[0] - 1) * self.spacing[2])
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _rescale_for_frame(ds: Dataset, index: int) -> tuple[float, float]:
+    def from_group(group: Dataset | None) -> tuple[float, float] | None:
+        if group is None or "PixelValueTransformationSequence" not in group:
+            return None
+        item = group.PixelValueTransformationSequence[0]
+        return float(item.get("RescaleSlope", 1.0) or 1.0), float(item.get("RescaleIntercept", 0.0) or 0.0)
+
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        per_frame = ds.PerFrameFunctionalGroupsSequence[index] if index < len(ds.PerFrameFunctionalGroupsSequence) else None
+        shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+        found = from_group(per_frame) or from_group(shared)
+        if found:
+            return found
+    slope = ds.get("RescaleSlope", 1.0)
+    intercept = ds.get("RescaleIntercept", 0.0)
+    return float(slope if slope not in (None, "") else 1.0), float(intercept if intercept not in (None, "") else 0.0)
+
+
+def decode_dataset(ds: Dataset) -> np.ndarray:
+    """All frames of a dataset as (frames, rows, columns), stored values.
+
+    Raises
+    ------
+    DecodeError
+        When no installed decoder handles the transfer syntax or the data are corrupt.
+    """
+    syntax = ds.file_meta.get("TransferSyntaxUID", "?") if getattr(ds, "file_meta", None) else "?"
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise DecodeError(f"colour image (SamplesPerPixel {ds.SamplesPerPixel}) is not a grey-scale slice")
+    try:
+        pixels = ds.pixel_array
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+        raise DecodeError(f"cannot decode pixel data in transfer syntax {syntax}: {exc}") from exc
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    return pixels
+
+
+def planes_from_dataset(ds: Dataset) -> list[Plane]:
+    """Decode and rescale every frame of ``ds`` into :class:`Plane` objects."""
+    header = instance_header(ds)
+    stored = decode_dataset(ds)
+    if stored.shape[0] != len(header.frames):
+        raise DecodeError(f"{stored.shape[0]} frames decoded but the header describes {len(header.frames)}")
+    planes = []
+    for index, frame in enumerate(header.frames):
+        slope, intercept = _rescale_for_frame(ds, index)
+        source = SourceInstance(
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_class_uid=header.sop_class_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            frame=frame.frame,
+        )
+        planes.append(Plane(stored=stored[index], slope=slope, intercept=intercept, header=frame, source=source))
+    return planes
+
+
+def read_planes(paths: Iterable[Path | Dataset]) -> tuple[list[Plane], dict[str, str]]:
+    """Decode every plane of the given files (folders are walked) or datasets.
+
+    Returns the planes and the series facts (study/series/frame-of-reference UID, modality).
+    """
+    planes: list[Plane] = []
+    facts: dict[str, str] = {}
+    items: list[Path | Dataset] = []
+    for item in paths:
+        if isinstance(item, Dataset):
+            items.append(item)
+        else:
+            items.extend(iter_files([Path(item)]))
+    for item in items:
+        ds = item if isinstance(item, Dataset) else pydicom.dcmread(item)
+        if "PixelData" not in ds and "FloatPixelData" not in ds:
+            continue
+        if not facts:
+            facts = {
+                "study_uid": str(ds.get("StudyInstanceUID", "")),
+                "series_uid": str(ds.get("SeriesInstanceUID", "")),
+                "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "")),
+                "modality": str(ds.get("Modality", "")),
+            }
+        elif str(ds.get("SeriesInstanceUID", "")) != facts["series_uid"]:
+            raise GeometryError("files of more than one series given", facts["series_uid"])
+        planes.extend(planes_from_dataset(ds))
+    if not planes:
+        raise VolumeError("no image with pixel data in the series")
+    return planes, facts
+
+
+# --------------------------------------------------------------------------- stacking
+
+
+@dataclass
+class _Stack:
+    planes: list[Plane]
+    along: np.ndarray  # position of each plane along the normal
+    orientation: np.ndarray  # (6,)
+    normal: np.ndarray
+    pixel_spacing: tuple[float, float]
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_geometry(planes: Sequence[Plane], series_uid: str) -> _Stack:
+    missing = [p for p in planes if p.header.position is None or p.header.orientation is None]
+    if missing:
+        raise GeometryError(f"{len(missing)} image(s) without ImagePositionPatient/ImageOrientationPatient", series_uid)
+    orientation = np.asarray(planes[0].header.orientation, dtype=float)
+    for plane in planes:
+        if np.max(np.abs(np.asarray(plane.header.orientation) - orientation)) > ORIENTATION_TOLERANCE:
+            raise GeometryError("images of more than one orientation in the series", series_uid)
+    shapes = {p.stored.shape for p in planes}
+    if len(shapes) > 1:
+        raise GeometryError(f"images of different matrix sizes {sorted(shapes)}", series_uid)
+    spacings = {p.header.pixel_spacing for p in planes}
+    if None in spacings:
+        raise GeometryError("PixelSpacing missing", series_uid)
+    if len(spacings) > 1:
+        raise GeometryError("images of different pixel spacing", series_uid)
+    normal = slice_normal(orientation)
+    along = np.asarray([float(np.dot(p.header.position, normal)) for p in planes])  # type: ignore[arg-type]
+    order = np.argsort(along, kind="stable")
+    return _Stack(
+        planes=[planes[i] for i in order],
+        along=along[order],
+        orientation=orientation,
+        normal=normal,
+        pixel_spacing=next(iter(spacings)),  # type: ignore[arg-type]
+    )
+
+
+def _drop_duplicates(stack: _Stack, series_uid: str) -> None:
+    keep = [0]
+    dropped = 0
+    conflicts: list[float] = []
+    for index in range(1, len(stack.planes)):
+        previous = keep[-1]
+        if stack.along[index] - stack.along[previous] > POSITION_TOLERANCE_MM:
+            keep.append(index)
+            continue
+        same, before = stack.planes[index], stack.planes[previous]
+        if (same.slope, same.intercept) == (before.slope, before.intercept) and np.array_equal(same.stored, before.stored):
+            dropped += 1
+        else:
+            conflicts.append(float(stack.along[index]))
+    if conflicts:
+        where = ", ".join(f"{v:.1f}" for v in conflicts[:5])
+        raise DuplicateSliceError(
+            f"{len(conflicts)} duplicated slice position(s) with different images (at {where} mm along the normal)",
+            series_uid,
+        )
+    if dropped:
+        stack.notes.append(f"{dropped} identical duplicate image(s) ignored")
+        stack.planes = [stack.planes[i] for i in keep]
+        stack.along = stack.along[keep]
+
+
+def _check_gaps(stack: _Stack, series_uid: str) -> np.ndarray:
+    gaps = np.diff(stack.along)
+    for index, gap in enumerate(gaps):
+        neighbours = [gaps[j] for j in (index - 1, index + 1) if 0 <= j < len(gaps)]
+        if neighbours and gap > MISSING_GAP_FACTOR * max(neighbours):
+            raise MissingSliceError(
+                f"missing slice: gap of {gap:.1f} mm between slices {index + 1} and {index + 2} "
+                f"where neighbours are {max(neighbours):.1f} mm apart",
+                series_uid,
+            )
+    return gaps
+
+
+def _check_coverage(stack: _Stack, min_coverage_mm: float, series_uid: str) -> None:
+    coverage = float(stack.along[-1] - stack.along[0]) if len(stack.along) > 1 else 0.0
+    if coverage < min_coverage_mm:
+        raise CoverageError(
+            f"series covers {coverage:.0f} mm of the head ({len(stack.planes)} slices); at least {min_coverage_mm:.0f} mm needed",
+            series_uid,
+        )
+
+
+def _stack_direction(stack: _Stack) -> np.ndarray:
+    first = np.asarray(stack.planes[0].header.position, dtype=float)
+    last = np.asarray(stack.planes[-1].header.position, dtype=float)
+    step = last - first
+    return step / float(np.linalg.norm(step))
+
+
+def _tilt_deg(stack: _Stack) -> float:
+    direction = _stack_direction(stack)
+    return math.degrees(math.acos(min(1.0, abs(float(np.dot(direction, stack.normal))))))
+
+
+def load_volume(
+    paths: Iterable[Path | Dataset],
+    *,
+    min_coverage_mm: float = DEFAULT_MIN_COVERAGE_MM,
+    b_value: float | None = None,
+) -> Volume:
+    """Build a sound :class:`Volume` from the files (or datasets) of one series.
+
+    Parameters
+    ----------
+    paths:
+        Files, folders or datasets of one series.
+    min_coverage_mm:
+        Least extent along the slice normal (head coverage).
+    b_value:
+        For diffusion series: only frames at this b-value (within 1 s/mm2). A series with
+        several b-values or directions must be split (:func:`load_diffusion`).
+
+    Raises
+    ------
+    VolumeError
+        (or a subclass) with the reason the series cannot make a sound volume.
+    """
+    planes, facts = read_planes(paths)
+    if b_value is not None:
+        planes = [p for p in planes if p.header.b_value is not None and abs(p.header.b_value - b_value) <= 1.0]
+        if not planes:
+            raise VolumeError(f"no image at b = {b_value:g}", facts["series_uid"])
+    volume = volume_from_planes(planes, facts, min_coverage_mm=min_coverage_mm)
+    return replace(volume, b_value=b_value)
+
+
+def volume_from_planes(planes: Sequence[Plane], facts: dict[str, str], *, min_coverage_mm: float) -> Volume:
+    """Sort, check and (when needed) resample decoded planes into a :class:`Volume`."""
+    series_uid = facts.get("series_uid", "")
+    stack = _check_geometry(planes, series_uid)
+    _drop_duplicates(stack, series_uid)
+    _check_coverage(stack, min_coverage_mm, series_uid)
+    gaps = _check_gaps(stack, series_uid)
+    tilt = _tilt_deg(stack) if len(stack.planes) > 1 else 0.0
+    if tilt > TILT_TOLERANCE_DEG:
+        volume = _resample_tilted(stack, facts)
+        return replace(volume, notes=(*stack.notes, f"gantry tilt of {tilt:.1f} deg corrected onto an orthogonal grid"))
+    if len(gaps) and (gaps.max() - gaps.min()) > SPACING_TOLERANCE * gaps.min():
+        volume = _resample_uniform(stack, facts, float(gaps.min()))
+        return replace(
+            volume,
+            notes=(*stack.notes, f"slice spacing varies {gaps.min():.2f}-{gaps.max():.2f} mm; resampled to {gaps.min():.2f} mm"),
+        )
+    return _stacked(stack, facts, float(np.mean(gaps)) if len(gaps) else 1.0)
+
+
+def _direction(stack: _Stack) -> np.ndarray:
+    return np.column_stack([stack.orientation[:3], stack.orientation[3:], stack.normal])
+
+
+def _modality_array(planes: Sequence[Plane]) -> np.ndarray:
+    rows, cols = planes[0].stored.shape
+    array = np.empty((len(planes), rows, cols), dtype=np.float32)
+    for index, plane in enumerate(planes):
+        plane.write_into(array[index])
+    return array
+
+
+def _stacked(stack: _Stack, facts: dict[str, str], spacing: float, array: np.ndarray | None = None) -> Volume:
+    if array is None:
+        array = _modality_array(stack.planes)
+    return Volume(
+        array=array,
+        origin=tuple(float(v) for v in stack.planes[0].header.position),  # type: ignore[arg-type,union-attr]
+        spacing=(float(stack.pixel_spacing[1]), float(stack.pixel_spacing[0]), spacing),
+        direction=_direction(stack),
+        sources=tuple(p.source for p in stack.planes),
+        study_uid=facts.get("study_uid", ""),
+        series_uid=facts.get("series_uid", ""),
+        frame_of_reference_uid=facts.get("frame_of_reference_uid", ""),
+        modality=facts.get("modality", ""),
+        notes=tuple(stack.notes),
+    )
+
+
+def _resample_uniform(stack: _Stack, facts: dict[str, str], spacing: float) -> Volume:
+    """Linear interpolation along the normal onto positions ``along[0] + k * spacing``."""
+    count = int(math.floor((stack.along[-1] - stack.along[0]) / spacing + 1e-6)) + 1
+    targets = stack.along[0] + spacing * np.arange(count)
+    upper = np.clip(np.searchsorted(stack.along, targets, side="right"), 1, len(stack.along) - 1)
+    lower = upper - 1
+    width = stack.along[upper] - stack.along[lower]
+    weight = np.clip((targets - stack.along[lower]) / width, 0.0, 1.0).astype(np.float32)
+    source = _modality_array(stack.planes)
+    array = source[lower] * (1 - weight)[:, None, None] + source[upper] * weight[:, None, None]
+    nearest = np.where(weight < 0.5, lower, upper)
+    volume = _stacked(stack, facts, spacing, array)
+    return replace(volume, sources=tuple(stack.planes[i].source for i in nearest))
+
+
+def _resample_tilted(stack: _Stack, facts: dict[str, str]) -> Volume:
+    """Resample a sheared (gantry-tilted) stack onto an orthogonal grid stepping along the table.
+
+    The source voxel (i, j, k) lies at ``P0 + i*dc*r + j*dr*c + k*s`` with ``s`` the step between
+    consecutive slice positions, an affine map that SimpleITK inverts and resamples linearly.
+    """
+    row_dir, col_dir = stack.orientation[:3], stack.orientation[3:]
+    first = np.asarray(stack.planes[0].header.position, dtype=float)
+    last = np.asarray(stack.planes[-1].header.position, dtype=float)
+    n = len(stack.planes)
+    step = (last - first) / (n - 1)
+    d_row, d_col = float(stack.pixel_spacing[0]), float(stack.pixel_spacing[1])
+    index_to_patient = np.column_stack([row_dir * d_col, col_dir * d_row, step])
+    axis = step / float(np.linalg.norm(step))
+    new_col = np.cross(axis, row_dir)
+    new_col /= float(np.linalg.norm(new_col))
+    new_row = np.cross(new_col, axis)
+    direction = np.column_stack([new_row, new_col, axis])
+    rows, cols = stack.planes[0].stored.shape
+    corners = np.array(
+        [first + index_to_patient @ np.array([i, j, k]) for i in (0, cols - 1) for j in (0, rows - 1) for k in (0, n - 1)]
+    )
+    local = (corners - first) @ direction  # coordinates in the new frame
+    low, high = local.min(axis=0), local.max(axis=0)
+    spacing = np.array([d_col, d_row, float(np.linalg.norm(step))])
+    size = [int(math.floor((high[a] - low[a]) / spacing[a] + 1e-6)) + 1 for a in range(3)]
+    origin = first + direction @ low
+    source_array = _modality_array(stack.planes)
+    source = sitk.GetImageFromArray(source_array)
+    inverse = np.linalg.inv(index_to_patient)
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(tuple(float(v) for v in inverse.flatten()))
+    transform.SetTranslation(tuple(float(v) for v in -inverse @ first))
+    background = float(source_array.min())
+    resampled = sitk.Resample(
+        source, size, transform, sitk.sitkLinear, tuple(float(v) for v in origin), tuple(float(v) for v in spacing),
+        tuple(float(v) for v in direction.flatten()), background, sitk.sitkFloat32,
+    )
+    array = sitk.GetArrayFromImage(resampled)
+    # nearest source plane of each output slice: by the position of its centre along the step
+    centres = origin + direction @ np.array([(size[0] - 1) * spacing[0] / 2, (size[1] - 1) * spacing[1] / 2, 0.0])
+    ks = [(centres + k * spacing[2] * axis - first) for k in range(size[2])]
+    nearest = [int(np.clip(round(float((inverse @ p)[2])), 0, n - 1)) for p in ks]
+    return Volume(
+        array=array,
+        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+        spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
+        direction=direction,
+        sources=tuple(stack.planes[i].source for i in nearest),
+        study_uid=facts.get("study_uid", ""),
+        series_uid=facts.get("series_uid", ""),
+        frame_of_reference_uid=facts.get("frame_of_reference_uid", ""),
+        modality=facts.get("modality", ""),
+        notes=tuple(stack.notes),
+    )
+
+
+# --------------------------------------------------------------------------- diffusion
+
+
+@dataclass(frozen=True)
+class DiffusionSeries:
+    """A diffusion series split by b-value: per b, either one trace/isotropic volume or one per direction."""
+
+    by_b_value: dict[float, tuple[Volume, ...]]
+
+    @property
+    def b_values(self) -> tuple[float, ...]:
+        return tuple(sorted(self.by_b_value))
+
+    def trace(self, b_value: float | None = None) -> Volume:
+        """The trace-weighted volume at ``b_value`` (default: the highest), built from
+        directions by geometric mean when the series holds no trace."""
+        b = self.b_values[-1] if b_value is None else b_value
+        volumes = self.by_b_value[b]
+        return volumes[0] if len(volumes) == 1 else trace_from_directions(volumes)
+
+    def b0(self) -> Volume | None:
+        """The b0 volume (lowest b <= 50 s/mm2), None when absent."""
+        low = self.b_values[0]
+        if low > 50.0 or len(self.b_values) < 2:
+            return None
+        return self.trace(low)
+
+
+def _direction_key(plane: Plane, occurrence: int) -> tuple[float, ...]:
+    gradient = plane.header.gradient
+    directionality = (plane.header.directionality or "").upper()
+    if gradient is not None and any(abs(v) > 1e-3 for v in gradient) and directionality != "ISOTROPIC":
+        return tuple(round(v, 2) for v in gradient)
+    return (float(occurrence),)
+
+
+def load_diffusion(paths: Iterable[Path | Dataset], *, min_coverage_mm: float = DEFAULT_MIN_COVERAGE_MM) -> DiffusionSeries:
+    """Split a diffusion series by b-value and gradient direction into volumes.
+
+    Planes without gradient information that repeat a position at one b-value (b-values only in
+    a vendor private tag) are told apart by their order of appearance.
+
+    Raises
+    ------
+    VolumeError
+        When a plane has no b-value or a group cannot make a sound volume.
+    """
+    planes, facts = read_planes(paths)
+    if any(p.header.b_value is None for p in planes):
+        raise VolumeError("diffusion series without a b-value on every image", facts.get("series_uid", ""))
+    groups: dict[float, dict[tuple[float, ...], list[Plane]]] = defaultdict(lambda: defaultdict(list))
+    seen: dict[tuple[float, tuple[float, ...]], int] = defaultdict(int)
+    for plane in planes:
+        b = float(round(plane.header.b_value))  # type: ignore[arg-type]
+        position = tuple(round(v, 2) for v in plane.header.position or ())
+        occurrence = seen[(b, position)]
+        seen[(b, position)] += 1
+        groups[b][_direction_key(plane, occurrence)].append(plane)
+    by_b: dict[float, tuple[Volume, ...]] = {}
+    for b, directions in sorted(groups.items()):
+        volumes = []
+        for key in sorted(directions):
+            volume = volume_from_planes(directions[key], facts, min_coverage_mm=min_coverage_mm)
+            volumes.append(replace(volume, b_value=b))
+        by_b[b] = tuple(volumes)
+    return DiffusionSeries(by_b)
+
+
+def _same_grid(volumes: Sequence[Volume]) -> None:
+    first = volumes[0]
+    for other in volumes[1:]:
+        if other.shape != first.shape or not np.allclose(other.origin, first.origin, atol=1e-3):
+            raise GeometryError("diffusion volumes on different grids", first.series_uid)
+
+
+def trace_from_directions(volumes: Sequence[Volume]) -> Volume:
+    """Trace-weighted image: geometric mean of the directional images at one b-value."""
+    if len(volumes) < 3:
+        raise VolumeError(f"a trace needs at least 3 gradient directions, got {len(volumes)}", volumes[0].series_uid)
+    _same_grid(volumes)
+    logs = np.stack([np.log(np.maximum(v.array, 1e-3)) for v in volumes])
+    trace = np.exp(logs.mean(axis=0)).astype(np.float32)
+    first = volumes[0]
+    note = f"trace built as geometric mean of {len(volumes)} directions at b={first.b_value or 0:g}"
+    return replace(first, array=trace, notes=(*first.notes, note))
+
+
+def adc_from_b0_and_trace(b0: Volume, trace: Volume, b_value: float | None = None) -> Volume:
+    """ADC = ln(S0 / Sb) / b, in 10^-6 mm2/s, 0 where the signal is absent."""
+    b = b_value if b_value is not None else trace.b_value
+    if not b or b <= 0:
+        raise VolumeError("ADC needs a positive b-value", trace.series_uid)
+    _same_grid([b0, trace])
+    s0 = b0.array.astype(np.float64)
+    sb = trace.array.astype(np.float64)
+    valid = (s0 > 1.0) & (sb > 0.0)
+    adc = np.zeros_like(s0)
+    adc[valid] = np.log(s0[valid] / sb[valid]) / b * 1e6
+    adc = np.clip(adc, 0.0, 5000.0).astype(np.float32)
+    note = f"ADC computed from b0 and trace (b={b:g})"
+    return replace(trace, array=adc, b_value=None, notes=(*trace.notes, note))
