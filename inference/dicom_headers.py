@@ -360,7 +360,7 @@ def read_instance_header(path: Path) -> InstanceHeader | None:
 # --------------------------------------------------------------------------- series summary
 
 
-def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
     """Unit normal of an image plane from ImageOrientationPatient (PS3.3 C.7.6.2.1.1)."""
     row = np.asarray(orientation[:3], dtype=float)
     col = np.asarray(orientation[3:6], dtype=float)
