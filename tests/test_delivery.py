@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -243,3 +244,28 @@ def test_archive_without_3d_sr_gets_a_valid_comprehensive_sr(setup: Setup, tmp_p
     }
     assert named == {row.sop_instance_uid, row.sent_sop_instance_uid}
     assert len(report.files) >= 1
+
+
+# A node without a checkpoint runs demonstration weights: none of its output leaves unless allowed.
+@pytest.mark.parametrize("setup", [{"allow_demonstration_results": True}], indirect=True)
+def test_not_analysed_study_gets_an_sr_saying_why(setup: Setup) -> None:
+    from inference.result import NotAnalysed
+
+    study_uid = setup.study.study_uid
+    assert setup.lifecycle.enqueue(study_uid, "test: ready")
+    assert setup.lifecycle.claim_next() is not None
+    setup.lifecycle.finish(study_uid, StudyState.NOT_ANALYSED, "no CTA series")
+    report = setup.delivery.on_result(study_uid, NotAnalysed(reason="no CTA series", pipeline="CT"))
+    assert [f.kind for f in report.files] == ["sr"]
+    assert _wait_state(setup.lifecycle, study_uid, {StudyState.DELIVERED}) is StudyState.DELIVERED
+    (received,) = setup.archive.received_files()
+    sr = dcmread(received)
+    assert sr.StudyInstanceUID == study_uid and sr.PatientID == setup.study.patient.patient_id
+    texts = [str(getattr(item, "TextValue", "")) for item in _items(sr.ContentSequence)]
+    assert any("no CTA series" in text for text in texts)
+
+
+def _items(items: object) -> Iterator[Any]:
+    for item in items:  # type: ignore[attr-defined]
+        yield item
+        yield from _items(item.get("ContentSequence", []))
