@@ -1,0 +1,154 @@
+"""Attention-map secondary captures: one per model slice, valid, burned-in text, same study."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from reports.sc import (
+    DEMO_WARNING,
+    DISCLAIMER,
+    MULTIFRAME_TRUE_COLOR_SC_STORAGE,
+    SC_STORAGE,
+    build_secondary_captures,
+    caption_lines,
+    display_window,
+    render_slice,
+)
+from reports.sr import ReportContext
+from reports.uids import UIDFactory
+from tests import factory
+from tests.validators import dciodvfy_errors, dciodvfy_output, fake_prediction, model_info, read_strict, sorted_by_position
+
+UIDS = UIDFactory("1.2.3.999")
+CONTEXT = ReportContext(software_version="0.1.0", device_uid=UIDS.for_name("FPENODE"), institution_name="Test Hospital")
+
+
+@pytest.fixture(scope="module")
+def ct_sources(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
+    series = factory.write_ct_series(tmp_path_factory.mktemp("ct"), n_slices=10, rows=64)
+    return sorted_by_position([pydicom.dcmread(p) for p in series.paths])
+
+
+def _save_valid(ds: Dataset, path: Path) -> Dataset:
+    ds.save_as(path, enforce_file_format=True)
+    assert not dciodvfy_errors(path), dciodvfy_output(path)
+    return read_strict(path)
+
+
+def test_one_capture_per_model_slice_in_a_new_series_of_the_study(ct_sources: list[Dataset], tmp_path: Path) -> None:
+    prediction = fake_prediction(ct_sources, score=0.73)
+    captures = build_secondary_captures(prediction, ct_sources, UIDS, CONTEXT)
+    assert len(captures) == 25
+    source = ct_sources[0]
+    assert len({c.SeriesInstanceUID for c in captures}) == 1
+    assert captures[0].SeriesInstanceUID != source.SeriesInstanceUID
+    assert len({c.SOPInstanceUID for c in captures}) == 25
+    assert [int(c.InstanceNumber) for c in captures] == list(range(1, 26))
+    assert all(c.SOPInstanceUID.startswith("1.2.3.999.") for c in captures)
+
+    peak_capture = captures[prediction.peak.model_slice]  # type: ignore[union-attr]
+    back = _save_valid(peak_capture, tmp_path / "peak.dcm")
+    assert back.SOPClassUID == SC_STORAGE
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "AccessionNumber"):
+        assert back.get(keyword) == source.get(keyword), keyword
+    assert back.BurnedInAnnotation == "YES"
+    assert back.PhotometricInterpretation == "RGB" and back.SamplesPerPixel == 3
+    assert list(back.ImageType) == ["DERIVED", "SECONDARY"]
+    assert "research use" in back.SeriesDescription
+    assert back.InstitutionName == "Test Hospital"
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == prediction.peak.source.sop_instance_uid  # type: ignore[union-attr]
+    equipment = {(e.Manufacturer, e.PurposeOfReferenceCodeSequence[0].CodeValue) for e in back.ContributingEquipmentSequence}
+    assert ("fpe-node", "109103") in equipment
+    np.testing.assert_array_equal(back.pixel_array, peak_capture.pixel_array)
+    # A clone elsewhere in the series is valid too, with its own pixels and source.
+    other = _save_valid(captures[3], tmp_path / "other.dcm")
+    assert other.SourceImageSequence[0].ReferencedSOPInstanceUID == prediction.attention[3].source.sop_instance_uid
+    assert not np.array_equal(other.pixel_array, back.pixel_array)
+    assert captures[0].SOPInstanceUID != captures[1].SOPInstanceUID  # the template was not changed by cloning
+
+
+def test_pixels_keep_native_resolution_with_overlay_scale_and_text(ct_sources: list[Dataset]) -> None:
+    prediction = fake_prediction(ct_sources)
+    peak = prediction.attention[prediction.peak.model_slice]  # type: ignore[union-attr]
+    window = display_window(prediction)
+    pixels = render_slice(prediction, peak, window)
+    rows, cols = peak.image.shape
+    assert pixels.shape[0] > rows and pixels.shape[1] > cols and pixels.shape[2] == 3
+    picture = pixels[:rows, :cols].astype(int)
+    # Where attention is ~0 the source shows through in grey, one pixel per source pixel.
+    cold = peak.heat < 0.05
+    expected_grey = window.apply(peak.image)
+    np.testing.assert_array_equal(picture[..., 0][cold], expected_grey[cold])
+    np.testing.assert_array_equal(picture[..., 0][cold], picture[..., 2][cold])
+    # At the hot spot the overlay is red.
+    hot_row, hot_col = np.unravel_index(np.argmax(peak.heat), peak.heat.shape)
+    red, green, blue = picture[hot_row, hot_col]
+    assert red > blue + 50
+    # The colour bar beside the image runs from red (top) to blue (bottom).
+    bar = pixels[:rows, cols + 6 : cols + 20]
+    assert bar[1, 5, 0] > 150 > bar[1, 5, 2] and bar[-2, 5, 2] > 100 > bar[-2, 5, 0]
+    # The text panel below holds white and red (disclaimer) text.
+    panel = pixels[rows:].astype(int)
+    assert ((panel[..., 0] > 200) & (panel[..., 1] < 120)).sum() > 20
+    assert ((panel.min(axis=-1)) > 200).sum() > 50
+
+
+def test_captions_say_what_a_reader_needs(ct_sources: list[Dataset]) -> None:
+    calibrated = fake_prediction(ct_sources, score=0.73)
+    lines = caption_lines(calibrated, calibrated.attention[0])
+    assert lines[0] == "FPE 73% (research use)"
+    assert "FPE likely at threshold 50%" in lines
+    assert "Model res25 1.2.0 (nonlocal)" in lines
+    assert DISCLAIMER in lines and DEMO_WARNING not in lines
+    demo = fake_prediction(ct_sources, score=0.2, model=model_info(calibrated=False, demonstration=True, threshold=0.4))
+    demo_lines = caption_lines(demo, demo.attention[0])
+    assert demo_lines[0] == "FPE score 0.20 DEMO (research use)"
+    assert "FPE unlikely at threshold 0.40 (uncalibrated score)" in demo_lines
+    assert DEMO_WARNING in demo_lines
+    captures = build_secondary_captures(demo, ct_sources, UIDS, CONTEXT)
+    assert "DEMO" in captures[0].SeriesDescription
+
+
+def test_multiframe_true_colour_option(ct_sources: list[Dataset], tmp_path: Path) -> None:
+    prediction = fake_prediction(ct_sources)
+    singles = build_secondary_captures(prediction, ct_sources, UIDS, CONTEXT)
+    (capture,) = build_secondary_captures(prediction, ct_sources, UIDS, CONTEXT, multiframe=True)
+    back = _save_valid(capture, tmp_path / "mf.dcm")
+    assert back.SOPClassUID == MULTIFRAME_TRUE_COLOR_SC_STORAGE
+    assert int(back.NumberOfFrames) == 25
+    assert back.BurnedInAnnotation == "YES"
+    assert len(back.SourceImageSequence) == 25
+    assert back.FrameLabelVector[12] == "slice 13 of 25"
+    frames = back.pixel_array
+    assert frames.shape[0] == 25 and frames.shape[-1] == 3
+    single = singles[12].pixel_array
+    np.testing.assert_array_equal(frames[12, : single.shape[0], : single.shape[1]], single)
+
+
+def test_mr_primary_uses_a_percentile_window(tmp_path: Path) -> None:
+    study = factory.write_mr_stroke_study(tmp_path / "mr", rows=64, n_slices=8, with_adc=False, with_flair=False)
+    datasets = [pydicom.dcmread(p) for p in study.role("dwi").paths]
+    b1000 = [ds for ds in datasets if float(ds.get("DiffusionBValue", 1000)) > 0] or datasets
+    prediction = fake_prediction(b1000, pipeline="MR", primary_role="dwi", n_slices=8)
+    window = display_window(prediction)
+    values = np.concatenate([s.image.ravel() for s in prediction.attention])
+    assert values.min() <= window.centre - window.width / 2 + 1e-3 * window.width
+    assert window.centre + window.width / 2 <= values.max() + 1e-6
+    captures = build_secondary_captures(prediction, b1000, UIDS, CONTEXT)
+    assert len(captures) == 8
+    back = _save_valid(captures[4], tmp_path / "mr_sc.dcm")
+    assert back.StudyInstanceUID == b1000[0].StudyInstanceUID
+
+
+def test_refuses_a_prediction_without_attention(ct_sources: list[Dataset]) -> None:
+    prediction = dataclasses.replace(fake_prediction(ct_sources), attention=())
+    with pytest.raises(ValueError, match="attention"):
+        build_secondary_captures(prediction, ct_sources, UIDS, CONTEXT)
+    with pytest.raises(ValueError, match="headers"):
+        build_secondary_captures(fake_prediction(ct_sources), [], UIDS, CONTEXT)
