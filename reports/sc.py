@@ -109,7 +109,7 @@ def display_window(prediction: Prediction) -> Window:
 
 
 @lru_cache(maxsize=8)
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def bundled_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's bundled font (scalable when Pillow has FreeType, else its bitmap font)."""
     try:
         return ImageFont.load_default(size=size)
@@ -159,7 +159,7 @@ def render_slice(prediction: Prediction, attention: AttentionSlice, window: Wind
     picture = _overlay(attention, window)
     rows, cols = picture.shape[:2]
     font_size = max(12, min(22, cols // 36))
-    font = _font(font_size)
+    font = bundled_font(font_size)
     lines = caption_lines(prediction, attention)
     line_height = font_size + 4
     width = max(cols + _BAR_GAP + _BAR_WIDTH + _LABEL_ROOM, _MIN_WIDTH, _text_width(lines, font) + 2 * _MARGIN)
@@ -167,7 +167,7 @@ def render_slice(prediction: Prediction, attention: AttentionSlice, window: Wind
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
     canvas.paste(Image.fromarray(picture, mode="RGB"), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    _draw_colour_bar(canvas, draw, cols + _BAR_GAP, rows, _font(max(10, font_size - 2)))
+    _draw_colour_bar(canvas, draw, cols + _BAR_GAP, rows, bundled_font(max(10, font_size - 2)))
     y = rows + _MARGIN
     for index, line in enumerate(lines):
         colour = (255, 80, 80) if line in (DISCLAIMER, DEMO_WARNING) else (255, 255, 255)
