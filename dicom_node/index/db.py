@@ -1,6 +1,7 @@
 """Engine, sessions and schema upgrades of the index.
 
-One engine and one session factory are built at start-up from the settings
+Bound parameters never appear in SQL logs or exception messages (``hide_parameters``): they
+hold patient IDs. One engine and one session factory are built at start-up from the settings
 (:func:`build_engine`, :func:`build_session_factory`) and passed down. SQLite (the embedded
 default) runs in WAL mode with a busy timeout, foreign keys on, and ``synchronous=FULL`` when
 the node fsyncs its files, so an acknowledged C-STORE survives a crash of the process or the
@@ -44,12 +45,20 @@ def build_engine(settings: Settings) -> Engine:
     """
     url = make_url(settings.index_url)
     if url.get_backend_name() != "sqlite":
-        return create_engine(url, echo=settings.index.echo, pool_pre_ping=True, pool_size=10, max_overflow=40)
+        return create_engine(
+            url,
+            echo=settings.index.echo,
+            hide_parameters=True,
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=40,
+        )
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,
         echo=settings.index.echo,
+        hide_parameters=True,
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
     )
     _configure_sqlite(engine, synchronous="FULL" if settings.storage.fsync else "NORMAL")
