@@ -718,14 +718,15 @@ class Selector:
         return None, self._closest_failure(c)
 
     def _closest_failure(self, c: Classification) -> str:
+        order = list(self.rules.roles)
         same_modality = [
-            (len(f), role, f)
+            (len(f), order.index(role), role, f)
             for role, f in c.role_failures.items()
             if not any(x.startswith("modality") for x in f)
         ]
         if not same_modality:
             return f"no role for modality {c.header.modality or '?'}"
-        _, role, failures = min(same_modality)
+        _, _, role, failures = min(same_modality)
         return f"not {role}: " + "; ".join(failures)
 
 
