@@ -6,8 +6,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install -q -c constraints.txt
 STAMP  := $(VENV)/.installed
+OHIF_VERSION ?= 3.13.2
+OHIF   := .cache/ohif-$(OHIF_VERSION)/dist/index.html
 
-.PHONY: run test venv lint typecheck bench clean
+.PHONY: run test venv viewer lint typecheck bench clean
 
 $(STAMP): setup.cfg constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,10 +19,16 @@ $(STAMP): setup.cfg constraints.txt
 
 venv: $(STAMP)
 
+# The OHIF viewer used by the viewer tests and `make demo` (npm package @ohif/app).
+$(OHIF):
+	OHIF_VERSION=$(OHIF_VERSION) bash deploy/viewer/install_ohif.sh
+
+viewer: $(OHIF)
+
 run: $(STAMP)
 	$(BIN)/fpe-node serve
 
-test: $(STAMP)
+test: $(STAMP) $(OHIF)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 typecheck: $(STAMP)
