@@ -11,6 +11,7 @@ FAILS on CI (``CI=true``) and is skipped elsewhere. Each test session gets a fre
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
@@ -261,3 +262,13 @@ def send_datasets(port: int, datasets: Sequence[Dataset], *, calling: str = "TES
     finally:
         assoc.release()
     return statuses
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes after the File Meta Information of a Part 10 file (PS3.10 7.1)."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM", f"{path} is not a Part 10 file"
+    # (0002,0000) UL group length, Explicit VR Little Endian: tag 4 + VR 2 + length 2 + value 4.
+    assert data[132:136] == b"\x02\x00\x00\x00"
+    (group_length,) = struct.unpack("<I", data[140:144])
+    return data[144 + group_length :]

@@ -5,7 +5,6 @@ multi-frame MR, and a deflated data set."""
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from sqlalchemy import select
 from dicom_node.bootstrap import Node
 from dicom_node.index.models import Instance
 from tests.conftest import CT_PHILIPS, MR_ENHANCED, TS_SIEMENS, free_port, require_shared_data
-from tests.peers import DCMTK, tiny_ct
+from tests.peers import DCMTK, dataset_bytes, tiny_ct
 
 # storescu options proposing each file's own transfer syntax (PS3.5 Annex A).
 ENCODINGS = [
@@ -32,16 +31,6 @@ ENCODINGS = [
     ("8.dcm", "1.2.840.10008.1.2.4.80", ["-xt"]),
     ("9.dcm", "1.2.840.10008.1.2.4.90", ["-xv"]),  # JPEG 2000 Lossless
 ]
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The bytes after the File Meta Information of a Part 10 file (PS3.10 7.1)."""
-    data = path.read_bytes()
-    assert data[128:132] == b"DICM", f"{path} is not a Part 10 file"
-    # (0002,0000) UL group length, Explicit VR Little Endian: tag 4 + VR 2 + length 2 + value 4.
-    assert data[132:136] == b"\x02\x00\x00\x00"
-    (group_length,) = struct.unpack("<I", data[140:144])
-    return data[144 + group_length :]
 
 
 def _stored(node: Node, sop_uid: str) -> tuple[Path, Instance]:
