@@ -30,8 +30,6 @@ from tests.archives import SC_STORAGE, StorescpArchive, free_port
 from tests.factory import Study, write_ct_stroke_study
 
 SOURCE_AE = "MODALITY"
-# Attention-map captures join once reports.sc lands (issue 4 item 2).
-WITH_CAPTURES = False
 
 
 @dataclass
@@ -44,14 +42,14 @@ class Setup:
     study: Study
 
 
-def _settings(tmp_path: Path, archive: StorescpArchive, **delivery: object) -> Settings:
+def _settings(tmp_path: Path, archive: StorescpArchive, pdf: bool = False, **delivery: object) -> Settings:
     values: dict[str, object] = {"retry_initial_s": 0.5, "retry_max_s": 1, "deadline_s": 30, "scan_interval_s": 0.5}
     values.update(delivery)
     return load_settings(environ={}, overrides={
         "storage": {"data_dir": str(tmp_path / "data"), "fsync": False},
         "network": {"host": "127.0.0.1", "port": free_port()},
         "delivery": values,
-        "reports": {"secondary_capture": WITH_CAPTURES},
+        "reports": {"secondary_capture": True, "pdf": pdf},
         "peers": [
             {"name": "modality", "ae_titles": [SOURCE_AE], "host": "127.0.0.1", "roles": ["source"]},
             {"name": "archive", "ae_titles": [archive.ae_title], "host": archive.host, "port": archive.port,
@@ -145,13 +143,14 @@ def setup(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Setup]:
         archive.stop()
 
 
+@pytest.mark.parametrize("setup", [{"pdf": True}], indirect=True)
 def test_prediction_reaches_the_archive_and_the_study_is_delivered(setup: Setup) -> None:
     study_uid = setup.study.study_uid
     _analysed(setup.lifecycle, study_uid)
     report = setup.delivery.on_result(study_uid, _prediction(setup.study))
     assert report.sending
     kinds = sorted(f.kind for f in report.files)
-    assert kinds == ["sc"] * 5 * WITH_CAPTURES + ["sr"]
+    assert kinds == ["pdf"] + ["sc"] * 5 + ["sr"]
     assert all(f.path.is_file() and f.path.is_relative_to(setup.settings.storage.results_dir) for f in report.files)
     assert _wait_state(setup.lifecycle, study_uid, {StudyState.DELIVERED, StudyState.PARTLY_DELIVERED,
                                                     StudyState.DEAD_LETTERED}) is StudyState.DELIVERED
