@@ -181,6 +181,16 @@ class Delivery:
         self.runner = runner
         self.files = FileStore(settings.storage.data_dir, fsync=settings.storage.fsync)
 
+    def start(self) -> None:
+        """Start sending (the runner resumes rows left pending by an earlier run)."""
+        if self.runner is not None:
+            self.runner.start()
+
+    def stop(self) -> None:
+        """Stop sending after the pass in progress (rows stay in the index)."""
+        if self.runner is not None:
+            self.runner.stop()
+
     # -- prediction -> outbox -----------------------------------------------------------
 
     def on_result(self, study_uid: str, result: Result) -> DeliveryReport:
@@ -393,7 +403,11 @@ def build_delivery(
 ) -> Delivery:
     """Wire outbox, SCU, runner and report builder for :func:`dicom_node.bootstrap.build_node`.
 
-    Start ``delivery.runner`` with the node and stop it on shutdown.
+    In ``build_node``::
+
+        delivery = build_delivery(settings, session_factory, lifecycle, destinations_from_registry(peers))
+        # worker: on_result=delivery.on_result (after lifecycle.finish);
+        # Node.start: delivery.start(); Node.stop: delivery.stop()
     """
     uids = UIDFactory(settings.uid.root)
     holder: dict[str, Delivery] = {}

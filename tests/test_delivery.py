@@ -133,12 +133,11 @@ def setup(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Setup]:
     _send(study.paths(), port, settings.network.ae_title)
     lifecycle = Lifecycle(node.session_factory, settings.completion)
     delivery = build_delivery(settings, node.session_factory, lifecycle, destinations_from_registry(node.peers))
-    assert delivery.runner is not None
-    delivery.runner.start()
+    delivery.start()
     try:
         yield Setup(settings, node, lifecycle, delivery, archive, study)
     finally:
-        delivery.runner.stop()
+        delivery.stop()
         node.stop()
         archive.stop()
 
