@@ -1,23 +1,30 @@
 """Build the node's object graph once from the settings: ``build_node(settings)``.
 
 Reading order of a study's path: :mod:`dicom_node.scp` (association, C-STORE) ->
-:mod:`dicom_node.storage` (file) -> :mod:`dicom_node.index.repository` (rows) -> listeners.
+:mod:`dicom_node.storage` (file) -> :mod:`dicom_node.index.repository` (rows) -> listeners:
+:mod:`dicom_node.completion` (timers on the node's APScheduler) -> :mod:`dicom_node.lifecycle`
+(queue). :mod:`dicom_node.retention` purges on the same scheduler and guards the disk.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.completion import Completion, SelectionReadiness
 from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
+from dicom_node.lifecycle import Lifecycle
 from dicom_node.peers import PeerRegistry
+from dicom_node.retention import Retention
 from dicom_node.scp import AssociationTracker, Ingest, IngestListener, ListenerDispatcher, StorageSCP
 from dicom_node.settings import Settings
-from dicom_node.storage import DiskGuard, FileStore, WatermarkDiskGuard
+from dicom_node.storage import DiskGuard, FileStore
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +40,28 @@ class Node:
     peers: PeerRegistry
     dispatcher: ListenerDispatcher
     scp: StorageSCP
+    scheduler: BackgroundScheduler
+    lifecycle: Lifecycle
+    completion: Completion
+    retention: Retention
 
     def add_listener(self, listener: IngestListener) -> None:
         """Follow arrivals with ``listener`` (call before :meth:`start`; e.g. needing the session factory)."""
         self.dispatcher.listeners.append(listener)
 
     def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
-        """Start the SCP in background threads; returns the bound address."""
+        """Rebuild pending work from the index, start the timers, then the SCP; returns the bound address."""
+        self.lifecycle.rebuild_pending()
+        self.scheduler.start()
+        self.completion.start()
         return self.scp.start(host, port)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """Finish in-flight stores, stop listeners and release the database."""
+        """Finish in-flight stores, stop listeners and timers, release the database."""
         self.scp.stop(grace_s)
         self.dispatcher.close()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
         self.engine.dispose()
 
 
@@ -64,8 +80,8 @@ def build_node(
     listeners:
         Told about stored instances and released associations (e.g. completion).
     disk_guard:
-        Decides whether a C-STORE may be written; default :class:`WatermarkDiskGuard` at
-        ``retention.disk_high_watermark_pct`` (retention supplies one that purges first).
+        Decides whether a C-STORE may be written; default :class:`Retention`, which purges
+        processed studies before refusing above ``retention.disk_high_watermark_pct``.
     """
     files = FileStore(settings.storage.data_dir, fsync=settings.storage.fsync)
     leftovers = files.clean_tmp()
@@ -76,8 +92,20 @@ def build_node(
     session_factory = build_session_factory(engine)
     peers = PeerRegistry(session_factory)
     peers.seed(settings.peers)
-    guard = disk_guard or WatermarkDiskGuard(settings.storage.data_dir, settings.retention.disk_high_watermark_pct)
-    dispatcher = ListenerDispatcher(listeners)
+    scheduler = BackgroundScheduler(timezone=dt.timezone.utc)
+    lifecycle = Lifecycle(session_factory, settings.completion)
+    readiness = _selection_readiness(settings, session_factory)
+    completion = Completion(
+        settings.completion, lifecycle, session_factory, scheduler, data_dir=settings.storage.data_dir,
+        uid_root=settings.uid.root, could_use=readiness.could_use, pipeline_ready=readiness.pipeline_ready,
+    )
+    retention = Retention(settings.retention, settings.storage, session_factory)
+    scheduler.add_job(
+        retention.run, trigger="interval", seconds=settings.retention.check_interval_s, id="retention",
+        next_run_time=dt.datetime.now(dt.timezone.utc), coalesce=True, max_instances=1,
+    )
+    guard = disk_guard or retention
+    dispatcher = ListenerDispatcher([completion, *listeners])
     ingest = Ingest(
         files=files,
         session_factory=session_factory,
@@ -86,4 +114,16 @@ def build_node(
         tracker=AssociationTracker(),
     )
     scp = StorageSCP(settings.network, ingest=ingest, registry=peers)
-    return Node(settings, engine, session_factory, files, peers, dispatcher, scp)
+    return Node(settings, engine, session_factory, files, peers, dispatcher, scp, scheduler, lifecycle, completion, retention)
+
+
+def _selection_readiness(settings: Settings, session_factory: sessionmaker[Session]) -> SelectionReadiness:
+    """Completion's readiness rules from the series selection rules (a bad rules file stops start-up)."""
+    from inference.selection import Selector, load_selection_rules
+
+    selector = Selector(
+        load_selection_rules(settings.inference.selection_rules),
+        case_window_h=settings.inference.case_window_h,
+        prefer_pipeline=settings.inference.prefer_pipeline,
+    )
+    return SelectionReadiness(selector, session_factory, settings.storage.data_dir)

@@ -503,11 +503,8 @@ class Completion:
                 self._schedule(study, self._next_deadline(study))
             else:
                 del self._studies[study_uid]
-        for track in newly_complete:
+        for track in newly_complete:  # series.complete_at, shown by `fpe-node studies --study`
             self._set_series_complete(track.info.series_uid, utcnow())
-            self._lifecycle.note(
-                study_uid, f"series {track.info.series_uid} complete ({track.count} instances received)"
-            )
         if decision is not None:
             try:
                 self._study_ready(study, *decision)

@@ -70,7 +70,6 @@ def test_series_quiet_makes_the_study_ready(index: Index, scheduler: BackgroundS
     waited = _wait_for(index, "1.3.1", {"queued"})
     assert 0.2 < waited < 1.0  # the quiet period, not the study timeout
     events = _events(index, "1.3.1")
-    assert ("received", "series 1.3.1.1 complete (5 instances received)") in events
     assert [state for state, _ in events][-2:] == ["complete", "queued"]
     assert events[-1][1] == "1 usable series complete"
     with index.sessions() as session:
