@@ -45,7 +45,8 @@ n_slices=..., slice_spacing=..., drop=(), duplicate=(), ...) -> Series``
 
 Lower level: ``ct_datasets(...)``, ``mr_datasets(...)``, ``enhanced_mr_dataset(...)``,
 ``dose_report_dataset(...)``, ``write_datasets(datasets, folder, transfer_syntax)``,
-``phantom_labels(points)``. ``TRANSFER_SYNTAXES`` lists the encodings ``write_datasets`` can write:
+``phantom_labels(points)``, ``write_perfusion_ct(dir, ...)`` and ``write_ai_result_sc(dir, study)``
+(never-chosen series). ``TRANSFER_SYNTAXES`` lists the encodings ``write_datasets`` can write:
 Explicit VR LE, Implicit VR LE, Deflated Explicit VR LE, RLE Lossless (pydicom's encoder),
 JPEG-LS Lossless (pyjpegls) and JPEG 2000 Lossless (pylibjpeg-openjpeg).
 
@@ -471,7 +472,8 @@ def ct_datasets(
         ds.PatientPosition = "HFS"
         ds.RescaleSlope = f"{slope:.6g}"
         ds.RescaleIntercept = f"{intercept:.6g}"
-        ds.RescaleType = "HU"
+        if "LOCALIZER" not in image_type:
+            ds.RescaleType = "HU"
         ds.WindowCenter = "40" if kind == "ncct" else "200"
         ds.WindowWidth = "80" if kind == "ncct" else "700"
         if kind == "cta":
@@ -502,7 +504,10 @@ def dose_report_dataset(*, patient: Patient, study: dict[str, str], series_uid: 
         series=vendor,
         modality="SR",
     )
+    del ds.AcquisitionDate, ds.BodyPartExamined
     ds.InstanceNumber = 1
+    ds.PerformedProcedureCodeSequence = DicomSequence([])
+    ds.ReferencedPerformedProcedureStepSequence = DicomSequence([])
     ds.CompletionFlag = "COMPLETE"
     ds.VerificationFlag = "UNVERIFIED"
     ds.ValueType = "CONTAINER"
@@ -1000,7 +1005,7 @@ def enhanced_mr_dataset(
     ds.ContentQualification = "PRODUCT"
     ds.NumberOfFrames = len(singles)
     ds.AcquisitionDateTime = study["date"] + study["time"]
-    shared = Dataset()
+    shared = _enhanced_mr_modules(ds, contrast, ds.ImageType)
     measures = Dataset()
     measures.PixelSpacing = first.PixelSpacing
     measures.SliceThickness = first.SliceThickness
@@ -1009,9 +1014,6 @@ def enhanced_mr_dataset(
     orient = Dataset()
     orient.ImageOrientationPatient = first.ImageOrientationPatient
     shared.PlaneOrientationSequence = DicomSequence([orient])
-    frame_type = Dataset()
-    frame_type.FrameType = ds.ImageType
-    shared.MRImageFrameTypeSequence = DicomSequence([frame_type])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
     per_frame = []
     for index, single in enumerate(singles):
@@ -1020,20 +1022,124 @@ def enhanced_mr_dataset(
         content.FrameAcquisitionNumber = index // len(grid.positions) + 1
         content.InStackPositionNumber = index % len(grid.positions) + 1
         content.StackID = "1"
+        content.FrameAcquisitionDateTime = study["date"] + study["time"]
+        content.FrameReferenceDateTime = study["date"] + study["time"]
+        content.FrameAcquisitionDuration = 60.0
+        content.DimensionIndexValues = [content.FrameAcquisitionNumber, 1, content.InStackPositionNumber]
         group.FrameContentSequence = DicomSequence([content])
         position = Dataset()
         position.ImagePositionPatient = single.ImagePositionPatient
         group.PlanePositionSequence = DicomSequence([position])
-        if contrast == "dwi":
-            diffusion = Dataset()
-            diffusion.DiffusionBValue = single.get("DiffusionBValue", 0.0)
-            diffusion.DiffusionDirectionality = single.get("DiffusionDirectionality", "NONE")
-            group.MRDiffusionSequence = DicomSequence([diffusion])
+        diffusion = Dataset()
+        diffusion.DiffusionBValue = single.get("DiffusionBValue", 0.0)
+        diffusion.DiffusionDirectionality = single.get("DiffusionDirectionality", "ISOTROPIC" if contrast == "adc" else "NONE")
+        if "DiffusionGradientOrientation" in single:
+            diffusion.DiffusionGradientDirectionSequence = DicomSequence(
+                [_item(DiffusionGradientOrientation=single.DiffusionGradientOrientation)]
+            )
+        group.MRDiffusionSequence = DicomSequence([diffusion])
         per_frame.append(group)
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
     pixels = np.stack([np.frombuffer(s.PixelData, dtype=np.uint16).reshape(grid.rows, grid.cols) for s in singles])
     _set_pixels(ds, pixels)
     return ds
+
+
+def _item(**values: object) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
+
+
+def _enhanced_mr_modules(ds: Dataset, contrast: str, image_type: Sequence[str]) -> Dataset:
+    """Image-level attributes of the Enhanced MR Image IOD (PS3.3 A.36.2) and the shared
+    functional groups a diffusion or structural EPI acquisition carries. Returns the shared item."""
+    description = dict(
+        PixelPresentation="MONOCHROME",
+        VolumetricProperties="VOLUME",
+        VolumeBasedCalculationTechnique="NONE",
+        ComplexImageComponent="MAGNITUDE",
+        AcquisitionContrast="DIFFUSION" if contrast in ("dwi", "adc") else "FLUID_ATTENUATED",
+    )
+    for keyword, value in description.items():
+        setattr(ds, keyword, value)
+    del ds.AcquisitionDate
+    ds.PatientPosition = "HFS"
+    ds.AcquisitionContextSequence = DicomSequence([])
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.AcquisitionDuration = 60.0
+    ds.ApplicableSafetyStandardAgency = "IEC"
+    ds.KSpaceFiltering = "NONE"
+    ds.MagneticFieldStrength = "3"
+    ds.ResonantNucleus = "1H"
+    original = image_type[0] == "ORIGINAL"  # pulse sequence and FOV macros: ORIGINAL frames only
+    pulse = dict(
+        PulseSequenceName="ep2d_diff", MRAcquisitionType="2D", EchoPulseSequence="SPIN", MultipleSpinEcho="NO",
+        PhaseContrast="NO", TimeOfFlightContrast="NO", SteadyStatePulseSequence="NONE",
+        EchoPlanarPulseSequence="YES", SaturationRecovery="NO", SpectrallySelectedSuppression="NONE",
+        OversamplingPhase="NONE", GeometryOfKSpaceTraversal="RECTILINEAR", SegmentedKSpaceTraversal="SINGLE",
+        NumberOfKSpaceTrajectories=1, MultiPlanarExcitation="NO", RectilinearPhaseEncodeReordering="LINEAR",
+    )
+    for keyword, value in pulse.items() if original else ():
+        setattr(ds, keyword, value)
+    organization_uid = _uid(ds.SeriesInstanceUID, "dimensions")
+    ds.DimensionOrganizationSequence = DicomSequence([_item(DimensionOrganizationUID=organization_uid)])
+    pointers = (
+        (0x00189087, 0x00189117, "b-value"),  # Diffusion b-value in MR Diffusion Sequence
+        (0x00209056, 0x00209111, "stack"),  # Stack ID in Frame Content Sequence
+        (0x00209057, 0x00209111, "position"),  # In-Stack Position Number
+    )
+    ds.DimensionIndexSequence = DicomSequence(
+        [
+            _item(DimensionOrganizationUID=organization_uid, DimensionIndexPointer=pointer,
+                  FunctionalGroupPointer=group, DimensionDescriptionLabel=label)
+            for pointer, group, label in pointers
+        ]
+    )
+    shared = Dataset()
+    shared.MRTimingAndRelatedParametersSequence = DicomSequence([_item(
+        RepetitionTime=5000.0, FlipAngle=90.0, EchoTrainLength=1, RFEchoTrainLength=1, GradientEchoTrainLength=1,
+        SpecificAbsorptionRateSequence=DicomSequence([_item(
+            SpecificAbsorptionRateDefinition="IEC_WHOLE_BODY", SpecificAbsorptionRateValue=0.5,
+        )]),
+        OperatingModeSequence=DicomSequence([_item(OperatingModeType="STATIC FIELD", OperatingMode="IEC_NORMAL")]),
+        GradientOutputType="DB_DT",
+        GradientOutput=20.0,
+    )])
+    if original:
+        shared.MRFOVGeometrySequence = DicomSequence([_item(
+            InPlanePhaseEncodingDirection="COLUMN", MRAcquisitionFrequencyEncodingSteps=64,
+            MRAcquisitionPhaseEncodingStepsInPlane=64, PercentSampling=100.0, PercentPhaseFieldOfView=100.0,
+        )])
+    shared.MREchoSequence = DicomSequence([_item(EffectiveEchoTime=90.0)])
+    shared.MRModifierSequence = DicomSequence([_item(
+        InversionRecovery="NO", FlowCompensation="NONE", T2Preparation="NO", SpectrallySelectedExcitation="NONE",
+        SpatialPresaturation="NONE", PartialFourier="NO", ParallelAcquisition="NO",
+    )])
+    shared.MRImagingModifierSequence = DicomSequence([_item(
+        MagnetizationTransfer="NONE", BloodSignalNulling="NO", Tagging="NONE", TransmitterFrequency=123.2,
+        PixelBandwidth=1500.0,
+    )])
+    shared.MRReceiveCoilSequence = DicomSequence([_item(
+        ReceiveCoilName="HeadNeck_20", ReceiveCoilManufacturerName="", ReceiveCoilType="VOLUME", QuadratureReceiveCoil="NO",
+    )])
+    shared.MRTransmitCoilSequence = DicomSequence([_item(TransmitCoilName="Body", TransmitCoilManufacturerName="", TransmitCoilType="BODY")])
+    shared.MRAveragesSequence = DicomSequence([_item(NumberOfAverages=1.0)])
+    shared.FrameAnatomySequence = DicomSequence([_item(
+        FrameLaterality="U", AnatomicRegionSequence=DicomSequence([_code("12738006", "SCT", "Brain")]),
+    )])
+    shared.PixelValueTransformationSequence = DicomSequence([_item(
+        RescaleIntercept="0", RescaleSlope="1", RescaleType="US",
+    )])
+    shared.MRImageFrameTypeSequence = DicomSequence([_item(FrameType=list(image_type), **description)])
+    return shared
 
 
 def _dwi_frames(dwi: str) -> tuple[tuple[float, int | None], ...]:
@@ -1112,3 +1218,52 @@ def write_mr_stroke_study(
         paths = write_datasets(datasets, directory / "flair", transfer_syntax)
         study.series["flair"] = _record("flair", datasets, paths, "flair", transform, flair_grid)
     return study
+
+
+# --------------------------------------------------------------------------- never-chosen extras
+
+
+def write_perfusion_ct(directory: Path, *, n_phases: int = 3, n_slices: int = 8, **kwargs: object) -> Series:
+    """A CT perfusion series: the same few slices repeated over time (never chosen)."""
+    offsets = [10.0 + 5.0 * k for k in range(n_slices)] * n_phases
+    kwargs.setdefault("key", "perfusion")
+    kwargs.setdefault("description", "CTP HEAD PERFUSION 5mm")
+    kwargs.setdefault("series_number", 20)
+    return write_ct_series(directory, offsets=offsets, **kwargs)  # type: ignore[arg-type]
+
+
+def write_ai_result_sc(
+    directory: Path, study: Study, *, description: str = "RAPID ASPECTS SUMMARY", manufacturer: str = "iSchemaView"
+) -> Series:
+    """A Secondary Capture image (PS3.3 A.8.1) another vendor's AI put into ``study`` (never chosen)."""
+    first = next(iter(s for s in study.series.values() if s.modality in ("CT", "MR")))
+    source = _load_first(first.paths[0])
+    series_uid = str(_uid("series", study.study_uid, "ai", description))
+    ds = _base_dataset(
+        sop_class=SECONDARY_CAPTURE_STORAGE,
+        sop_uid=_uid(series_uid, 1),
+        patient=study.patient,
+        study=_study_info(study.study_uid, str(source.StudyDescription), str(source.StudyDate),
+                          str(source.StudyTime), str(source.AccessionNumber)),
+        series=dict(manufacturer=manufacturer, model="RAPID", software="5.2", station="AI1",
+                    uid=series_uid, number="901", description=description),
+        modality="OT",
+    )
+    del ds.AcquisitionDate, ds.BodyPartExamined
+    ds.ConversionType = "WSD"
+    ds.Laterality = ""
+    ds.PatientOrientation = ""
+    ds.InstanceNumber = 1
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    pixels = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 256)
+    _set_pixels(ds, pixels)
+    paths = write_datasets([ds], Path(directory) / "ai_result")
+    series = _record("ai_result", [ds], paths, None, None, None)
+    study.series["ai_result"] = series
+    return series
+
+
+def _load_first(path: Path) -> Dataset:
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True)

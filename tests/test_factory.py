@@ -106,3 +106,20 @@ def test_factory_is_deterministic(tmp_path: Path) -> None:
     one = factory.write_ct_series(tmp_path / "a", n_slices=3)
     two = factory.write_ct_series(tmp_path / "b", n_slices=3)
     assert [p.read_bytes() for p in one.paths] == [p.read_bytes() for p in two.paths]
+
+
+def test_written_objects_pass_dciodvfy_and_strict_reading(tmp_path: Path) -> None:
+    from tests.validators import dciodvfy_errors, read_strict
+
+    ct = factory.write_ct_stroke_study(tmp_path / "ct", rows=32, thin_slices=3, cta_slices=3, with_thick=False)
+    mr = factory.write_mr_stroke_study(tmp_path / "mr", rows=32, n_slices=3, dwi="ge")
+    enhanced = factory.write_mr_stroke_study(
+        tmp_path / "enh", rows=32, n_slices=3, enhanced=True, dwi="directional", with_flair=False
+    )
+    paths = [ct.series[key].paths[0] for key in ("localizer", "ncct_thin", "cta", "cta_mip", "ncct_coronal", "dose_report")]
+    paths += [mr.series[key].paths[0] for key in ("dwi", "adc", "flair")]
+    paths += [enhanced.series[key].paths[0] for key in ("dwi", "adc")]
+    paths += factory.write_ai_result_sc(tmp_path / "ct", ct).paths
+    for path in paths:
+        assert dciodvfy_errors(path) == [], path
+        read_strict(path)

@@ -101,11 +101,14 @@ def test_truncated_series_is_not_a_candidate(tmp_path: Path) -> None:
 
 
 def test_perfusion_and_ai_results_are_never_chosen(tmp_path: Path) -> None:
-    perfusion = factory.write_ct_series(tmp_path, key="perf", description="CT PERFUSION 5mm", n_slices=20, **SMALL)
+    perfusion = factory.write_perfusion_ct(tmp_path, **SMALL)
     ai = factory.write_ct_series(tmp_path, key="ai", description="RAPID ASPECTS", n_slices=20, **SMALL)
+    study = factory.Study(ai.study_uid, factory.default_patient(0), tmp_path, {"ai": ai})
+    screenshot = factory.write_ai_result_sc(tmp_path, study)
     decisions = {d.series_uid: d for d in Selector().explain(read_series_headers([tmp_path])).series}
     assert decisions[perfusion.series_uid].reason == "perfusion series"
     assert decisions[ai.series_uid].reason.startswith("AI or post-processing result")
+    assert decisions[screenshot.series_uid].reason == "AI or post-processing result (secondary capture)"
 
 
 def test_case_across_two_studies_of_one_patient(tmp_path: Path) -> None:
