@@ -12,7 +12,7 @@ from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from inference.training import metrics
-from inference.training.calibrate import fit_calibration, fit_platt, fit_temperature
+from inference.training.calibrate import apply_calibration, fit_calibration, fit_platt, fit_temperature
 from inference.training.splits import inner_validation_split, stratified_folds
 
 # Fixed vectors: ties inside and across classes, scores on bin edges.
@@ -118,7 +118,7 @@ def test_platt_matches_unpenalised_logistic_regression() -> None:
     reference = LogisticRegression(C=np.inf, tol=1e-10, max_iter=1000).fit(z[:, None], y)
     assert fitted.params["a"] == pytest.approx(reference.coef_[0, 0], rel=1e-5)
     assert fitted.params["b"] == pytest.approx(reference.intercept_[0], rel=1e-5, abs=1e-6)
-    np.testing.assert_allclose(fitted.apply(z), reference.predict_proba(z[:, None])[:, 1], atol=1e-6)
+    np.testing.assert_allclose(apply_calibration(fitted, z), reference.predict_proba(z[:, None])[:, 1], atol=1e-6)
 
 
 def test_temperature_fit_minimises_log_loss_and_survives_separable_data() -> None:
@@ -136,7 +136,7 @@ def test_temperature_fit_minimises_log_loss_and_survives_separable_data() -> Non
     assert log_loss(temperature) <= min(log_loss(temperature * 0.95), log_loss(temperature * 1.05))
     separable = fit_calibration("platt", [-3.0, -2.0, 2.0, 3.0], [0, 0, 1, 1])
     assert all(math.isfinite(v) for v in separable.params.values())
-    probs = separable.apply([-3.0, 3.0])
+    probs = apply_calibration(separable, [-3.0, 3.0])
     assert 0.0 < probs[0] < 0.5 < probs[1] < 1.0
 
 

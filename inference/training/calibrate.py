@@ -9,45 +9,24 @@ Both methods map the model's logit ``z`` to a probability:
 Fits minimise the negative log-likelihood with Newton's method. By default the targets are
 Platt's smoothed labels ``(N+ + 1) / (N+ + 2)`` and ``1 / (N- + 2)`` (Platt 1999), so a small,
 perfectly separated validation split does not drive the parameters to infinity.
+
+The fits return :class:`inference.model.calibration.Calibration`, the form checkpoint cards
+store and the node applies.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-CalibrationMethod = Literal["none", "temperature", "platt"]
+from inference.model.calibration import Calibration, CalibrationMethod
 _MIN_TEMPERATURE = 0.05
 _MAX_TEMPERATURE = 100.0
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """A fitted calibration: method and parameters (``{"temperature": T}`` or ``{"a": a, "b": b}``)."""
-
-    method: CalibrationMethod
-    params: dict[str, float]
-
-    def apply(self, logits: ArrayLike) -> NDArray[np.float64]:
-        """Probabilities for raw logits."""
-        z = np.asarray(logits, dtype=np.float64)
-        if self.method == "none":
-            return sigmoid(z)
-        if self.method == "temperature":
-            return sigmoid(z / self.params["temperature"])
-        return sigmoid(self.params["a"] * z + self.params["b"])
-
-    def to_dict(self) -> dict[str, object]:
-        """Plain form stored in a checkpoint card."""
-        return {"method": self.method, "params": dict(self.params)}
-
-
 def sigmoid(z: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Numerically stable logistic function."""
+    """Numerically stable logistic function of an array (used while fitting)."""
     out = np.empty_like(z, dtype=np.float64)
     positive = z >= 0
     out[positive] = 1.0 / (1.0 + np.exp(-z[positive]))
@@ -90,7 +69,7 @@ def fit_platt(logits: ArrayLike, labels: ArrayLike, *, smooth: bool = True, max_
         a, b = a - float(step[0]), b - float(step[1])
         if float(np.abs(step).max()) < 1e-10:
             break
-    return Calibration("platt", {"a": a, "b": b})
+    return Calibration(method="platt", params={"a": a, "b": b})
 
 
 def fit_temperature(logits: ArrayLike, labels: ArrayLike, *, smooth: bool = True, max_iter: int = 100) -> Calibration:
@@ -106,7 +85,7 @@ def fit_temperature(logits: ArrayLike, labels: ArrayLike, *, smooth: bool = True
         inverse = float(np.clip(inverse - step, 1.0 / _MAX_TEMPERATURE, 1.0 / _MIN_TEMPERATURE))
         if abs(step) < 1e-10:
             break
-    return Calibration("temperature", {"temperature": 1.0 / inverse})
+    return Calibration(method="temperature", params={"temperature": 1.0 / inverse})
 
 
 def fit_calibration(method: CalibrationMethod, logits: ArrayLike, labels: ArrayLike) -> Calibration:
@@ -116,5 +95,10 @@ def fit_calibration(method: CalibrationMethod, logits: ArrayLike, labels: ArrayL
     if method == "temperature":
         return fit_temperature(logits, labels)
     if method == "none":
-        return Calibration("none", {})
+        return Calibration()
     raise ValueError(f"unknown calibration method {method!r} (none, temperature, platt)")
+
+
+def apply_calibration(calibration: Calibration, logits: ArrayLike) -> NDArray[np.float64]:
+    """Scores of many logits, each exactly as the node computes it (:meth:`Calibration.apply`)."""
+    return np.asarray([calibration.apply(float(z)) for z in np.asarray(logits, dtype=np.float64).ravel()])

@@ -1,0 +1,61 @@
+"""``fpe-node evaluate CHECKPOINT MANIFEST --out DIR``: validate a checkpoint on a cohort.
+
+Scores the manifest's ``test`` rows (all rows when it has none) with the checkpoint -- a node
+checkpoint or a fold ensemble from ``fpe-node train`` -- through the serving preprocessing, and
+writes ``report.json``, ``report.txt``, ``per_case.csv``, ``roc.png`` and ``calibration.png``:
+ROC-AUC, sensitivity and specificity at the stored threshold with 95% bootstrap intervals,
+Brier score and reliability curve, the card's cross-validation summary, and how many decisions
+change under bf16. See :mod:`inference.training.evaluate`. Research use only, not for diagnosis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from dicom_node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``evaluate`` sub-command."""
+    parser = subparsers.add_parser("evaluate", help="evaluate a checkpoint on a cohort manifest")
+    parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="node checkpoint or ensemble.pt")
+    parser.add_argument("manifest", type=Path, metavar="MANIFEST", help="cohort CSV")
+    parser.add_argument("--out", type=Path, required=True, help="report folder")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16-versus-fp32 comparison")
+    parser.add_argument("--cache", type=Path, help="preprocessing cache folder (default OUT/cache)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Evaluate; exit 0 on success, 2 for a bad manifest, checkpoint or arguments."""
+    import torch
+
+    from inference.model.checkpoint import CheckpointError
+    from inference.training.evaluate import evaluate_manifest, format_report
+    from inference.training.manifest import ManifestError, selection_checker
+
+    if settings.inference.torch_threads:
+        torch.set_num_threads(settings.inference.torch_threads)
+    if not args.checkpoint.is_file():
+        print(f"fpe-node evaluate: checkpoint {args.checkpoint} does not exist")
+        return 2
+    try:
+        evaluation = evaluate_manifest(
+            args.checkpoint, args.manifest, args.out,
+            cache_dir=args.cache,
+            check_case=selection_checker(settings.inference.case_window_h),
+            n_resamples=args.bootstrap, seed=args.seed, compare_bf16=not args.no_bf16,
+        )
+    except (ManifestError, CheckpointError, ValueError) as exc:
+        print(f"fpe-node evaluate: {exc}")
+        return 2
+    print(format_report(evaluation.report), end="")
+    print(f"report written to {args.out}")
+    return 0
