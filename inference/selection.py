@@ -760,6 +760,27 @@ def would_change_selection(old: PipelinePlan | None, new: PipelinePlan | None) -
 # --------------------------------------------------------------------------- conveniences
 
 
+def case_files(
+    plan: PipelinePlan, headers: Sequence[SeriesHeader]
+) -> dict[str, tuple[tuple[Path, ...], str, float | None]]:
+    """role -> (files, derivation, b-value) of a plan, as :func:`inference.volumes.load_case_volumes` takes it.
+
+    Raises
+    ------
+    KeyError
+        When a chosen series is not among ``headers`` or was not read from files.
+    """
+    by_uid = {(h.study_uid, h.series_uid): h for h in headers}
+    files: dict[str, tuple[tuple[Path, ...], str, float | None]] = {}
+    for role, choice in plan.roles.items():
+        header = by_uid[(choice.study_uid, choice.series_uid)]
+        if not header.paths:
+            raise KeyError(f"series {choice.series_uid} has no files")
+        files[role] = (header.paths, choice.derivation, choice.b_value)
+    return files
+
+
+
 def explain(headers: Sequence[SeriesHeader], rules: SelectionRules | None = None, **kwargs: Any) -> Explanation:
     """Dry run with the given (or bundled) rules; see :meth:`Selector.explain`."""
     return Selector(rules, **kwargs).explain(headers)

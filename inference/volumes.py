@@ -603,3 +603,64 @@ def adc_from_b0_and_trace(b0: Volume, trace: Volume, b_value: float | None = Non
     adc = np.clip(adc, 0.0, 5000.0).astype(np.float32)
     note = f"ADC computed from b0 and trace (b={b:g})"
     return replace(trace, array=adc, b_value=None, notes=(*trace.notes, note))
+
+
+# --------------------------------------------------------------------------- a case's volumes
+
+
+@dataclass(frozen=True)
+class CaseVolumes:
+    """The volume of every role of a selected pipeline, with what was derived said in warnings."""
+
+    volumes: dict[str, Volume]
+    warnings: tuple[str, ...] = ()
+
+
+def load_case_volumes(
+    roles: dict[str, tuple[Sequence[Path], str, float | None]],
+    *,
+    min_coverage_mm: float = DEFAULT_MIN_COVERAGE_MM,
+) -> CaseVolumes:
+    """Load the volumes of a selected case.
+
+    Parameters
+    ----------
+    roles:
+        role -> (files of the series, derivation, b-value). ``derivation`` is the
+        :class:`inference.selection.RoleChoice` text: empty (read as is), a DWI plan (split by
+        b-value, build the trace from directions) or "ADC computed from b0 and trace" (the files
+        are then the DWI series'). ``b-value`` is the DWI b-value chosen.
+        :func:`inference.selection.case_files` builds this mapping from a plan.
+
+    Raises
+    ------
+    VolumeError
+        Naming the role whose series cannot make a sound volume.
+    """
+    volumes: dict[str, Volume] = {}
+    warnings: list[str] = []
+    diffusion: dict[tuple[str, ...], DiffusionSeries] = {}
+    for role, (paths, derivation, b_value) in roles.items():
+        key = tuple(str(p) for p in paths)
+        try:
+            if role == "dwi" or derivation.startswith("ADC computed"):
+                if key not in diffusion:
+                    diffusion[key] = load_diffusion(paths, min_coverage_mm=min_coverage_mm)
+                series = diffusion[key]
+                volumes[role] = _diffusion_role(role, series, b_value)
+            else:
+                volumes[role] = load_volume(paths, min_coverage_mm=min_coverage_mm)
+        except VolumeError as exc:
+            raise type(exc)(f"{role}: {exc.reason}", exc.series_uid) from exc
+        warnings.extend(volumes[role].notes)
+    return CaseVolumes(volumes, tuple(dict.fromkeys(warnings)))
+
+
+def _diffusion_role(role: str, series: DiffusionSeries, b_value: float | None) -> Volume:
+    trace = series.trace(b_value if b_value in series.by_b_value else None)
+    if role == "dwi":
+        return trace
+    b0 = series.b0()
+    if b0 is None:
+        raise VolumeError("ADC cannot be computed: the DWI series holds no b0 images", trace.series_uid)
+    return adc_from_b0_and_trace(b0, trace)

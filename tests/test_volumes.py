@@ -174,3 +174,26 @@ def test_sitk_geometry_round_trip(tmp_path: Path) -> None:
     point = image.TransformIndexToPhysicalPoint((0, 0, 3))
     assert np.allclose(point, volume.slice_positions()[3])
     assert sitk.GetArrayViewFromImage(image).shape == volume.shape
+
+
+def test_case_volumes_from_a_selection_plan(tmp_path: Path) -> None:
+    from inference.dicom_headers import read_series_headers
+    from inference.selection import Selector, case_files
+
+    factory.write_mr_stroke_study(tmp_path, dwi="directional", with_adc=False, rows=32)
+    headers = read_series_headers([tmp_path])
+    plan = Selector().select(headers)
+    assert plan is not None and plan.pipeline == "MR"
+    case = V.load_case_volumes(case_files(plan, headers))
+    assert set(case.volumes) == {"dwi", "adc", "flair"}
+    assert case.volumes["dwi"].b_value == 1000.0
+    assert case.volumes["adc"].shape == case.volumes["dwi"].shape
+    assert any(w.startswith("ADC computed from b0 and trace") for w in case.warnings)
+    assert any("geometric mean of 3 directions" in w for w in case.warnings)
+    assert case.volumes["flair"].frame_of_reference_uid != case.volumes["dwi"].frame_of_reference_uid
+
+
+def test_case_volume_error_names_the_role(tmp_path: Path) -> None:
+    series = factory.write_ct_missing_slice(tmp_path, n_slices=24, rows=32)
+    with pytest.raises(V.MissingSliceError, match="^ncct: missing slice"):
+        V.load_case_volumes({"ncct": (series.paths, "", None)})
