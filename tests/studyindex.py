@@ -1,31 +1,30 @@
 """Index fixtures shared by the life-cycle, completion, retention and ``studies`` tests.
 
-``index`` gives a migrated index on SQLite and, with ``@pytest.mark.parametrize`` over
-``BACKENDS``, on PostgreSQL; plus helpers that add studies, series and instances the way the
+``index`` gives a migrated index on SQLite and on PostgreSQL (a fresh schema per test from
+``tests.peers``; skipped without ``FPENODE_TEST_POSTGRES_URL``, failing on CI); narrow it with
+``@pytest.mark.parametrize("index", ["sqlite"], indirect=True)``. Plus helpers that add studies, series and instances the way the
 SCP's repository does.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.index.base import utcnow
 from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head, write_session
 from dicom_node.index.models import Instance, Series, Study
 from dicom_node.settings import Settings, load_settings
+from tests.peers import drop_postgres_schema, fresh_postgres_schema, postgres_base_url
 
 BACKENDS = ("sqlite", "postgresql")
-POSTGRES_ENV = "FPENODE_TEST_POSTGRES_URL"
 
 
 @dataclass
@@ -41,16 +40,8 @@ class Index:
         return self.settings.storage.data_dir
 
 
-def _postgres_url() -> str:
-    url = os.environ.get(POSTGRES_ENV)
-    if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{POSTGRES_ENV} is not set on CI")
-        pytest.skip(f"{POSTGRES_ENV} not set")
-    return url
-
-
-def make_settings(data_dir: Path, url: str | None = None, **sections: dict[str, object]) -> Settings:
+def index_settings(data_dir: Path, url: str | None = None, **sections: dict[str, object]) -> Settings:
+    """Settings for a test index in ``data_dir`` (SQLite unless ``url`` is given)."""
     overrides: dict[str, object] = {"storage": {"data_dir": str(data_dir), "fsync": False}, "index": {"url": url}}
     overrides.update(sections)
     return load_settings(environ={}, overrides=overrides)
@@ -60,28 +51,22 @@ def make_settings(data_dir: Path, url: str | None = None, **sections: dict[str, 
 def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
     """A fresh, migrated index (SQLite file, or a private schema on PostgreSQL)."""
     if request.param == "sqlite":
-        settings = make_settings(tmp_path / "data")
+        settings = index_settings(tmp_path / "data")
         engine = build_engine(settings)
         upgrade_to_head(engine)
         yield Index(settings, engine, build_session_factory(engine))
         engine.dispose()
         return
-    base_url = _postgres_url()
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base_url)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = base_url + ("&" if "?" in base_url else "?") + f"options=-csearch_path%3D{schema}"
-    settings = make_settings(tmp_path / "data", url)
+    base_url = postgres_base_url()
+    url, schema = fresh_postgres_schema(base_url)
+    settings = index_settings(tmp_path / "data", url)
     engine = build_engine(settings)
     try:
         upgrade_to_head(engine)
         yield Index(settings, engine, build_session_factory(engine))
     finally:
         engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+        drop_postgres_schema(base_url, schema)
 
 
 def add_study(
