@@ -71,10 +71,9 @@ class Fpe:
     INTENDED_USE = _private("FPE008", "Intended use")
     DEMONSTRATION_WEIGHTS = _private("FPE009", "Demonstration weights")
     DECISION_THRESHOLD = _private("FPE010", "Decision threshold")
-    ATTENTION_PEAK = _private("FPE011", "Attention map peak region")
-    PROCESSING_NOTE = _private("FPE012", "Processing note")
-    ATTENTION_MAP = _private("FPE013", "Attention map secondary capture")
-    RESULT_SUMMARY = _private("FPE014", "First pass effect result summary")
+    PROCESSING_NOTE = _private("FPE011", "Processing note")
+    ATTENTION_MAP = _private("FPE012", "Attention map secondary capture")
+    RESULT_SUMMARY = _private("FPE013", "First pass effect result summary")
 
 
 PRIVATE_CODES: tuple[CodedConcept, ...] = tuple(

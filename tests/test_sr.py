@@ -309,3 +309,15 @@ def test_uid_factory() -> None:
     for bad in ("1.2.826.0.1.3680043.8.498", "1.2.840.10008.9", "1..2", "abc", "1." + "2" * 45):
         with pytest.raises(ValueError):
             UIDFactory(bad)
+
+
+def test_private_codes_are_documented_once() -> None:
+    """Every private code is defined once and listed in docs/reports.md with its meaning."""
+    from reports.codes import PRIVATE_CODES
+
+    values = [code.value for code in PRIVATE_CODES]
+    assert len(values) == len(set(values))
+    assert all(code.scheme_designator == PRIVATE_SCHEME.designator for code in PRIVATE_CODES)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reports.md").read_text(encoding="utf-8")
+    for code in PRIVATE_CODES:
+        assert f"| `{code.value}` | {code.meaning} |" in doc, code
