@@ -70,8 +70,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 # -- queries ---------------------------------------------------------------------------------
 
 
-def study_rows(session: Session, *, state: str | None = None, limit: int | None = 50) -> list[Row]:
-    """One row per study, latest arrival first."""
+def study_rows(
+    session: Session, *, state: str | None = None, limit: int | None = 50, study_uid: str | None = None
+) -> list[Row]:
+    """One row per study (or only ``study_uid``), latest arrival first."""
     from dicom_node.index.models import Series, Study
 
     series_count = (
@@ -88,6 +90,8 @@ def study_rows(session: Session, *, state: str | None = None, limit: int | None 
     )
     if state:
         query = query.where(Study.state == state)
+    if study_uid:
+        query = query.where(Study.study_uid == study_uid)
     if limit:
         query = query.limit(limit)
     dead = _dead_letters_by_study(session)
@@ -118,7 +122,7 @@ def study_detail(session: Session, study_uid: str) -> Row | None:
     study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
     if study is None:
         return None
-    summary = next(row for row in study_rows(session, limit=None) if row["study_uid"] == study_uid)
+    (summary,) = study_rows(session, study_uid=study_uid, limit=None)
     series = session.execute(select(Series).where(Series.study_pk == study.id).order_by(Series.number, Series.id))
     events = session.execute(select(StudyEvent).where(StudyEvent.study_pk == study.id).order_by(StudyEvent.id))
     detail: Row = dict(summary)
