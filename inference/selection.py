@@ -10,8 +10,9 @@ acquired first, so a later equal series never displaces a choice.
 
 Roles and pipelines
 -------------------
-- CT: ``ncct`` (required, primary), ``cta`` (optional by default; a recipe that needs it lists it
-  under ``required``).
+- CT: ``ncct`` (required, primary), ``cta`` (optional in the rules file; the served recipe
+  decides: ``Selector(required_roles={"CT": recipe.ct.required_roles, ...})``, and the default
+  recipe, which has a CTA channel, requires it).
 - MR: ``dwi`` (required, primary: trace-weighted at the highest b >= 500 s/mm2), ``adc``
   (required, but derivable: computed from b0 and the trace when the DWI series holds both) and
   ``flair`` (required: the model's third MR channel).
@@ -42,7 +43,7 @@ import logging
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -186,6 +187,23 @@ class SelectionRules(_Frozen):
                 if self.roles[role].pipeline != name:
                     raise ValueError(f"role {role} belongs to pipeline {self.roles[role].pipeline}, not {name}")
         return self
+
+
+def with_required_roles(rules: SelectionRules, required: Mapping[Pipeline, Sequence[Role]]) -> SelectionRules:
+    """The rules with each named pipeline's required roles replaced (the rest of its roles optional).
+
+    Raises
+    ------
+    pydantic.ValidationError
+        When a role does not belong to the pipeline or the primary role is left out.
+    """
+    data = rules.model_dump()
+    for pipeline, roles in required.items():
+        spec = data["pipelines"][pipeline]
+        own = [role for role, rule in rules.roles.items() if rule.pipeline == pipeline]
+        spec["required"] = tuple(roles)
+        spec["optional"] = tuple(role for role in own if role not in roles)
+    return SelectionRules.model_validate(data)
 
 
 def load_selection_rules(path: Path | None = None) -> SelectionRules:
@@ -526,6 +544,10 @@ class Selector:
         Roles may come from studies of the same patient within this many hours of the primary's.
     prefer_pipeline:
         Pipeline used when both are ready; None: the rules' ``prefer_pipeline``.
+    required_roles:
+        Per pipeline, the roles the served recipe cannot do without (``PipelineRecipe.required_roles``):
+        they replace the rules' ``required``; the pipeline's other roles become optional. The
+        default recipe's CT pipeline, for instance, needs a CTA channel.
     """
 
     def __init__(
@@ -534,8 +556,10 @@ class Selector:
         *,
         case_window_h: float = 24.0,
         prefer_pipeline: Pipeline | None = None,
+        required_roles: Mapping[Pipeline, Sequence[Role]] | None = None,
     ) -> None:
-        self.rules = rules or load_selection_rules()
+        rules = rules or load_selection_rules()
+        self.rules = with_required_roles(rules, required_roles) if required_roles else rules
         self.case_window = timedelta(hours=case_window_h)
         self.prefer_pipeline: Pipeline = prefer_pipeline or self.rules.prefer_pipeline
 

@@ -60,8 +60,16 @@ def test_explain_shared_data_says_what_each_pipeline_lacks(capsys: pytest.Captur
     mr_patient = next(p for p in patients if any(s["description"] == "DWI_dir80_PA_TRACEW" for s in p["series"]))
     assert mr_patient["pipelines"]["MR"]["lacking"] == ["no flair series"]
     ct_patient = next(p for p in patients if any(s["description"] == "STD BRAIN 1MM, iDose" for s in p["series"]))
-    assert ct_patient["chosen_pipeline"] == "CT"
-    assert ct_patient["pipelines"]["CT"]["absent_optional"] == ["cta"]
+    # the default recipe's CT pipeline has a CTA channel: without a CTA the CT pipeline is not ready
+    assert ct_patient["chosen_pipeline"] is None
+    assert ct_patient["pipelines"]["CT"]["lacking"] == ["no cta series"]
+
+
+def test_explain_rules_only_makes_cta_optional(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--rules-only", str(SHARED / "ct_philips_headphantom_1mm")]) == 0
+    out = capsys.readouterr().out
+    assert "CT: ready (ncct: 'STD BRAIN 1MM, iDose')" in out and "optional roles absent: cta" in out
+    assert "Would run: CT pipeline" in out
 
 
 def test_explain_applies_study_age_only_with_now(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

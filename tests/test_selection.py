@@ -178,6 +178,18 @@ def test_pipeline_preference(ct_study: tuple[factory.Study, list[SeriesHeader]],
     assert Selector(prefer_pipeline="CT").explain(headers).chosen == "CT"
 
 
+def test_recipe_required_roles_override_the_rules(ct_study: tuple[factory.Study, list[SeriesHeader]]) -> None:
+    study, headers = ct_study
+    without_cta = [h for h in headers if h.series_uid != study.series["cta"].series_uid]
+    assert Selector().pipeline_ready(without_cta)  # rules file: CTA optional
+    strict = Selector(required_roles={"CT": ("ncct", "cta")})
+    plan = strict.explain(without_cta).pipelines["CT"]
+    assert not plan.ready and plan.lacking == ("no cta series",)
+    assert strict.pipeline_ready(headers)
+    with pytest.raises(ValidationError):
+        Selector(required_roles={"CT": ("cta",)})  # the primary role cannot be left out
+
+
 def test_rules_are_validated() -> None:
     data = load_selection_rules().model_dump()
     data["pipelines"]["CT"]["required"] = ["ncct", "dwi"]

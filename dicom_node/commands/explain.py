@@ -6,8 +6,11 @@ the reason it got none; then each pipeline (CT, MR) is shown ready, with the ser
 or with what it lacks, and the pipeline that would run. Nothing is stored or sent.
 
 The rules come from the settings (``inference.eligibility_rules``, ``inference.selection_rules``,
-``inference.case_window_h``, ``inference.prefer_pipeline``). The study-age rule applies only
-with ``--now`` (files examined offline are usually old).
+``inference.case_window_h``, ``inference.prefer_pipeline``). What each pipeline requires follows
+the recipe that would be served: the configured checkpoint's (its card is read) or, without one,
+the default recipe (whose CT pipeline needs a CTA). ``--rules-only`` uses the rules file's
+``required`` lists instead. The study-age rule applies only with ``--now`` (files examined
+offline are usually old).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any
 from dicom_node.settings import Settings
 from inference.dicom_headers import SeriesHeader, read_series_headers
 from inference.eligibility import EligibilityDecision, check_study, load_eligibility_rules
+from inference.recipe import DEFAULT_RECIPE, Recipe
+from inference.result import Pipeline, Role
 from inference.selection import Explanation, Selector, load_selection_rules
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,11 @@ def register(subparsers: Any) -> None:
         metavar="ISO",
         help="judge study age as if the studies arrived at this time (e.g. 2026-01-01T10:00); default: no age rule",
     )
+    parser.add_argument(
+        "--rules-only",
+        action="store_true",
+        help="required roles from the selection rules file, not from the recipe that would be served",
+    )
     parser.set_defaults(func=run)
 
 
@@ -55,6 +65,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             load_selection_rules(settings.inference.selection_rules),
             case_window_h=settings.inference.case_window_h,
             prefer_pipeline=settings.inference.prefer_pipeline,
+            required_roles=None if args.rules_only else recipe_required_roles(settings),
         )
         eligibility_rules = load_eligibility_rules(settings.inference.eligibility_rules)
     except ValueError as exc:
@@ -74,6 +85,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print("\n\n".join(_as_text(e, s, d) for e, s, d in report))
     return 0
+
+
+def recipe_required_roles(settings: Settings) -> dict[Pipeline, tuple[Role, ...]]:
+    """Per pipeline, the roles the served recipe needs (configured checkpoint, else the default)."""
+    recipe = DEFAULT_RECIPE
+    if settings.inference.checkpoint is not None:
+        from inference.model.checkpoint import load_checkpoint
+
+        card = load_checkpoint(settings.inference.checkpoint).card
+        if card.recipe is not None:
+            recipe = Recipe.from_dict(card.recipe)
+    return {pipeline: recipe.for_pipeline(pipeline).required_roles for pipeline in ("CT", "MR")}
 
 
 def _studies_of(explanation: Explanation, headers: Sequence[SeriesHeader]) -> dict[str, list[SeriesHeader]]:
