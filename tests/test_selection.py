@@ -217,3 +217,19 @@ def test_real_data_roles_and_what_pipelines_lack() -> None:
     assert mr.pipelines["MR"].roles["dwi"].b_value == 2500.0
     ct = next(e for e in explanations if any(d.description == "STD BRAIN 1MM, iDose" for d in e.series))
     assert ct.chosen == "CT" and ct.pipelines["CT"].absent_optional == ("cta",)
+
+
+def test_real_adc_arriving_replaces_a_computed_one(tmp_path: Path) -> None:
+    factory.write_mr_stroke_study(tmp_path / "first", dwi="directional", with_adc=False, n_slices=16, **SMALL)
+    headers = read_series_headers([tmp_path / "first"])
+    old = Selector().select(headers)
+    assert old is not None and old.roles["adc"].derived_from == "dwi"
+    # the scanner's ADC map of the same study arrives later
+    study = factory.write_mr_stroke_study(
+        tmp_path / "later", dwi="directional", with_flair=False, n_slices=16, **SMALL
+    )
+    adc = read_series_headers(study.series["adc"].paths)
+    new = Selector().select(headers + adc)
+    assert new is not None and new.roles["adc"].derived_from is None
+    assert would_change_selection(old, new)
+    assert not any("ADC computed" in w for w in new.warnings)
