@@ -152,3 +152,48 @@ def test_refuses_a_prediction_without_attention(ct_sources: list[Dataset]) -> No
         build_secondary_captures(prediction, ct_sources, UIDS, CONTEXT)
     with pytest.raises(ValueError, match="headers"):
         build_secondary_captures(fake_prediction(ct_sources), [], UIDS, CONTEXT)
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def test_real_philips_ct_and_siemens_enhanced_mr_sources(tmp_path: Path) -> None:
+    """Scanner-made headers: 512x512 Philips CT, and frames of a Siemens XA30 enhanced DWI."""
+    from reports.sr import build_sr
+
+    ct_dir = SHARED_DATA / "ct_philips_headphantom_1mm"
+    assert ct_dir.is_dir(), f"shared test data missing: {ct_dir}"
+    headers = sorted(
+        (pydicom.dcmread(p, stop_before_pixels=True) for p in ct_dir.iterdir() if p.is_file()),
+        key=lambda ds: float(ds.ImagePositionPatient[2]),
+    )
+    chosen = [pydicom.dcmread(ds.filename) for ds in headers[:: max(1, len(headers) // 12)]]
+    prediction = fake_prediction(chosen)
+    assert prediction.attention[0].image.shape == (512, 512)
+    captures = build_secondary_captures(prediction, chosen, UIDS, CONTEXT)
+    back = _save_valid(captures[12], tmp_path / "ct_sc.dcm")
+    assert (back.Rows, back.Columns)[0] > 512 and back.PatientID == chosen[0].PatientID
+    shown = prediction.attention[12]
+    cold = shown.heat < 0.01
+    expected = display_window(prediction).apply(shown.image)
+    np.testing.assert_array_equal(back.pixel_array[:512, :512, 0][cold], expected[cold])
+    sr_path = tmp_path / "ct_sr.dcm"
+    build_sr(prediction, chosen, UIDS, CONTEXT).save_as(sr_path, enforce_file_format=True)
+    assert not dciodvfy_errors(sr_path), dciodvfy_output(sr_path)
+    assert read_strict(sr_path).StudyInstanceUID == chosen[0].StudyInstanceUID
+
+    mr_dir = SHARED_DATA / "mr_siemens_xa30_dwi_enh" / "10_DWI_dir80_PA"
+    assert mr_dir.is_dir(), f"shared test data missing: {mr_dir}"
+    enhanced = pydicom.dcmread(sorted(p for p in mr_dir.iterdir() if p.is_file())[0])
+    mr_prediction = fake_prediction([enhanced], pipeline="MR", primary_role="dwi")
+    assert mr_prediction.peak is not None and mr_prediction.peak.source.frame is not None
+    mr_sr = build_sr(mr_prediction, [enhanced], UIDS, CONTEXT)
+    mr_sr_path = tmp_path / "mr_sr.dcm"
+    mr_sr.save_as(mr_sr_path, enforce_file_format=True)
+    assert not dciodvfy_errors(mr_sr_path), dciodvfy_output(mr_sr_path)
+    frames = [e.value for e in read_strict(mr_sr_path).iterall() if e.keyword == "ReferencedFrameNumber"]
+    assert frames == [mr_prediction.peak.source.frame]
+    mr_captures = build_secondary_captures(mr_prediction, [enhanced], UIDS, CONTEXT)
+    mr_back = _save_valid(mr_captures[12], tmp_path / "mr_sc.dcm")
+    assert mr_back.StudyInstanceUID == enhanced.StudyInstanceUID
+    assert mr_back.SourceImageSequence[0].ReferencedFrameNumber == mr_prediction.attention[12].source.frame

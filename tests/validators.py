@@ -17,12 +17,14 @@ the report tests.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import subprocess
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +155,66 @@ def sorted_by_position(datasets: Sequence[Dataset]) -> list[Dataset]:
     return sorted(datasets, key=lambda ds: float(ds.ImagePositionPatient[2]))
 
 
+@dataclass(frozen=True)
+class _Plane:
+    """One 2-D source image: a single-frame instance or one frame of an enhanced instance."""
+
+    source: SourceInstance
+    image: np.ndarray
+    position: tuple[float, float, float]
+    orientation: tuple[float, float, float, float, float, float]
+    spacing: tuple[float, float]
+
+
+def _floats(values: Sequence[object], count: int) -> tuple[float, ...]:
+    result = tuple(float(v) for v in values)  # type: ignore[arg-type]
+    assert len(result) == count
+    return result
+
+
+def _planes(datasets: Sequence[Dataset]) -> list[_Plane]:
+    """Every 2-D image of the datasets in modality units, enhanced multi-frame files included."""
+    planes = []
+    for ds in datasets:
+        pixels = ds.pixel_array.astype(np.float32)
+        if "PerFrameFunctionalGroupsSequence" not in ds:
+            image = pixels * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+            planes.append(
+                _Plane(
+                    source_instance(ds),
+                    image,
+                    _floats(ds.ImagePositionPatient, 3),  # type: ignore[arg-type]
+                    _floats(ds.ImageOrientationPatient, 6),  # type: ignore[arg-type]
+                    _floats(ds.PixelSpacing, 2),  # type: ignore[arg-type]
+                )
+            )
+            continue
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        frames = pixels if pixels.ndim == 3 else pixels[None]
+        for number, (frame, group) in enumerate(zip(frames, ds.PerFrameFunctionalGroupsSequence), start=1):
+            orientation = (group.get("PlaneOrientationSequence") or shared.PlaneOrientationSequence)[0]
+            measures = (group.get("PixelMeasuresSequence") or shared.PixelMeasuresSequence)[0]
+            source = dataclasses.replace(source_instance(ds), frame=number)
+            planes.append(
+                _Plane(
+                    source,
+                    frame,
+                    _floats(group.PlanePositionSequence[0].ImagePositionPatient, 3),  # type: ignore[arg-type]
+                    _floats(orientation.ImageOrientationPatient, 6),  # type: ignore[arg-type]
+                    _floats(measures.PixelSpacing, 2),  # type: ignore[arg-type]
+                )
+            )
+    return planes
+
+
+def _sources(planes: Sequence[_Plane]) -> tuple[SourceInstance, ...]:
+    """Every source instance once (frames of one enhanced instance are one instance)."""
+    seen: dict[str, SourceInstance] = {}
+    for plane in planes:
+        seen.setdefault(plane.source.sop_instance_uid, dataclasses.replace(plane.source, frame=None))
+    return tuple(seen.values())
+
+
 def _blob(shape: tuple[int, int], centre: tuple[float, float], sigma: float, amplitude: float) -> np.ndarray:
     rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
     return amplitude * np.exp(-((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2) / (2 * sigma**2))
@@ -173,24 +235,23 @@ def fake_prediction(
     peaks at model slice ``n_slices // 2``; the peak outline is a closed square around it.
     """
     model = model or model_info()
-    ordered = sorted_by_position(datasets)
+    planes = sorted(_planes(datasets), key=lambda plane: plane.position[2])
     peak_slice = n_slices // 2
     slices = []
     for index in range(n_slices):
-        ds = ordered[min(len(ordered) - 1, round(index * (len(ordered) - 1) / max(1, n_slices - 1)))]
-        image = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
-        rows, cols = image.shape
+        plane = planes[min(len(planes) - 1, round(index * (len(planes) - 1) / max(1, n_slices - 1)))]
+        rows, cols = plane.image.shape
         amplitude = math.exp(-((index - peak_slice) ** 2) / 18.0)
         heat = _blob((rows, cols), (rows * 0.4, cols * 0.6), rows / 8, amplitude)
         slices.append(
             AttentionSlice(
                 model_slice=index,
-                source=source_instance(ds),
-                image=image,
+                source=plane.source,
+                image=plane.image,
                 heat=heat.astype(np.float32),
-                position_patient=tuple(float(v) for v in ds.ImagePositionPatient),  # type: ignore[arg-type]
-                orientation_patient=tuple(float(v) for v in ds.ImageOrientationPatient),  # type: ignore[arg-type]
-                pixel_spacing=(float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
+                position_patient=plane.position,
+                orientation_patient=plane.orientation,
+                pixel_spacing=plane.spacing,
                 slice_weight=1.0 / n_slices,
             )
         )
@@ -219,8 +280,8 @@ def fake_prediction(
         positive=score >= model.threshold,
         model=model,
         primary_role=primary_role,  # type: ignore[arg-type]
-        series_used={primary_role: str(ordered[0].SeriesInstanceUID)},
-        sources=tuple(source_instance(ds) for ds in ordered),
+        series_used={primary_role: planes[0].source.series_uid},
+        sources=_sources(planes),
         attention=tuple(slices),
         peak=peak,
         slice_weights=tuple(s.slice_weight for s in slices),
