@@ -1,0 +1,261 @@
+"""Rigid co-registration of a case's other roles onto its primary role (recipe step 2).
+
+The transforms map points of the primary (fixed) image to points of the moving image, the
+SimpleITK convention, so ``sitk.Resample(moving, reference_on_fixed_grid, transform)`` brings
+the moving image onto the fixed image's physical space. Registration runs on block-averaged
+working copies of about ``RegistrationSpec.working_spacing_mm`` voxels; the resulting
+transform is applied once, in the final resampling to the model grid.
+
+Whether to register follows the frame of reference rule of PS3.3 C.7.4.1: images that share a
+FrameOfReferenceUID are spatially related by the scanner, so they need no registration; with
+the same grid as well they need no resampling either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import SimpleITK as sitk
+
+from inference.recipe import RegistrationSpec
+
+log = logging.getLogger(__name__)
+
+Method = Literal["same-grid", "same-frame", "registered", "initial-only"]
+
+_TOP_SLAB_MM = 60.0  # head cap used to align the vertices before optimising
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """How one moving role was brought onto the primary."""
+
+    transform: sitk.Transform  # fixed (primary) point -> moving point
+    method: Method
+    metric_before: float | None = None  # Mattes MI (negative; lower is better)
+    metric_after: float | None = None
+    iterations: int = 0
+    stop_condition: str = ""
+    rotation_deg: float = 0.0  # magnitude of the rotation found
+    translation_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    warning: str | None = None
+
+    def summary(self) -> dict[str, object]:
+        """JSON-friendly description (for timings/warnings in results and logs)."""
+        return {
+            "method": self.method,
+            "metric_before": self.metric_before,
+            "metric_after": self.metric_after,
+            "iterations": self.iterations,
+            "rotation_deg": round(self.rotation_deg, 3),
+            "translation_mm": [round(v, 3) for v in self.translation_mm],
+        }
+
+
+def same_grid(first: sitk.Image, second: sitk.Image, tolerance_mm: float = 1e-3) -> bool:
+    """True when both images have the same size, spacing, origin and direction cosines."""
+    if first.GetSize() != second.GetSize():
+        return False
+    if not np.allclose(first.GetSpacing(), second.GetSpacing(), rtol=0, atol=tolerance_mm):
+        return False
+    if not np.allclose(first.GetOrigin(), second.GetOrigin(), rtol=0, atol=tolerance_mm):
+        return False
+    return bool(np.allclose(first.GetDirection(), second.GetDirection(), rtol=0, atol=1e-6))
+
+
+def block_average(image: sitk.Image, target_spacing: tuple[float, float, float]) -> sitk.Image:
+    """Average blocks of voxels so that no axis is much finer than ``target_spacing``.
+
+    ``target_spacing`` is given along the patient axes (x, y, z); each image axis takes the
+    spacing of the patient axis its direction cosine points along most. Integer factors only
+    (``BinShrink``), so this is an exact box filter: an anti-aliasing step before resampling
+    thin slices onto a coarse grid, and the cheap way to make reduced-resolution copies.
+    """
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    factors = []
+    for axis, spacing in enumerate(image.GetSpacing()):
+        cosines = np.abs(direction[:, axis])
+        wanted = float(np.dot(cosines / cosines.sum(), np.asarray(target_spacing, dtype=float)))
+        factors.append(max(1, min(int(math.floor(wanted / spacing + 1e-6)), image.GetSize()[axis])))
+    if all(factor == 1 for factor in factors):
+        return image
+    return sitk.BinShrink(image, factors)
+
+
+def working_copy(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """Float32 copy block-averaged to about ``spacing_mm`` voxels."""
+    return sitk.Cast(block_average(image, (spacing_mm, spacing_mm, spacing_mm)), sitk.sitkFloat32)
+
+
+def foreground_mask(image: sitk.Image) -> sitk.Image:
+    """Largest connected component above Otsu's threshold (the head against air)."""
+    smoothed = sitk.SmoothingRecursiveGaussian(image, float(min(image.GetSpacing())))
+    mask = sitk.OtsuThreshold(smoothed, 0, 1)
+    components = sitk.ConnectedComponent(mask)
+    largest = sitk.RelabelComponent(components, sortByObjectSize=True) == 1
+    return sitk.Cast(largest, sitk.sitkUInt8)
+
+
+def _physical_points(mask: sitk.Image) -> np.ndarray:
+    """Physical (x, y, z) of every voxel centre inside ``mask``."""
+    indices = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1].astype(float)  # (i, j, k)
+    spacing = np.asarray(mask.GetSpacing())
+    direction = np.asarray(mask.GetDirection()).reshape(3, 3)
+    return np.asarray(mask.GetOrigin()) + (indices * spacing) @ direction.T
+
+
+def head_cap_centre(mask: sitk.Image) -> np.ndarray:
+    """Centroid of the top ``_TOP_SLAB_MM`` of a head mask, at the height of the vertex.
+
+    Used to start the optimiser: a CTA of head and neck and a head-only NCCT share their
+    vertex, not their centre of mass.
+    """
+    points = _physical_points(mask)
+    if len(points) == 0:
+        raise ValueError("empty head mask: nothing to register")
+    top = points[:, 2].max()
+    cap = points[points[:, 2] >= top - _TOP_SLAB_MM]
+    return np.array([cap[:, 0].mean(), cap[:, 1].mean(), top])
+
+
+def initial_transform(fixed: sitk.Image, moving: sitk.Image) -> sitk.Euler3DTransform:
+    """Translation that aligns the two head caps, rotation zero.
+
+    The rotation centre is the fixed head's centroid, which keeps rotation and translation
+    parameters nearly independent for the optimiser.
+    """
+    fixed_mask = foreground_mask(fixed)
+    fixed_centre = head_cap_centre(fixed_mask)
+    moving_centre = head_cap_centre(foreground_mask(moving))
+    transform = sitk.Euler3DTransform()
+    transform.SetCenter(tuple(float(v) for v in _physical_points(fixed_mask).mean(axis=0)))
+    transform.SetTranslation(tuple(float(v) for v in moving_centre - fixed_centre))
+    return transform
+
+
+def _rotation_angle_deg(transform: sitk.Euler3DTransform) -> float:
+    matrix = np.asarray(transform.GetMatrix()).reshape(3, 3)
+    cosine = (np.trace(matrix) - 1.0) / 2.0
+    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+
+
+@contextlib.contextmanager
+def _single_threaded() -> Iterator[None]:
+    """Run ITK filters on one thread inside the block, then restore the previous default.
+
+    ITK's pool threader sums the metric and pyramid filters over work units in whatever order
+    they finish, which changes the last bits of the transform from run to run. The working
+    copies are small, so one thread costs little and buys bit-for-bit reproducibility.
+    """
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+
+
+def _optimizer_scales(fixed_mask: sitk.Image, centre: tuple[float, float, float]) -> list[float]:
+    """Scales making one radian of rotation weigh what it moves the head by (RMS radius squared)."""
+    points = _physical_points(fixed_mask)
+    radius_sq = float(np.mean(np.sum((points - np.asarray(centre)) ** 2, axis=1)))
+    return [radius_sq] * 3 + [1.0] * 3
+
+
+def _registration_method(
+    spec: RegistrationSpec, fixed_mask: sitk.Image, centre: tuple[float, float, float]
+) -> sitk.ImageRegistrationMethod:
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=spec.histogram_bins)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(spec.sampling_percentage, spec.seed)
+    method.SetMetricFixedMask(fixed_mask)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=spec.learning_rate,
+        minStep=spec.min_step,
+        numberOfIterations=spec.iterations,
+        relaxationFactor=0.5,
+        gradientMagnitudeTolerance=1e-8,
+    )
+    method.SetOptimizerScales(_optimizer_scales(fixed_mask, centre))
+    method.SetShrinkFactorsPerLevel(list(spec.shrink_factors))
+    method.SetSmoothingSigmasPerLevel(list(spec.smoothing_sigmas_mm))
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    return method
+
+
+def register_rigid(fixed: sitk.Image, moving: sitk.Image, spec: RegistrationSpec) -> RegistrationResult:
+    """Find the rigid transform (fixed point -> moving point) maximising mutual information.
+
+    Both images are block-averaged to ``spec.working_spacing_mm`` first; the metric is
+    sampled inside the fixed image's head mask with a fixed seed, so the same input gives the
+    same transform. When the optimiser ends with a worse metric than it started from, the
+    initial head-cap alignment is kept and a warning says so.
+    """
+    fixed_small = working_copy(fixed, spec.working_spacing_mm)
+    moving_small = working_copy(moving, spec.working_spacing_mm)
+    with _single_threaded():
+        transform = initial_transform(fixed_small, moving_small)
+        method = _registration_method(spec, foreground_mask(fixed_small), transform.GetCenter())
+        method.SetInitialTransform(transform, inPlace=True)
+        metric_before = float(method.MetricEvaluate(fixed_small, moving_small))
+        method.Execute(fixed_small, moving_small)
+        # Evaluate the end point the same way as the start (full resolution, no smoothing).
+        metric_after = float(method.MetricEvaluate(fixed_small, moving_small))
+    warning = None
+    method_name: Method = "registered"
+    if not metric_after <= metric_before:
+        warning = f"registration made mutual information worse ({metric_before:.4f} -> {metric_after:.4f}); kept the initial alignment"
+        transform = initial_transform(fixed_small, moving_small)
+        method_name = "initial-only"
+    result = RegistrationResult(
+        transform=transform,
+        method=method_name,
+        metric_before=metric_before,
+        metric_after=metric_after,
+        iterations=int(method.GetOptimizerIteration()),
+        stop_condition=method.GetOptimizerStopConditionDescription(),
+        rotation_deg=_rotation_angle_deg(transform),
+        translation_mm=tuple(float(v) for v in transform.GetTranslation()),  # type: ignore[arg-type]
+        warning=warning,
+    )
+    log.debug("registration %s", result.summary())
+    return result
+
+
+def align(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    spec: RegistrationSpec,
+    *,
+    fixed_frame_uid: str | None = None,
+    moving_frame_uid: str | None = None,
+) -> RegistrationResult:
+    """Decide how ``moving`` reaches ``fixed`` and do it (recipe step 2).
+
+    Same FrameOfReferenceUID and grid: nothing to do. Same FrameOfReferenceUID only: the
+    identity (the scanner's patient coordinates already agree, PS3.3 C.7.4.1). No frame of
+    reference (NIfTI) with the same grid: assumed co-registered, as research cohorts deliver
+    them. Otherwise, or when the recipe disables nothing: :func:`register_rigid`.
+    """
+    identity = sitk.Euler3DTransform()
+    grids_match = same_grid(fixed, moving, spec.grid_tolerance_mm)
+    same_frame = fixed_frame_uid is not None and fixed_frame_uid == moving_frame_uid
+    if grids_match and (same_frame or (fixed_frame_uid is None and moving_frame_uid is None)):
+        return RegistrationResult(transform=identity, method="same-grid")
+    if same_frame:
+        return RegistrationResult(transform=identity, method="same-frame")
+    if not spec.enabled:
+        return RegistrationResult(
+            transform=identity,
+            method="same-frame",
+            warning="registration disabled by the recipe: frames of reference assumed to agree",
+        )
+    return register_rigid(fixed, moving, spec)
