@@ -326,7 +326,12 @@ class Completion:
             if reopened_series:
                 self._set_series_complete(info.series_uid, None)
             return
-        self._admit_series(series_info_of(info), now)
+        series = series_info_of(info)
+        try:
+            self._admit_series(series, now)
+        except Exception:  # noqa: BLE001 - never lose a series: time it as a plain arrival
+            log.exception("study %s: could not judge new series %s; timing it as received", info.study_uid, info.series_uid)
+            self._track(series, now, usable=default_could_use(series))
 
     def association_released(self, series_uids: Iterable[str]) -> None:
         """The series an association sent count as quiet after a short grace period."""
@@ -407,7 +412,23 @@ class Completion:
     # -- deciding about a series seen for the first time -------------------------------
 
     def _usable(self, info: SeriesInfo) -> bool:
-        return not is_own_result(info, self._uid_root) and self._could_use(info)
+        return not is_own_result(info, self._uid_root) and self._rule_could_use(info)
+
+    def _rule_could_use(self, info: SeriesInfo) -> bool:
+        """``could_use``; a rule that fails falls back to :func:`default_could_use` (logged)."""
+        try:
+            return self._could_use(info)
+        except Exception:  # noqa: BLE001 - a broken rule must not stall completion
+            log.exception("could_use failed for series %s; using the default rule", info.series_uid)
+            return default_could_use(info)
+
+    def _rule_pipeline_ready(self, series: Sequence[SeriesInfo]) -> bool:
+        """``pipeline_ready``; a rule that fails counts as not ready (the study timeout still applies)."""
+        try:
+            return self._pipeline_ready(series)
+        except Exception:  # noqa: BLE001 - a broken rule must not stall completion
+            log.exception("pipeline_ready failed for study %s; waiting for the study timeout", series[0].study_uid)
+            return False
 
     def _admit_series(self, info: SeriesInfo, now: float) -> None:
         state, known = self._study_and_series_state(info.study_uid, info.series_uid)
@@ -439,7 +460,7 @@ class Completion:
             return "the node's own result; not re-opened"
         if is_non_image(info):
             return f"another system's {info.modality or 'non-image'} object; not re-opened"
-        if not self._could_use(info):
+        if not self._rule_could_use(info):
             return "no pipeline could use it; not re-opened"
         return None
 
@@ -532,7 +553,7 @@ class Completion:
         """``(reason, has_usable)`` when the study is ready or timed out, else ``None``."""
         usable = [t for t in study.series.values() if t.usable]
         if usable and all(t.complete for t in usable):
-            if self._pipeline_ready([t.info for t in usable]):
+            if self._rule_pipeline_ready([t.info for t in usable]):
                 return f"{len(usable)} usable series complete", True
         if now - study.last_at >= self._timeout - 1e-3:
             return f"study timeout ({self._timeout:g} s after its last instance)", bool(usable)

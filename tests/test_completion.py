@@ -172,3 +172,16 @@ def test_selection_rules_decide_which_series_count(index: Index, scheduler: Back
         completion.instance_stored(value)
     _wait_for(index, study.study_uid, {"queued"})
     assert _events(index, study.study_uid)[-1][1] == "1 usable series complete"
+
+
+def test_failing_rules_never_stall_a_study(index: Index, scheduler: BackgroundScheduler) -> None:
+    def broken_could_use(series: SeriesInfo) -> bool:
+        raise OSError("header unreadable")
+
+    def broken_ready(series: Sequence[SeriesInfo]) -> bool:
+        raise ValueError("rules bug")
+
+    completion = _completion(index, scheduler, could_use=broken_could_use, pipeline_ready=broken_ready)
+    receive(index, completion, Stored("1.3.10", "1.3.10.1", "x"), count=2)
+    assert _wait_for(index, "1.3.10", {"queued"}) > 1.0  # default could_use, then the study timeout
+    assert _events(index, "1.3.10")[-2][1] == "study timeout (1.2 s after its last instance)"
