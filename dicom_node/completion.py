@@ -17,7 +17,9 @@ several studies, PS3.4 B.2), so the node decides from timing:
 
 **Re-opening.** A series arriving after the study left ``received`` re-opens it only when it
 is a *new* series (not one the study already had: a PACS that re-sends the whole study after
-our results landed must not start a second analysis) and a pipeline could use it. The node's
+our results landed must not start a second analysis) and a pipeline could use it. Late
+instances of a usable series the study already had pull it back only while it still waits in
+the queue (``complete``/``queued``), so a worker never starts on a series still arriving. The node's
 own results (SOP Instance or Series UID under ``uid.root``, or Manufacturer ``fpe-node``),
 other systems' SR, SC, presentation states, KO, PDF and any series ``could_use`` rejects never
 re-open a study: a PACS that routes results back would otherwise loop forever. The decision is
@@ -435,7 +437,7 @@ class Completion:
         if state is None or state is StudyState.RECEIVED:
             self._track(info, now, usable=self._usable(info))
             return
-        why_not = self._why_no_reopen(info, known)
+        why_not = self._why_no_reopen(info, known, state)
         if why_not is not None:
             self._remember_ignored(info.series_uid)
             if not known:
@@ -443,7 +445,8 @@ class Completion:
                 self._lifecycle.note(info.study_uid, f"series {info.series_uid} arrived while {state.value}: {why_not}")
             log.info("study %s not re-opened by series %s: %s", info.study_uid, info.series_uid, why_not)
             return
-        reason = f"re-opened by new series {info.series_uid} ({info.modality or '?'})"
+        what = "more instances of series" if known else "new series"
+        reason = f"re-opened by {what} {info.series_uid} ({info.modality or '?'})"
         if state in BUSY_STATES:
             self._track(info, now, usable=True, reopen=reason)
             self._lifecycle.note(info.study_uid, f"series {info.series_uid} arrived while {state.value}; re-open when done")
@@ -453,8 +456,14 @@ class Completion:
             return
         self._track(info, now, usable=True)
 
-    def _why_no_reopen(self, info: SeriesInfo, known: bool) -> str | None:
-        if known:
+    def _why_no_reopen(self, info: SeriesInfo, known: bool, state: StudyState) -> str | None:
+        """Why this series must not re-open the study, or ``None`` when it may.
+
+        More instances of a series the study already had may pull a *waiting* study back (no
+        result exists yet, and the worker should see the whole series), never a busy or
+        processed one (a PACS re-sending the study with our results must not loop).
+        """
+        if known and state not in WAITING_STATES:
             return "a series the study already had (late or repeated instance); not re-opened"
         if is_own_result(info, self._uid_root):
             return "the node's own result; not re-opened"

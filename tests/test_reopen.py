@@ -141,3 +141,23 @@ def test_a_usable_series_during_analysis_reopens_when_it_is_over(index: Index, s
     lifecycle.finish(STUDY, S.ANALYSED)
     _wait_state(index, "queued", timeout=3.0)
     assert _jobs(index) == 2
+
+
+def test_late_instances_pull_a_waiting_study_back_but_not_a_processed_one(
+    index: Index, scheduler: BackgroundScheduler
+) -> None:
+    lifecycle = Lifecycle(index.sessions, SHORT)
+    completion = Completion(SHORT, lifecycle, index.sessions, scheduler, data_dir=index.data_dir, uid_root=ROOT)
+    receive(index, completion, Stored(STUDY, "1.4.1.2", "a"), 3)
+    _wait_state(index, "queued")
+    receive(index, completion, Stored(STUDY, "1.4.1.2", "a"), 2)  # the sender paused longer than the quiet period
+    assert _state(index) == "received"
+    assert "re-opened by more instances of series 1.4.1.2 (CT)" in _details(index)
+    _wait_state(index, "queued")
+    job = lifecycle.claim_next()
+    assert job is not None
+    lifecycle.finish(STUDY, S.ANALYSED)
+    receive(index, completion, Stored(STUDY, "1.4.1.2", "a"), 2)  # now too late: processed
+    time.sleep(SHORT.study_timeout_s + 0.2)
+    assert _state(index) == "analysed"
+    assert _jobs(index) == 2  # the first, cancelled when pulled back, and the one that ran
