@@ -37,6 +37,7 @@ from dicom_node.outbox import (
 from dicom_node.scu import COMPREHENSIVE_3D_SR, Destination, ScuTimeouts, StoreOutcome, StoreScu
 from dicom_node.settings import Settings, load_settings
 from tests.archives import SC_STORAGE, StorescpArchive, free_port, make_sc, make_sr
+from tests.peers import drop_postgres_schema, fresh_postgres_schema, postgres_base_url
 
 STUDY = "2.25.2000001"
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -54,10 +55,26 @@ class FakeClock:
         self.now += dt.timedelta(seconds=seconds)
 
 
-def _settings(tmp_path: Path, **delivery: object) -> Settings:
+def _settings(tmp_path: Path, index_url: str | None = None, **delivery: object) -> Settings:
     values = {"retry_initial_s": 10, "retry_max_s": 40, "deadline_s": 300}
     values.update(delivery)
-    return load_settings(environ={}, overrides={"storage": {"data_dir": str(tmp_path / "data")}, "delivery": values})
+    return load_settings(environ={}, overrides={
+        "storage": {"data_dir": str(tmp_path / "data")}, "index": {"url": index_url}, "delivery": values,
+    })
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The index on SQLite (default file) or on a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield None
+        return
+    base = postgres_base_url()
+    url, schema = fresh_postgres_schema(base)
+    try:
+        yield url
+    finally:
+        drop_postgres_schema(base, schema)
 
 
 def _sessions(settings: Settings) -> sessionmaker[Session]:
@@ -138,8 +155,8 @@ def test_enqueue_routes_per_kind(tmp_path: Path) -> None:
 # --- against a real archive ----------------------------------------------------------------
 
 
-def test_delivers_and_records_the_class_sent(tmp_path: Path, archive: StorescpArchive) -> None:
-    settings = _settings(tmp_path)
+def test_delivers_and_records_the_class_sent(tmp_path: Path, archive: StorescpArchive, index_url: str | None) -> None:
+    settings = _settings(tmp_path, index_url)
     settled: list[tuple[str, StudyDelivery]] = []
     outbox = Outbox(_sessions(settings), settings.delivery, settings.storage.data_dir, StoreScu("FPENODE", FAST),
                     lambda: [_destination(archive)], clock=FakeClock(), on_settled=lambda s, o: settled.append((s, o)))
@@ -155,8 +172,10 @@ def test_delivers_and_records_the_class_sent(tmp_path: Path, archive: StorescpAr
     assert outbox.run_once().attempted == 0  # nothing left, nothing sent twice
 
 
-def test_backoff_deadline_and_dead_letter(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    settings = _settings(tmp_path, deadline_s=60)
+def test_backoff_deadline_and_dead_letter(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, index_url: str | None
+) -> None:
+    settings = _settings(tmp_path, index_url, deadline_s=60)
     clock = FakeClock()
     settled: list[tuple[str, StudyDelivery]] = []
     gone = Destination("pacs", "GONE", "127.0.0.1", free_port())  # nothing listens there
@@ -222,8 +241,8 @@ def test_demonstration_results_are_held_unless_allowed(tmp_path: Path, archive: 
     assert outbox.run_once().sent == 2
 
 
-def test_restart_resumes_with_the_same_uids(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+def test_restart_resumes_with_the_same_uids(tmp_path: Path, index_url: str | None) -> None:
+    settings = _settings(tmp_path, index_url)
     clock = FakeClock()
     archive = StorescpArchive(tmp_path / "archive")  # not started: the first attempt fails
     files = _results(settings, n_sc=2)
