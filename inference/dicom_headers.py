@@ -269,15 +269,20 @@ def _enhanced_frames(ds: Dataset, sop_uid: str) -> tuple[FrameHeader, ...]:
 
 
 def _single_frame(ds: Dataset, sop_uid: str) -> tuple[tuple[FrameHeader, ...], str | None]:
-    b_value, directionality, gradient = _diffusion(ds)
-    source: str | None = "DiffusionBValue (0018,9087)" if b_value is not None else None
-    if b_value is None and "MRDiffusionSequence" in ds:
-        b_value, directionality, gradient = _diffusion(_first(ds, "MRDiffusionSequence"))
-        source = "MR Diffusion Sequence (0018,9117)" if b_value is not None else None
-    if b_value is None:
-        private = private_b_value(ds)
-        if private is not None:
-            b_value, source = private
+    b_value: float | None = None
+    directionality: str | None = None
+    gradient: Vector | None = None
+    source: str | None = None
+    if str(ds.get("Modality", "")).upper() == "MR":  # diffusion attributes belong to MR only
+        b_value, directionality, gradient = _diffusion(ds)
+        source = "DiffusionBValue (0018,9087)" if b_value is not None else None
+        if b_value is None and "MRDiffusionSequence" in ds:
+            b_value, directionality, gradient = _diffusion(_first(ds, "MRDiffusionSequence"))
+            source = "MR Diffusion Sequence (0018,9117)" if b_value is not None else None
+        if b_value is None:
+            private = private_b_value(ds)
+            if private is not None:
+                b_value, source = private
     frame = FrameHeader(
         sop_instance_uid=sop_uid,
         frame=None,

@@ -105,9 +105,10 @@ class Plane:
 
     def write_into(self, out: np.ndarray) -> None:
         """Write the plane in modality units into ``out`` (float32, same shape)."""
-        np.copyto(out, self.stored, casting="unsafe")
-        if self.slope != 1.0:
-            out *= np.float32(self.slope)
+        if self.slope == 1.0:  # one pass: convert and add
+            np.add(self.stored, np.float32(self.intercept), out=out, dtype=np.float32, casting="unsafe")
+            return
+        np.multiply(self.stored, np.float32(self.slope), out=out, dtype=np.float32, casting="unsafe")
         if self.intercept != 0.0:
             out += np.float32(self.intercept)
 
