@@ -279,18 +279,16 @@ class Ingest:
         request = cast(C_STORE, event.request)
         if request.DataSet is None:
             raise StoreError(Status.CANNOT_UNDERSTAND, "C-STORE request without a data set")
-        with request.DataSet.getbuffer() as dataset_view:
-            size = len(dataset_view)
-            if not self.disk_guard.has_room(size):
-                log.warning("C-STORE refused: disk above its watermark (%d bytes offered)", size)
-                return Status.OUT_OF_RESOURCES
-            meta = event.file_meta
-            meta.SourceApplicationEntityTitle = calling_ae
-            file_bytes = b"".join((file_meta_bytes(meta), dataset_view))
-            digest = dataset_digest(dataset_view)
-        header = parse_header(file_bytes)
+        dataset_bytes = request.DataSet.getvalue()
+        if not self.disk_guard.has_room(len(dataset_bytes)):
+            log.warning("C-STORE refused: disk above its watermark (%d bytes offered)", len(dataset_bytes))
+            return Status.OUT_OF_RESOURCES
+        transfer_syntax = str(event.context.transfer_syntax)
+        header = parse_header(dataset_bytes, transfer_syntax)
         self._check_matches_command(event, header)
-        stored = self._persist(header, file_bytes, digest, str(event.context.transfer_syntax), calling_ae)
+        meta = file_meta_bytes(header.sop_class_uid, header.sop_instance_uid, transfer_syntax, calling_ae)
+        digest = dataset_digest(dataset_bytes)
+        stored = self._persist(header, (meta, dataset_bytes), digest, transfer_syntax, calling_ae)
         if stored is not None:
             self.tracker.add_series(assoc, header.series_uid)
             self.dispatcher.instance_stored(stored)
@@ -304,7 +302,7 @@ class Ingest:
         if existing is not None and existing.sha256 == facts.sha256 and self.files.absolute(existing.path).is_file():
             return None
         state.previous_path = None if existing is None else existing.path
-        outcome = repository.record_instance(session, header, facts)
+        outcome = repository.record_instance(session, header, facts, existing)
         self.files.publish(tmp_path, facts.path)
         state.published = True
         return outcome
@@ -319,9 +317,16 @@ class Ingest:
             raise StoreError(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from the command's")
 
     def _persist(
-        self, header: InstanceHeader, file_bytes: bytes, digest: str, transfer_syntax: str, calling_ae: str
+        self,
+        header: InstanceHeader,
+        chunks: tuple[bytes, bytes],
+        digest: str,
+        transfer_syntax: str,
+        calling_ae: str,
     ) -> StoredInstance | None:
-        """Write, apply the duplicate rule, index and publish; ``None`` for an identical duplicate.
+        """Write ``chunks`` (file meta, data set), apply the duplicate rule, index and publish.
+
+        Returns ``None`` for an identical duplicate.
 
         Order: temporary file fsynced; then, in one index transaction holding the instance's
         lock, the row is written and the file renamed to its final name before the commit. A
@@ -330,13 +335,13 @@ class Ingest:
         relative = self.files.relative_path(header.study_uid, header.series_uid, header.sop_instance_uid)
         facts = FileFacts(
             path=relative,
-            size_bytes=len(file_bytes),
+            size_bytes=sum(len(chunk) for chunk in chunks),
             sha256=digest,
             transfer_syntax_uid=transfer_syntax,
             calling_ae=calling_ae,
             received_at=repository.record_received_at(),
         )
-        tmp_path = self.files.write_temp([file_bytes])
+        tmp_path = self.files.write_temp(chunks)
         state = _PublishState()
         try:
             with self._locks.for_uid(header.sop_instance_uid):

@@ -19,21 +19,28 @@ import hashlib
 import io
 import logging
 import os
+import itertools
 import shutil
-import uuid
+import struct
+import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filereader import read_partial
-from pydicom.filewriter import write_file_meta_info
-from pydicom.filebase import DicomBytesIO
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+)
 
-from dicom_node.uids import is_valid_uid
+from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +104,12 @@ class InstanceHeader:
     instance_number: int | None
 
 
-def parse_header(file_bytes: bytes) -> InstanceHeader:
-    """Read only the header attributes of a Part 10 byte string (pixel data never decoded).
+def parse_header(dataset_bytes: bytes, transfer_syntax_uid: str) -> InstanceHeader:
+    """Read only the header attributes of a data set as received (pixel data never touched).
+
+    ``dataset_bytes`` is the data set without File Meta Information, encoded in
+    ``transfer_syntax_uid`` (PS3.5 section 10); encapsulated syntaxes encode the data set in
+    Explicit VR Little Endian, Deflated Explicit VR Little Endian is inflated first.
 
     Raises
     ------
@@ -109,7 +120,7 @@ def parse_header(file_bytes: bytes) -> InstanceHeader:
     from dicom_node.status import Status
 
     try:
-        dataset = read_partial(io.BytesIO(file_bytes), stop_when=_past_header, specific_tags=_HEADER_TAGS)
+        dataset = _read_header(dataset_bytes, UID(transfer_syntax_uid))
         values = {kw: _text(dataset, kw) for kw in HEADER_KEYWORDS}
     except Exception as exc:  # noqa: BLE001 - any parser failure means "cannot understand"
         raise HeaderError(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed ({type(exc).__name__})") from None
@@ -137,6 +148,17 @@ def parse_header(file_bytes: bytes) -> InstanceHeader:
         body_part=values["BodyPartExamined"] or None,
         frame_of_reference_uid=values["FrameOfReferenceUID"] or None,
         instance_number=_integer(values["InstanceNumber"]),
+    )
+
+
+def _read_header(dataset_bytes: bytes, transfer_syntax: UID) -> Dataset:
+    """The header attributes of ``dataset_bytes``, reading stops after the last one needed."""
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        dataset_bytes = zlib.decompressobj(-zlib.MAX_WBITS).decompress(dataset_bytes)
+    implicit = transfer_syntax == ImplicitVRLittleEndian
+    little_endian = transfer_syntax != ExplicitVRBigEndian
+    return read_dataset(
+        io.BytesIO(dataset_bytes), implicit, little_endian, stop_when=_past_header, specific_tags=_HEADER_TAGS
     )
 
 
@@ -207,12 +229,47 @@ def _study_datetime(date_text: str, time_text: str) -> dt.datetime | None:
     return date
 
 
-def file_meta_bytes(meta: FileMetaDataset) -> bytes:
-    """Preamble, ``DICM`` prefix and encoded File Meta Information (PS3.10 7.1)."""
-    buffer = DicomBytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    return buffer.getvalue()
+def file_meta_bytes(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    source_ae_title: str,
+    *,
+    implementation_class_uid: str = IMPLEMENTATION_CLASS_UID,
+    implementation_version_name: str = IMPLEMENTATION_VERSION_NAME,
+) -> bytes:
+    """Preamble, ``DICM`` prefix and File Meta Information (PS3.10 section 7.1), encoded directly.
+
+    Explicit VR Little Endian elements: (0002,0000) group length, (0002,0001) version 00\\01,
+    Media Storage SOP Class/Instance UID, Transfer Syntax UID, Implementation Class UID and
+    Version Name, and Source Application Entity Title (the calling AE, PS3.10 7.1).
+    """
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+            _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+            _meta_element(0x0010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
+            _meta_element(0x0012, b"UI", _padded(implementation_class_uid, b"\x00")),
+            _meta_element(0x0013, b"SH", _padded(implementation_version_name, b" ")),
+            _meta_element(0x0016, b"AE", _padded(source_ae_title, b" ")),
+        )
+    )
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    """ASCII value padded to even length (PS3.5 6.2: UIDs with NUL, strings with space)."""
+    raw = text.encode("ascii", errors="replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element in Explicit VR Little Endian (PS3.5 7.1.2)."""
+    if vr == b"OB":
+        return struct.pack("<HH", 0x0002, element) + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
+    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
 
 
 def dataset_digest(dataset_bytes: bytes | memoryview) -> str:
@@ -251,6 +308,7 @@ class DiskFullError(OSError):
 
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_TMP_COUNTER = itertools.count()
 
 
 class FileStore:
@@ -281,7 +339,7 @@ class FileStore:
         DiskFullError
             When the filesystem is full; the partial file is removed.
         """
-        tmp_path = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        tmp_path = self.tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{next(_TMP_COUNTER)}.part"
         try:
             with open(tmp_path, "wb") as handle:
                 for chunk in chunks:

@@ -13,9 +13,14 @@ import secrets
 import time
 import uuid
 
+from dicom_node import __version__
 from dicom_node.settings import UIDSettings
 
 MAX_UID_LENGTH = 64
+# Implementation Class UID / Version Name written in File Meta Information and A-ASSOCIATE
+# (PS3.7 D.3.3.2): the same for every fpe-node, derived from a fixed name (PS3.5 B.2).
+IMPLEMENTATION_CLASS_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:fpe-node:implementation').int}"
+IMPLEMENTATION_VERSION_NAME = f"FPENODE_{__version__}"[:16]
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 # Tolerant form accepted on input: some scanners write components with leading zeros.
 _LENIENT_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")

@@ -20,7 +20,9 @@ import enum
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from typing import cast
+
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.index.base import utcnow
@@ -42,6 +44,8 @@ class StoredCopy:
 
     sha256: str
     path: str
+    instance_pk: int
+    series_pk: int
 
 
 @dataclass(frozen=True)
@@ -58,57 +62,105 @@ class FileFacts:
 
 def stored_copy(session: Session, sop_instance_uid: str) -> StoredCopy | None:
     """The digest and path of an instance already in the index, or ``None``."""
-    row = session.execute(
-        select(Instance.sha256, Instance.path).where(Instance.sop_instance_uid == sop_instance_uid)
-    ).first()
-    return None if row is None else StoredCopy(sha256=row.sha256, path=row.path)
+    row = session.connection().execute(_SELECT_COPY, {"b_uid": sop_instance_uid}).first()
+    if row is None:
+        return None
+    return StoredCopy(sha256=row.sha256, path=row.path, instance_pk=row.id, series_pk=row.series_pk)
 
 
-def record_instance(session: Session, header: InstanceHeader, facts: FileFacts) -> RecordOutcome:
+def record_instance(
+    session: Session, header: InstanceHeader, facts: FileFacts, existing: StoredCopy | None = None
+) -> RecordOutcome:
     """Index one stored instance in ``session`` (insert, or update by the duplicate rule).
 
-    Creates patient, study (with its first timeline event, ``received``) and series as needed
-    and flushes, so a unique-constraint conflict surfaces here; the caller commits (see
-    :func:`dicom_node.index.db.run_write`, which retries such conflicts).
+    Creates patient, study (with its first timeline event, ``received``) and series as needed,
+    so a unique-constraint conflict surfaces here; the caller commits (see
+    :func:`dicom_node.index.db.run_write`, which retries such conflicts). ``existing`` is the
+    result of :func:`stored_copy` when the caller already looked it up in this transaction.
+
+    The common case (a known series) is a handful of Core statements: this runs once per
+    received instance, while the sender waits for its C-STORE response.
     """
-    return _record(session, header, facts)
-
-
-def _record(session: Session, header: InstanceHeader, facts: FileFacts) -> RecordOutcome:
-    study = _get_or_create_study(session, header, facts)
-    series = _get_or_create_series(session, study, header, facts)
-    instance = session.scalar(select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid))
-    outcome = RecordOutcome.NEW
-    if instance is None:
-        instance = Instance(sop_instance_uid=header.sop_instance_uid, series=series)
-        session.add(instance)
-        series.instance_count += 1
+    if existing is None:
+        existing = stored_copy(session, header.sop_instance_uid)
+    study_pk, modalities = _study_key(session, header, facts)
+    series_pk = _series_key(session, study_pk, header, facts)
+    connection = session.connection()
+    values = {
+        "series_pk": series_pk,
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": facts.transfer_syntax_uid,
+        "instance_number": header.instance_number,
+        "path": facts.path,
+        "size_bytes": facts.size_bytes,
+        "sha256": facts.sha256,
+        "received_at": facts.received_at,
+        "calling_ae": facts.calling_ae,
+    }
+    if existing is None:
+        connection.execute(_INSERT_INSTANCE, {"sop_instance_uid": header.sop_instance_uid, **values})
+        connection.execute(_COUNT_INTO_SERIES, {"b_id": series_pk, "b_delta": 1, "b_at": facts.received_at})
+        outcome = RecordOutcome.NEW
     else:
+        connection.execute(_UPDATE_INSTANCE, {"b_id": existing.instance_pk, **values})
+        delta = 0 if existing.series_pk == series_pk else 1
+        if delta:
+            connection.execute(_UNCOUNT_FROM_SERIES, {"b_id": existing.series_pk})
+        connection.execute(_COUNT_INTO_SERIES, {"b_id": series_pk, "b_delta": delta, "b_at": facts.received_at})
         outcome = RecordOutcome.REPLACED
-        if instance.series_pk != series.id:
-            instance.series.instance_count -= 1
-            instance.series = series
-            series.instance_count += 1
-    instance.sop_class_uid = header.sop_class_uid
-    instance.transfer_syntax_uid = facts.transfer_syntax_uid
-    instance.instance_number = header.instance_number
-    instance.path = facts.path
-    instance.size_bytes = facts.size_bytes
-    instance.sha256 = facts.sha256
-    instance.received_at = facts.received_at
-    instance.calling_ae = facts.calling_ae
-    series.last_received_at = facts.received_at
-    study.last_received_at = facts.received_at
-    study.calling_ae = facts.calling_ae
-    study.modalities = _merge_modalities(study.modalities, header.modality)
-    session.flush()
+    merged = _merge_modalities(modalities, header.modality)
+    connection.execute(
+        _UPDATE_STUDY,
+        {"b_id": study_pk, "last_received_at": facts.received_at, "calling_ae": facts.calling_ae, "modalities": merged},
+    )
     return outcome
 
 
-def _get_or_create_study(session: Session, header: InstanceHeader, facts: FileFacts) -> Study:
-    study = session.scalar(select(Study).where(Study.study_uid == header.study_uid))
-    if study is not None:
-        return study
+# Statements of the hot path, built once (Core, no ORM unit of work).
+_INSTANCE = cast(Table, Instance.__table__)
+_SERIES = cast(Table, Series.__table__)
+_STUDY = cast(Table, Study.__table__)
+_SELECT_COPY = select(_INSTANCE.c.sha256, _INSTANCE.c.path, _INSTANCE.c.id, _INSTANCE.c.series_pk).where(
+    _INSTANCE.c.sop_instance_uid == bindparam("b_uid")
+)
+_SELECT_STUDY = select(_STUDY.c.id, _STUDY.c.modalities).where(_STUDY.c.study_uid == bindparam("b_uid"))
+_SELECT_SERIES = select(_SERIES.c.id, _SERIES.c.study_pk).where(_SERIES.c.series_uid == bindparam("b_uid"))
+_INSERT_INSTANCE = insert(_INSTANCE)
+_UPDATE_INSTANCE = update(_INSTANCE).where(_INSTANCE.c.id == bindparam("b_id"))
+_COUNT_INTO_SERIES = (
+    update(_SERIES)
+    .where(_SERIES.c.id == bindparam("b_id"))
+    .values(instance_count=_SERIES.c.instance_count + bindparam("b_delta"), last_received_at=bindparam("b_at"))
+)
+_UNCOUNT_FROM_SERIES = (
+    update(_SERIES).where(_SERIES.c.id == bindparam("b_id")).values(instance_count=_SERIES.c.instance_count - 1)
+)
+_UPDATE_STUDY = update(_STUDY).where(_STUDY.c.id == bindparam("b_id"))
+_MOVE_SERIES = update(_SERIES).where(_SERIES.c.id == bindparam("b_id")).values(study_pk=bindparam("b_study"))
+
+
+def _study_key(session: Session, header: InstanceHeader, facts: FileFacts) -> tuple[int, str]:
+    """(primary key, modalities) of the instance's study, created when new."""
+    row = session.connection().execute(_SELECT_STUDY, {"b_uid": header.study_uid}).first()
+    if row is not None:
+        return int(row.id), str(row.modalities)
+    study = _create_study(session, header, facts)
+    return study.id, study.modalities
+
+
+def _series_key(session: Session, study_pk: int, header: InstanceHeader, facts: FileFacts) -> int:
+    """Primary key of the instance's series, created when new (moved if its study changed)."""
+    row = session.connection().execute(_SELECT_SERIES, {"b_uid": header.series_uid}).first()
+    if row is None:
+        study = session.get_one(Study, study_pk)
+        return _create_series(session, study, header, facts).id
+    if row.study_pk != study_pk:
+        log.warning("series %s moved to study %s by a later instance", header.series_uid, header.study_uid)
+        session.connection().execute(_MOVE_SERIES, {"b_id": row.id, "b_study": study_pk})
+    return int(row.id)
+
+
+def _create_study(session: Session, header: InstanceHeader, facts: FileFacts) -> Study:
     study = Study(
         study_uid=header.study_uid,
         patient=_get_or_create_patient(session, header),
@@ -138,13 +190,7 @@ def _get_or_create_patient(session: Session, header: InstanceHeader) -> Patient:
     return patient
 
 
-def _get_or_create_series(session: Session, study: Study, header: InstanceHeader, facts: FileFacts) -> Series:
-    series = session.scalar(select(Series).where(Series.series_uid == header.series_uid))
-    if series is not None:
-        if series.study_pk != study.id:
-            log.warning("series %s moved to study %s by a later instance", header.series_uid, header.study_uid)
-            series.study = study
-        return series
+def _create_series(session: Session, study: Study, header: InstanceHeader, facts: FileFacts) -> Series:
     series = Series(
         series_uid=header.series_uid,
         study=study,
