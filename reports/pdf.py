@@ -24,7 +24,14 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from inference.result import AttentionSlice, Prediction
 from reports.codes import Fpe, Std, coding_scheme_identification
 from reports.sc import DEMO_WARNING, bundled_font, display_window, render_slice
-from reports.sr import DEMONSTRATION_STATEMENT, MANUFACTURER, RESEARCH_STATEMENT, ReportContext, result_text
+from reports.sr import (
+    DEMONSTRATION_STATEMENT,
+    MANUFACTURER,
+    RESEARCH_STATEMENT,
+    ReportContext,
+    declare_character_set,
+    result_text,
+)
 from reports.uids import UIDFactory
 
 __all__ = ["ENCAPSULATED_PDF_STORAGE", "build_pdf", "render_page", "key_slices"]
@@ -208,5 +215,6 @@ def build_pdf(
         institution_name=context.institution_name,
     )
     ds.ContributingEquipmentSequence = [equipment]
+    declare_character_set(ds)
     logger.info("built encapsulated PDF %s (%d bytes) for study %s", sop_uid, len(document), ds.StudyInstanceUID)
     return ds

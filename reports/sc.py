@@ -30,7 +30,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from inference.result import AttentionSlice, Prediction
 from reports.codes import Fpe, Std, coding_scheme_identification
-from reports.sr import MANUFACTURER, ReportContext, result_text
+from reports.sr import MANUFACTURER, ReportContext, declare_character_set, result_text
 from reports.uids import UIDFactory
 
 __all__ = [
@@ -292,6 +292,7 @@ def _single_frame(
     )
     _finish(sc, prediction, context)
     sc.SourceImageSequence = DicomSequence([_source_image_item(attention)])
+    declare_character_set(sc)
     return sc
 
 

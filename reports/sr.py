@@ -83,6 +83,7 @@ __all__ = [
     "FALLBACK_ORDER",
     "RESEARCH_STATEMENT",
     "build_sr",
+    "declare_character_set",
     "reencode_sr",
     "result_text",
 ]
@@ -366,12 +367,14 @@ def _evidence(result: Prediction | NotAnalysed, source_datasets: Sequence[Datase
         raise ValueError("build_sr needs at least one source dataset of the primary series (patient and study)")
     evidence = [source_datasets[0]]
     seen = {str(source_datasets[0].SOPInstanceUID)}
-    candidates = [*source_datasets[1:], *(_reference_dataset(s) for s in result.sources)]
-    for candidate in candidates:
-        uid = str(candidate.SOPInstanceUID)
-        if uid not in seen:
-            seen.add(uid)
-            evidence.append(candidate)
+    for header in source_datasets[1:]:
+        if str(header.SOPInstanceUID) not in seen:
+            seen.add(str(header.SOPInstanceUID))
+            evidence.append(header)
+    for source in result.sources:
+        if source.sop_instance_uid not in seen:
+            seen.add(source.sop_instance_uid)
+            evidence.append(_reference_dataset(source))
     return evidence
 
 
@@ -461,6 +464,7 @@ def build_sr(
         software_versions=context.software_version,
     )
     sr.CodingSchemeIdentificationSequence = coding_scheme_identification()
+    declare_character_set(sr)
     logger.info(
         "built %s SR %s for study %s (%s)",
         sr_class,
@@ -469,6 +473,33 @@ def build_sr(
         "prediction" if model else "not analysed",
     )
     return sr
+
+
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+
+
+def _has_non_ascii_text(dataset: Dataset) -> bool:
+    for element in dataset.iterall():
+        if element.VR not in _TEXT_VRS or element.value is None:
+            continue
+        values = element.value if element.VM > 1 else [element.value]
+        if any(not str(value).isascii() for value in values):
+            return True
+    return False
+
+
+def declare_character_set(dataset: Dataset) -> None:
+    """Make sure every text value can be encoded: UTF-8 (ISO_IR 192) when any is non-ASCII.
+
+    Strict writer: a value copied from a source in another character set, or a site setting
+    such as an institution name with accents, must never be written under the default
+    repertoire (PS3.5 section 6.1). Values are held decoded, so switching the whole object to
+    UTF-8 loses nothing.
+    """
+    if dataset.get("SpecificCharacterSet") in ("ISO_IR 192", ["ISO_IR 192"]):
+        return
+    if _has_non_ascii_text(dataset):
+        dataset.SpecificCharacterSet = "ISO_IR 192"
 
 
 def _predecessor_dataset(prior: PriorReport) -> Dataset:

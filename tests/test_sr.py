@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -321,3 +322,33 @@ def test_private_codes_are_documented_once() -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "reports.md").read_text(encoding="utf-8")
     for code in PRIVATE_CODES:
         assert f"| `{code.value}` | {code.meaning} |" in doc, code
+
+
+@pytest.mark.parametrize("source_charset", [None, "ISO_IR 100"])
+def test_non_ascii_text_is_written_under_a_declared_character_set(
+    ct_sources: list[Dataset], tmp_path: Path, source_charset: str | None
+) -> None:
+    """Strict writer: accented names from the source or the settings never go out undeclared."""
+    from reports.pdf import build_pdf
+    from reports.sc import build_secondary_captures
+
+    sources = [copy.deepcopy(ds) for ds in ct_sources[:4]]
+    for ds in sources:
+        ds.pop("SpecificCharacterSet", None)
+        if source_charset:
+            ds.SpecificCharacterSet = source_charset
+            ds.PatientName = "Müller^Jürgen"
+    context = dataclasses.replace(CONTEXT, institution_name="Hôpital Nord")
+    prediction = fake_prediction(sources, n_slices=5)
+    objects = {
+        "sr": build_sr(prediction, sources, UIDS, context),
+        "sc": build_secondary_captures(prediction, sources, UIDS, context)[2],
+        "pdf": build_pdf(prediction, sources, UIDS, context),
+    }
+    for name, ds in objects.items():
+        path = _save(ds, tmp_path, f"{name}.dcm")
+        _assert_valid(path)
+        back = read_strict(path)
+        assert back.SpecificCharacterSet == "ISO_IR 192", name
+        assert back.InstitutionName == "Hôpital Nord"
+        assert back.PatientName == sources[0].PatientName
