@@ -13,7 +13,7 @@ Document layout (PS3.16 TID 1500 "Measurement Report", built with highdicom):
   finding "likely" / "unlikely" at that threshold. When the attention map has a peak (issue
   6) the group is a TID 1410 planar ROI on that source image: a closed SCOORD POLYLINE around
   the hot spot and a tracking identifier a radiologist can read, e.g.
-  ``FPE 73% (research use)``; viewers that draw measurements (OHIF, Weasis) show it over the
+  ``FPE 73% (research use)``; viewers that draw SR measurements (OHIF) show it over the
   slice. Without a peak it is a TID 1501 group;
 * a root "Qualitative Evaluations" container (TID 1500 rows 12-14) with the study-level
   finding (IHE AI Results), the intended-use statement ("Research use only. Not for
@@ -73,7 +73,7 @@ from pydicom.uid import UID
 
 from inference.result import AttentionPeak, ModelInfo, NotAnalysed, Prediction, SourceInstance
 from reports.codes import Fpe, Std, coding_scheme_identification, procedure_reported
-from reports.uids import UIDFactory
+from reports.uids import UIDFactory, is_valid_uid
 
 __all__ = [
     "ReportContext",
@@ -128,6 +128,12 @@ class ReportContext:
     device_name: str = "fpe-node"
     institution_name: str | None = None
     station_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not is_valid_uid(self.device_uid):
+            raise ValueError(f"device_uid {self.device_uid!r} is not a UID")
+        if not self.software_version:
+            raise ValueError("software_version is empty")
 
 
 @dataclass(frozen=True)

@@ -352,3 +352,8 @@ def test_non_ascii_text_is_written_under_a_declared_character_set(
         assert back.SpecificCharacterSet == "ISO_IR 192", name
         assert back.InstitutionName == "Hôpital Nord"
         assert back.PatientName == sources[0].PatientName
+
+
+def test_report_context_refuses_a_bad_device_uid() -> None:
+    with pytest.raises(ValueError, match="device_uid"):
+        ReportContext(software_version="0.1.0", device_uid="not-a-uid")
