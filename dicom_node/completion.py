@@ -253,6 +253,7 @@ class _StudyTrack:
     last_at: float
     series: dict[str, _SeriesTrack] = field(default_factory=dict)
     check_at: float | None = None  # monotonic deadline of the scheduled check
+    version: int = 0  # bumped by every arrival, so a check can tell if it judged stale facts
     reopen: str | None = None  # re-open reason waiting for busy work to end
 
 
@@ -320,6 +321,7 @@ class Completion:
                 reopened_series = track.complete
                 track.last_at = study.last_at = now
                 track.count += 1
+                study.version += 1
                 track.complete, track.released_at = False, None
                 self._ensure_check(study)
             elif info.series_uid in self._ignored:
@@ -485,6 +487,7 @@ class Completion:
                 track.last_at, track.complete = now, False
                 track.count += 1
             study.last_at = now
+            study.version += 1
             if reopen is not None:
                 study.reopen = reopen
             self._ensure_check(study)
@@ -520,7 +523,11 @@ class Completion:
         )
 
     def _check(self, study_uid: str) -> None:
-        """Timer callback: mark quiet series complete, then decide whether the study is ready."""
+        """Timer callback: mark quiet series complete, then decide whether the study is ready.
+
+        ``pipeline_ready`` may read many headers, so it runs outside the lock; if an instance
+        of the study arrived meanwhile, the verdict is dropped and the study looked at again.
+        """
         now = self._clock()
         with self._lock:
             study = self._studies.get(study_uid)
@@ -528,13 +535,19 @@ class Completion:
                 return
             study.check_at = None
             newly_complete = self._close_quiet_series(study, now)
-            decision = self._readiness(study, now)
+            candidates = self._ready_candidates(study)
+            version = study.version
+        for track in newly_complete:  # series.complete_at, shown by `fpe-node studies --study`
+            self._set_series_complete(track.info.series_uid, utcnow())
+        ready = candidates is not None and self._rule_pipeline_ready(candidates)
+        with self._lock:
+            if self._studies.get(study_uid) is not study:
+                return  # another check of the same study decided meanwhile
+            decision = None if study.version != version else self._readiness(study, ready, now)
             if decision is None:
                 self._schedule(study, self._next_deadline(study))
             else:
                 del self._studies[study_uid]
-        for track in newly_complete:  # series.complete_at, shown by `fpe-node studies --study`
-            self._set_series_complete(track.info.series_uid, utcnow())
         if decision is not None:
             try:
                 self._study_ready(study, *decision)
@@ -558,14 +571,22 @@ class Completion:
                 closed.append(track)
         return closed
 
-    def _readiness(self, study: _StudyTrack, now: float) -> tuple[str, bool] | None:
-        """``(reason, has_usable)`` when the study is ready or timed out, else ``None``."""
+    @staticmethod
+    def _ready_candidates(study: _StudyTrack) -> list[SeriesInfo] | None:
+        """The usable series when all of them are complete (worth asking ``pipeline_ready``)."""
         usable = [t for t in study.series.values() if t.usable]
         if usable and all(t.complete for t in usable):
-            if self._rule_pipeline_ready([t.info for t in usable]):
-                return f"{len(usable)} usable series complete", True
+            return [t.info for t in usable]
+        return None
+
+    def _readiness(self, study: _StudyTrack, pipeline_ready: bool, now: float) -> tuple[str, bool] | None:
+        """``(reason, has_usable)`` when the study is ready or timed out, else ``None``."""
+        candidates = self._ready_candidates(study)
+        if pipeline_ready and candidates is not None:
+            return f"{len(candidates)} usable series complete", True
         if now - study.last_at >= self._timeout - 1e-3:
-            return f"study timeout ({self._timeout:g} s after its last instance)", bool(usable)
+            has_usable = any(t.usable for t in study.series.values())
+            return f"study timeout ({self._timeout:g} s after its last instance)", has_usable
         return None
 
     def _next_deadline(self, study: _StudyTrack) -> float:
