@@ -80,6 +80,7 @@ class InstanceHeader:
     manufacturer: str
     contrast_agent: str
     gantry_tilt: float | None
+    mr_acquisition_type: str  # 2D or 3D (0018,0023)
     rows: int
     columns: int
     instance_number: int | None
@@ -113,6 +114,7 @@ class SeriesHeader:
     manufacturer: str
     contrast_agent: str
     gantry_tilt: float | None
+    mr_acquisition_type: str
     rows: int
     columns: int
     n_instances: int
@@ -338,6 +340,7 @@ def instance_header(ds: Dataset, path: Path | None = None) -> InstanceHeader:
         manufacturer=_text(ds, "Manufacturer"),
         contrast_agent=_text(ds, "ContrastBolusAgent"),
         gantry_tilt=_float(ds.get("GantryDetectorTilt")),
+        mr_acquisition_type=_text(ds, "MRAcquisitionType").upper(),
         rows=int(ds.get("Rows", 0) or 0),
         columns=int(ds.get("Columns", 0) or 0),
         instance_number=int(number) if number not in (None, "") else None,
@@ -430,6 +433,7 @@ def summarise_series(instances: Sequence[InstanceHeader]) -> SeriesHeader:
         manufacturer=first.manufacturer,
         contrast_agent=next((i.contrast_agent for i in instances if i.contrast_agent), ""),
         gantry_tilt=first.gantry_tilt,
+        mr_acquisition_type=first.mr_acquisition_type,
         rows=first.rows,
         columns=first.columns,
         n_instances=len(instances),

@@ -107,7 +107,7 @@ class Criteria(_Frozen):
     image_type_none: tuple[str, ...] = ()
     description_any: tuple[str, ...] = ()
     description_none: tuple[str, ...] = ()
-    orientation: Literal["axial", "any"] = "any"
+    orientation: Literal["axial", "axial_or_3d", "any"] = "any"
     contrast: Literal["present", "absent", "any"] = "any"
     slice_thickness_mm: Range | None = None
     n_positions: Range | None = None
@@ -265,7 +265,8 @@ def _check_strings(criteria: Criteria, header: SeriesHeader) -> list[str]:
 
 def _check_geometry(criteria: Criteria, header: SeriesHeader, tolerance_deg: float, partial: bool) -> list[str]:
     failures = []
-    if criteria.orientation == "axial":
+    volumetric = criteria.orientation == "axial_or_3d" and header.mr_acquisition_type == "3D"
+    if criteria.orientation in ("axial", "axial_or_3d") and not volumetric:
         tilt = header.axial_tilt_deg
         if tilt is None:
             failures.append("orientation unknown")

@@ -29,7 +29,8 @@ study_date="20260101", study_time="093000", seed=0) -> Study``
     NCCT in one study and CTA in another study of the same patient (same PatientID + issuer).
 
 ``write_mr_stroke_study(dir, *, patient=None, rows=64, n_slices=24, dwi="public",
-with_adc=True, with_flair=True, flair_other_frame=True, enhanced=False, seed=0, ...) -> Study``
+with_adc=True, with_flair=True, flair_other_frame=True, flair_3d_sagittal=False, enhanced=False,
+seed=0, ...) -> Study``
     ``dwi`` is one of ``"public"`` (b0 + b1000 in one series, DiffusionBValue), ``"ge"``,
     ``"siemens"``, ``"philips"`` (b-values only in the vendor private tag: GE (0043,1039),
     Siemens (0019,100C), Philips (2001,1003)), ``"directional"`` (b0 + three directions at b1000,
@@ -910,6 +911,7 @@ def mr_datasets(
     frames: Sequence[tuple[float, int | None]] = ((0.0, None),),
     b_style: str = "public",
     world_from_patient: np.ndarray | None = None,
+    acquisition_type: str = "2D",
     lesion: bool = True,
     seed: int = 0,
 ) -> list[Dataset]:
@@ -946,7 +948,7 @@ def mr_datasets(
             ds.ScanningSequence = "EP" if contrast in ("dwi", "adc") else "SE\\IR" if contrast == "flair" else "SE"
             ds.SequenceVariant = "SK\\SP"
             ds.ScanOptions = ""
-            ds.MRAcquisitionType = "2D"
+            ds.MRAcquisitionType = acquisition_type
             ds.RepetitionTime = "9000" if contrast == "flair" else "5000"
             ds.EchoTime = "90"
             ds.MagneticFieldStrength = "3"
@@ -1161,6 +1163,7 @@ def write_mr_stroke_study(
     with_adc: bool = True,
     with_flair: bool = True,
     flair_other_frame: bool = True,
+    flair_3d_sagittal: bool = False,
     enhanced: bool = False,
     lesion: bool = True,
     transfer_syntax: UID = ExplicitVRLittleEndian,
@@ -1208,12 +1211,19 @@ def write_mr_stroke_study(
     if with_flair:
         transform = rigid((-3.0, 2.0, -5.0), (-4.0, 6.0, -8.0)) if flair_other_frame else None
         flair_frame = str(_uid("for", study_uid, "flair")) if flair_other_frame else frame
-        flair_grid = stack_grid(rows=rows + 8, cols=rows + 8, fov_mm=240.0, offsets=_axial_offsets(30, 5.0, -60.0))
+        if flair_3d_sagittal:  # 3D acquisition, sagittal partitions from right to left
+            flair_grid = stack_grid(rows=rows + 8, cols=rows + 8, fov_mm=240.0, orientation=SAGITTAL_IOP,
+                                    offsets=[-80.0 + 4.0 * k for k in range(41)], centre=(0.0, 0.0, 20.0))
+            description = "3D FLAIR SAG 1mm"
+        else:
+            flair_grid = stack_grid(rows=rows + 8, cols=rows + 8, fov_mm=240.0, offsets=_axial_offsets(30, 5.0, -60.0))
+            description = "t2_tirm_tra_dark-fluid FLAIR"
         series_uid = str(_uid("series", study_uid, "flair", seed))
         datasets = mr_datasets(
             grid=flair_grid, contrast="flair", patient=patient, study=info, series_uid=series_uid,
-            series_number=12, description="t2_tirm_tra_dark-fluid FLAIR", frame_uid=flair_frame, vendor=vendor,
-            world_from_patient=transform, lesion=lesion, seed=seed + 12,
+            series_number=12, description=description, frame_uid=flair_frame, vendor=vendor,
+            world_from_patient=transform, acquisition_type="3D" if flair_3d_sagittal else "2D",
+            lesion=lesion, seed=seed + 12,
         )
         paths = write_datasets(datasets, directory / "flair", transfer_syntax)
         study.series["flair"] = _record("flair", datasets, paths, "flair", transform, flair_grid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,14 @@ def test_real_adc_arriving_replaces_a_computed_one(tmp_path: Path) -> None:
     assert new is not None and new.roles["adc"].derived_from is None
     assert would_change_selection(old, new)
     assert not any("ADC computed" in w for w in new.warnings)
+
+
+def test_3d_sagittal_flair_is_used_but_a_2d_sagittal_series_is_not(tmp_path: Path) -> None:
+    study = factory.write_mr_stroke_study(tmp_path, flair_3d_sagittal=True, n_slices=16, **SMALL)
+    headers = read_series_headers([tmp_path])
+    mr = Selector().explain(headers).pipelines["MR"]
+    assert mr.ready and mr.roles["flair"].series_uid == study.series["flair"].series_uid
+    (flair,) = [h for h in headers if h.series_uid == study.series["flair"].series_uid]
+    as_2d = dataclasses.replace(flair, mr_acquisition_type="2D")
+    failures = classify(as_2d, load_selection_rules()).role_failures["flair"]
+    assert any("not axial" in f for f in failures)
