@@ -85,6 +85,9 @@ def test_processed_studies_older_than_the_retention_are_purged(index: Index) -> 
     assert [e.state for e in events] == ["complete", "queued", "analysing", "analysed", "reporting", "delivered", "purged"]
     assert events[-1].detail == "retention: no arrival for 7 days; 3 files, 0.0 MB freed"
     assert _retention(index).run().purged == []  # idempotent
+    lifecycle = Lifecycle(index.sessions, index.settings.completion)
+    assert lifecycle.reopen("1.6.1", "re-opened by new series 1.6.1.9 (CT)") is S.PURGED  # a new usable series
+    assert _state(index, "1.6.1") == "received"
 
 
 def test_retention_off_keeps_old_studies(index: Index) -> None:
