@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 OHIF_VERSION ?= 3.13.2
 OHIF   := .cache/ohif-$(OHIF_VERSION)/dist/index.html
 
-.PHONY: run test venv viewer lint typecheck bench clean
+.PHONY: run test demo venv viewer lint typecheck bench clean
 
 $(STAMP): setup.cfg constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ run: $(STAMP)
 
 test: $(STAMP) $(OHIF)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+# Orthanc + OHIF + fpe-node on loopback with a synthetic study; prints the viewer URL. Ctrl-C stops it.
+demo: $(STAMP) $(OHIF)
+	bash deploy/debian-packages.sh orthanc orthanc-dicomweb
+	$(BIN)/python deploy/demo.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy dicom_node inference reports
