@@ -370,13 +370,12 @@ class Completion:
     def _sweep(self) -> None:
         now = self._clock()
         with self._lock:
-            overdue = [s for s in self._studies.values() if s.check_at is None or s.check_at < now - 1.0]
+            overdue = [s for s in self._studies.values() if s.check_at is not None and s.check_at < now - 1.0]
             for study in overdue:
                 study.check_at = None
                 self._schedule(study, now)
         if overdue:
             log.warning("completion: %d overdue study checks re-armed", len(overdue))
-
 
     def rebuild(self) -> int:
         """Re-create timers from the index after a restart; returns the number of open studies.
