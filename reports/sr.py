@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
@@ -89,6 +90,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# highdicom warns about single-component person names it copies from the source images, and
+# its message quotes the name: a patient name must never reach the node's logs (which capture
+# warnings). The node copies the source's name unchanged, so the warning says nothing useful.
+warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name", category=UserWarning)
 
 SRClass = Literal["comprehensive3d", "comprehensive", "enhanced"]
 SR_CLASS_UIDS: dict[SRClass, str] = {

@@ -357,3 +357,36 @@ def test_non_ascii_text_is_written_under_a_declared_character_set(
 def test_report_context_refuses_a_bad_device_uid() -> None:
     with pytest.raises(ValueError, match="device_uid"):
         ReportContext(software_version="0.1.0", device_uid="not-a-uid")
+
+
+def test_building_from_a_single_component_name_does_not_print_it(ct_sources: list[Dataset], tmp_path: Path) -> None:
+    """highdicom's person-name warning quotes the name; the node must not let it reach its logs."""
+    import subprocess
+    import sys
+
+    source = copy.deepcopy(ct_sources[0])
+    source.PatientName = "SECRETNAME"
+    path = tmp_path / "source.dcm"
+    source.save_as(path, enforce_file_format=True)
+    script = (
+        "import logging, sys, pydicom\n"
+        "logging.basicConfig(level=logging.DEBUG)\n"
+        "logging.captureWarnings(True)\n"
+        "from reports.sr import ReportContext, build_sr\n"
+        "from reports.sc import build_secondary_captures\n"
+        "from reports.uids import UIDFactory\n"
+        "from tests.validators import fake_prediction\n"
+        f"ds = pydicom.dcmread({str(path)!r})\n"
+        "uids = UIDFactory(None)\n"
+        "context = ReportContext(software_version='0.1.0', device_uid=uids.for_name('X'))\n"
+        "prediction = fake_prediction([ds], n_slices=2)\n"
+        "build_sr(prediction, [ds], uids, context)\n"
+        "build_secondary_captures(prediction, [ds], uids, context)\n"
+        "print('built')\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-W", "default", "-c", script], cwd=repo, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0 and "built" in proc.stdout, proc.stderr
+    assert "SECRETNAME" not in proc.stdout + proc.stderr
