@@ -185,3 +185,11 @@ def test_failing_rules_never_stall_a_study(index: Index, scheduler: BackgroundSc
     receive(index, completion, Stored("1.3.10", "1.3.10.1", "x"), count=2)
     assert _wait_for(index, "1.3.10", {"queued"}) > 1.0  # default could_use, then the study timeout
     assert _events(index, "1.3.10")[-2][1] == "study timeout (1.2 s after its last instance)"
+
+
+def test_a_lost_timer_is_rearmed_by_the_sweeper(index: Index, scheduler: BackgroundScheduler) -> None:
+    completion = _completion(index, scheduler)
+    completion.start()
+    receive(index, completion, Stored("1.3.11", "1.3.11.1", "x"))
+    scheduler.remove_job("completion:1.3.11")  # as if the scheduler had dropped it
+    assert _wait_for(index, "1.3.11", {"queued"}) < 3.0
