@@ -81,6 +81,7 @@ class InstanceHeader:
     contrast_agent: str
     gantry_tilt: float | None
     mr_acquisition_type: str  # 2D or 3D (0018,0023)
+    body_part: str  # BodyPartExamined (0018,0015), upper-case
     rows: int
     columns: int
     instance_number: int | None
@@ -115,6 +116,7 @@ class SeriesHeader:
     contrast_agent: str
     gantry_tilt: float | None
     mr_acquisition_type: str
+    body_part: str
     rows: int
     columns: int
     n_instances: int
@@ -341,6 +343,7 @@ def instance_header(ds: Dataset, path: Path | None = None) -> InstanceHeader:
         contrast_agent=_text(ds, "ContrastBolusAgent"),
         gantry_tilt=_float(ds.get("GantryDetectorTilt")),
         mr_acquisition_type=_text(ds, "MRAcquisitionType").upper(),
+        body_part=_text(ds, "BodyPartExamined").upper(),
         rows=int(ds.get("Rows", 0) or 0),
         columns=int(ds.get("Columns", 0) or 0),
         instance_number=int(number) if number not in (None, "") else None,
@@ -434,6 +437,7 @@ def summarise_series(instances: Sequence[InstanceHeader]) -> SeriesHeader:
         contrast_agent=next((i.contrast_agent for i in instances if i.contrast_agent), ""),
         gantry_tilt=first.gantry_tilt,
         mr_acquisition_type=first.mr_acquisition_type,
+        body_part=first.body_part,
         rows=first.rows,
         columns=first.columns,
         n_instances=len(instances),

@@ -3,8 +3,8 @@
 The rules are data (``config/eligibility.yaml``, or the file named by
 ``settings.inference.eligibility_rules``), validated into :class:`EligibilityRules`. A study is
 eligible when it comes from an accepted sender, holds at least one image series of an accepted
-modality, has a description that matches an include pattern and none that matches an exclude
-pattern, and is recent: priors that a PACS prefetches along with a new study are the commonest
+modality, has a description that matches an include pattern (or a series whose BodyPartExamined
+is listed) and no study-level description that matches an exclude pattern, and is recent: priors that a PACS prefetches along with a new study are the commonest
 study that must not be analysed.
 
 The decision always carries a reason a radiologist can read.
@@ -50,6 +50,9 @@ class EligibilityRules(BaseModel):
     excluded_senders: tuple[str, ...] = Field((), description="Calling AE titles never accepted.")
     modalities: tuple[str, ...] = Field(("CT", "MR"), min_length=1)
     include: tuple[str, ...] = Field(..., min_length=1, description="Regexes; one must match some description.")
+    body_parts: tuple[str, ...] = Field(
+        (), description="BodyPartExamined values that qualify a study like an include pattern."
+    )
     exclude: tuple[str, ...] = Field((), description="Regexes; none may match a study-level description.")
     max_study_age_h: float | None = Field(24.0, gt=0)
     max_future_h: float = Field(2.0, ge=0)
@@ -60,7 +63,7 @@ class EligibilityRules(BaseModel):
         _compile(value)
         return value
 
-    @field_validator("senders", "excluded_senders", "modalities")
+    @field_validator("senders", "excluded_senders", "modalities", "body_parts")
     @classmethod
     def _upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(v.strip().upper() for v in value)
@@ -100,6 +103,7 @@ class StudyFacts:
     study_texts: tuple[str, ...]  # StudyDescription, ProtocolName, procedure descriptions
     series_texts: tuple[str, ...]  # SeriesDescriptions
     study_datetime: datetime | None
+    body_parts: frozenset[str] = frozenset()  # BodyPartExamined of the series
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,7 @@ def study_facts(headers: Sequence[SeriesHeader], calling_ae_title: str | None = 
         study_texts=tuple(texts),
         series_texts=tuple(sorted({h.series_description for h in headers if h.series_description})),
         study_datetime=min((h.study_datetime for h in headers if h.study_datetime), default=None),
+        body_parts=frozenset(h.body_part for h in headers if h.body_part),
     )
 
 
@@ -171,7 +176,9 @@ def _check_descriptions(rules: EligibilityRules, facts: StudyFacts) -> str | Non
     every = facts.study_texts + facts.series_texts
     if any(pattern.search(text) for text in every for pattern in rules.include_patterns):
         return None
-    return "no study, protocol, procedure or series description names a head/stroke examination"
+    if facts.body_parts & set(rules.body_parts):
+        return None
+    return "no study, protocol, procedure or series description, nor body part, names a head/stroke examination"
 
 
 def _check_age(rules: EligibilityRules, facts: StudyFacts, now: datetime) -> str | None:

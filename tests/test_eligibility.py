@@ -73,3 +73,14 @@ def test_real_philips_head_ct_is_eligible_when_not_dated() -> None:
     assert check_study(headers, rules).eligible
     # scanned in 2015: arriving today it is a prior
     assert not check_study(headers, rules, now=datetime(2026, 1, 1)).eligible
+
+
+def test_body_part_qualifies_and_plain_ct_does_not(tmp_path: Path) -> None:
+    factory.write_ct_series(tmp_path / "a", n_slices=3, study_description="CT", description="AXIAL 5MM")
+    headers = read_series_headers([tmp_path / "a"])
+    assert headers[0].body_part == "HEAD"
+    rules = load_eligibility_rules()
+    assert check_study(headers, rules).eligible  # BodyPartExamined HEAD
+    no_body_part = rules.model_copy(update={"body_parts": ()})
+    decision = check_study(headers, no_body_part)
+    assert not decision.eligible and "names a head/stroke examination" in decision.reason
