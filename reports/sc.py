@@ -407,11 +407,11 @@ def build_secondary_captures(
     series_uid = series_uid or uids.new()
     pixels = [render_slice(prediction, attention, window) for attention in prediction.attention]
     first = prediction.attention[0]
-    template = _single_frame(
-        prediction, first, pixels[0], _reference_dataset(first, headers, source_datasets[0]), uids, context, series_uid, series_number
-    )
+    reference = _reference_dataset(first, headers, source_datasets[0])
+    template = _single_frame(prediction, first, pixels[0], reference, uids, context, series_uid, series_number)
     captures = [template]
-    captures.extend(_clone(template, attention, rendered, uids) for attention, rendered in zip(prediction.attention[1:], pixels[1:]))
+    for attention, rendered in zip(prediction.attention[1:], pixels[1:]):
+        captures.append(_clone(template, attention, rendered, uids))
     if multiframe:
         captures = [_multiframe(prediction, pixels, captures[0], uids)]
     logger.info(

@@ -94,7 +94,9 @@ logger = logging.getLogger(__name__)
 # highdicom warns about single-component person names it copies from the source images, and
 # its message quotes the name: a patient name must never reach the node's logs (which capture
 # warnings). The node copies the source's name unchanged, so the warning says nothing useful.
-warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message=r"The string .* is unlikely to represent the intended person name", category=UserWarning
+)
 
 SRClass = Literal["comprehensive3d", "comprehensive", "enhanced"]
 SR_CLASS_UIDS: dict[SRClass, str] = {
