@@ -276,6 +276,9 @@ class Completion:
         ``settings.uid.root``: objects under it are the node's own results.
     could_use, pipeline_ready:
         Readiness rules (the selection rules of the inference package supply real ones).
+    on_series_complete:
+        Called with each usable series once it is complete (e.g. to pre-load its volume);
+        runs on the scheduler's threads, errors are logged.
     clock:
         Monotonic clock (tests may pass their own).
     """
@@ -291,6 +294,7 @@ class Completion:
         uid_root: str | None = None,
         could_use: CouldUse = default_could_use,
         pipeline_ready: PipelineReady = default_pipeline_ready,
+        on_series_complete: Sequence[Callable[[SeriesInfo], None]] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = completion
@@ -301,6 +305,7 @@ class Completion:
         self._uid_root = uid_root
         self._could_use = could_use
         self._pipeline_ready = pipeline_ready
+        self._on_series_complete = tuple(on_series_complete)
         self._clock = clock
         self._lock = threading.RLock()
         self._studies: dict[str, _StudyTrack] = {}
@@ -538,6 +543,8 @@ class Completion:
             version = study.version
         for track in newly_complete:  # series.complete_at, shown by `fpe-node studies --study`
             self._set_series_complete(track.info.series_uid, utcnow())
+            if track.usable:
+                self._tell_series_complete(track.info)
         ready = candidates is not None and self._rule_pipeline_ready(candidates)
         with self._lock:
             if self._studies.get(study_uid) is not study:
@@ -553,6 +560,13 @@ class Completion:
             except Exception:  # noqa: BLE001 - a timer must not lose a study: log and look again
                 log.exception("study %s: readiness step failed; retrying in %g s", study_uid, self._quiet)
                 self._retry_later(study)
+
+    def _tell_series_complete(self, series: SeriesInfo) -> None:
+        for callback in self._on_series_complete:
+            try:
+                callback(series)
+            except Exception:  # noqa: BLE001 - a helper's failure must not stop completion
+                log.exception("series-complete callback failed for series %s", series.series_uid)
 
     def _retry_later(self, study: _StudyTrack) -> None:
         with self._lock:

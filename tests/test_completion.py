@@ -64,7 +64,8 @@ def _events(index: Index, study_uid: str) -> list[tuple[str, str | None]]:
 
 
 def test_series_quiet_makes_the_study_ready(index: Index, scheduler: BackgroundScheduler) -> None:
-    completion = _completion(index, scheduler)
+    completed: list[str] = []
+    completion = _completion(index, scheduler, on_series_complete=[lambda series: completed.append(series.series_uid)])
     receive(index, completion, Stored("1.3.1", "1.3.1.1", "x"), count=5)
     receive(index, completion, Stored("1.3.1", "1.3.1.2", "x", sop_class_uid=COMPREHENSIVE_SR, modality="SR"))
     waited = _wait_for(index, "1.3.1", {"queued"})
@@ -75,6 +76,7 @@ def test_series_quiet_makes_the_study_ready(index: Index, scheduler: BackgroundS
     with index.sessions() as session:
         assert all(at is not None for at in session.execute(select(Series.complete_at)).scalars())
     assert completion.open_studies() == []
+    assert completed == ["1.3.1.1"]  # usable series only (not the SR)
 
 
 def test_a_series_still_arriving_holds_the_study(index: Index, scheduler: BackgroundScheduler) -> None:
