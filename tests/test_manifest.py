@@ -63,7 +63,9 @@ def test_every_bad_row_is_named_in_one_error(cohort: Path) -> None:
     with pytest.raises(ManifestError) as caught:
         load_manifest(path)
     problems = caught.value.problems
-    by_line = {problem.line: problem.message for problem in problems}
+    by_line: dict[int, str] = {}
+    for problem in problems:
+        by_line[problem.line] = by_line.get(problem.line, "") + problem.message + "; "
     assert 2 not in by_line
     assert "unknown label '2'" in by_line[3]
     assert "adc input" in by_line[4] and "does not exist" in by_line[4]
@@ -71,10 +73,11 @@ def test_every_bad_row_is_named_in_one_error(cohort: Path) -> None:
     assert "unknown modality 'PET'" in by_line[6]
     assert "lacks required role(s) adc, flair" in by_line[7]
     assert "dwi do not belong to modality CT" in by_line[8]
+    assert "CT case lacks required role(s) cta" in by_line[8]  # the default recipe needs a CTA
     assert "study folder" in by_line[9] and "does not exist" in by_line[9]
     assert "empty id" in by_line[10]
     message = str(caught.value)
-    assert len(problems) == 8 and "8 problem(s)" in message
+    assert len(problems) == 9 and "9 problem(s)" in message
     assert all(f"line {n}" in message for n in range(3, 11))
 
 
@@ -135,13 +138,23 @@ def test_selection_checker_names_what_a_dicom_study_lacks(tmp_path: Path) -> Non
 
     from inference.training.manifest import selection_checker
 
-    factory.write_ct_stroke_study(tmp_path / "ct", rows=32, with_cta=False, with_reformats=False,
-                                  with_mips=False, with_dose_report=False)
+    small = {"rows": 32, "with_reformats": False, "with_mips": False, "with_dose_report": False}
+    factory.write_ct_stroke_study(tmp_path / "ct", **small)
+    factory.write_ct_stroke_study(tmp_path / "ct_no_cta", with_cta=False, **small)
     factory.write_mr_stroke_study(tmp_path / "mr", rows=32, with_flair=False)
-    path = _write(tmp_path, "id,label,modality,study\nct1,1,CT,ct\nmr1,0,MR,mr\nwrong,0,MR,ct\n")
+    path = _write(
+        tmp_path,
+        "id,label,modality,study\nct1,1,CT,ct\nct2,1,CT,ct_no_cta\nmr1,0,MR,mr\nwrong,0,MR,ct\n",
+    )
     with pytest.raises(ManifestError) as caught:
         load_manifest(path, check_case=selection_checker())
     by_line = {problem.line: problem.message for problem in caught.value.problems}
-    assert 2 not in by_line  # the CT study is complete (CTA is optional)
-    assert by_line[3] == "selection cannot complete the MR pipeline: no flair series"
-    assert by_line[4] == "selection cannot complete the MR pipeline: no dwi series"
+    assert 2 not in by_line  # NCCT + CTA: complete under the default recipe
+    assert by_line[3] == "selection cannot complete the CT pipeline: no cta series"
+    assert by_line[4] == "selection cannot complete the MR pipeline: no flair series"
+    assert by_line[5] == "selection cannot complete the MR pipeline: no dwi series"
+    # A recipe that zero-fills the CTA channel accepts the NCCT-only study.
+    relaxed = selection_checker(required_roles={"CT": ("ncct",), "MR": ("dwi", "adc", "flair")})
+    with pytest.raises(ManifestError) as again:
+        load_manifest(path, check_case=relaxed)
+    assert {problem.line for problem in again.value.problems} == {4, 5}

@@ -243,7 +243,6 @@ def evaluate_manifest(
     *,
     cache_dir: Path | None = None,
     check_case: Any = None,
-    load_roles: Any = None,
     n_resamples: int = 2000,
     seed: int = 0,
     compare_bf16: bool = True,
@@ -255,18 +254,18 @@ def evaluate_manifest(
     """
     from inference.recipe import DEFAULT_RECIPE, Recipe
     from inference.training.cache import preprocess_cohort
-    from inference.training.manifest import load_manifest
+    from inference.training.manifest import load_manifest, recipe_required_roles
 
     served = load_served_model(checkpoint)
     recipe = Recipe.from_dict(served.recipe) if served.recipe else DEFAULT_RECIPE.with_grid(served.grid)
-    cases = load_manifest(manifest_path, check_case=check_case)
+    cases = load_manifest(manifest_path, check_case=check_case, required_roles=recipe_required_roles(recipe))
     chosen = [case for case in cases if case.split == "test"] or cases
     pipeline = (served.training.get("data") or {}).get("pipeline")
     if pipeline is not None:
         other = [case.case_id for case in chosen if case.modality != pipeline]
         if other:
             raise ValueError(f"the checkpoint serves the {pipeline} pipeline; cases of another modality: {', '.join(other)}")
-    cached = preprocess_cohort(chosen, recipe, cache_dir or out_dir / "cache", load_roles=load_roles)
+    cached = preprocess_cohort(chosen, recipe, cache_dir or out_dir / "cache")
     return evaluate_inputs(
         served,
         [entry.load() for entry in cached],

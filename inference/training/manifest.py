@@ -36,7 +36,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +96,24 @@ class ManifestError(ValueError):
 CaseChecker = Callable[[Case], str | None]
 """Checks that a case can be completed (selection finds its roles); returns a reason or None."""
 
-# Roles a case must have so the recipe can build its channels, by modality. The CT pipeline
-# runs on NCCT alone (CTA optional); MR needs all three channels.
-REQUIRED_ROLES: dict[str, tuple[str, ...]] = {"CT": ("ncct",), "MR": ("dwi", "adc", "flair")}
+
+def recipe_required_roles(recipe: Any = None) -> dict[str, tuple[str, ...]]:
+    """Roles each pipeline cannot do without under ``recipe`` (default: the default recipe).
+
+    The recipe knows which channels it may zero-fill (:attr:`PipelineRecipe.required_roles`);
+    under the default recipe CT needs NCCT and CTA, MR needs DWI, ADC and FLAIR.
+    """
+    from inference.recipe import DEFAULT_RECIPE
+
+    chosen = recipe or DEFAULT_RECIPE
+    return {"CT": tuple(chosen.ct.required_roles), "MR": tuple(chosen.mr.required_roles)}
 
 
 def load_manifest(
     path: Path | str,
     *,
     check_case: CaseChecker | None = None,
-    required_roles: Mapping[str, tuple[str, ...]] = REQUIRED_ROLES,
+    required_roles: Mapping[str, tuple[str, ...]] | None = None,
 ) -> list[Case]:
     """Read and validate a manifest; raise :class:`ManifestError` naming every bad row.
 
@@ -117,8 +125,9 @@ def load_manifest(
         Called for every row that is otherwise valid, to confirm the case can be completed
         (e.g. that series selection finds the roles in a study folder); returns a reason when not.
     required_roles:
-        Roles that per-role rows must give, by modality.
+        Roles that per-role rows must give, by modality (default: :func:`recipe_required_roles`).
     """
+    required = recipe_required_roles() if required_roles is None else required_roles
     manifest_path = Path(path)
     try:
         text = manifest_path.read_text(encoding="utf-8-sig")
@@ -139,7 +148,7 @@ def load_manifest(
         if not any(value.strip() for value in values):
             continue  # blank line
         record = _record(header, values)
-        case, row_problems = _parse_row(record, line_number, base, required_roles)
+        case, row_problems = _parse_row(record, line_number, base, required)
         case_id = record.get("id", "")
         if case_id:
             if case_id in first_line_of:
@@ -330,15 +339,20 @@ def write_manifest(path: Path, cases: Iterable[Case]) -> None:
             )
 
 
-def selection_checker(case_window_h: float = 24.0) -> CaseChecker:
+def selection_checker(
+    case_window_h: float = 24.0, required_roles: Mapping[str, tuple[str, ...]] | None = None
+) -> CaseChecker:
     """A :data:`CaseChecker` that runs series selection on each DICOM study folder.
 
     Per-role rows are checked by :func:`load_manifest` itself (required roles present); a study
-    folder is read header-only and the row is bad when selection cannot make the row's
-    modality's pipeline ready (the reason names what it lacks, as ``fpe-node explain`` does).
+    folder is read header-only and the row is bad when selection -- with the recipe's required
+    roles, as the node serves it -- cannot make the row's pipeline ready (the reason names what
+    it lacks, as ``fpe-node explain`` does).
     """
     from inference.dicom_headers import read_series_headers
     from inference.selection import Selector
+
+    required = recipe_required_roles() if required_roles is None else required_roles
 
     def check(case: Case) -> str | None:
         if case.study is None:
@@ -346,8 +360,9 @@ def selection_checker(case_window_h: float = 24.0) -> CaseChecker:
         headers = read_series_headers([case.study])
         if not headers:
             return f"study folder {case.study} holds no DICOM series"
-        explanation = Selector(case_window_h=case_window_h, prefer_pipeline=case.modality).explain(headers)
-        plan = explanation.pipelines.get(case.modality)
+        selector = Selector(case_window_h=case_window_h, prefer_pipeline=case.modality,
+                            required_roles=required)  # type: ignore[arg-type]
+        plan = selector.explain(headers).pipelines.get(case.modality)
         if plan is None or not plan.ready:
             lacking = "; ".join(plan.lacking) if plan is not None else "no plan"
             return f"selection cannot complete the {case.modality} pipeline: {lacking}"

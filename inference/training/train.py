@@ -21,11 +21,12 @@ own calibration and threshold from the out-of-fold predictions of all cases.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -126,11 +127,20 @@ def pick_device(preference: str) -> torch.device:
     return torch.device("cpu")
 
 
-def seed_everything(seed: int, device: torch.device) -> None:
-    """Seed torch and, on CPU, switch to deterministic algorithms (same seed, same weights)."""
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch and, on CPU, use deterministic algorithms inside the block (same seed, same weights).
+
+    The process's previous determinism setting is restored afterwards.
+    """
     torch.manual_seed(seed)
+    before = torch.are_deterministic_algorithms_enabled()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def training_precision(device: torch.device) -> str:
@@ -277,8 +287,22 @@ def fit_network(
     progress: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Train one network on ``train_indices``; keep the epoch with the lowest inner-validation loss."""
+    with seeded(seed, device):
+        return _fit(inputs, labels, train_indices, validation_indices, config, architecture, seed, device, progress)
+
+
+def _fit(
+    inputs: CaseArrays,
+    labels: Sequence[int],
+    train_indices: Sequence[int],
+    validation_indices: Sequence[int],
+    config: TrainConfig,
+    architecture: Res25Config,
+    seed: int,
+    device: torch.device,
+    progress: Callable[[str], None] | None,
+) -> FitResult:
     started = time.perf_counter()
-    seed_everything(seed, device)
     model = Res25(config=architecture).to(device)
     generator = torch.Generator().manual_seed(seed)
     noise_generator = generator if device.type == "cpu" else device_generator(seed, device)
@@ -651,7 +675,6 @@ def train_manifest(
     modality: Literal["CT", "MR"] | None = None,
     cache_dir: Path | None = None,
     check_case: Any = None,
-    load_roles: Any = None,
     progress: Callable[[str], None] | None = None,
 ) -> CrossValidation:
     """Validate the manifest, preprocess (cached) and cross-validate its ``train`` rows.
@@ -677,7 +700,7 @@ def train_manifest(
         )
     recipe = DEFAULT_RECIPE.with_grid(grid or default_grid(config.model_size))
     out_dir.mkdir(parents=True, exist_ok=True)
-    cached = preprocess_cohort(cases, recipe, cache_dir or out_dir / "cache", load_roles=load_roles)
+    cached = preprocess_cohort(cases, recipe, cache_dir or out_dir / "cache")
     data_summary = {
         "pipeline": modality,
         "cases": len(cases),
