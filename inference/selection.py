@@ -603,6 +603,11 @@ class Selector:
         chosen = self._choose(plans)
         decisions = tuple(self._decision(c, plans, patient) for c in classifications)
         tag = short_hash("|".join(patient)) if patient else ""
+        for name, plan in plans.items():
+            log.debug(
+                "patient %s pipeline %s ready=%s roles=%s lacking=%s",
+                tag, name, plan.ready, plan.series_used, "; ".join(plan.lacking) or "-",
+            )
         return Explanation(series=decisions, pipelines=plans, chosen=chosen, notes=tuple(notes), patient=tag)
 
     def explain_all(self, headers: Sequence[SeriesHeader]) -> list[Explanation]:
