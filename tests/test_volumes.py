@@ -196,3 +196,14 @@ def test_case_volume_error_names_the_role(tmp_path: Path) -> None:
     series = factory.write_ct_missing_slice(tmp_path, n_slices=24, rows=32)
     with pytest.raises(V.MissingSliceError, match="^ncct: missing slice"):
         V.load_case_volumes({"ncct": (series.paths, "", None)})
+
+
+def test_compressed_enhanced_multiframe_gives_the_same_volume(tmp_path: Path) -> None:
+    plain = factory.write_mr_stroke_study(tmp_path / "a", rows=32, enhanced=True, with_flair=False)
+    j2k = factory.write_mr_stroke_study(
+        tmp_path / "b", rows=32, enhanced=True, with_flair=False, transfer_syntax=pydicom.uid.JPEG2000Lossless
+    )
+    assert pydicom.dcmread(j2k.series["dwi"].paths[0]).file_meta.TransferSyntaxUID == pydicom.uid.JPEG2000Lossless
+    a = V.load_diffusion(plain.series["dwi"].paths).trace()
+    b = V.load_diffusion(j2k.series["dwi"].paths).trace()
+    assert np.array_equal(a.array, b.array)
