@@ -8,7 +8,8 @@
 * :func:`dsrdump` renders an SR with DCMTK ``/usr/bin/dsrdump`` and returns the text.
 * :func:`read_strict` reads a file back with pydicom's reading validation set to RAISE.
 
-Each PixelMed run costs about a second of JVM start-up; tests validate one object per kind.
+A PixelMed run costs about 10 s of CPU (its XSLT stylesheets are large; tens of seconds of wall
+time on a loaded 2-core machine), so the tests validate one object per kind, two JVMs at a time.
 
 The second half builds synthetic :class:`inference.result.Prediction` objects on source images
 from ``tests/factory.py`` (a Gaussian blob of attention, a square outline around its peak), for
