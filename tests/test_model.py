@@ -28,7 +28,7 @@ from inference.model import (
     weights_sha256,
 )
 from inference.model.res25 import seeded_init_, slice_by_slice_forward
-from inference.model.runtime import autocast, prepare, run, runtime_precision, select_device
+from inference.model.runtime import autocast, fold_batch_norm, prepare, run, runtime_precision, select_device
 
 GRID = (25, 32, 32)
 
@@ -280,6 +280,23 @@ def test_runtime_helpers_on_cpu() -> None:
         autocast(device, "fp8")
     with pytest.raises(RuntimeError, match="eval"):
         run(model.train(), volumes, device)
+
+
+def test_folded_batch_norm_computes_the_same_function() -> None:
+    model = _model("plain")
+    with torch.no_grad():  # non-trivial running statistics
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(3))
+                module.running_var.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(4))
+    folded = fold_batch_norm(prepare(model, torch.device("cpu")))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    volumes = _volumes()
+    with torch.inference_mode():
+        expected, got = model(volumes), folded(volumes)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.aux_logits, expected.aux_logits, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- attention map
