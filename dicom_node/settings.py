@@ -135,7 +135,11 @@ class CompletionSettings(BaseModel):
         180.0, gt=0, description="A study is forced complete this long after its last instance."
     )
     release_shortens_wait: bool = Field(
-        True, description="An association release marks the series it sent as quiet at once."
+        True,
+        description=(
+            "An association release shortens the quiet period of the series it sent to about 1 s "
+            "(at most a quarter of series_quiet_s), so a PACS sending one series per association can go on."
+        ),
     )
     live_window_s: float = Field(
         3600.0, ge=0, description="Studies acquired this recently are worked on before older backlog."

@@ -54,3 +54,32 @@ def test_settings_are_frozen() -> None:
     settings = load_settings(environ={})
     with pytest.raises(Exception):
         settings.network.port = 1  # type: ignore[misc]
+
+
+def test_configuration_reference_is_in_step() -> None:
+    from dicom_node.commands.config import reference_markdown
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert docs.read_text(encoding="utf-8") == reference_markdown(), (
+        "docs/configuration.md is stale: run `fpe-node config reference > docs/configuration.md`"
+    )
+
+
+def test_config_check_names_the_bad_field(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    site = tmp_path / "site.yaml"
+    site.write_text("network:\n  ae_title: 'TOO LONG AE TITLE X'\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "--config", str(site), "config", "check"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "network.ae_title" in done.stderr
+    site.write_text("network:\n  ae_title: SITEAE\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "--config", str(site), "config", "check"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
