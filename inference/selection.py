@@ -669,9 +669,9 @@ class Selector:
                 roles[role] = self._choice(role, ranked[0])
         lacking, warnings = self._derive(spec, roles)
         warnings += tuple(c.derivation for c in roles.values() if c.derivation and c.derived_from is None)
-        other_studies = sorted({c.study_uid for c in roles.values() if c.study_uid != primary.study_uid})
-        if other_studies:
-            warnings += (f"roles taken from {len(other_studies)} other study/studies of the same patient",)
+        elsewhere = [role for role, c in roles.items() if c.study_uid != primary.study_uid]
+        if elsewhere:
+            warnings += (f"{', '.join(elsewhere)} taken from another study of the same patient",)
         absent = tuple(role for role in spec.optional if role not in roles)
         return PipelinePlan(name, not lacking, roles, lacking, primary.study_uid, warnings, absent)
 

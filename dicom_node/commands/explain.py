@@ -100,11 +100,12 @@ def recipe_required_roles(settings: Settings) -> dict[Pipeline, tuple[Role, ...]
 
 
 def _studies_of(explanation: Explanation, headers: Sequence[SeriesHeader]) -> dict[str, list[SeriesHeader]]:
-    wanted = {d.series_uid for d in explanation.series}
-    studies: dict[str, list[SeriesHeader]] = {}
+    """The explained patient's series by study, in the explanation's order (oldest study first)."""
+    wanted = {(d.study_uid, d.series_uid) for d in explanation.series}
+    studies: dict[str, list[SeriesHeader]] = {d.study_uid: [] for d in explanation.series}
     for header in headers:
-        if header.series_uid in wanted:
-            studies.setdefault(header.study_uid, []).append(header)
+        if (header.study_uid, header.series_uid) in wanted:
+            studies[header.study_uid].append(header)
     return studies
 
 
