@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inference.result import Pipeline, Role
 
-RECIPE_FORMAT = "fpe-node-recipe/1"
+RECIPE_FORMAT: Literal["fpe-node-recipe/1"] = "fpe-node-recipe/1"
 
 
 def _frozen() -> ConfigDict:
@@ -72,11 +72,11 @@ class ChannelSpec(BaseModel):
     role: Role = Field(..., description="Series role the channel is made from.")
     normalisation: Literal["window", "zscore"] = Field(..., description="CT window or MR z-score.")
     window: tuple[float, float] | None = Field(
-        None, description="For 'window': [low, high] in modality units (HU) mapped to [0, 1]."
+        default=None, description="For 'window': [low, high] in modality units (HU) mapped to [0, 1]."
     )
-    zscore_clip: float = Field(5.0, gt=0, description="For 'zscore': values clipped to +-this.")
+    zscore_clip: float = Field(default=5.0, gt=0, description="For 'zscore': values clipped to +-this.")
     background: float = Field(
-        0.0, description="Value outside the source volume, in modality units (CT: air, -1024 HU)."
+        default=0.0, description="Value outside the source volume, in modality units (CT: air, -1024 HU)."
     )
 
     @model_validator(mode="after")
@@ -100,7 +100,7 @@ class PipelineRecipe(BaseModel):
     mask: Literal["ct_intracranial", "mr_brain"]
     channels: tuple[ChannelSpec, ...] = Field(..., min_length=1)
     optional_roles: tuple[Role, ...] = Field(
-        (), description="Roles whose channel is zero-filled (with a warning) when the series is missing."
+        default=(), description="Roles whose channel is zero-filled (with a warning) when the series is missing."
     )
 
     @model_validator(mode="after")
@@ -136,16 +136,16 @@ class RegistrationSpec(BaseModel):
     model_config = _frozen()
 
     enabled: bool = True
-    working_spacing_mm: float = Field(4.0, gt=0, description="Images are block-averaged to about this voxel size first.")
-    histogram_bins: int = Field(32, ge=8, le=256, description="Mattes mutual information bins.")
-    sampling_percentage: float = Field(0.2, gt=0, le=1, description="Fraction of fixed voxels sampled per level.")
-    seed: int = Field(20240501, ge=0, description="Sampling seed: same input, same transform.")
-    shrink_factors: tuple[int, ...] = Field((2, 1), min_length=1, description="Pyramid levels over the working copies.")
-    smoothing_sigmas_mm: tuple[float, ...] = Field((4.0, 0.0), min_length=1, description="Gaussian sigma per level, mm.")
-    iterations: int = Field(100, ge=1, description="Maximum optimiser iterations per level.")
-    learning_rate: float = Field(1.0, gt=0, description="Initial step of the regular-step gradient descent.")
-    min_step: float = Field(1e-3, gt=0, description="Optimiser stops below this step.")
-    grid_tolerance_mm: float = Field(1e-3, ge=0, description="Grids closer than this count as identical.")
+    working_spacing_mm: float = Field(default=4.0, gt=0, description="Images are block-averaged to about this voxel size first.")
+    histogram_bins: int = Field(default=32, ge=8, le=256, description="Mattes mutual information bins.")
+    sampling_percentage: float = Field(default=0.2, gt=0, le=1, description="Fraction of fixed voxels sampled per level.")
+    seed: int = Field(default=20240501, ge=0, description="Sampling seed: same input, same transform.")
+    shrink_factors: tuple[int, ...] = Field(default=(2, 1), min_length=1, description="Pyramid levels over the working copies.")
+    smoothing_sigmas_mm: tuple[float, ...] = Field(default=(4.0, 0.0), min_length=1, description="Gaussian sigma per level, mm.")
+    iterations: int = Field(default=100, ge=1, description="Maximum optimiser iterations per level.")
+    learning_rate: float = Field(default=1.0, gt=0, description="Initial step of the regular-step gradient descent.")
+    min_step: float = Field(default=1e-3, gt=0, description="Optimiser stops below this step.")
+    grid_tolerance_mm: float = Field(default=1e-3, ge=0, description="Grids closer than this count as identical.")
 
     @model_validator(mode="after")
     def _levels_match(self) -> "RegistrationSpec":
@@ -160,12 +160,12 @@ class Recipe(BaseModel):
     model_config = _frozen()
 
     format: Literal["fpe-node-recipe/1"] = RECIPE_FORMAT
-    orientation: Literal["LPS"] = Field("LPS", description="Axes of the model grid (identity direction cosines).")
-    grid: tuple[int, int, int] = Field((25, 224, 224), description="Model grid (slices, rows, columns).")
-    mask_spacing_mm: float = Field(2.0, gt=0, description="Voxel size the head/brain mask is computed at.")
-    crop_margin_mm: float = Field(5.0, ge=0, description="Margin around the brain's bounding box.")
-    min_brain_ml: float = Field(300.0, ge=0, description="A smaller mask falls back to the head with a warning.")
-    antialias: bool = Field(True, description="Block-average sources much finer than the model grid.")
+    orientation: Literal["LPS"] = Field(default="LPS", description="Axes of the model grid (identity direction cosines).")
+    grid: tuple[int, int, int] = Field(default=(25, 224, 224), description="Model grid (slices, rows, columns).")
+    mask_spacing_mm: float = Field(default=2.0, gt=0, description="Voxel size the head/brain mask is computed at.")
+    crop_margin_mm: float = Field(default=5.0, ge=0, description="Margin around the brain's bounding box.")
+    min_brain_ml: float = Field(default=300.0, ge=0, description="A smaller mask falls back to the head with a warning.")
+    antialias: bool = Field(default=True, description="Block-average sources much finer than the model grid.")
     registration: RegistrationSpec = RegistrationSpec()
     ct: PipelineRecipe
     mr: PipelineRecipe

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 Method = Literal["same-grid", "same-frame", "registered", "initial-only"]
 
-_TOP_SLAB_MM = 60.0  # head cap used to align the vertices before optimising
+_Z_SEARCH_MM = 80.0  # head-foot offsets tried before optimising
+_Z_STEP_MM = 8.0
 
 
 @dataclass(frozen=True)
@@ -110,33 +111,49 @@ def _physical_points(mask: sitk.Image) -> np.ndarray:
     return np.asarray(mask.GetOrigin()) + (indices * spacing) @ direction.T
 
 
-def head_cap_centre(mask: sitk.Image) -> np.ndarray:
-    """Centroid of the top ``_TOP_SLAB_MM`` of a head mask, at the height of the vertex.
+def _z_extent(points: np.ndarray) -> tuple[float, float, float]:
+    return float(points[:, 2].min()), float(points[:, 2].mean()), float(points[:, 2].max())
 
-    Used to start the optimiser: a CTA of head and neck and a head-only NCCT share their
-    vertex, not their centre of mass.
+
+def translation_candidates(fixed_mask: sitk.Image, moving_mask: sitk.Image) -> list[np.ndarray]:
+    """Starting translations (fixed point -> moving point) to try before optimising.
+
+    In plane, the head masks' centroids are aligned (a head is seen whole in plane). Along the
+    head-foot axis the two series may cover different parts (a CTA from the neck, an NCCT cut
+    below the vertex), so the candidates align their tops, bottoms and centroids, keep the
+    scanner's coordinates, and step through +-``_Z_SEARCH_MM``; the best mutual information wins.
     """
-    points = _physical_points(mask)
-    if len(points) == 0:
+    fixed_points = _physical_points(fixed_mask)
+    moving_points = _physical_points(moving_mask)
+    if len(fixed_points) == 0 or len(moving_points) == 0:
         raise ValueError("empty head mask: nothing to register")
-    top = points[:, 2].max()
-    cap = points[points[:, 2] >= top - _TOP_SLAB_MM]
-    return np.array([cap[:, 0].mean(), cap[:, 1].mean(), top])
+    in_plane = moving_points[:, :2].mean(axis=0) - fixed_points[:, :2].mean(axis=0)
+    fixed_z, moving_z = _z_extent(fixed_points), _z_extent(moving_points)
+    shifts = {round(m - f, 1) for f, m in zip(fixed_z, moving_z)} | {0.0}
+    shifts |= {float(v) for v in np.arange(-_Z_SEARCH_MM, _Z_SEARCH_MM + 1e-6, _Z_STEP_MM)}
+    return [np.array([in_plane[0], in_plane[1], dz]) for dz in sorted(shifts)]
 
 
-def initial_transform(fixed: sitk.Image, moving: sitk.Image) -> sitk.Euler3DTransform:
-    """Translation that aligns the two head caps, rotation zero.
+def initial_transform(
+    method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image
+) -> sitk.Euler3DTransform:
+    """The candidate translation (rotation zero) with the best metric, centred on the fixed head.
 
     The rotation centre is the fixed head's centroid, which keeps rotation and translation
     parameters nearly independent for the optimiser.
     """
-    fixed_mask = foreground_mask(fixed)
-    fixed_centre = head_cap_centre(fixed_mask)
-    moving_centre = head_cap_centre(foreground_mask(moving))
-    transform = sitk.Euler3DTransform()
-    transform.SetCenter(tuple(float(v) for v in _physical_points(fixed_mask).mean(axis=0)))
-    transform.SetTranslation(tuple(float(v) for v in moving_centre - fixed_centre))
-    return transform
+    centre = tuple(float(v) for v in _physical_points(fixed_mask).mean(axis=0))
+    best: tuple[float, sitk.Euler3DTransform] | None = None
+    for translation in translation_candidates(fixed_mask, foreground_mask(moving)):
+        candidate = sitk.Euler3DTransform()
+        candidate.SetCenter(centre)
+        candidate.SetTranslation(tuple(float(v) for v in translation))
+        method.SetInitialTransform(candidate, inPlace=False)
+        value = float(method.MetricEvaluate(fixed, moving))
+        if best is None or value < best[0]:
+            best = (value, candidate)
+    assert best is not None
+    return best[1]
 
 
 def _rotation_angle_deg(transform: sitk.Euler3DTransform) -> float:
@@ -197,13 +214,16 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, spec: RegistrationSpec
     Both images are block-averaged to ``spec.working_spacing_mm`` first; the metric is
     sampled inside the fixed image's head mask with a fixed seed, so the same input gives the
     same transform. When the optimiser ends with a worse metric than it started from, the
-    initial head-cap alignment is kept and a warning says so.
+    best starting translation is kept and a warning says so.
     """
     fixed_small = working_copy(fixed, spec.working_spacing_mm)
     moving_small = working_copy(moving, spec.working_spacing_mm)
     with _single_threaded():
-        transform = initial_transform(fixed_small, moving_small)
-        method = _registration_method(spec, foreground_mask(fixed_small), transform.GetCenter())
+        fixed_mask = foreground_mask(fixed_small)
+        centre = tuple(float(v) for v in _physical_points(fixed_mask).mean(axis=0))
+        method = _registration_method(spec, fixed_mask, centre)  # type: ignore[arg-type]
+        start = initial_transform(method, fixed_small, moving_small, fixed_mask)
+        transform = sitk.Euler3DTransform(start)
         method.SetInitialTransform(transform, inPlace=True)
         metric_before = float(method.MetricEvaluate(fixed_small, moving_small))
         method.Execute(fixed_small, moving_small)
@@ -213,7 +233,7 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, spec: RegistrationSpec
     method_name: Method = "registered"
     if not metric_after <= metric_before:
         warning = f"registration made mutual information worse ({metric_before:.4f} -> {metric_after:.4f}); kept the initial alignment"
-        transform = initial_transform(fixed_small, moving_small)
+        transform = start
         method_name = "initial-only"
     result = RegistrationResult(
         transform=transform,

@@ -1,0 +1,273 @@
+"""Pre-process, predict, post-process: one case's volumes in, a :class:`Prediction` out.
+
+The :class:`Predictor` holds the model, loaded once (from a checkpoint or the deterministic
+demonstration weights), in ``eval()`` mode on the device its settings name, and the recipe its
+checkpoint carries (or the default recipe, which every result then mentions). For each case:
+
+1. **pre-process**: :func:`inference.preprocess.preprocess_case` with that recipe;
+2. **predict**: one forward pass under ``torch.inference_mode()``; the logit becomes the score
+   through the card's calibration, ``positive`` when ``score >= threshold``;
+3. **post-process**: the attention map (slice weights x Grad-CAM, :mod:`inference.attention`)
+   is mapped back onto the primary series. For each model slice the *nearest plane of the
+   primary volume* is taken as it is (native in-plane resolution, modality units) and the map is
+   resampled onto that plane, so every :class:`AttentionSlice` and the :class:`AttentionPeak`
+   outline are in the pixel space of a real source image (PS3.3 C.10.5.1.2 image coordinates),
+   which the SR's SCOORD and the secondary captures need.
+
+Anything that makes the case unusable becomes :class:`NotAnalysed` with a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from inference.attention import attention_map, hot_region_outline, peak, to_image_coordinates
+from inference.model.calibration import sigmoid
+from inference.model.checkpoint import DEFAULT_RECIPE_NOTE, LoadedModel, load_model
+from inference.model.runtime import DevicePreference, prepare, run, runtime_precision, select_device
+from inference.preprocess import ModelGrid, PreprocessedCase, PreprocessingError, RoleVolume, preprocess_case
+from inference.recipe import DEFAULT_RECIPE, Recipe
+from inference.result import (
+    AttentionPeak,
+    AttentionSlice,
+    NotAnalysed,
+    Pipeline,
+    Prediction,
+    Role,
+    SourceInstance,
+)
+
+log = logging.getLogger(__name__)
+
+PEAK_FRACTION = 0.5  # the hot region outlined around the peak: at least half its value
+STAGES = ("load", "decode", "select", "volume", "register", "preprocess", "infer", "attention")
+
+
+@dataclass(frozen=True)
+class CaseInput:
+    """One case ready for the predictor: the volume of each role, and what came before."""
+
+    pipeline: Pipeline
+    volumes: Mapping[Role, RoleVolume]
+    warnings: tuple[str, ...] = ()
+    timings_s: dict[str, float] = field(default_factory=dict)  # load, decode, select, volume
+
+
+@dataclass(frozen=True)
+class MappedAttention:
+    """The attention map on the primary series: one slice per model slice, and its peak."""
+
+    slices: tuple[AttentionSlice, ...]
+    peak: AttentionPeak | None
+
+
+class Predictor:
+    """The served model with its recipe; build once per worker process, call per case.
+
+    Parameters
+    ----------
+    loaded:
+        Network and card from :func:`inference.model.checkpoint.load_model`.
+    device:
+        ``auto`` (CUDA when present), ``cpu`` or ``cuda``; on CUDA the model runs in its card's
+        precision, on CPU in fp32.
+    """
+
+    def __init__(self, loaded: LoadedModel, *, device: DevicePreference = "cpu") -> None:
+        self.card = loaded.card
+        self.notes = loaded.notes
+        self.recipe = self._recipe(loaded)
+        self.device = select_device(device)
+        self.precision = runtime_precision(self.card.precision, self.device)
+        self.model = prepare(loaded.model, self.device, channels_last=self.device.type == "cuda")
+        self.model_info = self.card.model_info()
+
+    @classmethod
+    def load(
+        cls, checkpoint: Path | None, *, device: DevicePreference = "auto", torch_threads: int = 0
+    ) -> "Predictor":
+        """Load the configured checkpoint (None: demonstration weights) once.
+
+        ``torch_threads`` > 0 sets torch's intra-op threads for this process (0 keeps torch's default).
+        """
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        return cls(load_model(checkpoint), device=device)
+
+    @staticmethod
+    def _recipe(loaded: LoadedModel) -> Recipe:
+        card = loaded.card
+        recipe = Recipe.from_dict(card.recipe) if card.recipe is not None else DEFAULT_RECIPE.with_grid(card.grid)
+        if tuple(recipe.grid) != tuple(card.grid):
+            raise ValueError(f"checkpoint recipe grid {recipe.grid} differs from the model card's grid {card.grid}")
+        return recipe
+
+    # -- the three steps ---------------------------------------------------------------------
+
+    def predict(self, case: CaseInput) -> Prediction | NotAnalysed:
+        """Pre-process, predict and post-process one case."""
+        timings = dict(case.timings_s)
+        warnings = list(case.warnings) + list(self.notes)
+        if not self.model_info.recipe_from_checkpoint and DEFAULT_RECIPE_NOTE not in warnings:
+            warnings.append(DEFAULT_RECIPE_NOTE)
+        series_used: dict[str, str] = {role: volume.series_uid for role, volume in case.volumes.items()}
+        sources = _all_sources(case.volumes)
+        try:
+            prepared = preprocess_case(case.volumes, self.recipe, case.pipeline)
+        except PreprocessingError as exc:
+            return NotAnalysed(str(exc), case.pipeline, series_used, sources, tuple(dict.fromkeys(warnings)))
+        timings.update(prepared.timings_s)
+        warnings.extend(prepared.warnings)
+
+        started = time.perf_counter()
+        volume = torch.from_numpy(prepared.tensor).unsqueeze(0).to(self.device)
+        output = run(self.model, volume, self.device, self.precision)
+        timings["infer"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        logit = float(output.logits[0, 0])
+        _, attention = attention_map(self.model, volume, precision=self.precision)
+        primary = case.volumes[self.recipe.for_pipeline(case.pipeline).primary_role]
+        mapped = map_attention(attention.heat, attention.slice_weights, prepared.grid, primary)
+        timings["attention"] = time.perf_counter() - started
+        if not mapped.slices:
+            warnings.append("no source images (NIfTI input): attention map not mapped onto a series")
+
+        score = self.card.calibration.apply(logit)
+        return Prediction(
+            pipeline=case.pipeline,
+            score=score,
+            positive=score >= self.card.threshold,
+            model=self.model_info,
+            primary_role=primary.role,
+            series_used=series_used,
+            sources=sources,
+            attention=mapped.slices,
+            peak=mapped.peak,
+            logit=logit,
+            aux_scores=tuple(sigmoid(float(v)) for v in output.aux_logits[0]),
+            slice_weights=tuple(float(v) for v in output.slice_weights[0]),
+            timings_s={stage: round(timings[stage], 4) for stage in STAGES if stage in timings},
+            warnings=tuple(dict.fromkeys(warnings)),
+        )
+
+    def preprocess(self, case: CaseInput) -> PreprocessedCase:
+        """The model input of a case under this predictor's recipe (for inspection and training)."""
+        return preprocess_case(case.volumes, self.recipe, case.pipeline)
+
+
+# --------------------------------------------------------------------------- post-processing
+
+
+def _all_sources(volumes: Mapping[Role, RoleVolume]) -> tuple[SourceInstance, ...]:
+    """Every source instance of every role, each once, primary roles' order kept."""
+    seen: dict[tuple[str, int | None], SourceInstance] = {}
+    for volume in volumes.values():
+        for source in volume.slice_sources:
+            if source is not None:
+                seen.setdefault((source.sop_instance_uid, source.frame), source)
+    return tuple(seen.values())
+
+
+def _heat_image(heat: np.ndarray, grid: ModelGrid) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(heat, dtype=np.float32))
+    image.SetOrigin(grid.origin)
+    image.SetSpacing(grid.spacing)
+    return image
+
+
+def _plane_geometry(image: sitk.Image, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Position of the first voxel of plane ``k`` and the 3x3 direction matrix."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    position = np.asarray(image.TransformIndexToPhysicalPoint((0, 0, int(k))), dtype=float)
+    return position, direction
+
+
+def nearest_plane(image: sitk.Image, point: np.ndarray) -> int:
+    """Index of the plane (third axis) of ``image`` nearest to ``point`` along its normal."""
+    continuous = image.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in point))
+    return int(min(max(round(continuous[2]), 0), image.GetSize()[2] - 1))
+
+
+def _plane_reference(image: sitk.Image, k: int) -> sitk.Image:
+    size = image.GetSize()
+    reference = sitk.Image([size[0], size[1], 1], sitk.sitkFloat32)
+    position, _ = _plane_geometry(image, k)
+    reference.SetOrigin(tuple(position))
+    reference.SetSpacing(image.GetSpacing())
+    reference.SetDirection(image.GetDirection())
+    return reference
+
+
+def map_attention(
+    heat: np.ndarray, slice_weights: np.ndarray, grid: ModelGrid, primary: RoleVolume
+) -> MappedAttention:
+    """Map the model-grid attention map onto the primary series (see the module docstring).
+
+    Returns no slices when the primary volume has no source images (NIfTI).
+    """
+    if not primary.slice_sources or any(s is None for s in primary.slice_sources):
+        return MappedAttention((), None)
+    heat_image = _heat_image(heat, grid)
+    array = sitk.GetArrayViewFromImage(primary.image)
+    spacing = primary.image.GetSpacing()
+    columns, rows, _ = grid.size
+    centre_xy = (grid.origin[0] + (columns - 1) * grid.spacing[0] / 2.0, grid.origin[1] + (rows - 1) * grid.spacing[1] / 2.0)
+    slices = []
+    for model_slice in range(heat.shape[0]):
+        point = np.array([centre_xy[0], centre_xy[1], grid.slice_centre_z(model_slice)])
+        k = nearest_plane(primary.image, point)
+        plane_heat = sitk.Resample(heat_image, _plane_reference(primary.image, k), sitk.Euler3DTransform(), sitk.sitkLinear, 0.0)
+        position, direction = _plane_geometry(primary.image, k)
+        source = primary.slice_sources[k]
+        assert source is not None
+        slices.append(
+            AttentionSlice(
+                model_slice=model_slice,
+                source=source,
+                image=np.array(array[k], dtype=np.float32),
+                heat=np.clip(sitk.GetArrayFromImage(plane_heat)[0], 0.0, 1.0),
+                position_patient=(float(position[0]), float(position[1]), float(position[2])),
+                orientation_patient=tuple(float(v) for v in (*direction[:, 0], *direction[:, 1])),  # type: ignore[arg-type]
+                pixel_spacing=(float(spacing[1]), float(spacing[0])),
+                slice_weight=float(slice_weights[model_slice]),
+            )
+        )
+    return MappedAttention(tuple(slices), _peak(heat, slices, centre_xy[0]))
+
+
+def _peak(heat: np.ndarray, slices: list[AttentionSlice], midline_x: float) -> AttentionPeak | None:
+    """The peak of the model-grid map, located and outlined on its source image."""
+    model_slice = peak(heat, PEAK_FRACTION).slice_index
+    plane = slices[model_slice]
+    if float(plane.heat.max()) <= 0.0:
+        return None
+    row, column = (int(v) for v in np.unravel_index(int(np.argmax(plane.heat)), plane.heat.shape))
+    outline = to_image_coordinates(hot_region_outline(plane.heat, row, column, PEAK_FRACTION))
+    row_dir = np.asarray(plane.orientation_patient[:3])
+    column_dir = np.asarray(plane.orientation_patient[3:])
+    point = (
+        np.asarray(plane.position_patient)
+        + column * plane.pixel_spacing[1] * row_dir
+        + row * plane.pixel_spacing[0] * column_dir
+    )
+    # DICOM LPS: +x points to the patient's left (PS3.3 C.7.6.2.1.1).
+    side = "left" if point[0] >= midline_x else "right"
+    region = f"{side} hemisphere, slice {model_slice + 1} of {heat.shape[0]}"
+    return AttentionPeak(
+        model_slice=model_slice,
+        source=plane.source,
+        row=float(row),
+        column=float(column),
+        outline=outline,
+        region=region,
+    )
+
