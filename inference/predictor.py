@@ -271,3 +271,65 @@ def _peak(heat: np.ndarray, slices: list[AttentionSlice], midline_x: float) -> A
         region=region,
     )
 
+
+
+# --------------------------------------------------------------------------- summaries
+
+RESEARCH_NOTE = "research use only, not for diagnosis"
+
+
+def result_summary(result: Prediction | NotAnalysed) -> dict[str, object]:
+    """A JSON-ready summary of a result (``fpe-node predict`` output, the index's record).
+
+    The score is called ``probability`` only when the model is calibrated; otherwise
+    ``probability`` is null and ``score`` is an uncalibrated value in [0, 1].
+    """
+    if isinstance(result, NotAnalysed):
+        return {
+            "analysed": False,
+            "reason": result.reason,
+            "pipeline": result.pipeline,
+            "series_used": dict(result.series_used),
+            "warnings": list(result.warnings),
+            "note": RESEARCH_NOTE,
+        }
+    model = result.model
+    peak = result.peak
+    return {
+        "analysed": True,
+        "pipeline": result.pipeline,
+        "score": result.score,
+        "probability": result.score if model.calibrated else None,
+        "calibrated": model.calibrated,
+        "threshold": model.threshold,
+        "positive": result.positive,
+        "finding": "FPE likely" if result.positive else "FPE unlikely",
+        "logit": result.logit,
+        "aux_scores": list(result.aux_scores),
+        "slice_weights": list(result.slice_weights),
+        "model": {
+            "name": model.name,
+            "version": model.version,
+            "variant": model.variant,
+            "weights_sha256": model.weights_sha256,
+            "precision": model.precision,
+            "demonstration": model.demonstration,
+            "recipe_from_checkpoint": model.recipe_from_checkpoint,
+        },
+        "primary_role": result.primary_role,
+        "series_used": dict(result.series_used),
+        "source_instances": len(result.sources),
+        "peak": None
+        if peak is None
+        else {
+            "model_slice": peak.model_slice,
+            "sop_instance_uid": peak.source.sop_instance_uid,
+            "frame": peak.source.frame,
+            "row": peak.row,
+            "column": peak.column,
+            "region": peak.region,
+        },
+        "timings_s": dict(result.timings_s),
+        "warnings": list(result.warnings),
+        "note": RESEARCH_NOTE,
+    }
