@@ -61,7 +61,10 @@ class Node:
         self.scp.stop(grace_s)
         self.dispatcher.close()
         if self.scheduler.running:
-            self.scheduler.shutdown(wait=True)
+            # wait=False: APScheduler 3 holds its job-store lock while waiting for running jobs,
+            # and a completion job that schedules its next check would wait on that lock for
+            # ever. Jobs are idempotent and rebuilt from the index at the next start.
+            self.scheduler.shutdown(wait=False)
         self.engine.dispose()
 
 

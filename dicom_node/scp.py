@@ -59,25 +59,28 @@ from dicom_node.storage import DiskFullError, DiskGuard, FileStore, HeaderError,
 log = logging.getLogger(__name__)
 
 # Transfer syntaxes accepted for every storage SOP class; stored as received (PS3.5 section 10).
+# pynetdicom accepts, in a presentation context, the first of these the requestor proposed:
+# uncompressed first, then lossless compression, lossy last (chosen only if nothing else was
+# proposed, i.e. the sender's data is lossy already), so a sender is never asked to degrade.
 TRANSFER_SYNTAXES: tuple[str, ...] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
     JPEGLosslessSV1,
+    JPEGLossless,
     JPEGLSLossless,
-    JPEGLSNearLossless,
     JPEG2000Lossless,
-    JPEG2000,
     JPEG2000MCLossless,
-    JPEG2000MC,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
-    HTJ2K,
     RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    JPEG2000,
+    JPEG2000MC,
+    HTJ2K,
 )
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"  # PS3.4 Annex A
