@@ -211,3 +211,19 @@ def test_dicom_study_rows_preprocess_exactly_like_the_node(tmp_path: Path) -> No
     case_input = dicom_case([tmp_path / "mr"], Selector(prefer_pipeline="MR"))
     assert isinstance(case_input, CaseInput)
     np.testing.assert_array_equal(np.asarray(cached.load()), served.preprocess(case_input).tensor)
+
+
+def test_ensemble_averages_the_members_calibrated_logits(trained_model: TrainedModel) -> None:
+    from inference.training.ensemble import calibrated_logit_affine
+    from inference.training.evaluate import case_logits
+
+    ensemble = load_ensemble(trained_model.ensemble)
+    recipe = Recipe.from_dict(ensemble.card.recipe)
+    cases = load_manifest(trained_model.manifest)[:3]
+    inputs = [entry.load() for entry in preprocess_cohort(cases, recipe, trained_model.cache_dir)]
+    combined = case_logits(ensemble.model, inputs)
+    members = []
+    for number, member in enumerate(ensemble.model.members):
+        scale, offset = calibrated_logit_affine(ensemble.member_cards[number].calibration)
+        members.append(scale * case_logits(member, inputs) + offset)
+    np.testing.assert_allclose(combined, np.mean(members, axis=0), rtol=1e-5, atol=1e-5)

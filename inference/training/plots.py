@@ -45,7 +45,7 @@ def unit_square_plot(path: Path, title: str, x_label: str, y_label: str, curves:
         draw.line((*to_pixel(a, a), *to_pixel(b, b)), fill=(150, 150, 150))
     draw.text((left, 12), title, fill="black")
     draw.text(((left + right) / 2 - 40, bottom + 26), x_label, fill="black")
-    draw.text((6, top - 20), y_label, fill="black")
+    _vertical_text(image, y_label, x=8, centre_y=(top + bottom) / 2)
     for number, curve in enumerate(curves):
         colour = _COLOURS[number % len(_COLOURS)]
         points = [to_pixel(min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)) for x, y in zip(curve.x, curve.y)]
@@ -60,3 +60,13 @@ def unit_square_plot(path: Path, title: str, x_label: str, y_label: str, curves:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
     return path
+
+
+def _vertical_text(image: Image.Image, text: str, x: int, centre_y: float) -> None:
+    """Write ``text`` rotated by 90 degrees (reading bottom to top) at the left edge."""
+    probe = ImageDraw.Draw(image)
+    left, top, right, bottom = probe.textbbox((0, 0), text)
+    label = Image.new("RGB", (int(right - left) + 4, int(bottom - top) + 4), "white")
+    ImageDraw.Draw(label).text((2 - left, 2 - top), text, fill="black")
+    rotated = label.rotate(90, expand=True)
+    image.paste(rotated, (x, int(centre_y - rotated.height / 2)))
