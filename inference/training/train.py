@@ -513,31 +513,9 @@ def _run_fold(
     measured = fold_metrics([labels[i] for i in test], test_scores, threshold) if test else {}
     checkpoint = None
     if out_dir is not None:
-        card = ModelCard(
-            name=config.model_name,
-            version=f"seed{config.seed}-fold{fold}",
-            architecture=architecture,
-            grid=grid,
-            recipe=recipe,
-            precision="fp32",
-            threshold=threshold,
-            calibration=calibration,
-            training=json_safe(
-                {
-                    "role": "cross-validation fold",
-                    "fold": fold,
-                    "folds": config.folds,
-                    "cases": {"train": len(inner_train), "inner_validation": len(validation), "test": len(test)},
-                    "data": data_summary or {},
-                    "config": config.to_dict(),
-                    "best_epoch": fit.best_epoch,
-                    "epochs_run": fit.epochs_run,
-                    "test_metrics": measured,
-                    "threshold_rule": "Youden's J on the inner validation split",
-                    "calibration_fitted_on": "inner validation split",
-                    "software_version": software_version(),
-                }
-            ),
+        card = _fold_card(
+            fold, config, architecture, grid, recipe, calibration, threshold, fit, measured,
+            {"train": len(inner_train), "inner_validation": len(validation), "test": len(test)}, data_summary or {},
         )
         checkpoint = out_dir / f"fold{fold}.pt"
         save_checkpoint(checkpoint, fit.model, card)
@@ -556,6 +534,47 @@ def _run_fold(
         fit.epochs_run,
         fit.seconds,
         checkpoint,
+    )
+
+
+def _fold_card(
+    fold: int,
+    config: TrainConfig,
+    architecture: Res25Config,
+    grid: tuple[int, int, int],
+    recipe: dict[str, Any] | None,
+    calibration: Calibration,
+    threshold: float,
+    fit: FitResult,
+    measured: dict[str, float],
+    case_counts: dict[str, int],
+    data_summary: dict[str, Any],
+) -> ModelCard:
+    """The model card of one fold's network: how it was made and how it did on its fold."""
+    training = {
+        "role": "cross-validation fold",
+        "fold": fold,
+        "folds": config.folds,
+        "cases": case_counts,
+        "data": data_summary,
+        "config": config.to_dict(),
+        "best_epoch": fit.best_epoch,
+        "epochs_run": fit.epochs_run,
+        "test_metrics": measured,
+        "threshold_rule": "Youden's J on the inner validation split",
+        "calibration_fitted_on": "inner validation split",
+        "software_version": software_version(),
+    }
+    return ModelCard(
+        name=config.model_name,
+        version=f"seed{config.seed}-fold{fold}",
+        architecture=architecture,
+        grid=grid,
+        recipe=recipe,
+        precision="fp32",
+        threshold=threshold,
+        calibration=calibration,
+        training=json_safe(training),
     )
 
 
