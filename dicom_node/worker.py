@@ -1,0 +1,315 @@
+"""The inference worker: runs off the network path, in worker processes.
+
+A C-STORE handler never runs inference. Completion puts a ready study in the queue
+(:meth:`dicom_node.lifecycle.Lifecycle.enqueue`); :class:`InferenceWorkers` starts
+``settings.inference.workers`` processes (``multiprocessing`` *spawn* context: a fresh
+interpreter, no inherited sockets, threads or database connections), each building one
+:class:`Analyst` -- index connection, selection rules, eligibility rules and the model, loaded
+once -- and then claiming jobs one at a time. For each study (:meth:`Analyst.run_job`):
+
+1. **gather**: the files of the study and of the same patient's other studies acquired within
+   ``inference.case_window_h`` (NCCT and CTA are often separate orders);
+2. **eligibility** of the study itself (``not_eligible`` with the reason: no result);
+3. **selection, volumes, preprocessing, inference** (:mod:`inference.case`,
+   :class:`inference.predictor.Predictor`);
+4. **record** the run in the ``analysis`` table (:mod:`dicom_node.index.analysis`: score,
+   series used, per-stage timings, warnings or reason), then move the study
+   ``analysing -> analysed | not_analysed | not_eligible``.
+
+When the case's primary series (NCCT, DWI) lies in another study of the patient, the result
+belongs to that study: this study ends ``not_analysed`` saying so and the primary study is
+queued again, so its case now includes this study's series.
+
+Results (predictions and ``NotAnalysed``) are handed back to the parent process through a
+queue, where a thread calls the ``on_result(study_uid, result)`` callbacks -- the reports and
+delivery stage (:meth:`dicom_node.delivery.Delivery.on_result`) -- so those run in the node's
+process with its own connections.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.index.analysis import record_analysis
+from dicom_node.index.db import build_engine, build_session_factory, write_session
+from dicom_node.index.models import Instance, Series, Study
+from dicom_node.lifecycle import Job, Lifecycle, StudyState, as_utc
+from dicom_node.settings import Settings
+from inference.case import case_from_headers
+from inference.dicom_headers import SeriesHeader, read_series_headers
+from inference.eligibility import EligibilityRules, check_study, load_eligibility_rules
+from inference.predictor import CaseInput, Predictor, result_summary
+from inference.result import NotAnalysed, Prediction
+from inference.selection import Selector, load_selection_rules
+
+log = logging.getLogger(__name__)
+
+Result = Prediction | NotAnalysed
+ResultCallback = Callable[[str, Result], None]
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What one job ended with (``result`` is None for a study that is not eligible)."""
+
+    study_uid: str
+    state: StudyState
+    result: Result | None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """The files a study's case may draw on."""
+
+    study_pk: int
+    calling_ae: str | None
+    arrived_at: dt.datetime
+    own: tuple[Path, ...]  # the study's own files
+    related: tuple[Path, ...]  # same patient, other studies within the case window
+
+
+def _study_time(study: Study) -> dt.datetime:
+    if study.acquired_at is not None:
+        acquired = study.acquired_at
+        return (acquired if acquired.tzinfo else acquired.astimezone()).astimezone(dt.timezone.utc)
+    return as_utc(study.first_received_at)
+
+
+def _files_of(session: Session, study_pk: int, data_dir: Path) -> tuple[Path, ...]:
+    rows = session.execute(
+        select(Instance.path).join(Series, Series.id == Instance.series_pk).where(Series.study_pk == study_pk)
+    ).scalars()
+    return tuple(data_dir / path for path in rows)
+
+
+def gather_case_files(session: Session, study_uid: str, data_dir: Path, window_h: float) -> CaseFiles:
+    """Files of the study and of its patient's studies acquired within ``window_h`` hours of it."""
+    study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
+    related: list[Path] = []
+    if study.patient_pk is not None:
+        anchor = _study_time(study)
+        window = dt.timedelta(hours=window_h)
+        others = session.execute(
+            select(Study).where(Study.patient_pk == study.patient_pk, Study.id != study.id)
+        ).scalars()
+        for other in others:
+            if abs(_study_time(other) - anchor) <= window:
+                related.extend(_files_of(session, other.id, data_dir))
+    return CaseFiles(
+        study_pk=study.id,
+        calling_ae=study.calling_ae,
+        arrived_at=as_utc(study.first_received_at),
+        own=_files_of(session, study.id, data_dir),
+        related=tuple(related),
+    )
+
+
+class Analyst:
+    """One worker's tools, built once: index, lifecycle, rules and the model.
+
+    Parameters
+    ----------
+    settings:
+        The node's settings (the worker reads ``storage``, ``index``, ``completion`` and
+        ``inference``).
+    session_factory, predictor:
+        Given by tests or by an in-process caller; built from the settings otherwise.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        session_factory: sessionmaker[Session] | None = None,
+        predictor: Predictor | None = None,
+    ) -> None:
+        inference = settings.inference
+        self.settings = settings
+        self.sessions = session_factory or build_session_factory(build_engine(settings))
+        self.lifecycle = Lifecycle(self.sessions, settings.completion)
+        self.predictor = predictor or Predictor.load(
+            inference.checkpoint, device=inference.device, torch_threads=inference.torch_threads
+        )
+        self.selector = Selector(
+            load_selection_rules(inference.selection_rules),
+            case_window_h=inference.case_window_h,
+            prefer_pipeline=inference.prefer_pipeline,
+            required_roles={p: self.predictor.recipe.for_pipeline(p).required_roles for p in ("CT", "MR")},
+        )
+        self.eligibility: EligibilityRules = load_eligibility_rules(inference.eligibility_rules)
+
+    # -- one job ----------------------------------------------------------------------------
+
+    def run_next(self) -> JobOutcome | None:
+        """Claim the next queued study and analyse it; ``None`` when the queue is empty."""
+        job = self.lifecycle.claim_next()
+        return None if job is None else self.run_job(job)
+
+    def run_job(self, job: Job) -> JobOutcome:
+        """Analyse one claimed study, record the run and finish its state (never raises for a bad study)."""
+        started = time.perf_counter()
+        try:
+            outcome = self._analyse(job)
+        except Exception as exc:  # noqa: BLE001 - one bad study must not stop the worker; logged with traceback
+            log.exception("analysis of study %s failed", job.study_uid)
+            reason = f"internal error during analysis ({type(exc).__name__}); see the node's log"
+            outcome = self._finish(job, StudyState.NOT_ANALYSED, NotAnalysed(reason), None)
+        log.info(
+            "study %s: %s in %.1f s", job.study_uid, outcome.state.value, time.perf_counter() - started
+        )
+        return outcome
+
+    def _analyse(self, job: Job) -> JobOutcome:
+        with self.sessions() as session:
+            files = gather_case_files(
+                session, job.study_uid, self.settings.storage.data_dir, self.settings.inference.case_window_h
+            )
+        load_started = time.perf_counter()
+        own_headers = read_series_headers(files.own)
+        related_headers = read_series_headers(files.related) if files.related else []
+        load_s = time.perf_counter() - load_started
+        if not own_headers:
+            return self._finish(job, StudyState.NOT_ANALYSED, NotAnalysed("no DICOM image of the study is on disk"), None)
+        arrival_local = files.arrived_at.astimezone().replace(tzinfo=None)  # StudyDate/Time are local, naive
+        decision = check_study(own_headers, self.eligibility, calling_ae_title=files.calling_ae, now=arrival_local)
+        if not decision.eligible:
+            return self._finish(job, StudyState.NOT_ELIGIBLE, NotAnalysed(decision.reason), None)
+        case = case_from_headers(own_headers + related_headers, self.selector, load_s=load_s)
+        if isinstance(case, NotAnalysed):
+            return self._finish(job, StudyState.NOT_ANALYSED, case, None)
+        primary_study = self._primary_study(case)
+        if primary_study != job.study_uid:
+            return self._redirect(job, primary_study)
+        result = self.predictor.predict(case)
+        state = StudyState.ANALYSED if isinstance(result, Prediction) else StudyState.NOT_ANALYSED
+        return self._finish(job, state, result, primary_study)
+
+    def _primary_study(self, case: CaseInput) -> str:
+        role = self.predictor.recipe.for_pipeline(case.pipeline).primary_role
+        return case.volumes[role].study_uid
+
+    def _redirect(self, job: Job, primary_study: str) -> JobOutcome:
+        """The case belongs to another study of the patient: queue that one again instead."""
+        reason = f"analysed with study {primary_study}, which holds the case's primary series"
+        requeued = self.lifecycle.enqueue(primary_study, f"series of study {job.study_uid} joined its case", rerun=True)
+        log.info("study %s: case belongs to study %s (re-queued: %s)", job.study_uid, primary_study, requeued)
+        outcome = self._finish(job, StudyState.NOT_ANALYSED, NotAnalysed(reason), primary_study)
+        return JobOutcome(outcome.study_uid, outcome.state, None, reason)
+
+    def _finish(self, job: Job, state: StudyState, result: Result, primary_study: str | None) -> JobOutcome:
+        summary = result_summary(result)
+        reason = result.reason if isinstance(result, NotAnalysed) else None
+        with write_session(self.sessions) as session:
+            record_analysis(session, job.study_pk, state.value, summary, job_id=job.job_id, primary_study_uid=primary_study)
+        self.lifecycle.finish(job.study_uid, state, reason or _prediction_detail(result))
+        delivered = None if state is StudyState.NOT_ELIGIBLE else result
+        return JobOutcome(job.study_uid, state, delivered, reason)
+
+
+def _prediction_detail(result: Result) -> str | None:
+    if isinstance(result, Prediction):
+        return f"{result.pipeline} score {result.score:.3f} ({'positive' if result.positive else 'negative'})"
+    return None
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _worker_main(settings: Settings, stop: EventType, results: Any, poll_s: float) -> None:
+    """Body of one worker process: build the :class:`Analyst` once, then claim jobs until told to stop."""
+    from dicom_node.logs import configure
+
+    configure(settings.logging.level)
+    analyst = Analyst(settings)
+    log.info("inference worker ready (model %s %s)", analyst.predictor.card.name, analyst.predictor.card.version)
+    while not stop.is_set():
+        outcome = analyst.run_next()
+        if outcome is None:
+            stop.wait(poll_s)
+        elif outcome.result is not None:
+            results.put((outcome.study_uid, outcome.result))
+
+
+class InferenceWorkers:
+    """``settings.inference.workers`` worker processes and the thread that hands their results on.
+
+    Parameters
+    ----------
+    settings:
+        The node's settings (picklable; each process builds its own connections and model).
+    on_result:
+        Called in this process, in order, with ``(study_uid, result)`` for every study
+        analysed or not analysed (not for studies that are not eligible). A callback that
+        raises is logged; the others still run.
+    poll_s:
+        How long an idle worker waits before looking at the queue again.
+    """
+
+    def __init__(self, settings: Settings, on_result: Sequence[ResultCallback] = (), *, poll_s: float = 0.5) -> None:
+        self.settings = settings
+        self.on_result = list(on_result)
+        self.poll_s = poll_s
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._results: Any = context.Queue()
+        self._processes = [
+            context.Process(
+                target=_worker_main,
+                args=(settings, self._stop, self._results, poll_s),
+                name=f"fpe-inference-{number}",
+                daemon=True,
+            )
+            for number in range(settings.inference.workers)
+        ]
+        self._thread = threading.Thread(target=self._dispatch, name="fpe-results", daemon=True)
+
+    def start(self) -> None:
+        """Start the processes and the result thread."""
+        for process in self._processes:
+            process.start()
+        self._thread.start()
+        log.info("started %d inference worker process(es)", len(self._processes))
+
+    def alive(self) -> int:
+        """Number of worker processes running."""
+        return sum(process.is_alive() for process in self._processes)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Ask the workers to stop after their current study; terminate any still running after ``timeout_s``."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout_s
+        for process in self._processes:
+            process.join(max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("worker %s did not stop in time; terminating it", process.name)
+                process.terminate()
+                process.join(5.0)
+        if self._thread.is_alive():
+            self._thread.join(max(0.1, deadline - time.monotonic()))
+
+    def _dispatch(self) -> None:
+        while not (self._stop.is_set() and self._results.empty()):
+            try:
+                study_uid, result = self._results.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            for callback in self.on_result:
+                try:
+                    callback(study_uid, result)
+                except Exception:  # noqa: BLE001 - a failing consumer must not stop the others; logged
+                    log.exception("result callback %s failed for study %s", getattr(callback, "__name__", callback), study_uid)
+        log.debug("result thread stopped")

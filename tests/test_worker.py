@@ -1,0 +1,138 @@
+"""The inference worker: a study sent to the node ends analysed, with its analysis recorded."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import torch
+
+from dicom_node.bootstrap import Node, build_node
+from dicom_node.index.analysis import latest_analysis
+from dicom_node.lifecycle import StudyState
+from dicom_node.worker import Analyst, InferenceWorkers
+from inference.model.checkpoint import ModelCard, save_checkpoint
+from inference.model.res25 import Res25, Res25Config, seeded_init_
+from inference.recipe import DEFAULT_RECIPE
+from inference.result import NotAnalysed, Prediction
+from tests.conftest import SettingsFactory
+from tests.factory import Study, write_ct_stroke_study
+from tests.peers import send_datasets
+
+GRID = (10, 32, 32)
+_PORTS: dict[int, int] = {}  # node -> the port it listens on
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    config = Res25Config.reduced(n_slices=GRID[0])
+    model = seeded_init_(Res25(config=config), seed=5).eval()
+    card = ModelCard(name="res25-worker-test", version="1", architecture=config, grid=GRID,
+                     recipe=DEFAULT_RECIPE.with_grid(GRID).to_dict())
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, model, card)
+    return path
+
+
+@pytest.fixture
+def running_node(make_settings: SettingsFactory, checkpoint: Path) -> Iterator[Node]:
+    settings = make_settings(
+        inference={"checkpoint": str(checkpoint), "device": "cpu", "torch_threads": 1},
+        completion={"series_quiet_s": 0.5, "study_timeout_s": 3.0},
+    )
+    node = build_node(settings)
+    _, port = node.start("127.0.0.1", 0)
+    _PORTS[id(node)] = port
+    try:
+        yield node
+    finally:
+        node.stop(grace_s=1.0)
+
+
+def _send(node: Node, study: Study) -> None:
+    datasets = [pydicom.dcmread(path) for path in study.paths()]
+    statuses = send_datasets(_PORTS[id(node)], datasets)
+    assert set(statuses) == {0}
+
+
+def _wait_state(node: Node, study_uid: str, wanted: set[StudyState], timeout_s: float = 60.0) -> StudyState:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = node.lifecycle.state_of(study_uid)
+        if state in wanted:
+            return state
+        time.sleep(0.2)
+    raise AssertionError(f"study {study_uid} stayed {node.lifecycle.state_of(study_uid)}")
+
+
+def _today_study(folder: Path, **kwargs: Any) -> Study:
+    now = dt.datetime.now() - dt.timedelta(minutes=5)
+    return write_ct_stroke_study(
+        folder, rows=48, study_date=now.strftime("%Y%m%d"), study_time=now.strftime("%H%M%S"),
+        with_dose_report=False, with_reformats=False, **kwargs,
+    )
+
+
+def test_ready_study_is_analysed_and_recorded(running_node: Node, tmp_path: Path) -> None:
+    study = _today_study(tmp_path / "study")
+    _send(running_node, study)
+    _wait_state(running_node, study.study_uid, {StudyState.QUEUED})
+    analyst = Analyst(running_node.settings, session_factory=running_node.session_factory)
+    outcome = analyst.run_next()
+    assert outcome is not None and outcome.study_uid == study.study_uid
+    assert outcome.state is StudyState.ANALYSED
+    assert isinstance(outcome.result, Prediction)
+    assert running_node.lifecycle.state_of(study.study_uid) is StudyState.ANALYSED
+    with running_node.session_factory() as session:
+        row = latest_analysis(session, study.study_uid)
+        assert row is not None
+        assert row.outcome == "analysed" and row.pipeline == "CT"
+        assert row.score == pytest.approx(outcome.result.score)
+        assert row.model_name == "res25-worker-test" and row.demonstration is False
+        assert row.series_used_dict() == {"ncct": study.role("ncct").series_uid, "cta": study.role("cta").series_uid}
+        assert {"load", "decode", "select", "volume", "register", "preprocess", "infer", "attention"} <= set(row.timings_dict())
+    assert analyst.run_next() is None  # nothing runs twice
+
+
+def test_prior_study_is_not_eligible(running_node: Node, tmp_path: Path) -> None:
+    study = write_ct_stroke_study(tmp_path / "prior", rows=32, study_date="20200101", with_cta=False,
+                                  with_dose_report=False, with_reformats=False, with_mips=False)
+    _send(running_node, study)
+    _wait_state(running_node, study.study_uid, {StudyState.QUEUED})
+    outcome = Analyst(running_node.settings, session_factory=running_node.session_factory).run_next()
+    assert outcome is not None and outcome.state is StudyState.NOT_ELIGIBLE and outcome.result is None
+    with running_node.session_factory() as session:
+        row = latest_analysis(session, study.study_uid)
+        assert row is not None and row.outcome == "not_eligible" and row.score is None
+        assert row.reason
+
+
+def test_worker_process_hands_results_to_callbacks(running_node: Node, tmp_path: Path) -> None:
+    """A spawned worker process (model loaded once there) analyses; the callback runs in this process."""
+    received: list[tuple[str, Any]] = []
+    arrived = threading.Event()
+
+    def on_result(study_uid: str, result: Prediction | NotAnalysed) -> None:
+        received.append((study_uid, result))
+        arrived.set()
+
+    workers = InferenceWorkers(running_node.settings, [on_result], poll_s=0.2)
+    workers.start()
+    try:
+        study = _today_study(tmp_path / "study", with_localizer=False, with_mips=False)
+        _send(running_node, study)
+        assert arrived.wait(180), "no result from the worker process"
+        assert _wait_state(running_node, study.study_uid, {StudyState.ANALYSED}) is StudyState.ANALYSED
+    finally:
+        workers.stop(timeout_s=20)
+    assert workers.alive() == 0
+    study_uid, result = received[0]
+    assert study_uid == study.study_uid
+    assert isinstance(result, Prediction) and len(result.attention) == GRID[0]
