@@ -306,7 +306,7 @@ class Ingest:
             return None
         state.previous_path = None if existing is None else existing.path
         outcome = repository.record_instance(session, header, facts, existing)
-        self.files.publish(tmp_path, facts.path)
+        self.files.publish(tmp_path, facts.path, sync=False)
         state.published = True
         return outcome
 
@@ -332,8 +332,10 @@ class Ingest:
         Returns ``None`` for an identical duplicate.
 
         Order: temporary file fsynced; then, in one index transaction holding the instance's
-        lock, the row is written and the file renamed to its final name before the commit. A
-        crash at any point leaves no acknowledged instance without its file or row.
+        lock, the row is written and the file renamed to its final name before the commit;
+        then its folder is fsynced. A crash at any point leaves no acknowledged instance
+        without its file or row (a row whose rename was lost is repaired by the duplicate
+        rule when the unacknowledged sender sends again).
         """
         relative = self.files.relative_path(header.study_uid, header.series_uid, header.sop_instance_uid)
         facts = FileFacts(
@@ -360,6 +362,7 @@ class Ingest:
         if outcome is None:
             log.info("instance %s received again, identical: kept the stored copy", header.sop_instance_uid)
             return None
+        self.files.sync_folder(relative)  # after the commit: see FileStore.publish
         if state.previous_path is not None and state.previous_path != relative:
             self.files.remove(state.previous_path)
         final = self.files.absolute(relative)

@@ -357,13 +357,25 @@ class FileStore:
             raise
         return tmp_path
 
-    def publish(self, tmp_path: Path, relative: str) -> Path:
-        """Rename a written temporary file to its final name (replacing any old one), durably."""
+    def publish(self, tmp_path: Path, relative: str, *, sync: bool = True) -> Path:
+        """Rename a written temporary file to its final name (replacing any old one).
+
+        With ``sync`` the folder is fsynced so the rename is durable; a caller that has more to
+        make durable first (the index commit) passes ``sync=False`` and calls :meth:`sync_folder`
+        afterwards: on ext4 the commit's fsync already carries the rename, so the folder fsync
+        that follows costs almost nothing, and on every filesystem both are done before the
+        C-STORE is answered.
+        """
         final = self.absolute(relative)
         self._make_dirs(final.parent)
         os.replace(tmp_path, final)
-        self._fsync_dir(final.parent)
+        if sync:
+            self._fsync_dir(final.parent)
         return final
+
+    def sync_folder(self, relative: str) -> None:
+        """fsync the folder holding ``relative`` (makes an earlier rename in it durable)."""
+        self._fsync_dir(self.absolute(relative).parent)
 
     def discard(self, path: Path) -> None:
         """Remove a file if it exists (a temporary file or a file whose indexing failed)."""

@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from dicom_node import cli
 from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
 from dicom_node.peers import PeerError, PeerInfo, PeerRegistry, host_matches, peers_from_yaml
 from dicom_node.settings import load_settings
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import free_port
 from tests.peers import DCMTK
 
 
@@ -107,23 +106,19 @@ def test_host_matching() -> None:
     assert not host_matches("10.0.0.2", "10.0.0.1")
 
 
-def _run_cli(config: Path, *argv: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FPENODE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "dicom_node", "--config", str(config), "peers", *argv],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
-
-
-def test_running_node_honours_peer_changes_without_restart(serve_process: Callable[..., Any], dcmtk: DCMTK) -> None:
+def test_running_node_honours_peer_changes_without_restart(
+    serve_process: Callable[..., Any], dcmtk: DCMTK, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in list(os.environ):
+        if key.startswith("FPENODE_"):
+            monkeypatch.delenv(key)
     server = serve_process()
     assert dcmtk.echoscu(server.port, calling="LATECOMER").returncode != 0
-    added = _run_cli(server.config, "add", "LATE", "--ae-title", "LATECOMER", "--host", "127.0.0.1")
-    assert added.returncode == 0, added.stderr
+    # The command runs in this process, the node in its own: they share only the index.
+    assert cli.main(["--config", str(server.config), "peers", "add", "LATE", "--ae-title", "LATECOMER", "--host", "127.0.0.1"]) == 0
     echo = dcmtk.echoscu(server.port, calling="LATECOMER")
     assert echo.returncode == 0, echo.stderr
-    removed = _run_cli(server.config, "remove", "LATE")
-    assert removed.returncode == 0, removed.stderr
+    assert cli.main(["--config", str(server.config), "peers", "remove", "LATE"]) == 0
     assert dcmtk.echoscu(server.port, calling="LATECOMER").returncode != 0
     assert "LATECOMER" in server.log_text()  # the refusal is logged with the calling AE title
 
