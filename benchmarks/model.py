@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="variant of the demonstration weights (ignored with --checkpoint)")
     parser.add_argument("--checkpoint", type=Path, help="node-format or original checkpoint to benchmark")
     parser.add_argument("--inputs", type=Path, help=".npy (N, C, S, H, W) preprocessed cases for the flip count")
+    parser.add_argument("--trained-phantom", type=Path, metavar="WORKDIR",
+                        help="train (or reuse) the training issue's phantom-cohort checkpoint in WORKDIR and use it "
+                             "with its preprocessed cases (sets --checkpoint and --inputs)")
     parser.add_argument("--batch", type=int, default=1, help="cases per forward (default 1: one study)")
     parser.add_argument("--reps", type=int, default=5, help="interleaved rounds of the fp32 configurations")
     parser.add_argument("--bf16-reps", type=int, default=3, help="rounds that include bf16 (slow without native bf16)")
@@ -67,6 +70,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-bf16", action="store_true", help="skip bf16")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
+
+
+def trained_phantom(workdir: Path) -> tuple[Path, Path]:
+    """The test suite's trained phantom checkpoint (same cohort and config) and its preprocessed cases."""
+    from inference.training.phantoms import write_cohort
+    from inference.training.train import train_manifest
+    from tests.training_support import COHORT_CASES, COHORT_SEED, TRAIN_CONFIG
+
+    out_dir, cache_dir = workdir / "run", workdir / "cache"
+    if not (out_dir / "fold0.pt").exists():
+        manifest = write_cohort(workdir / "cohort", COHORT_CASES, seed=COHORT_SEED)
+        train_manifest(manifest, out_dir, TRAIN_CONFIG, cache_dir=cache_dir)
+    arrays = [np.load(path) for path in sorted(cache_dir.rglob("*.npy"))]
+    cases = workdir / "cases.npy"
+    np.save(cases, np.stack(arrays).astype(np.float32))
+    return out_dir / "fold0.pt", cases
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
@@ -136,6 +155,8 @@ def flip_count(loaded: LoadedModel, model: Res25, cases: Tensor, batch: int) -> 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.trained_phantom:
+        args.checkpoint, args.inputs = trained_phantom(args.trained_phantom)
     loaded = load(args)
     plain = copy.deepcopy(loaded.model).eval()  # NCHW weights, as the original runs
     ours = prepare(loaded.model, torch.device("cpu"), channels_last=True)

@@ -344,8 +344,11 @@ def seeded_init_(model: Res25, seed: int = 0) -> Res25:
     Each tensor draws from its own generator seeded with ``crc32("<seed>:<name>")``, so the
     result does not depend on the global RNG, module construction order or platform. Convolutions
     and linear layers: He-normal on the fan-in (linear: ``1/sqrt(fan_in)``); batch-norm weights
-    ``1 + 0.1 N(0,1)``, biases ``0.1 N(0,1)``, running mean 0 and variance 1.
-    Used for the untrained demonstration weights.
+    ``1 + 0.1 N(0,1)``, biases ``0.1 N(0,1)``, running mean 0 and variance 1; the last batch norm
+    of each residual branch (``bn2``, the non-local ``W_z``) starts at a tenth of that, so that
+    activations stay bounded through the 16 residual blocks (the idea of ``zero_init_residual``)
+    and the slice weights do not collapse onto one slice. Used for the untrained demonstration
+    weights.
     """
     import zlib
 
@@ -358,6 +361,8 @@ def seeded_init_(model: Res25, seed: int = 0) -> Res25:
                 tensor.zero_()
             elif name.endswith("running_var"):
                 tensor.fill_(1.0)
+            elif tensor.dim() == 1 and name.endswith(("bn2.weight", "W_z.1.weight")):
+                tensor.copy_(0.1 * (1.0 + 0.1 * torch.randn(tensor.shape, generator=gen)))
             elif tensor.dim() == 1 and name.endswith("weight"):
                 tensor.copy_(1.0 + 0.1 * torch.randn(tensor.shape, generator=gen))
             elif tensor.dim() == 1:
