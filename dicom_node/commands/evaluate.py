@@ -39,7 +39,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from inference.model.checkpoint import CheckpointError
     from inference.training.evaluate import evaluate_manifest, format_report
-    from inference.training.manifest import ManifestError, selection_checker
+    from inference.training.manifest import ManifestError
 
     if settings.inference.torch_threads:
         torch.set_num_threads(settings.inference.torch_threads)
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         evaluation = evaluate_manifest(
             args.checkpoint, args.manifest, args.out,
             cache_dir=args.cache,
-            check_case=selection_checker(settings.inference.case_window_h),
+            case_window_h=settings.inference.case_window_h,
             n_resamples=args.bootstrap, seed=args.seed, compare_bf16=not args.no_bf16,
         )
     except (ManifestError, CheckpointError, ValueError) as exc:

@@ -48,7 +48,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     """Train; exit 0 on success, 2 for a bad manifest or arguments."""
     import torch
 
-    from inference.training.manifest import selection_checker
     from inference.training.train import TrainConfig, train_manifest
 
     if settings.inference.torch_threads:
@@ -64,7 +63,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             grid=tuple(args.grid) if args.grid else None,
             modality=args.modality,
             cache_dir=args.cache,
-            check_case=selection_checker(settings.inference.case_window_h),
+            case_window_h=settings.inference.case_window_h,
             progress=log.info,
         )
     except ValueError as exc:  # ManifestError (every bad row named) is a ValueError too

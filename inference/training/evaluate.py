@@ -242,7 +242,7 @@ def evaluate_manifest(
     out_dir: Path,
     *,
     cache_dir: Path | None = None,
-    check_case: Any = None,
+    case_window_h: float = 24.0,
     n_resamples: int = 2000,
     seed: int = 0,
     compare_bf16: bool = True,
@@ -250,15 +250,17 @@ def evaluate_manifest(
     """Evaluate ``checkpoint`` on the manifest's ``test`` rows (all rows when it has none).
 
     Cases go through the checkpoint's own recipe (the default recipe on the card's grid when it
-    carries none) and must be of the pipeline the checkpoint was trained for.
+    carries none) and must be of the pipeline the checkpoint was trained for; the manifest is
+    validated first with that recipe's required roles.
     """
     from inference.recipe import DEFAULT_RECIPE, Recipe
     from inference.training.cache import preprocess_cohort
-    from inference.training.manifest import load_manifest, recipe_required_roles
+    from inference.training.manifest import load_manifest, recipe_required_roles, selection_checker
 
     served = load_served_model(checkpoint)
     recipe = Recipe.from_dict(served.recipe) if served.recipe else DEFAULT_RECIPE.with_grid(served.grid)
-    cases = load_manifest(manifest_path, check_case=check_case, required_roles=recipe_required_roles(recipe))
+    required = recipe_required_roles(recipe)
+    cases = load_manifest(manifest_path, check_case=selection_checker(case_window_h, required), required_roles=required)
     chosen = [case for case in cases if case.split == "test"] or cases
     pipeline = (served.training.get("data") or {}).get("pipeline")
     if pipeline is not None:

@@ -693,18 +693,27 @@ def train_manifest(
     grid: tuple[int, int, int] | None = None,
     modality: Literal["CT", "MR"] | None = None,
     cache_dir: Path | None = None,
-    check_case: Any = None,
+    case_window_h: float = 24.0,
     progress: Callable[[str], None] | None = None,
 ) -> CrossValidation:
     """Validate the manifest, preprocess (cached) and cross-validate its ``train`` rows.
 
-    A manifest with CT and MR rows trains one pipeline per run: name it with ``modality``.
+    Validation names every bad row before anything runs, DICOM study folders included (series
+    selection with the recipe's required roles, ``case_window_h`` as the node uses it). A
+    manifest with CT and MR rows trains one pipeline per run: name it with ``modality``.
     """
     from inference.recipe import DEFAULT_RECIPE
     from inference.training.cache import file_digest, preprocess_cohort
-    from inference.training.manifest import load_manifest
+    from inference.training.manifest import load_manifest, recipe_required_roles, selection_checker
 
-    cases = [case for case in load_manifest(manifest_path, check_case=check_case) if case.split == "train"]
+    recipe = DEFAULT_RECIPE.with_grid(grid or default_grid(config.model_size))
+    required = recipe_required_roles(recipe)
+    checker = selection_checker(case_window_h, required)
+    cases = [
+        case
+        for case in load_manifest(manifest_path, check_case=checker, required_roles=required)
+        if case.split == "train"
+    ]
     modalities = sorted({case.modality for case in cases})
     if modality is None:
         if len(modalities) != 1:
@@ -717,7 +726,6 @@ def train_manifest(
             f"{len(cases)} {modality} train cases ({labels.count(1)} FPE) are too few for {config.folds}-fold "
             "cross-validation: each fold needs both classes"
         )
-    recipe = DEFAULT_RECIPE.with_grid(grid or default_grid(config.model_size))
     out_dir.mkdir(parents=True, exist_ok=True)
     cached = preprocess_cohort(cases, recipe, cache_dir or out_dir / "cache")
     data_summary = {
