@@ -67,7 +67,8 @@ HEADER_KEYWORDS = (
     "InstanceNumber",
     "SpecificCharacterSet",
 )
-_HEADER_TAGS: list[BaseTag | int] = [Tag(keyword) for keyword in HEADER_KEYWORDS]
+_TAG_OF = {keyword: Tag(keyword) for keyword in HEADER_KEYWORDS}
+_HEADER_TAGS: list[BaseTag | int] = list(_TAG_OF.values())
 _LAST_HEADER_TAG = max(Tag(keyword) for keyword in HEADER_KEYWORDS)
 # Values are decoded from their raw bytes (see _text), so no library warning can quote them.
 
@@ -121,7 +122,7 @@ def parse_header(dataset_bytes: bytes, transfer_syntax_uid: str) -> InstanceHead
 
     try:
         dataset = _read_header(dataset_bytes, UID(transfer_syntax_uid))
-        values = {kw: _text(dataset, kw) for kw in HEADER_KEYWORDS}
+        values = _values(dataset)
     except Exception as exc:  # noqa: BLE001 - any parser failure means "cannot understand"
         raise HeaderError(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed ({type(exc).__name__})") from None
     if not values["SOPClassUID"]:
@@ -170,25 +171,35 @@ def _past_header(tag: Any, _vr: str | None, _length: int) -> bool:
 _CHARSET_VRS = {"LO", "SH", "LT", "ST", "UT", "PN", "UC"}
 
 
-def _text(dataset: Dataset, keyword: str) -> str:
-    """An attribute as text from its raw bytes (no value conversion, so no validation warning).
+def _values(dataset: Dataset) -> dict[str, str]:
+    """Every header keyword's value as text (``""`` when absent), see :func:`_text`."""
+    encodings: list[str] | None = None
+    values = {}
+    for keyword, tag in _TAG_OF.items():
+        if tag not in dataset:
+            values[keyword] = ""
+            continue
+        element = dataset.get_item(tag)
+        if encodings is None and element.VR in _CHARSET_VRS:
+            encodings = convert_encodings(_charsets(dataset))
+        values[keyword] = _text(element.value, element.VR, encodings)
+    return values
 
-    Multi-values stay backslash-separated; padding spaces and NULs are stripped; ``""`` when
-    absent. Strings of VRs affected by Specific Character Set (PS3.5 6.1.2.3) are decoded
-    with the data set's character set, others as ASCII.
+
+def _text(raw: object, vr: str | None, encodings: list[str] | None) -> str:
+    """A value as text from its raw bytes (no value conversion, so no validation warning).
+
+    Multi-values stay backslash-separated; padding spaces and NULs are stripped. Strings of
+    VRs affected by Specific Character Set (PS3.5 6.1.2.3) are decoded with ``encodings``
+    (the data set's character set), others as ASCII.
     """
-    tag = Tag(keyword)
-    if tag not in dataset:
-        return ""
-    element = dataset.get_item(tag)
-    raw = element.value
     if raw is None:
         return ""
     if not isinstance(raw, bytes):
         values = raw if isinstance(raw, (list, tuple)) else [raw]
         return "\\".join(str(v).strip(" \x00") for v in values)
-    if element.VR in _CHARSET_VRS:
-        text = decode_bytes(raw, convert_encodings(_charsets(dataset)), set())
+    if vr in _CHARSET_VRS and encodings is not None:
+        text = decode_bytes(raw, encodings, set())
     else:
         text = raw.decode("ascii", errors="replace")
     return "\\".join(part.strip(" \x00") for part in text.split("\\")).strip(" \x00")

@@ -110,6 +110,19 @@ def test_store_lands_on_disk_and_in_index(node: Node) -> None:
     assert _tmp_files(node) == []
 
 
+@pytest.mark.parametrize("charset", ["ISO_IR 100", "ISO_IR 192"])
+def test_indexed_text_is_decoded_with_the_character_set(node: Node, charset: str) -> None:
+    ds = tiny_ct()
+    ds.SpecificCharacterSet = charset
+    ds.SeriesDescription = "Schädel nativ"
+    ds.StudyDescription = "Kopf µ-CT"
+    assert send_datasets(_port(node), [ds]) == [Status.SUCCESS]
+    with node.session_factory() as session:
+        series = session.scalars(select(Series)).one()
+        assert series.description == "Schädel nativ"
+        assert series.study.description == "Kopf µ-CT"
+
+
 def test_missing_study_uid_is_refused_and_leaves_no_file(node: Node) -> None:
     ds = tiny_ct()
     del ds.StudyInstanceUID
