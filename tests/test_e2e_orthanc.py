@@ -7,7 +7,9 @@ process, delivery); with nobody touching the node, it completes the study, predi
 the SR and the attention-map captures back to Orthanc (a peer with the source and destination
 roles). The
 test finds them in the same Orthanc study, validates the SR, and checks that its value is the
-one ``fpe-node predict`` gives for the same study files.
+one ``fpe-node predict`` gives for the same study files. The MR study is served by the
+checkpoint trained on the training issue's synthetic cohort (so the value means something);
+the CT study by demonstration weights (no CT cohort is trained in the suite).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dicom_node.settings import load_settings
 from tests.archives import OrthancArchive, free_port, full_node
 from tests.conftest import REPO_ROOT, TEST_PEER
 from tests.factory import Study, write_ct_stroke_study, write_mr_stroke_study
+from tests.training_support import TrainedModel, trained_checkpoint
 from tests.validators import dciodvfy_errors, dsrdump, pixelmed_sr_errors, read_strict
 
 pytestmark = pytest.mark.slow
@@ -69,8 +72,8 @@ def sr_value(sr: Dataset) -> float:
     raise AssertionError("no first-pass-effect value in the SR")
 
 
-def predicted_score(study: Study, out: Path, settings_file: Path) -> float:
-    """What ``fpe-node predict`` says for the same study files."""
+def predicted(study: Study, out: Path, settings_file: Path) -> dict[str, Any]:
+    """What ``fpe-node predict`` says for the same study files (its JSON summary)."""
     completed = subprocess.run(
         [sys.executable, "-m", "dicom_node", "--config", str(settings_file), "predict", str(study.directory),
          "--out", str(out)],
@@ -79,7 +82,7 @@ def predicted_score(study: Study, out: Path, settings_file: Path) -> float:
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result.get("analysed") is True, result
-    return float(result["score"])
+    return dict(result)
 
 
 def _results_in_orthanc(orthanc: OrthancArchive, study_uid: str) -> tuple[list[Dataset], list[Dataset]]:
@@ -110,9 +113,25 @@ def _wait_for_results(
     raise AssertionError(f"no results in Orthanc; study timeline:\n{log()[-4000:]}")
 
 
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
+    """The MR checkpoint the training issue's phantom cohort trains once per session."""
+    return trained_checkpoint(tmp_path_factory)
+
+
 @pytest.fixture
-def orthanc_and_node(tmp_path: Path) -> Iterator[tuple[OrthancArchive, Any, Path]]:
-    """Orthanc and the whole node in-process (SCP, completion, workers, delivery), wired together."""
+def orthanc_and_node(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[OrthancArchive, Any, Path]]:
+    """Orthanc and the whole node in-process (SCP, completion, workers, delivery), wired together.
+
+    MR runs the checkpoint trained on the synthetic cohort: its results leave the node with
+    ``allow_demonstration_results`` off, as at a site. CT has no trained checkpoint (the
+    cohort is MR), so it runs demonstration weights and this test node allows sending them.
+    """
+    checkpoint = None
+    if request.node.callspec.params["kind"] == "MR":
+        checkpoint = str(request.getfixturevalue("trained_model").checkpoint)
     node_port = free_port()
     orthanc = OrthancArchive(tmp_path / "orthanc", modalities={"fpenode": (NODE_AE, "127.0.0.1", node_port)})
     orthanc.start()
@@ -120,8 +139,9 @@ def orthanc_and_node(tmp_path: Path) -> Iterator[tuple[OrthancArchive, Any, Path
         "network": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": node_port},
         "storage": {"data_dir": str(tmp_path / "node"), "fsync": False},
         "completion": {"series_quiet_s": 1.0, "study_timeout_s": 30.0},
-        "inference": {"torch_threads": 1, "workers": 1},
-        "delivery": {"allow_demonstration_results": True, "retry_initial_s": 1.0, "scan_interval_s": 0.5},
+        "inference": {"torch_threads": 1, "workers": 1, "checkpoint": checkpoint},
+        "delivery": {"allow_demonstration_results": checkpoint is None, "retry_initial_s": 1.0,
+                     "scan_interval_s": 0.5},
         "peers": [
             TEST_PEER,
             {"name": "orthanc", "ae_titles": [orthanc.ae_title], "host": "127.0.0.1", "port": orthanc.dicom_port,
@@ -146,10 +166,13 @@ def test_study_from_orthanc_comes_back_with_results(
     study = _write_study(kind, tmp_path / f"study_{kind}")
     orthanc.upload(study.paths())
     orthanc.send_study(study.study_uid, "fpenode")
+    expected = predicted(study, tmp_path / f"{kind}_predict.json", config)
+    n_slices = len(expected["slice_weights"])
+    assert expected["model"]["demonstration"] is (kind == "CT")
 
     ended_without_result = {StudyState.NOT_ELIGIBLE, StudyState.DEAD_LETTERED}
     srs, scs = _wait_for_results(
-        orthanc, study.study_uid, n_sc=25, log=lambda: _timeline(node, study.study_uid),
+        orthanc, study.study_uid, n_sc=n_slices, log=lambda: _timeline(node, study.study_uid),
         gave_up=lambda: node.lifecycle.state_of(study.study_uid) in ended_without_result,
     )
     assert len(srs) == 1
@@ -158,7 +181,7 @@ def test_study_from_orthanc_comes_back_with_results(
     assert sr.PatientID == study.patient.patient_id
     assert sr.VerificationFlag == "UNVERIFIED"
     assert all(sc.StudyInstanceUID == study.study_uid and sc.BurnedInAnnotation == "YES" for sc in scs)
-    assert len({sc.SeriesInstanceUID for sc in scs}) == 1
+    assert len({sc.SeriesInstanceUID for sc in scs}) == 1 and len(scs) == n_slices
     sr_path, sc_path = tmp_path / f"{kind}_sr.dcm", tmp_path / f"{kind}_sc.dcm"
     sr.save_as(sr_path, enforce_file_format=True)
     scs[0].save_as(sc_path, enforce_file_format=True)
@@ -167,8 +190,7 @@ def test_study_from_orthanc_comes_back_with_results(
     assert "research use" in dsrdump(sr_path).lower()
     assert sr_value(read_strict(sr_path)) == sr_value(sr)
 
-    expected = predicted_score(study, tmp_path / f"{kind}_predict.json", config)
-    assert sr_value(sr) == pytest.approx(expected, abs=1.01e-4)
+    assert sr_value(sr) == pytest.approx(float(expected["score"]), abs=1.01e-4)
     deadline = time.monotonic() + 30
     while node.lifecycle.state_of(study.study_uid) is not StudyState.DELIVERED and time.monotonic() < deadline:
         time.sleep(0.2)
