@@ -207,6 +207,11 @@ def report(times: dict[str, list[float]], n_files: int) -> None:
         ratio = medians[name] / node
         verdict = "meets" if ratio >= target else "BELOW"
         print(f"  {name:<20} {ratio:5.2f}x (target >= {target}x: {verdict})")
+    # Each round runs the receivers back to back, so per-round ratios cancel slow drifts of a
+    # shared machine's load better than ratios of medians.
+    for name in ("pynetdicom-storescp", "dcmtk-storescp"):
+        paired = statistics.median(other / mine for other, mine in zip(times[name], times["fpe-node"]))
+        print(f"  {name:<20} {paired:5.2f}x median of per-round ratios")
     if "fpe-node-no-fsync" in medians:
         unsynced = medians["fpe-node-no-fsync"]
         print(f"fpe-node without fsync: {medians['pynetdicom-storescp'] / unsynced:.2f}x pynetdicom, "
