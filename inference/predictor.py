@@ -87,7 +87,7 @@ class Predictor:
         self.recipe = self._recipe(loaded)
         self.device = select_device(device)
         self.precision = runtime_precision(self.card.precision, self.device)
-        self.model = prepare(loaded.model, self.device, channels_last=self.device.type == "cuda")
+        self.model = prepare(loaded.model, self.device)
         self.model_info = self.card.model_info()
 
     @classmethod

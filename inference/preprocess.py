@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from inference.recipe import ChannelSpec, PipelineRecipe, Recipe
-from inference.registration import RegistrationResult, align, block_average
+from inference.registration import RegistrationError, RegistrationResult, align, block_average
 from inference.result import Pipeline, Role, SourceInstance
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,10 @@ def preprocess_case(volumes: Mapping[Role, RoleVolume], recipe: Recipe, pipeline
     warnings = [w for volume in volumes.values() for w in volume.warnings]
     warnings += _check_roles(volumes, pipeline_recipe)
     started = time.perf_counter()
-    registrations = register_roles(volumes, pipeline_recipe, recipe)
+    try:
+        registrations = register_roles(volumes, pipeline_recipe, recipe)
+    except RegistrationError as exc:
+        raise PreprocessingError(f"registration failed: {exc}") from exc
     warnings += [r.warning for r in registrations.values() if r.warning]
     registered = time.perf_counter()
 

@@ -33,6 +33,10 @@ _Z_SEARCH_MM = 80.0  # head-foot offsets tried before optimising
 _Z_STEP_MM = 8.0
 
 
+class RegistrationError(ValueError):
+    """Two series cannot be registered; the message says why."""
+
+
 @dataclass(frozen=True)
 class RegistrationResult:
     """How one moving role was brought onto the primary."""
@@ -149,10 +153,14 @@ def initial_transform(
         candidate.SetCenter(centre)
         candidate.SetTranslation(tuple(float(v) for v in translation))
         method.SetInitialTransform(candidate, inPlace=False)
-        value = float(method.MetricEvaluate(fixed, moving))
+        try:
+            value = float(method.MetricEvaluate(fixed, moving))
+        except RuntimeError:  # ITK: all samples map outside the moving image at this offset
+            continue
         if best is None or value < best[0]:
             best = (value, candidate)
-    assert best is not None
+    if best is None:
+        raise RegistrationError("the series do not overlap at any starting position tried")
     return best[1]
 
 
@@ -226,9 +234,13 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, spec: RegistrationSpec
         transform = sitk.Euler3DTransform(start)
         method.SetInitialTransform(transform, inPlace=True)
         metric_before = float(method.MetricEvaluate(fixed_small, moving_small))
-        method.Execute(fixed_small, moving_small)
-        # Evaluate the end point the same way as the start (full resolution, no smoothing).
-        metric_after = float(method.MetricEvaluate(fixed_small, moving_small))
+        try:
+            method.Execute(fixed_small, moving_small)
+            # Evaluate the end point the same way as the start (full resolution, no smoothing).
+            metric_after = float(method.MetricEvaluate(fixed_small, moving_small))
+        except RuntimeError as exc:  # ITK: the optimiser moved the images apart
+            log.warning("registration optimiser failed (%s); keeping the starting position", str(exc).splitlines()[-1][:120])
+            metric_after = math.inf
     warning = None
     method_name: Method = "registered"
     if not metric_after <= metric_before:
