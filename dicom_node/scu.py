@@ -27,6 +27,7 @@ and are recorded.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,23 @@ def requested_contexts(datasets: Sequence[Dataset]) -> list[PresentationContext]
     return [build_context(sop_class, syntaxes) for sop_class, syntaxes in wanted.items()]
 
 
+def wait_for_reactor(assoc: Association, timeout_s: float = 1.0) -> None:
+    """Let the association's reactor thread resume before the next DIMSE request.
+
+    pynetdicom pauses an association's reactor thread around each ``send_c_store`` and
+    resumes it afterwards, checking a flag the reactor sets when it pauses. When the
+    reactor thread has not run since the previous request (a busy CPU: the node's inference
+    worker), that flag is stale, the next request does not wait for the pause, and the
+    reactor then takes the next C-STORE response off the queue as an "unexpected C-STORE
+    service message": the SCU waits for the DIMSE timeout and the association is aborted
+    (pynetdicom issues #842 and #850 describe the symptom). Waiting here until the reactor
+    has actually resumed closes that window. Bounded; a no-op where the attribute is absent.
+    """
+    deadline = time.monotonic() + timeout_s
+    while getattr(assoc, "_is_paused", False) and assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.0001)
+
+
 def _accepted_classes(assoc: Association) -> set[str]:
     return {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
 
@@ -285,6 +303,7 @@ class StoreScu:
                 last = StoreOutcome(obj.sop_instance_uid, False, error=f"cannot send as {sop_class}: {exc}")
                 continue
             status_ds = assoc.send_c_store(to_send)
+            wait_for_reactor(assoc)
             if "Status" not in status_ds:
                 return StoreOutcome(obj.sop_instance_uid, False, error="no C-STORE response (timeout or abort)")
             status = int(status_ds.Status)

@@ -179,3 +179,31 @@ def test_unreachable_archive_fails_every_object(tmp_path: Path, scu: StoreScu) -
     outcomes = scu.send(Destination("gone", "GONE", "127.0.0.1", free_port()), objects)
     assert [o.ok for o in outcomes] == [False, False]
     assert all("association" in (o.error or "") for o in outcomes)
+
+
+def test_busy_process_gets_every_response(tmp_path: Path) -> None:
+    """CPU-bound threads beside the SCU (the node's own work) must not make responses go astray.
+
+    Without :func:`dicom_node.scu.wait_for_reactor`, pynetdicom's reactor thread could take a
+    C-STORE response meant for the SCU; the store then timed out and the association aborted.
+    """
+    objects = []
+    for i in range(40):
+        ds = make_sc(tmp_path / f"{i}.dcm", STUDY, "2.25.1000003", number=i + 1)
+        objects.append(OutgoingObject(tmp_path / f"{i}.dcm", ds.SOPInstanceUID, ds.SOPClassUID))
+    stop = threading.Event()
+
+    def burn() -> None:
+        while not stop.is_set():
+            sum(range(2000))
+
+    hogs = [threading.Thread(target=burn, daemon=True) for _ in range(2)]
+    for hog in hogs:
+        hog.start()
+    try:
+        with StorescpArchive(tmp_path / "arch") as archive:
+            scu = StoreScu("FPENODE", ScuTimeouts(acse_s=5, dimse_s=5, network_s=5, connect_s=3))
+            outcomes = scu.send(Destination("arch", archive.ae_title, archive.host, archive.port), objects)
+    finally:
+        stop.set()
+    assert [o.ok for o in outcomes] == [True] * len(objects)
