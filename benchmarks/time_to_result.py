@@ -34,6 +34,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -264,11 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                 figures = one_run(args, Path(tmp))
         results.append(figures)
         print(f"run {run + 1}: " + json.dumps(figures))
-    totals = sorted(r["total_s"] for r in results if r["total_s"] is not None)
+    totals = [r["total_s"] for r in results if r["total_s"] is not None]
     if totals:
-        median = totals[len(totals) // 2]
-        rs = sorted(r.get("reports_plus_sending_s") or 0.0 for r in results)[len(results) // 2]
-        print(f"median time to result {median:.2f} s (target < 20 s); reports + sending {rs:.2f} s (target < 2 s)")
+        rs = statistics.median(r.get("reports_plus_sending_s") or 0.0 for r in results)
+        print(f"time to result: median {statistics.median(totals):.2f} s, min {min(totals):.2f} s, max {max(totals):.2f} s "
+              f"(target < 20 s); reports + sending median {rs:.2f} s (target < 2 s)")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0
