@@ -291,18 +291,21 @@ def preprocess_case(volumes: Mapping[Role, RoleVolume], recipe: Recipe, pipeline
     mask = resample_to_grid(mask_image, grid, identity, background=0.0, antialias=False, interpolator=sitk.sitkNearestNeighbor) > 0
 
     channels = []
+    resampled: dict[tuple[Role, float], np.ndarray] = {}  # one resampling per role, however many channels
     for channel in pipeline_recipe.channels:
         if channel.role not in volumes:
             channels.append(np.zeros(mask.shape, dtype=np.float32))
             continue
-        values = resample_to_grid(
-            volumes[channel.role].image,
-            grid,
-            registrations[channel.role].transform,
-            background=channel.background,
-            antialias=recipe.antialias,
-        )
-        channels.append(normalise(values, channel, mask))
+        key = (channel.role, channel.background)
+        if key not in resampled:
+            resampled[key] = resample_to_grid(
+                volumes[channel.role].image,
+                grid,
+                registrations[channel.role].transform,
+                background=channel.background,
+                antialias=recipe.antialias,
+            )
+        channels.append(normalise(resampled[key], channel, mask))
     tensor = np.ascontiguousarray(np.stack(channels, axis=0), dtype=np.float32)
     finished = time.perf_counter()
     return PreprocessedCase(
