@@ -3,7 +3,9 @@
 Reading order of a study's path: :mod:`dicom_node.scp` (association, C-STORE) ->
 :mod:`dicom_node.storage` (file) -> :mod:`dicom_node.index.repository` (rows) -> listeners:
 :mod:`dicom_node.completion` (timers on the node's APScheduler) -> :mod:`dicom_node.lifecycle`
-(queue). :mod:`dicom_node.retention` purges on the same scheduler and guards the disk.
+(queue) -> :mod:`dicom_node.worker` (inference in worker processes) -> :mod:`dicom_node.delivery`
+(SR and captures built, outbox, :mod:`dicom_node.scu`). :mod:`dicom_node.retention` purges on
+the same scheduler and guards the disk.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.completion import Completion, SelectionReadiness
+from dicom_node.delivery import Delivery, build_delivery, destinations_from_registry
 from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
 from dicom_node.lifecycle import Lifecycle
 from dicom_node.peers import PeerRegistry
@@ -25,6 +28,7 @@ from dicom_node.retention import Retention
 from dicom_node.scp import AssociationTracker, Ingest, IngestListener, ListenerDispatcher, StorageSCP
 from dicom_node.settings import Settings
 from dicom_node.storage import DiskGuard, FileStore
+from dicom_node.worker import InferenceWorkers
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +48,30 @@ class Node:
     lifecycle: Lifecycle
     completion: Completion
     retention: Retention
+    delivery: Delivery
+    workers: InferenceWorkers
 
     def add_listener(self, listener: IngestListener) -> None:
         """Follow arrivals with ``listener`` (call before :meth:`start`; e.g. needing the session factory)."""
         self.dispatcher.listeners.append(listener)
 
     def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
-        """Rebuild pending work from the index, start the timers, then the SCP; returns the bound address."""
+        """Rebuild pending work from the index, start timers, sending and workers, then the SCP.
+
+        Returns the bound address.
+        """
         self.lifecycle.rebuild_pending()
         self.scheduler.start()
         self.completion.start()
+        self.delivery.start()
+        self.workers.start()
         return self.scp.start(host, port)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """Finish in-flight stores, stop listeners and timers, release the database."""
+        """Finish in-flight stores, stop workers, sending, listeners and timers, release the database."""
         self.scp.stop(grace_s)
+        self.workers.stop()
+        self.delivery.stop()
         self.dispatcher.close()
         if self.scheduler.running:
             # wait=False: APScheduler 3 holds its job-store lock while waiting for running jobs,
@@ -117,7 +130,12 @@ def build_node(
         tracker=AssociationTracker(),
     )
     scp = StorageSCP(settings.network, ingest=ingest, registry=peers)
-    return Node(settings, engine, session_factory, files, peers, dispatcher, scp, scheduler, lifecycle, completion, retention)
+    delivery = build_delivery(settings, session_factory, lifecycle, destinations_from_registry(peers))
+    workers = InferenceWorkers(settings, on_result=[delivery.on_result])
+    return Node(
+        settings, engine, session_factory, files, peers, dispatcher, scp, scheduler, lifecycle, completion, retention,
+        delivery, workers,
+    )
 
 
 def _selection_readiness(settings: Settings, session_factory: sessionmaker[Session]) -> SelectionReadiness:

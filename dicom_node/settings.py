@@ -210,7 +210,12 @@ class InferenceSettings(BaseModel):
         24.0, ge=0, description="Roles may come from studies of the same patient acquired within this window."
     )
     prefer_pipeline: Literal["MR", "CT"] = Field("MR", description="Pipeline used when both CT and MR are ready.")
-    workers: int = Field(1, ge=1, le=16, description="Inference worker processes.")
+    workers: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description="Inference worker processes (0: this node only receives and queues studies, e.g. for tests).",
+    )
     torch_threads: int = Field(0, ge=0, description="Threads for torch on CPU (0: torch's default).")
 
 

@@ -58,7 +58,7 @@ from inference.selection import Selector, load_selection_rules
 log = logging.getLogger(__name__)
 
 Result = Prediction | NotAnalysed
-ResultCallback = Callable[[str, Result], None]
+ResultCallback = Callable[[str, Result], object]  # the return value is ignored
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,10 @@ class InferenceWorkers:
         self._thread = threading.Thread(target=self._dispatch, name="fpe-results", daemon=True)
 
     def start(self) -> None:
-        """Start the processes and the result thread."""
+        """Start the processes and the result thread (nothing when no worker is configured)."""
+        if not self._processes:
+            log.info("no inference worker configured: studies stay queued")
+            return
         for process in self._processes:
             process.start()
         self._thread.start()

@@ -86,6 +86,8 @@ def settings_overrides(data_dir: Path, **sections: Any) -> dict[str, Any]:
         "network": {"port": free_port(), "host": "127.0.0.1"},
         "storage": {"data_dir": str(data_dir)},
         "peers": [TEST_PEER],
+        # No inference worker processes unless a test asks for them (they load torch and a model).
+        "inference": {"workers": 0},
     }
     return _merge(base, sections)
 

@@ -50,6 +50,7 @@ def _settings(tmp_path: Path, archive: StorescpArchive, pdf: bool = False, **del
         "network": {"host": "127.0.0.1", "port": free_port()},
         "delivery": values,
         "reports": {"secondary_capture": True, "pdf": pdf},
+        "inference": {"workers": 0},  # the test hands results to delivery itself
         "peers": [
             {"name": "modality", "ae_titles": [SOURCE_AE], "host": "127.0.0.1", "roles": ["source"]},
             {"name": "archive", "ae_titles": [archive.ae_title], "host": archive.host, "port": archive.port,

@@ -123,7 +123,10 @@ def test_worker_process_hands_results_to_callbacks(running_node: Node, tmp_path:
         received.append((study_uid, result))
         arrived.set()
 
-    workers = InferenceWorkers(running_node.settings, [on_result], poll_s=0.2)
+    # The test node runs no workers of its own (tests' default); this test starts one process.
+    settings = running_node.settings
+    one_worker = settings.model_copy(update={"inference": settings.inference.model_copy(update={"workers": 1})})
+    workers = InferenceWorkers(one_worker, [on_result], poll_s=0.2)
     workers.start()
     try:
         study = _today_study(tmp_path / "study", with_localizer=False, with_mips=False)
