@@ -104,7 +104,7 @@ def _lacking_reason(selector: Selector, headers: Sequence[SeriesHeader]) -> NotA
     parts = []
     for pipeline, plan in sorted(explanation.pipelines.items()):
         if plan.lacking:
-            parts.append(f"{pipeline} lacks {', '.join(plan.lacking)}")
+            parts.append(f"{pipeline}: {', '.join(plan.lacking)}")
     reason = "no pipeline is ready: " + ("; ".join(parts) if parts else "no usable series")
     return NotAnalysed(reason)
 
