@@ -1,8 +1,7 @@
 """Time to result: from the last instance of a study acknowledged to the last result acknowledged.
 
-Runs the node in its own process (SCP, completion timers, an inference worker process and
-delivery, composed by :func:`tests.archives.full_node` as ``fpe-node serve`` runs them) with
-completion timers of a few seconds, a DCMTK ``storescp`` archive as its destination, and sends a synthetic CT
+Runs the node as ``fpe-node serve`` (a subprocess, exactly as deployed: SCP, completion
+timers, a warm inference worker process, delivery) with completion timers of a few seconds, a DCMTK ``storescp`` archive as its destination, and sends a synthetic CT
 stroke study (NCCT + CTA by default) from the factory with a pynetdicom SCU. The clock starts
 when the node acknowledges the study's last instance and stops at the last result the archive
 acknowledged (``outbox_item.sent_at``, recorded right after the archive's C-STORE responses).
@@ -88,29 +87,10 @@ def site_config(work: Path, archive: StorescpArchive, args: argparse.Namespace) 
     return path
 
 
-def run_node(config: Path) -> int:
-    """The node process: everything serve runs, until SIGTERM (``--node CONFIG``)."""
-    import threading
-
-    from dicom_node.logs import configure
-    from dicom_node.settings import load_settings
-    from tests.archives import full_node
-
-    configure("INFO")
-    settings = load_settings(config)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with full_node(settings):
-        print(f"serving AE {settings.network.ae_title} on {settings.network.host} port {settings.network.port}",
-              file=sys.stderr, flush=True)
-        stop.wait()
-    return 0
-
-
 def start_node(config: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FPENODE_")}
     log_file = log_path.open("wb")
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--node", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "--config", str(config), "serve"],
                             cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -250,10 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=300.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--workdir", type=Path, default=None, help="keep study, logs and index here")
-    parser.add_argument("--node", type=Path, default=None, help=argparse.SUPPRESS)  # internal: the node process
     args = parser.parse_args(argv)
-    if args.node is not None:
-        return run_node(args.node)
     results = []
     for run in range(args.runs):
         if args.workdir is not None:

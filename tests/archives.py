@@ -457,44 +457,13 @@ def make_sc(path: Path, study_uid: str, series_uid: str, number: int = 1, size: 
 
 @contextmanager
 def full_node(settings: Any) -> Iterator[Any]:
-    """The node with everything ``fpe-node serve`` runs: SCP, completion, workers, delivery.
-
-    Yields the :class:`dicom_node.bootstrap.Node`, with ``delivery`` and ``workers`` attributes.
-    Where ``build_node`` does not yet start inference workers and delivery itself, they are
-    composed here exactly as the serve command is meant to: workers hand results to
-    :meth:`dicom_node.delivery.Delivery.on_result`, whose outbox runner sends them.
-    """
+    """The node in-process with everything ``fpe-node serve`` runs (SCP, completion, inference
+    workers, delivery), as :func:`dicom_node.bootstrap.build_node` wires it; stopped afterwards."""
     from dicom_node.bootstrap import build_node
-    from dicom_node.delivery import build_delivery, destinations_from_registry
-    from dicom_node.worker import InferenceWorkers
 
     node = build_node(settings)
-    composed = getattr(node, "delivery", None) is None
-    if composed:
-        delivery = build_delivery(settings, node.session_factory, node.lifecycle, destinations_from_registry(node.peers))
-        workers = InferenceWorkers(settings, on_result=[delivery.on_result])
-    else:
-        delivery, workers = node.delivery, getattr(node, "workers", None)
     node.start()
-    if composed:
-        delivery.start()
-        workers.start()
     try:
-        yield _Composed(node, delivery, workers)
+        yield node
     finally:
-        if composed:
-            workers.stop()
-            delivery.stop()
         node.stop(grace_s=2.0)
-
-
-class _Composed:
-    """A node plus the delivery and workers composed beside it."""
-
-    def __init__(self, node: Any, delivery: Any, workers: Any) -> None:
-        self.node = node
-        self.delivery = delivery
-        self.workers = workers
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.node, name)

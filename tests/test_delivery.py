@@ -20,7 +20,7 @@ from pydicom import dcmread
 from pynetdicom import AE, StoragePresentationContexts
 
 from dicom_node.bootstrap import Node, build_node
-from dicom_node.delivery import Delivery, build_delivery, destinations_from_registry
+from dicom_node.delivery import Delivery
 from dicom_node.index.models import StudyEvent
 from dicom_node.lifecycle import Lifecycle, StudyState
 from dicom_node.scu import COMPREHENSIVE_3D_SR, COMPREHENSIVE_SR
@@ -127,18 +127,14 @@ def setup(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Setup]:
     archive = StorescpArchive(tmp_path / "archive", sop_classes=options.pop("archive_classes", None))
     archive.start()
     settings = _settings(tmp_path, archive, **options)
-    node = build_node(settings)
+    node = build_node(settings)  # its delivery sends; no worker: the test hands results over itself
     _, port = node.start()
     study = write_ct_stroke_study(tmp_path / "study", rows=64, thin_slices=12, with_thick=False, with_cta=False,
                                   with_localizer=False, with_dose_report=False, with_reformats=False)
     _send(study.paths(), port, settings.network.ae_title)
-    lifecycle = Lifecycle(node.session_factory, settings.completion)
-    delivery = build_delivery(settings, node.session_factory, lifecycle, destinations_from_registry(node.peers))
-    delivery.start()
     try:
-        yield Setup(settings, node, lifecycle, delivery, archive, study)
+        yield Setup(settings, node, node.lifecycle, node.delivery, archive, study)
     finally:
-        delivery.stop()
         node.stop()
         archive.stop()
 
