@@ -35,8 +35,18 @@ class PatientIdentifierFilter(logging.Filter):
         return _PHI_PATTERN.search(text) is None
 
 
+# Libraries capped at WARNING whatever the node's level: the DICOM libraries dump data sets at
+# DEBUG, Alembic logs one line per migration step, and SQLAlchemy's ``echo`` loggers print
+# statement parameters and result rows (patient IDs among them) at INFO and DEBUG.
+QUIET_LOGGERS = ("pynetdicom", "pydicom", "highdicom", "apscheduler", "alembic", "sqlalchemy")
+
+
 def configure(level: str = "INFO") -> None:
-    """Log to stderr at ``level``; third-party DICOM libraries at WARNING at most verbose."""
+    """Log to stderr at ``level``; the libraries of :data:`QUIET_LOGGERS` at WARNING at most verbose.
+
+    A child logger (``sqlalchemy.engine.Engine``, ``alembic.runtime.migration``) inherits the
+    cap from its parent unless something sets its own level, which the node never does.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(PatientIdentifierFilter())
@@ -45,6 +55,6 @@ def configure(level: str = "INFO") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    for name in ("pynetdicom", "pydicom", "highdicom", "apscheduler"):
+    for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.WARNING))
     logging.captureWarnings(True)

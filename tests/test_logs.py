@@ -9,13 +9,15 @@ is checked in-process with every logger (pynetdicom and pydicom included) at DEB
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dicom_node.bootstrap import Node
+from dicom_node.index.db import build_engine, upgrade_to_head
+from dicom_node.logs import QUIET_LOGGERS, configure
 from tests.peers import DCMTK, send_datasets, tiny_ct
 
 FAKE_NAME = "Zzyzxquent^Ottoline"
@@ -81,3 +83,38 @@ def test_in_process_logs_no_patient_identifier(node: Node, caplog: pytest.LogCap
     assert any(record.name.startswith("sqlalchemy.engine") for record in caplog.records)
     assert any(record.name.startswith("pynetdicom") for record in caplog.records)
     _assert_clean("\n".join(record.getMessage() for record in caplog.records))
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """Put the root handlers and the library loggers' levels back after :func:`configure`."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    for name, old in levels.items():
+        logging.getLogger(name).setLevel(old)
+    logging.captureWarnings(False)
+
+
+def test_configure_caps_alembic_and_sqlalchemy(restored_logging: None, make_settings: Callable[..., Any],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    configure("DEBUG")
+    for name in ("alembic", "alembic.runtime.migration", "sqlalchemy", "sqlalchemy.engine.Engine",
+                 "sqlalchemy.pool", "sqlalchemy.orm"):
+        assert logging.getLogger(name).getEffectiveLevel() == logging.WARNING, name
+    assert logging.getLogger("dicom_node").getEffectiveLevel() == logging.DEBUG
+    engine = build_engine(make_settings())
+    try:
+        upgrade_to_head(engine)  # Alembic logs every migration step at INFO
+    finally:
+        engine.dispose()
+    text = capsys.readouterr().err
+    assert "index schema at head" in text  # the node's own DEBUG line is kept
+    assert "alembic" not in text and "Running upgrade" not in text
+    assert "sqlalchemy" not in text
