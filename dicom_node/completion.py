@@ -52,7 +52,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.index.base import utcnow
 from dicom_node.index.db import write_session
 from dicom_node.index.models import Instance, Series, Study
-from dicom_node.lifecycle import BUSY_STATES, PROCESSED_STATES, WAITING_STATES, Lifecycle, StudyState, as_utc
+from dicom_node.lifecycle import BUSY_STATES, PROCESSED_STATES, WAITING_STATES, Lifecycle, StudyState
 from dicom_node.settings import CompletionSettings
 
 log = logging.getLogger(__name__)
@@ -703,5 +703,5 @@ class Completion:
             instance_count=series.instance_count,
             path=self._data_dir / first.path,
         )
-        return info, as_utc(series.last_received_at), series.complete_at is not None
+        return info, series.last_received_at, series.complete_at is not None
 

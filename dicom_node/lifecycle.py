@@ -125,7 +125,11 @@ def sources_of(target: StudyState) -> frozenset[StudyState]:
 
 
 def as_utc(value: dt.datetime) -> dt.datetime:
-    """A UTC-aware datetime (SQLite hands timezone-aware columns back naive, in UTC)."""
+    """``value`` as aware UTC, a naive value taken as UTC.
+
+    Index timestamps already come back aware UTC on every backend
+    (:class:`dicom_node.index.base.UTCDateTime`); this is for values from elsewhere.
+    """
     return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
 
 
@@ -209,7 +213,7 @@ def _priority_at(study: Study) -> dt.datetime:
         if acquired.tzinfo is None:
             acquired = acquired.astimezone()  # naive: the machine's local time
         return acquired.astimezone(dt.timezone.utc)
-    return as_utc(study.first_received_at)
+    return study.first_received_at
 
 
 @dataclass(frozen=True)
@@ -336,8 +340,8 @@ class Lifecycle:
                 study_uid=study_uid,
                 study_pk=job.study_pk,
                 attempt=job.attempts,
-                live=as_utc(job.priority_at) >= cutoff,
-                enqueued_at=as_utc(job.enqueued_at),
+                live=job.priority_at >= cutoff,
+                enqueued_at=job.enqueued_at,
                 reason=job.reason,
             )
 

@@ -63,11 +63,6 @@ _BATCH_LIMIT = 500
 _MIN_SLEEP_S = 0.05
 
 
-def as_utc(value: dt.datetime) -> dt.datetime:
-    """A UTC-aware datetime (SQLite hands timezone-aware columns back naive, in UTC)."""
-    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
-
-
 # --- routing -------------------------------------------------------------------------------
 
 
@@ -224,8 +219,8 @@ def _to_row(item: OutboxItem) -> DeliveryRow:
         destination=item.destination, state=item.state, attempts=item.attempts,
         sop_class_uid=item.sop_class_uid, sent_sop_class_uid=item.sent_sop_class_uid,
         sent_sop_instance_uid=item.sent_sop_instance_uid,
-        last_status=item.last_status, last_error=item.last_error, next_try_at=as_utc(item.next_try_at),
-        deadline_at=as_utc(item.deadline_at), sent_at=None if item.sent_at is None else as_utc(item.sent_at),
+        last_status=item.last_status, last_error=item.last_error, next_try_at=item.next_try_at,
+        deadline_at=item.deadline_at, sent_at=item.sent_at,
     )
 
 
@@ -415,7 +410,7 @@ class Outbox:
             value = session.scalars(
                 select(OutboxItem.next_try_at).where(OutboxItem.state.in_(OPEN_STATES)).order_by(OutboxItem.next_try_at)
             ).first()
-        return None if value is None else as_utc(value)
+        return value
 
     # -- sending ------------------------------------------------------------------------
 
@@ -483,7 +478,7 @@ class Outbox:
             report.sent += 1
             return
         row.last_error = outcome.error
-        deadline = as_utc(row.deadline_at)
+        deadline = row.deadline_at
         if now >= deadline:
             row.state = OutboxState.DEAD.value
             report.dead += 1

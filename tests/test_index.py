@@ -4,6 +4,7 @@ duplicate rule, concurrent creation of one study, the peer registry and its audi
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,3 +203,26 @@ def test_peer_registry_and_audit(index: Index) -> None:
     actions = [entry.action for entry in registry.audit_entries()]
     assert actions == ["peer.remove", "peer.update", "peer.add"]
     assert _count(index, AuditEntry) == 3
+
+
+def test_timestamps_come_back_aware_utc(index: Index) -> None:
+    """Both backends return the same aware UTC instant, whatever zone it was given in."""
+    plus_two = dt.timezone(dt.timedelta(hours=2))
+    given = dt.datetime(2026, 3, 1, 12, 30, 15, 250000, tzinfo=plus_two)
+    _record(index, _header())
+    with index.sessions() as session, session.begin():
+        study = session.scalars(select(Study)).one()
+        study.last_received_at = given
+        study.first_received_at = dt.datetime(2026, 3, 1, 10, 0)  # naive: taken as UTC
+    with index.sessions() as session:
+        study = session.scalars(select(Study)).one()
+        last, first = study.last_received_at, study.first_received_at
+        received = session.scalars(select(Instance.received_at)).one()
+        # Comparisons in SQL use the UTC instant (10:30 UTC is after 10:00 UTC, before 11:00).
+        between = session.scalar(select(func.count()).select_from(Study).where(
+            Study.last_received_at > dt.datetime(2026, 3, 1, 10, 0, tzinfo=dt.timezone.utc),
+            Study.last_received_at < dt.datetime(2026, 3, 1, 11, 0, tzinfo=dt.timezone.utc)))
+    assert last == given and last.utcoffset() == dt.timedelta(0) and last.hour == 10
+    assert first == dt.datetime(2026, 3, 1, 10, 0, tzinfo=dt.timezone.utc)
+    assert received.tzinfo is not None and received.utcoffset() == dt.timedelta(0)
+    assert between == 1

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from dicom_node.index.base import Base, IntPK, Timestamp, utcnow
+from dicom_node.index.base import Base, IntPK, Timestamp, UTCDateTime, utcnow
 
 OPEN_JOB_STATES = ("queued", "running")
 _OPEN_JOB_WHERE = text("state IN ('queued', 'running')")
@@ -46,8 +46,8 @@ class AnalysisJob(Base):
     reason: Mapped[str | None] = mapped_column(Text, default=None)
     enqueued_at: Mapped[Timestamp] = mapped_column(default=utcnow)
     priority_at: Mapped[Timestamp]
-    claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
     claimed_by: Mapped[str | None] = mapped_column(String(64), default=None)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     outcome: Mapped[str | None] = mapped_column(String(32), default=None)

@@ -25,10 +25,10 @@ from __future__ import annotations
 import datetime as dt
 from enum import Enum
 
-from sqlalchemy import DateTime, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from dicom_node.index.base import UID, Base, IntPK, Timestamp, utcnow
+from dicom_node.index.base import UID, Base, IntPK, Timestamp, UTCDateTime, utcnow
 
 
 class OutboxState(str, Enum):
@@ -77,8 +77,8 @@ class OutboxItem(Base):
     updated_at: Mapped[Timestamp] = mapped_column(default=utcnow)
     next_try_at: Mapped[Timestamp] = mapped_column(default=utcnow)
     deadline_at: Mapped[Timestamp]
-    last_try_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_try_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     def __repr__(self) -> str:
         return (
