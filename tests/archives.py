@@ -147,7 +147,11 @@ class StorescpArchive:
             self._proc = subprocess.Popen(
                 self._command(), stdout=log_file, stderr=subprocess.STDOUT, env=_nodelay_env(), cwd=self.workdir
             )
-        _wait_until(lambda: echo(self.host, self.port, self.ae_title), START_TIMEOUT_S, "storescp", self._proc)
+        try:
+            _wait_until(lambda: echo(self.host, self.port, self.ae_title), START_TIMEOUT_S, "storescp", self._proc)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Stop it (SIGTERM, then SIGKILL); received files and the log stay."""
@@ -250,8 +254,13 @@ class OrthancArchive:
                 [str(ORTHANC), "--no-jobs", str(config_path)],
                 stdout=log_file, stderr=subprocess.STDOUT, env=_nodelay_env(), cwd=self.workdir,
             )
-        _wait_until(self._rest_ready, START_TIMEOUT_S, "Orthanc REST", self._proc)
-        _wait_until(lambda: echo(self.host, self.dicom_port, self.ae_title), START_TIMEOUT_S, "Orthanc DICOM", self._proc)
+        try:
+            _wait_until(self._rest_ready, START_TIMEOUT_S, "Orthanc REST", self._proc)
+            _wait_until(lambda: echo(self.host, self.dicom_port, self.ae_title), START_TIMEOUT_S, "Orthanc DICOM",
+                        self._proc)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         _stop_process(self._proc)

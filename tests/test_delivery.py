@@ -124,19 +124,17 @@ def _wait_state(lifecycle: Lifecycle, study_uid: str, states: set[StudyState], t
 @pytest.fixture
 def setup(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Setup]:
     options = dict(getattr(request, "param", {}))
-    archive = StorescpArchive(tmp_path / "archive", sop_classes=options.pop("archive_classes", None))
-    archive.start()
-    settings = _settings(tmp_path, archive, **options)
-    node = build_node(settings)  # its delivery sends; no worker: the test hands results over itself
-    _, port = node.start()
     study = write_ct_stroke_study(tmp_path / "study", rows=64, thin_slices=12, with_thick=False, with_cta=False,
                                   with_localizer=False, with_dose_report=False, with_reformats=False)
-    _send(study.paths(), port, settings.network.ae_title)
-    try:
-        yield Setup(settings, node, node.lifecycle, node.delivery, archive, study)
-    finally:
-        node.stop()
-        archive.stop()
+    with StorescpArchive(tmp_path / "archive", sop_classes=options.pop("archive_classes", None)) as archive:
+        settings = _settings(tmp_path, archive, **options)
+        node = build_node(settings)  # its delivery sends; no worker: the test hands results over itself
+        _, port = node.start()
+        try:
+            _send(study.paths(), port, settings.network.ae_title)
+            yield Setup(settings, node, node.lifecycle, node.delivery, archive, study)
+        finally:
+            node.stop()
 
 
 @pytest.mark.parametrize("setup", [{"pdf": True}], indirect=True)

@@ -134,7 +134,6 @@ def orthanc_and_node(
         checkpoint = str(request.getfixturevalue("trained_model").checkpoint)
     node_port = free_port()
     orthanc = OrthancArchive(tmp_path / "orthanc", modalities={"fpenode": (NODE_AE, "127.0.0.1", node_port)})
-    orthanc.start()
     sections: dict[str, Any] = {
         "network": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": node_port},
         "storage": {"data_dir": str(tmp_path / "node"), "fsync": False},
@@ -152,6 +151,7 @@ def orthanc_and_node(
     config.write_text(yaml.safe_dump(sections), encoding="utf-8")
     settings = load_settings(config, environ={})
     try:
+        orthanc.start()
         with full_node(settings) as node:
             yield orthanc, node, config
     finally:
