@@ -13,7 +13,9 @@ divided by its maximum so it lies in [0, 1]. When Grad-CAM is zero everywhere (p
 untrained weights) the map falls back to the slice weights alone, constant within each slice.
 
 Only the head of the network (pooling, slice attention, classifier) is differentiated: the
-trunk runs once without gradients, so the map costs little more than the forward pass.
+trunk runs once without gradients, so the map costs little more than the forward pass. With
+:func:`attention_from_features` it does not run again at all: the predictor's one inference
+forward returns the ``layer4`` maps with the logits and only the head is differentiated.
 
 Mapping the map back onto the primary series' geometry belongs to ``inference.predictor``;
 :func:`peak` and :func:`hot_region_outline` work on any 3-D / 2-D array, so they can run on the
@@ -101,21 +103,49 @@ def grad_cam(model: Res25, volumes: Tensor, target_sign: Tensor | float | None =
     """
     if model.training:
         raise RuntimeError("grad_cam() needs a model in eval() mode")
-    batch = volumes.shape[0]
     with torch.inference_mode(False):
         with torch.no_grad(), autocast(volumes.device, precision):
             feature_maps = model.trunk(model.slice_images(volumes.clone()))
-        feature_maps = feature_maps.float().clone().requires_grad_(True)
+    return grad_cam_from_features(model, feature_maps, volumes.shape[0], target_sign)
+
+
+def grad_cam_from_features(model: Res25, feature_maps: Tensor, batch: int,
+                           target_sign: Tensor | float | None = None) -> tuple[Res25Output, Tensor]:
+    """Grad-CAM from ``layer4`` maps a forward pass already computed: only the head runs again.
+
+    Parameters
+    ----------
+    model
+        Network in ``eval()`` mode (its :meth:`~inference.model.res25.Res25.head` is differentiated).
+    feature_maps
+        ``(B * n_slices, C, h, w)`` or ``(B, n_slices, C, h, w)`` ``layer4`` maps, e.g. the
+        ``features`` of :func:`inference.model.runtime.run` with ``return_features=True``;
+        inference-mode tensors are accepted (they are copied).
+    batch
+        ``B``, the number of cases.
+    target_sign
+        As for :func:`grad_cam`.
+
+    Returns
+    -------
+    output, cam
+        The head's outputs (detached, fp32) and ``(B, n_slices, h, w)`` Grad-CAM maps.
+    """
+    if model.training:
+        raise RuntimeError("grad_cam() needs a model in eval() mode")
+    with torch.inference_mode(False):
+        maps = feature_maps.reshape(-1, *feature_maps.shape[-3:]) if feature_maps.dim() == 5 else feature_maps
+        maps = maps.float().clone().requires_grad_(True)
         with torch.enable_grad():
-            out = model.head(feature_maps, batch)
+            out = model.head(maps, batch)
             logits = out.logits[:, 0]
             if target_sign is None:
                 sign = torch.where(logits.detach() >= 0, 1.0, -1.0)
             else:
                 sign = torch.as_tensor(target_sign, dtype=logits.dtype, device=logits.device).expand(batch)
-            (grads,) = torch.autograd.grad((logits * sign).sum(), feature_maps)
+            (grads,) = torch.autograd.grad((logits * sign).sum(), maps)
         weights = grads.mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((weights * feature_maps.detach()).sum(dim=1))
+        cam = F.relu((weights * maps.detach()).sum(dim=1))
     cam = cam.reshape(batch, model.config.n_slices, *cam.shape[1:])
     detached = Res25Output(out.logits.detach(), out.aux_logits.detach(), out.slice_scores.detach(),
                            out.slice_weights.detach())
@@ -147,11 +177,29 @@ def attention_map(model: Res25, volume: Tensor, target_sign: float | None = None
     if volume.dim() != 5 or volume.shape[0] != 1:
         raise ValueError(f"attention_map() takes one case (1, C, S, H, W), got {tuple(volume.shape)}")
     out, cam = grad_cam(model, volume, target_sign, precision)
+    return out, _combined(out, cam, target_sign, (volume.shape[3], volume.shape[4]))
+
+
+def attention_from_features(model: Res25, features: Tensor, shape: tuple[int, int],
+                            target_sign: float | None = None) -> tuple[Res25Output, AttentionMap]:
+    """Outputs of the head and the combined attention map of ONE case from its ``layer4`` maps.
+
+    ``features`` is the ``(1, n_slices, C, h, w)`` output of a forward pass run with
+    ``return_features=True``: the trunk does not run again. ``shape`` is the model grid's
+    ``(H, W)``; ``target_sign`` names the decision to explain (``None``: ``sign(logit)``).
+    """
+    if features.dim() != 5 or features.shape[0] != 1:
+        raise ValueError(f"attention_from_features() takes one case (1, S, C, h, w), got {tuple(features.shape)}")
+    out, cam = grad_cam_from_features(model, features, 1, target_sign)
+    return out, _combined(out, cam, target_sign, shape)
+
+
+def _combined(out: Res25Output, cam: Tensor, target_sign: float | None, shape: tuple[int, int]) -> AttentionMap:
     sign = target_sign if target_sign is not None else (1.0 if float(out.logits[0, 0]) >= 0 else -1.0)
     weights = out.slice_weights[0].float().cpu().numpy()
     cam_np = cam[0].float().cpu().numpy()
-    heat = combine(weights, cam_np, (volume.shape[3], volume.shape[4]))
-    return out, AttentionMap(heat=heat, slice_weights=weights, cam=cam_np, target_sign=float(sign))
+    heat = combine(weights, cam_np, (int(shape[0]), int(shape[1])))
+    return AttentionMap(heat=heat, slice_weights=weights, cam=cam_np, target_sign=float(sign))
 
 
 def peak(heat: NDArray[np.floating], fraction: float = 0.5) -> Peak:

@@ -5,11 +5,13 @@ demonstration weights), in ``eval()`` mode on the device its settings name, and 
 checkpoint carries (or the default recipe, which every result then mentions). For each case:
 
 1. **pre-process**: :func:`inference.preprocess.preprocess_case` with that recipe;
-2. **predict**: one forward pass under ``torch.inference_mode()``; the logit becomes the score
-   through the card's calibration, ``positive`` when ``score >= threshold``;
+2. **predict**: one forward pass under ``torch.inference_mode()`` that also returns the
+   ``layer4`` feature maps; the logit becomes the score through the card's calibration,
+   ``positive`` when ``score >= threshold``;
 3. **post-process**: the attention map (slice weights x Grad-CAM, :mod:`inference.attention`)
-   is mapped back onto the primary series. For each model slice the *nearest plane of the
-   primary volume* is taken as it is (native in-plane resolution, modality units) and the map is
+   explaining the reported decision (FPE likely or unlikely), from the ``layer4`` maps of that
+   one forward pass (only the network's head is differentiated), is mapped back onto the
+   primary series. For each model slice the *nearest plane of the primary volume* is taken as it is (native in-plane resolution, modality units) and the map is
    resampled onto that plane, so every :class:`AttentionSlice` and the :class:`AttentionPeak`
    outline are in the pixel space of a real source image (PS3.3 C.10.5.1.2 image coordinates),
    which the SR's SCOORD and the secondary captures need.
@@ -29,9 +31,17 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from inference.attention import attention_map, hot_region_outline, peak, to_image_coordinates
+from inference.attention import (
+    AttentionMap,
+    attention_from_features,
+    attention_map,
+    hot_region_outline,
+    peak,
+    to_image_coordinates,
+)
 from inference.model.calibration import sigmoid
 from inference.model.checkpoint import DEFAULT_RECIPE_NOTE, LoadedModel, load_model
+from inference.model.res25 import Res25Output
 from inference.model.runtime import DevicePreference, prepare, run, runtime_precision, select_device
 from inference.preprocess import ModelGrid, PreprocessedCase, PreprocessingError, RoleVolume, preprocess_case
 from inference.recipe import DEFAULT_RECIPE, Recipe
@@ -129,23 +139,24 @@ class Predictor:
 
         started = time.perf_counter()
         volume = torch.from_numpy(prepared.tensor).unsqueeze(0).to(self.device)
-        output = run(self.model, volume, self.device, self.precision)
+        output = run(self.model, volume, self.device, self.precision, return_features=True)
         timings["infer"] = time.perf_counter() - started
 
         started = time.perf_counter()
         logit = float(output.logits[0, 0])
-        _, attention = attention_map(self.model, volume, precision=self.precision)
+        score = self.card.calibration.apply(logit)
+        positive = score >= self.card.threshold
+        attention = self._attention(volume, output, 1.0 if positive else -1.0)
         primary = case.volumes[self.recipe.for_pipeline(case.pipeline).primary_role]
         mapped = map_attention(attention.heat, attention.slice_weights, prepared.grid, primary)
         timings["attention"] = time.perf_counter() - started
         if not mapped.slices:
             warnings.append("no source images (NIfTI input): attention map not mapped onto a series")
 
-        score = self.card.calibration.apply(logit)
         return Prediction(
             pipeline=case.pipeline,
             score=score,
-            positive=score >= self.card.threshold,
+            positive=positive,
             model=self.model_info,
             primary_role=primary.role,
             series_used=series_used,
@@ -158,6 +169,22 @@ class Predictor:
             timings_s={stage: round(timings[stage], 4) for stage in STAGES if stage in timings},
             warnings=tuple(dict.fromkeys(warnings)),
         )
+
+    def _attention(self, volume: torch.Tensor, output: Res25Output, target_sign: float) -> AttentionMap:
+        """Grad-CAM explaining the reported decision (``target_sign`` +1: FPE likely, -1: unlikely).
+
+        When the forward pass returned the ``layer4`` maps, only the head is differentiated from
+        them; a model that returns none (an ensemble's mean has no single set of maps) runs
+        :func:`inference.attention.attention_map` on the volume instead.
+        """
+        if output.features is not None:
+            features = output.features.to(self.device)
+            _, attention = attention_from_features(
+                self.model, features, (volume.shape[3], volume.shape[4]), target_sign=target_sign
+            )
+        else:
+            _, attention = attention_map(self.model, volume, target_sign=target_sign, precision=self.precision)
+        return attention
 
     def preprocess(self, case: CaseInput) -> PreprocessedCase:
         """The model input of a case under this predictor's recipe (for inspection and training)."""

@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from inference.attention import attention_map, combine, grad_cam, hot_region_outline, peak, to_image_coordinates
+from inference.attention import (
+    attention_from_features,
+    attention_map,
+    combine,
+    grad_cam,
+    hot_region_outline,
+    peak,
+    to_image_coordinates,
+)
 from inference.model import (
     Calibration,
     CheckpointError,
@@ -333,6 +341,23 @@ def test_attention_map_on_the_model_grid_and_under_inference_mode() -> None:
     assert hot.outline[0] == hot.outline[-1] and len(hot.outline) >= 5
     with pytest.raises(ValueError, match="one case"):
         attention_map(model, _volumes(batch=2))
+
+
+def test_attention_from_one_forward_equals_attention_map() -> None:
+    """The predictor's path: run() returns the layer4 maps, only the head is differentiated."""
+    model = prepare(_model(), torch.device("cpu"))
+    volumes = _volumes(batch=1)
+    output = run(model, volumes, torch.device("cpu"), return_features=True)
+    assert output.features is not None and output.features.shape[:2] == (1, GRID[0])
+    for sign in (1.0, -1.0):
+        head_out, from_features = attention_from_features(model, output.features, GRID[1:], target_sign=sign)
+        _, reference = attention_map(model, volumes, target_sign=sign)
+        assert from_features.target_sign == sign
+        np.testing.assert_array_equal(from_features.cam, reference.cam)
+        np.testing.assert_array_equal(from_features.heat, reference.heat)
+        torch.testing.assert_close(head_out.logits, output.logits)
+    with pytest.raises(ValueError, match="one case"):
+        attention_from_features(model, torch.zeros(2, *output.features.shape[1:]), GRID[1:])
 
 
 def test_combine_weights_slices_and_falls_back_without_cam() -> None:
