@@ -22,6 +22,12 @@ Original checkpoints
     checkpoint carries no preprocessing recipe: the card says so
     (``recipe_from_checkpoint=False``) and the default recipe applies.
 
+Fold ensembles
+    ``{"format": "fpe-node/res25-ensemble", ...}`` files that ``fpe-node train`` writes: several
+    networks served as one model under the ensemble's own card, threshold and calibration; the
+    format and the model live in :mod:`inference.model.ensemble`, and :func:`load_checkpoint`
+    returns them as a :class:`LoadedModel` like any other checkpoint.
+
 No checkpoint
     :func:`demonstration_model` builds deterministic, seeded, *untrained* weights whose card has
     ``demonstration=True``; every result made with them must say so.
@@ -38,7 +44,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -48,6 +54,9 @@ from inference.model.res25 import Res25, Res25Config, seeded_init_
 from inference.model.runtime import PRECISIONS
 from inference.result import ModelInfo
 
+if TYPE_CHECKING:
+    from inference.model.ensemble import Res25Ensemble
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "fpe-node/res25"
@@ -56,7 +65,7 @@ DEFAULT_GRID: tuple[int, int, int] = (25, 224, 224)
 DEMONSTRATION_NOTE = "untrained demonstration weights"
 DEFAULT_RECIPE_NOTE = "original checkpoint: no recipe inside, default recipe applied"
 
-Source = Literal["node", "original", "demonstration"]
+Source = Literal["node", "original", "demonstration", "ensemble"]
 
 
 class CheckpointError(ValueError):
@@ -188,12 +197,18 @@ class ModelCard:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A network in ``eval()`` mode on CPU, its card, and what the loader had to say."""
+    """A network in ``eval()`` mode on CPU, its card, and what the loader had to say.
 
-    model: Res25
+    For a fold ensemble (``source == "ensemble"``) ``model`` is a
+    :class:`~inference.model.ensemble.Res25Ensemble` with the interface of :class:`Res25`, ``card``
+    the ensemble's served card and ``member_cards`` the cards of its networks.
+    """
+
+    model: "Res25 | Res25Ensemble"
     card: ModelCard
     source: Source
     notes: tuple[str, ...] = ()
+    member_cards: tuple[ModelCard, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +257,8 @@ def save_checkpoint(path: Path, model: Res25, card: ModelCard) -> ModelCard:
     return card
 
 
-def _read(path: Path) -> Any:
+def read_payload(path: Path) -> Any:
+    """What ``torch.load(..., weights_only=True)`` reads from ``path``; unreadable files raise :class:`CheckpointError`."""
     try:
         return torch.load(Path(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -263,8 +279,8 @@ def _key_errors(missing: list[str], unexpected: list[str], mismatched: list[str]
         raise CheckpointError(f"{what} does not fit the model ({'; '.join(parts)})")
 
 
-def _build_exact(config: Res25Config, state: Mapping[str, Tensor], what: str,
-                 original_name: Callable[[str], str] | None = None) -> Res25:
+def build_exact(config: Res25Config, state: Mapping[str, Tensor], what: str,
+                original_name: Callable[[str], str] | None = None) -> Res25:
     """A :class:`Res25` holding exactly ``state``: every key and shape must match, else name the faults.
 
     The skeleton is built on the ``meta`` device and takes the tensors of ``state`` as its own
@@ -301,7 +317,7 @@ def _load_node(payload: Mapping[str, Any], label: str) -> LoadedModel:
     digest = weights_sha256(state)
     if card.weights_sha256 and digest != card.weights_sha256:
         raise CheckpointError(f"{label}: weights SHA-256 {digest} differs from the card's {card.weights_sha256}")
-    model = _build_exact(card.architecture, state, label)
+    model = build_exact(card.architecture, state, label)
     return LoadedModel(model, replace(card, weights_sha256=digest), "node",
                        (DEMONSTRATION_NOTE,) if card.demonstration else ())
 
@@ -436,7 +452,7 @@ def load_original_state_dict(obj: Any, label: str = "original checkpoint") -> Lo
     notes.append(f"variant {variant!r} detected from the keys")
     config = Res25Config(variant=variant)  # type: ignore[arg-type]  # the original is always ResNet-34, 3 channels, 25 slices
     renamed = {to_node_name(key): tensor for key, tensor in state.items()}
-    model = _build_exact(config, renamed, label, original_name=to_original_name)
+    model = build_exact(config, renamed, label, original_name=to_original_name)
     notes.append(DEFAULT_RECIPE_NOTE)
     digest = weights_sha256(model.state_dict())
     card = ModelCard(
@@ -460,13 +476,19 @@ def load_original_state_dict(obj: Any, label: str = "original checkpoint") -> Lo
 
 
 def load_checkpoint(path: Path) -> LoadedModel:
-    """Load a node-format or original checkpoint from ``path`` onto the CPU, in ``eval()`` mode."""
+    """Load a node-format, fold-ensemble or original checkpoint from ``path`` onto the CPU, in ``eval()`` mode."""
     path = Path(path)
-    payload = _read(path)
+    payload = read_payload(path)
     if isinstance(payload, Mapping) and "format" in payload:
-        if payload["format"] != FORMAT:
-            raise CheckpointError(f"{path.name}: unknown checkpoint format {payload['format']!r}")
-        loaded = _load_node(payload, path.name)
+        from inference.model.ensemble import ENSEMBLE_FORMAT, load_ensemble_payload  # it imports this module
+
+        if payload["format"] == ENSEMBLE_FORMAT:
+            loaded = load_ensemble_payload(payload, path.name)
+        elif payload["format"] == FORMAT:
+            loaded = _load_node(payload, path.name)
+        else:
+            raise CheckpointError(f"{path.name}: unknown checkpoint format {payload['format']!r} "
+                                  f"(this node reads {FORMAT} and {ENSEMBLE_FORMAT})")
     else:
         loaded = load_original_state_dict(payload, path.name)
     logger.info("loaded %s checkpoint %s: %s %s (%s), sha256 %s", loaded.source, path.name, loaded.card.name,
