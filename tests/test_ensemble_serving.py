@@ -25,6 +25,7 @@ from inference.recipe import DEFAULT_RECIPE
 from inference.result import Prediction
 from inference.selection import Selector
 from tests.factory import Study, write_mr_stroke_study
+from tests.training_support import TrainedModel, trained_checkpoint
 
 GRID = (10, 32, 32)
 MEMBER_PLATT = ({"a": 0.8, "b": 0.1}, {"a": 1.3, "b": -0.2})
@@ -196,3 +197,33 @@ def test_fpe_node_predict_serves_an_ensemble(files: Files, mr_study: Study, tmp_
     assert result["threshold"] == THRESHOLD and result["positive"] == (result["score"] >= THRESHOLD)
     assert result["model"]["name"] == "res25-test-ensemble" and result["model"]["version"] == "cv2"
     assert result["model"]["weights_sha256"] == load_model(files.ensemble).card.weights_sha256
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
+    """The session's phantom model (trained once per session, shared with tests/test_training.py)."""
+    return trained_checkpoint(tmp_path_factory)
+
+
+def test_node_serves_the_trained_ensemble_as_evaluate_scores_it(trained_model: TrainedModel) -> None:
+    """``fpe-node train``'s ensemble.pt through the predictor = evaluate's per-case values."""
+    from inference.case import nifti_case
+    from inference.training.evaluate import case_logits, load_served_model
+    from inference.training.manifest import load_manifest
+    from inference.training.cache import preprocess_cohort
+
+    predictor = Predictor.load(trained_model.ensemble, device="cpu")
+    evaluated = load_served_model(trained_model.ensemble)
+    assert evaluated.kind == "ensemble"
+    assert (predictor.card.name, predictor.card.version) == (evaluated.name, evaluated.version)
+    assert predictor.card.threshold == evaluated.threshold and predictor.card.calibration == evaluated.calibration
+    assert predictor.model_info.calibrated and not predictor.model_info.demonstration
+    cases = load_manifest(trained_model.manifest)[:3]
+    inputs = [entry.load() for entry in preprocess_cohort(cases, predictor.recipe, trained_model.cache_dir)]
+    logits = case_logits(evaluated.model, inputs)
+    for case, logit in zip(cases, logits):
+        prediction = predictor.predict(nifti_case(case.series))
+        assert isinstance(prediction, Prediction), prediction
+        assert prediction.logit == pytest.approx(float(logit), abs=1e-5)
+        assert prediction.score == pytest.approx(evaluated.calibration.apply(float(logit)), abs=1e-5)
+        assert prediction.positive == (prediction.score >= evaluated.threshold)
