@@ -313,13 +313,13 @@ def test_uid_factory() -> None:
 
 
 def test_private_codes_are_documented_once() -> None:
-    """Every private code is defined once and listed in docs/reports.md with its meaning."""
+    """Every private code is defined once and listed in the README with its meaning."""
     from reports.codes import PRIVATE_CODES
 
     values = [code.value for code in PRIVATE_CODES]
     assert len(values) == len(set(values))
     assert all(code.scheme_designator == PRIVATE_SCHEME.designator for code in PRIVATE_CODES)
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "reports.md").read_text(encoding="utf-8")
+    doc = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     for code in PRIVATE_CODES:
         assert f"| `{code.value}` | {code.meaning} |" in doc, code
 
