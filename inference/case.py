@@ -1,6 +1,6 @@
 """From files to a prediction: DICOM folders (one or several studies of a patient) or NIfTI volumes.
 
-DICOM: headers are read (``load``), series classified and a pipeline chosen by
+DICOM: every file is parsed once (``load``; pixel data left on disk until decoded), series classified and a pipeline chosen by
 :class:`inference.selection.Selector` (``select``), each chosen series decoded (``decode``) and
 stacked into a checked volume (``volume``) by :mod:`inference.volumes`; the
 :class:`~inference.predictor.Predictor` does the rest. NIfTI: one file per role, read by
@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import SimpleITK as sitk
+from pydicom.dataset import Dataset
 
 from inference.dicom_headers import SeriesHeader, read_series_headers
 from inference.predictor import CaseInput, Predictor
@@ -56,7 +57,11 @@ def _is_diffusion(role: str, derivation: str) -> bool:
 
 
 def load_plan_volumes(
-    plan: PipelinePlan, headers: Sequence[SeriesHeader], *, min_coverage_mm: float = DEFAULT_MIN_COVERAGE_MM
+    plan: PipelinePlan,
+    headers: Sequence[SeriesHeader],
+    *,
+    min_coverage_mm: float = DEFAULT_MIN_COVERAGE_MM,
+    datasets: dict[Path, Dataset] | None = None,
 ) -> tuple[dict[Role, RoleVolume], tuple[str, ...], dict[str, float]]:
     """Decode and stack every role of a plan; returns volumes, warnings, ``decode``/``volume`` times.
 
@@ -71,11 +76,13 @@ def load_plan_volumes(
         Naming the role whose series cannot make a sound volume.
     """
     files = case_files(plan, headers)
+    if datasets is not None:
+        files = {role: (_kept(paths, datasets), derivation, b) for role, (paths, derivation, b) in files.items()}
     timings = {"decode": 0.0, "volume": 0.0}
     volumes: dict[Role, RoleVolume] = {}
     warnings: list[str] = list(plan.warnings)
     diffusion = {role: spec for role, spec in files.items() if _is_diffusion(role, spec[1])}
-    for role, (paths, _, _) in files.items():
+    for role, (paths, _, _) in files.items():  # type: ignore[assignment]
         if role in diffusion:
             continue
         started = time.perf_counter()
@@ -96,7 +103,16 @@ def load_plan_volumes(
         warnings.extend(loaded.warnings)
         for role, volume in loaded.volumes.items():
             volumes[role] = role_volume(role, volume)  # type: ignore[index, arg-type]
+    if datasets is not None:
+        for paths, _, _ in files.values():
+            for item in paths:
+                datasets.pop(Path(item.filename) if isinstance(item, Dataset) else item, None)  # type: ignore[arg-type]
     return volumes, tuple(dict.fromkeys(warnings)), timings
+
+
+def _kept(paths: Sequence[Path], datasets: Mapping[Path, Dataset]) -> tuple[Path | Dataset, ...]:
+    """Each file's kept dataset, or the path itself where none was kept."""
+    return tuple(datasets.get(path, path) for path in paths)
 
 
 def _lacking_reason(selector: Selector, headers: Sequence[SeriesHeader]) -> NotAnalysed:
@@ -114,11 +130,13 @@ def dicom_case(
 ) -> CaseInput | NotAnalysed:
     """Read, select and load the case held in ``paths`` (files or folders of DICOM)."""
     started = time.perf_counter()
-    headers = read_series_headers(paths)
+    datasets: dict[Path, Dataset] = {}  # each file parsed once: the volumes decode from these
+    headers = read_series_headers(paths, datasets)
     loaded = time.perf_counter()
     if not headers:
         return NotAnalysed("no DICOM image found")
-    return case_from_headers(headers, selector, min_coverage_mm=min_coverage_mm, load_s=loaded - started)
+    return case_from_headers(headers, selector, min_coverage_mm=min_coverage_mm, load_s=loaded - started,
+                             datasets=datasets)
 
 
 def case_from_headers(
@@ -127,15 +145,19 @@ def case_from_headers(
     *,
     min_coverage_mm: float = DEFAULT_MIN_COVERAGE_MM,
     load_s: float = 0.0,
+    datasets: dict[Path, Dataset] | None = None,
 ) -> CaseInput | NotAnalysed:
-    """Select a pipeline among ``headers`` (one patient, possibly several studies) and load its volumes."""
+    """Select a pipeline among ``headers`` (one patient, possibly several studies) and load its volumes.
+
+    ``datasets``: the datasets kept when ``headers`` were read (see :func:`load_plan_volumes`).
+    """
     started = time.perf_counter()
     plan = selector.select(headers)
     selected = time.perf_counter()
     if plan is None:
         return _lacking_reason(selector, headers)
     try:
-        volumes, warnings, timings = load_plan_volumes(plan, headers, min_coverage_mm=min_coverage_mm)
+        volumes, warnings, timings = load_plan_volumes(plan, headers, min_coverage_mm=min_coverage_mm, datasets=datasets)
     except VolumeError as exc:
         return NotAnalysed(f"series not usable: {exc.reason}", plan.pipeline, plan.series_used, (), plan.warnings)
     timings.update({"load": load_s, "select": selected - started})

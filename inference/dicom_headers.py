@@ -1,6 +1,7 @@
 """Reading the header facts that eligibility, selection and volumes need.
 
-Headers are read without pixel data (``stop_before_pixels``). Single-frame images give one
+Headers are read without pixel data (``stop_before_pixels``), or, when the caller keeps the
+datasets for decoding, with the pixel data left on disk until used (``defer_size``). Single-frame images give one
 :class:`FrameHeader` each; enhanced multi-frame images (PS3.3 C.7.6.16, Multi-frame Functional
 Groups) give one per frame, with geometry and diffusion taken from the per-frame group and falling
 back to the shared group. b-values come from the public Diffusion b-value (0018,9087) (top level
@@ -37,6 +38,7 @@ PRIVATE_B_VALUE_TAGS: tuple[tuple[int, str, int, str], ...] = (
     (0x2001, "Philips Imaging DD 001", 0x03, "Philips (2001,1003)"),
 )
 _GE_B_OFFSET = 1_000_000_000
+DEFER_SIZE = 64 * 1024  # bytes: larger values (pixel data) stay on disk until used
 
 Vector = tuple[float, float, float]
 
@@ -355,16 +357,27 @@ def instance_header(ds: Dataset, path: Path | None = None) -> InstanceHeader:
     )
 
 
-def read_instance_header(path: Path) -> InstanceHeader | None:
-    """Read one file's header; None when it is not DICOM (logged at DEBUG)."""
+def read_instance_header(path: Path, datasets: dict[Path, Dataset] | None = None) -> InstanceHeader | None:
+    """Read one file's header; None when it is not DICOM (logged at DEBUG).
+
+    Without ``datasets`` the file is read up to its pixel data (``stop_before_pixels``). With
+    it, the whole file is parsed but values larger than :data:`DEFER_SIZE` (the pixel data)
+    are left on disk, read only when used, and the dataset is kept in ``datasets[path]``:
+    decoding then reads just the pixel bytes instead of parsing the file a second time.
+    """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if datasets is None:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        else:
+            ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except (InvalidDicomError, OSError, EOFError) as exc:
         log.debug("skipping %s: %s", path.name, exc)
         return None
     if "SOPInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
         log.debug("skipping %s: no SOP Instance or Series UID", path.name)
         return None
+    if datasets is not None:
+        datasets[path] = ds
     return instance_header(ds, path)
 
 
@@ -470,11 +483,16 @@ def iter_files(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
-def read_series_headers(paths: Iterable[Path]) -> list[SeriesHeader]:
-    """Read every DICOM file under ``paths`` and group them into series (non-DICOM skipped)."""
+def read_series_headers(paths: Iterable[Path], datasets: dict[Path, Dataset] | None = None) -> list[SeriesHeader]:
+    """Read every DICOM file under ``paths`` and group them into series (non-DICOM skipped).
+
+    ``datasets``: when given, every file's dataset is kept there (pixel data deferred, see
+    :func:`read_instance_header`) so that :mod:`inference.volumes` decodes without reading the
+    headers again.
+    """
     by_series: dict[tuple[str, str], list[InstanceHeader]] = defaultdict(list)
     for path in iter_files(paths):
-        header = read_instance_header(path)
+        header = read_instance_header(path, datasets)
         if header is not None:
             by_series[(header.study_uid, header.series_uid)].append(header)
     return [summarise_series(instances) for instances in by_series.values()]

@@ -36,6 +36,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -55,6 +56,8 @@ TILT_TOLERANCE_DEG = 0.5
 SPACING_TOLERANCE = 0.05  # relative variation of slice spacing still called uniform
 MISSING_GAP_FACTOR = 1.5
 DEFAULT_MIN_COVERAGE_MM = 80.0
+
+_PARALLEL_MIN_PLANES = 64  # below this, one thread: the pool costs more than it saves
 
 
 class VolumeError(ValueError):
@@ -407,10 +410,26 @@ def _direction(stack: _Stack) -> np.ndarray:
 
 
 def _modality_array(planes: Sequence[Plane]) -> np.ndarray:
+    """The planes in modality units, stacked; two threads each write half the planes.
+
+    numpy releases the GIL in the conversion, so on two cores the halves run side by side;
+    each voxel is computed the same way whichever thread writes it (same output bit for bit).
+    """
     rows, cols = planes[0].stored.shape
     array = np.empty((len(planes), rows, cols), dtype=np.float32)
-    for index, plane in enumerate(planes):
-        plane.write_into(array[index])
+
+    def write(indices: range) -> None:
+        for index in indices:
+            planes[index].write_into(array[index])
+
+    if len(planes) < _PARALLEL_MIN_PLANES:
+        write(range(len(planes)))
+        return array
+    half = len(planes) // 2
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rescale") as pool:
+        other = pool.submit(write, range(half, len(planes)))
+        write(range(half))
+        other.result()
     return array
 
 
@@ -618,7 +637,7 @@ class CaseVolumes:
 
 
 def load_case_volumes(
-    roles: dict[str, tuple[Sequence[Path], str, float | None]],
+    roles: dict[str, tuple[Sequence[Path | Dataset], str, float | None]],
     *,
     min_coverage_mm: float = DEFAULT_MIN_COVERAGE_MM,
 ) -> CaseVolumes:
@@ -627,7 +646,7 @@ def load_case_volumes(
     Parameters
     ----------
     roles:
-        role -> (files of the series, derivation, b-value). ``derivation`` is the
+        role -> (files of the series, or their datasets already read, derivation, b-value). ``derivation`` is the
         :class:`inference.selection.RoleChoice` text: empty (read as is), a DWI plan (split by
         b-value, build the trace from directions) or "ADC computed from b0 and trace" (the files
         are then the DWI series'). ``b-value`` is the DWI b-value chosen.
@@ -642,7 +661,7 @@ def load_case_volumes(
     warnings: list[str] = []
     diffusion: dict[tuple[str, ...], DiffusionSeries] = {}
     for role, (paths, derivation, b_value) in roles.items():
-        key = tuple(str(p) for p in paths)
+        key = tuple(str(p.filename) if isinstance(p, Dataset) else str(p) for p in paths)
         try:
             if role == "dwi" or derivation.startswith("ADC computed"):
                 if key not in diffusion:
