@@ -24,6 +24,7 @@ from dicom_node.delivery import Delivery, build_delivery, destinations_from_regi
 from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
 from dicom_node.lifecycle import Lifecycle
 from dicom_node.peers import PeerRegistry
+from dicom_node.recovery import recover_lost_results
 from dicom_node.retention import Retention
 from dicom_node.scp import AssociationTracker, Ingest, IngestListener, ListenerDispatcher, StorageSCP
 from dicom_node.settings import Settings
@@ -58,9 +59,13 @@ class Node:
     def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
         """Rebuild pending work from the index, start timers, sending and workers, then the SCP.
 
+        Pending work includes studies whose results were lost before delivery
+        (:func:`dicom_node.recovery.recover_lost_results`), queued again before workers start.
+
         Returns the bound address.
         """
         self.lifecycle.rebuild_pending()
+        recover_lost_results(self.session_factory, self.lifecycle, self.settings)  # analysed, never queued
         self.scheduler.start()
         self.completion.start()
         self.delivery.start()

@@ -99,13 +99,14 @@ ALLOWED: dict[StudyState, frozenset[StudyState]] = {
     S.ANALYSED: frozenset({S.REPORTING, S.RECEIVED, S.QUEUED, S.PURGED}),
     S.NOT_ANALYSED: frozenset({S.REPORTING, S.RECEIVED, S.QUEUED, S.PURGED}),
     S.NOT_ELIGIBLE: frozenset({S.REPORTING, S.RECEIVED, S.QUEUED, S.PURGED}),
-    S.REPORTING: frozenset({S.DELIVERED, S.PARTLY_DELIVERED, S.DEAD_LETTERED, S.REPORTING}),
+    S.REPORTING: frozenset({S.DELIVERED, S.PARTLY_DELIVERED, S.DEAD_LETTERED, S.REPORTING, S.QUEUED}),
     S.DELIVERED: frozenset({S.REPORTING, S.RECEIVED, S.QUEUED, S.PURGED}),
     S.PARTLY_DELIVERED: frozenset({S.REPORTING, S.RECEIVED, S.QUEUED, S.PURGED}),
     S.DEAD_LETTERED: frozenset({S.REPORTING, S.RECEIVED, S.QUEUED, S.PURGED}),
     S.PURGED: frozenset({S.RECEIVED}),
 }
-"""Allowed transitions, ``from -> {to}``. ``reporting -> reporting`` is a re-send."""
+"""Allowed transitions, ``from -> {to}``. ``reporting -> reporting`` is a re-send;
+``reporting -> queued`` re-runs a study whose results were never queued (:mod:`dicom_node.recovery`)."""
 
 
 class TransitionError(ValueError):
@@ -303,6 +304,32 @@ class Lifecycle:
             if state is S.QUEUED and not _cancel_queued_job(session, study_uid):
                 return None  # a worker took it a moment ago: busy
             return transition(session, study_uid, S.RECEIVED, reason)
+
+    def requeue_analysis(self, study_uid: str, reason: str, *, expected: Iterable[StudyState]) -> bool:
+        """Queue a study's analysis again from one of the ``expected`` states, in one unit of work.
+
+        Used by :mod:`dicom_node.recovery` for a study whose results were never queued for
+        delivery. The move is a compare-and-set and a study with an open job is left alone, so
+        a study is re-queued at most once however often this is called.
+
+        Returns
+        -------
+        bool
+            ``True`` when the study was queued; ``False`` when it is unknown, has an open job
+            or is no longer in an ``expected`` state.
+        """
+        with write_session(self._sessions) as session:
+            study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
+            if study is None or _open_job(session, study.id) is not None:
+                return False
+            try:
+                transition(session, study_uid, S.QUEUED, reason, expected=expected)
+            except TransitionError as exc:
+                log.info("study %s not re-queued: %s", study_uid, exc)
+                return False
+            session.expire(study)
+            _add_job(session, study, reason)
+            return True
 
     def claim_next(self, worker: str | None = None) -> Job | None:
         """Take the next queued study for a worker (live studies first), or ``None``.

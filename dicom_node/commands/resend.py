@@ -5,6 +5,10 @@ deadline and the study goes back to ``reporting``; the running node's outbox sen
 its next pass, with the same SOP Instance UIDs (archives see a re-send, not a new result).
 Results held because they come from demonstration weights stay held unless
 ``delivery.allow_demonstration_results`` is on.
+
+A study analysed whose results never reached the outbox (the node stopped in between) has no
+rows to re-queue: its analysis is queued again instead (:mod:`dicom_node.recovery`), and the
+running node's worker re-runs it and sends the results.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Re-queue; exit 0 when rows were re-queued, 1 when there was nothing to re-queue."""
+    """Re-queue; exit 0 when rows (or a lost study's analysis) were re-queued, 1 when there was nothing to re-queue."""
     from dicom_node.delivery import destinations_from_registry, requeue_study
     from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
+    from dicom_node.lifecycle import Lifecycle
     from dicom_node.outbox import Outbox
     from dicom_node.peers import PeerRegistry
+    from dicom_node.recovery import recover_study
     from dicom_node.scu import StoreScu
 
     engine = build_engine(settings)
@@ -42,9 +48,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             StoreScu(settings.delivery.calling_ae_title or settings.network.ae_title),
             destinations_from_registry(PeerRegistry(sessions)),
         )
-        count = requeue_study(outbox, args.study)
+        # results lost before the outbox (latest analysis never queued): re-run, else re-send the rows
+        recovered = recover_study(sessions, Lifecycle(sessions, settings.completion), settings, args.study, by="resend")
+        lost = recovered is not None and recovered.action == "requeue"
+        count = 0 if lost else requeue_study(outbox, args.study)
     finally:
         engine.dispose()
+    if recovered is not None and lost:
+        print(f"study {args.study}: {recovered.why}; its analysis is queued again and the node sends the results")
+        return 0
     if count == 0:
         print(f"nothing to resend for study {args.study} (no results queued, or held demonstration results)")
         return 1
