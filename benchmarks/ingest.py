@@ -17,6 +17,7 @@ must succeed and every instance be indexed.
 Run::
 
     .venv/bin/python benchmarks/ingest.py [--rounds 5] [--senders 8] [--slices-per-sender 40]
+        [--without-fsync] [--baseline-tree DIR]
 
 This is a benchmark, not a test: it needs DCMTK and the shared data, takes a minute or two,
 and its figures depend on the machine.
@@ -75,6 +76,7 @@ class Receiver:
     command: Callable[[Path, int], list[str]]
     called_ae: str
     env: dict[str, str]
+    cwd: Path = REPO_ROOT
 
 
 def dcmtk_storescp(folder: Path, port: int) -> list[str]:
@@ -108,8 +110,13 @@ def fpe_node_serve_without_fsync(folder: Path, port: int) -> list[str]:
     return fpe_node_serve(folder, port, fsync=False)
 
 
-def receivers(*, without_fsync: bool = False) -> list[Receiver]:
-    """The three receivers compared (plus fpe-node without fsync when asked)."""
+def receivers(*, without_fsync: bool = False, baseline_tree: Path | None = None) -> list[Receiver]:
+    """The three receivers compared (plus fpe-node without fsync, or from another tree, when asked).
+
+    ``baseline_tree`` is a checkout of another revision (e.g. ``git archive HEAD~3 | tar -x``):
+    its ``fpe-node serve`` runs in the same rounds as ``fpe-node-baseline``, so a change is
+    measured against the code before it under the same machine load.
+    """
     base = {k: v for k, v in os.environ.items() if not k.startswith("FPENODE_")}
     chosen = [
         Receiver("dcmtk-storescp", dcmtk_storescp, "ANY-SCP", dict(base, TCP_NODELAY="1")),
@@ -118,6 +125,8 @@ def receivers(*, without_fsync: bool = False) -> list[Receiver]:
     ]
     if without_fsync:
         chosen.append(Receiver("fpe-node-no-fsync", fpe_node_serve_without_fsync, NODE_AE, base))
+    if baseline_tree is not None:
+        chosen.append(Receiver("fpe-node-baseline", fpe_node_serve, NODE_AE, base, cwd=baseline_tree.resolve()))
     return chosen
 
 
@@ -128,7 +137,7 @@ def running(receiver: Receiver, folder: Path) -> Iterator[int]:
     port = free_port()
     process = subprocess.Popen(
         receiver.command(folder, port),
-        cwd=REPO_ROOT,
+        cwd=receiver.cwd,
         env=receiver.env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -172,11 +181,13 @@ def stored_count(folder: Path) -> int:
     return sum(1 for path in folder.rglob("*") if path.is_file() and not path.name.startswith("index.sqlite3"))
 
 
-def interleaved_rounds(source: Path, rounds: int, workdir: Path, *, without_fsync: bool) -> dict[str, list[float]]:
+def interleaved_rounds(
+    source: Path, rounds: int, workdir: Path, *, without_fsync: bool, baseline_tree: Path | None = None
+) -> dict[str, list[float]]:
     """Per receiver, the seconds of each round; receivers alternate in a rotating order."""
     times: dict[str, list[float]] = {}
     n_files = sum(1 for p in source.iterdir() if p.is_file())
-    contenders = receivers(without_fsync=without_fsync)
+    contenders = receivers(without_fsync=without_fsync, baseline_tree=baseline_tree)
     for number in range(rounds):
         order = contenders[number % len(contenders) :] + contenders[: number % len(contenders)]
         for receiver in order:
@@ -212,6 +223,14 @@ def report(times: dict[str, list[float]], n_files: int) -> None:
     for name in ("pynetdicom-storescp", "dcmtk-storescp"):
         paired = statistics.median(other / mine for other, mine in zip(times[name], times["fpe-node"]))
         print(f"  {name:<20} {paired:5.2f}x median of per-round ratios")
+    if "fpe-node-baseline" in medians:
+        baseline = times["fpe-node-baseline"]
+        for name in ("pynetdicom-storescp", "dcmtk-storescp"):
+            paired = statistics.median(other / mine for other, mine in zip(times[name], baseline))
+            print(f"fpe-node-baseline vs {name:<20} {medians[name] / medians['fpe-node-baseline']:5.2f}x, "
+                  f"{paired:5.2f}x median of per-round ratios")
+        speedup = statistics.median(old / new for old, new in zip(baseline, times["fpe-node"]))
+        print(f"fpe-node vs fpe-node-baseline: {speedup:.2f}x median of per-round ratios")
     if "fpe-node-no-fsync" in medians:
         unsynced = medians["fpe-node-no-fsync"]
         print(f"fpe-node without fsync: {medians['pynetdicom-storescp'] / unsynced:.2f}x pynetdicom, "
@@ -287,11 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices-per-sender", type=int, default=40)
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--without-fsync", action="store_true", help="also time fpe-node with storage.fsync off")
+    parser.add_argument("--baseline-tree", type=Path, help="also time fpe-node from this checkout (another revision)")
     args = parser.parse_args(argv)
     check_tools(args.source)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fpe-ingest-"))
     try:
-        times = interleaved_rounds(args.source, args.rounds, workdir, without_fsync=args.without_fsync)
+        times = interleaved_rounds(
+            args.source, args.rounds, workdir, without_fsync=args.without_fsync, baseline_tree=args.baseline_tree
+        )
         report(times, sum(1 for p in args.source.iterdir() if p.is_file()))
         ok = concurrent_senders(args.source, args.senders, args.slices_per_sender, workdir) if args.senders else True
     finally:

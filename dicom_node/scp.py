@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -88,6 +89,9 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"  # PS3.4 Annex A
 # A-ASSOCIATE-RJ parameters (PS3.8 section 9.3.4): result, source, diagnostic.
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
 _REJECT_TRANSIENT = (0x02, 0x01, 0x01)  # rejected-transient, service-user, no reason given
+
+# Threads writing and fsyncing temporary files while the C-STORE threads parse and hash.
+_WRITER_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,8 @@ class _PublishState:
 
     published: bool = False
     previous_path: str | None = None
+    keys: repository.IndexKeys | None = None
+    """Study and series keys the row was written under (remembered once committed)."""
 
 
 class StoreError(Exception):
@@ -254,6 +260,12 @@ class Ingest:
         self._locks = _UIDLocks()
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(max_workers=_WRITER_THREADS, thread_name_prefix="fpenode-write")
+        self._keys = repository.KeyCache()
+
+    def close(self) -> None:
+        """Stop the file-writing threads (after the last C-STORE has been answered)."""
+        self._writer.shutdown(wait=True)
 
     @property
     def in_flight(self) -> int:
@@ -287,15 +299,32 @@ class Ingest:
             log.warning("C-STORE refused: disk above its watermark (%d bytes offered)", len(dataset_bytes))
             return Status.OUT_OF_RESOURCES
         transfer_syntax = str(event.context.transfer_syntax)
-        header = parse_header(dataset_bytes, transfer_syntax)
-        self._check_matches_command(event, header)
-        meta = file_meta_bytes(header.sop_class_uid, header.sop_instance_uid, transfer_syntax, calling_ae)
-        digest = dataset_digest(dataset_bytes)
-        stored = self._persist(header, (meta, dataset_bytes), digest, transfer_syntax, calling_ae)
+        # The file is written and fsynced on a writer thread while this one parses and hashes
+        # (both release the GIL for most of their time); its meta header is built from the
+        # command's UIDs, which the data set's must equal or the store is refused.
+        meta = file_meta_bytes(
+            str(request.AffectedSOPClassUID).strip(), str(request.AffectedSOPInstanceUID).strip(), transfer_syntax, calling_ae
+        )
+        pending = self._writer.submit(self.files.write_temp, (meta, dataset_bytes))
+        try:
+            header = parse_header(dataset_bytes, transfer_syntax)
+            self._check_matches_command(event, header)
+            digest = dataset_digest(dataset_bytes)
+            tmp_path = pending.result()
+        except BaseException:
+            self._discard_written(pending)
+            raise
+        size = len(meta) + len(dataset_bytes)
+        stored = self._persist(header, tmp_path, size, digest, transfer_syntax, calling_ae)
         if stored is not None:
             self.tracker.add_series(assoc, header.series_uid)
             self.dispatcher.instance_stored(stored)
         return Status.SUCCESS
+
+    def _discard_written(self, pending: Future[Path]) -> None:
+        """Wait for the write of a refused store to end, then remove its temporary file."""
+        if pending.exception() is None:  # waits; a failed write removed its file itself
+            self.files.discard(pending.result())
 
     def _index_then_publish(
         self, session: Session, header: InstanceHeader, facts: FileFacts, tmp_path: Path, state: _PublishState
@@ -305,7 +334,8 @@ class Ingest:
         if existing is not None and existing.sha256 == facts.sha256 and self.files.absolute(existing.path).is_file():
             return None
         state.previous_path = None if existing is None else existing.path
-        outcome = repository.record_instance(session, header, facts, existing)
+        outcome = repository.record_instance(session, header, facts, existing, self._keys.get(header.series_uid))
+        state.keys = repository.resolved_keys(session)
         self.files.publish(tmp_path, facts.path, sync=False)
         state.published = True
         return outcome
@@ -322,31 +352,31 @@ class Ingest:
     def _persist(
         self,
         header: InstanceHeader,
-        chunks: tuple[bytes, bytes],
+        tmp_path: Path,
+        size_bytes: int,
         digest: str,
         transfer_syntax: str,
         calling_ae: str,
     ) -> StoredInstance | None:
-        """Write ``chunks`` (file meta, data set), apply the duplicate rule, index and publish.
+        """Apply the duplicate rule to the fsynced temporary file ``tmp_path``, index and publish.
 
         Returns ``None`` for an identical duplicate.
 
-        Order: temporary file fsynced; then, in one index transaction holding the instance's
-        lock, the row is written and the file renamed to its final name before the commit;
-        then its folder is fsynced. A crash at any point leaves no acknowledged instance
+        Order: temporary file fsynced (by the caller, before this runs); then, in one index
+        transaction holding the instance's lock, the row is written and the file renamed to its
+        final name before the commit; then its folder is fsynced. A crash at any point leaves no acknowledged instance
         without its file or row (a row whose rename was lost is repaired by the duplicate
         rule when the unacknowledged sender sends again).
         """
         relative = self.files.relative_path(header.study_uid, header.series_uid, header.sop_instance_uid)
         facts = FileFacts(
             path=relative,
-            size_bytes=sum(len(chunk) for chunk in chunks),
+            size_bytes=size_bytes,
             sha256=digest,
             transfer_syntax_uid=transfer_syntax,
             calling_ae=calling_ae,
             received_at=repository.record_received_at(),
         )
-        tmp_path = self.files.write_temp(chunks)
         state = _PublishState()
         try:
             with self._locks.for_uid(header.sop_instance_uid):
@@ -359,6 +389,8 @@ class Ingest:
             raise
         finally:
             self.files.discard(tmp_path)
+        if state.keys is not None:
+            self._keys.remember(state.keys)
         if outcome is None:
             log.info("instance %s received again, identical: kept the stored copy", header.sop_instance_uid)
             return None
@@ -531,6 +563,7 @@ class StorageSCP:
         self.ingest.draining = True
         self._wait(lambda: self.ingest.in_flight == 0, 60.0)
         self.ae.shutdown()
+        self.ingest.close()
         self.ingest.dispatcher.drain()
         self._server = None
         log.info("stopped")

@@ -224,9 +224,15 @@ def _integer(text: str) -> int | None:
 
 
 def _study_datetime(date_text: str, time_text: str) -> dt.datetime | None:
-    """StudyDate (DA) + StudyTime (TM, PS3.5 6.2) as a naive datetime; ``None`` if unusable."""
+    """StudyDate (DA) + StudyTime (TM, PS3.5 6.2) as a naive datetime; ``None`` if unusable.
+
+    Parsed by hand (``strptime`` costs milliseconds per call on the C-STORE path).
+    """
+    digits_date = date_text[:8]
+    if len(digits_date) != 8 or not digits_date.isdigit():
+        return None
     try:
-        date = dt.datetime.strptime(date_text[:8], "%Y%m%d")
+        date = dt.datetime(int(digits_date[:4]), int(digits_date[4:6]), int(digits_date[6:8]))
     except ValueError:
         return None
     digits = time_text.split(".")[0].replace(":", "")

@@ -19,7 +19,15 @@ import dicom_node.index.models  # noqa: F401 - tables on the metadata
 from dicom_node.index.base import Base, utcnow
 from dicom_node.index.db import build_engine, build_session_factory, run_write, upgrade_to_head
 from dicom_node.index.models import AuditEntry, Instance, Patient, Peer, PeerAETitle, Series, Study, StudyEvent
-from dicom_node.index.repository import FileFacts, RecordOutcome, record_instance, stored_copy
+from dicom_node.index.repository import (
+    FileFacts,
+    IndexKeys,
+    KeyCache,
+    RecordOutcome,
+    record_instance,
+    resolved_keys,
+    stored_copy,
+)
 from dicom_node.peers import PeerError, PeerInfo, PeerRegistry
 from dicom_node.settings import PeerSettings, load_settings
 from dicom_node.storage import InstanceHeader
@@ -226,3 +234,45 @@ def test_timestamps_come_back_aware_utc(index: Index) -> None:
     assert first == dt.datetime(2026, 3, 1, 10, 0, tzinfo=dt.timezone.utc)
     assert received.tzinfo is not None and received.utcoffset() == dt.timedelta(0)
     assert between == 1
+
+
+def _record_keyed(index: Index, cache: KeyCache, header: InstanceHeader, sha: str = "a" * 64) -> RecordOutcome:
+    """Record as the SCP does: cached keys offered, the keys used remembered after the commit."""
+    used: list[IndexKeys | None] = []
+
+    def work(session: Session) -> RecordOutcome:
+        outcome = record_instance(session, header, _facts(header, sha), None, cache.get(header.series_uid))
+        used.append(resolved_keys(session))
+        return outcome
+
+    outcome = run_write(index.sessions, work)
+    assert used[-1] is not None
+    cache.remember(used[-1])
+    return outcome
+
+
+def test_cached_keys_are_checked_and_refreshed(index: Index) -> None:
+    """Stale cached keys (study deleted, series moved, modality added) fall back to look-ups."""
+    cache = KeyCache()
+    for number in range(1, 4):  # the second and third use the cached keys
+        assert _record_keyed(index, cache, _header(sop=f"2.25.11{number}", instance_number=number)) is RecordOutcome.NEW
+    assert _record_keyed(index, cache, _header(sop="2.25.113"), sha="b" * 64) is RecordOutcome.REPLACED
+    with index.sessions() as session:
+        series = session.scalars(select(Series)).one()
+        assert series.instance_count == 3 and series.study.modalities == "CT"
+    # A new modality in the same series' study: the modalities are read afresh and merged.
+    assert _record_keyed(index, cache, _header(series="2.25.12", sop="2.25.121", modality="SR")) is RecordOutcome.NEW
+    assert _record_keyed(index, cache, _header(sop="2.25.114", instance_number=4)) is RecordOutcome.NEW
+    # The study is deleted behind the cache's back; the next instance re-creates it.
+    with index.sessions() as session:
+        session.delete(session.scalars(select(Study)).one())
+        session.commit()
+    assert _record_keyed(index, cache, _header(sop="2.25.115", instance_number=5)) is RecordOutcome.NEW
+    # The series moves to another study: its keys are looked up and the series moved.
+    assert _record_keyed(index, cache, _header(study="2.25.2", sop="2.25.116")) is RecordOutcome.NEW
+    with index.sessions() as session:
+        studies = {s.study_uid: s for s in session.scalars(select(Study))}
+        series = session.scalars(select(Series)).one()
+        assert set(studies) == {"2.25.1", "2.25.2"} and studies["2.25.1"].modalities == "CT"
+        assert series.study_pk == studies["2.25.2"].id and series.instance_count == 2
+    assert _count(index, Instance) == 2

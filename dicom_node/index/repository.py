@@ -18,11 +18,11 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
+import threading
 from dataclasses import dataclass
+from typing import Any, cast
 
-from typing import cast
-
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Connection, CursorResult, Result, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.index.base import utcnow
@@ -68,26 +68,89 @@ def stored_copy(session: Session, sop_instance_uid: str) -> StoredCopy | None:
     return StoredCopy(sha256=row.sha256, path=row.path, instance_pk=row.id, series_pk=row.series_pk)
 
 
+@dataclass(frozen=True)
+class IndexKeys:
+    """Primary keys an instance was recorded under, remembered to skip two look-ups next time."""
+
+    study_uid: str
+    study_pk: int
+    modalities: str
+    series_uid: str
+    series_pk: int
+
+
+class KeyCache:
+    """Study and series keys of recent instances, by Series Instance UID (bounded, thread-safe).
+
+    Only a hint: :func:`record_instance` checks it with the UPDATEs it runs anyway (their
+    WHERE clauses repeat the UIDs, the study's modalities and the series' study), and falls
+    back to the look-ups when a row changed or went (a study deleted, a series moved). Keys
+    are remembered only after their transaction committed (:meth:`remember`).
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._keys: dict[str, IndexKeys] = {}
+        self._lock = threading.Lock()
+
+    def get(self, series_uid: str) -> IndexKeys | None:
+        """The keys last committed for ``series_uid``, if remembered."""
+        with self._lock:
+            return self._keys.get(series_uid)
+
+    def remember(self, keys: IndexKeys) -> None:
+        """Remember committed keys (the cache starts afresh when full)."""
+        with self._lock:
+            if len(self._keys) >= self._capacity and keys.series_uid not in self._keys:
+                self._keys.clear()
+            self._keys[keys.series_uid] = keys
+
+
+_RESOLVED = "fpenode_index_keys"
+
+
+def resolved_keys(session: Session) -> IndexKeys | None:
+    """The keys :func:`record_instance` last used in ``session`` (remember them after commit)."""
+    keys = session.info.get(_RESOLVED)
+    return keys if isinstance(keys, IndexKeys) else None
+
+
 def record_instance(
-    session: Session, header: InstanceHeader, facts: FileFacts, existing: StoredCopy | None = None
+    session: Session,
+    header: InstanceHeader,
+    facts: FileFacts,
+    existing: StoredCopy | None = None,
+    known: IndexKeys | None = None,
 ) -> RecordOutcome:
     """Index one stored instance in ``session`` (insert, or update by the duplicate rule).
 
     Creates patient, study (with its first timeline event, ``received``) and series as needed,
     so a unique-constraint conflict surfaces here; the caller commits (see
     :func:`dicom_node.index.db.run_write`, which retries such conflicts). ``existing`` is the
-    result of :func:`stored_copy` when the caller already looked it up in this transaction.
+    result of :func:`stored_copy` when the caller already looked it up in this transaction;
+    ``known`` the keys a :class:`KeyCache` holds for the instance's series (checked here).
+    The keys used are left for :func:`resolved_keys`.
 
     The common case (a known series) is a handful of Core statements: this runs once per
     received instance, while the sender waits for its C-STORE response.
     """
     if existing is None:
         existing = stored_copy(session, header.sop_instance_uid)
-    study_pk, modalities = _study_key(session, header, facts)
-    series_pk = _series_key(session, study_pk, header, facts)
     connection = session.connection()
+    keys = _touch_known(connection, header, facts, existing, known)
+    if keys is None:
+        study_pk, modalities = _study_key(session, header, facts)
+        series_pk = _series_key(session, study_pk, header, facts)
+        merged = _merge_modalities(modalities, header.modality)
+        connection.execute(
+            _UPDATE_STUDY,
+            {"b_id": study_pk, "last_received_at": facts.received_at, "calling_ae": facts.calling_ae, "modalities": merged},
+        )
+        keys = IndexKeys(header.study_uid, study_pk, merged, header.series_uid, series_pk)
+        if not _count_into_series(connection, keys, existing, facts):
+            raise RuntimeError(f"series {header.series_uid} vanished while recording an instance")
     values = {
-        "series_pk": series_pk,
+        "series_pk": keys.series_pk,
         "sop_class_uid": header.sop_class_uid,
         "transfer_syntax_uid": facts.transfer_syntax_uid,
         "instance_number": header.instance_number,
@@ -97,23 +160,51 @@ def record_instance(
         "received_at": facts.received_at,
         "calling_ae": facts.calling_ae,
     }
+    session.info[_RESOLVED] = keys
     if existing is None:
         connection.execute(_INSERT_INSTANCE, {"sop_instance_uid": header.sop_instance_uid, **values})
-        connection.execute(_COUNT_INTO_SERIES, {"b_id": series_pk, "b_delta": 1, "b_at": facts.received_at})
-        outcome = RecordOutcome.NEW
-    else:
-        connection.execute(_UPDATE_INSTANCE, {"b_id": existing.instance_pk, **values})
-        delta = 0 if existing.series_pk == series_pk else 1
-        if delta:
-            connection.execute(_UNCOUNT_FROM_SERIES, {"b_id": existing.series_pk})
-        connection.execute(_COUNT_INTO_SERIES, {"b_id": series_pk, "b_delta": delta, "b_at": facts.received_at})
-        outcome = RecordOutcome.REPLACED
-    merged = _merge_modalities(modalities, header.modality)
-    connection.execute(
-        _UPDATE_STUDY,
-        {"b_id": study_pk, "last_received_at": facts.received_at, "calling_ae": facts.calling_ae, "modalities": merged},
-    )
-    return outcome
+        return RecordOutcome.NEW
+    connection.execute(_UPDATE_INSTANCE, {"b_id": existing.instance_pk, **values})
+    if existing.series_pk != keys.series_pk:
+        connection.execute(_UNCOUNT_FROM_SERIES, {"b_id": existing.series_pk})
+    return RecordOutcome.REPLACED
+
+
+def _touch_known(
+    connection: Connection, header: InstanceHeader, facts: FileFacts, existing: StoredCopy | None, known: IndexKeys | None
+) -> IndexKeys | None:
+    """With cached keys: move the study's and series' receive times and count; ``None`` if stale.
+
+    Nothing needs undoing when the keys turn out stale: the study UPDATE sets the same values
+    the look-up path sets again.
+    """
+    if known is None or known.study_uid != header.study_uid or known.series_uid != header.series_uid:
+        return None
+    if header.modality and header.modality not in known.modalities.split("\\"):
+        return None  # the study's modalities change: read them afresh
+    touched = _rowcount(connection.execute(
+        _TOUCH_STUDY,
+        {"b_id": known.study_pk, "b_uid": known.study_uid, "b_modalities": known.modalities,
+         "last_received_at": facts.received_at, "calling_ae": facts.calling_ae},
+    ))
+    if touched != 1 or not _count_into_series(connection, known, existing, facts):
+        return None
+    return known
+
+
+def _count_into_series(connection: Connection, keys: IndexKeys, existing: StoredCopy | None, facts: FileFacts) -> bool:
+    """Count the instance into its series (unless it was already there); False if no such row."""
+    delta = 1 if existing is None or existing.series_pk != keys.series_pk else 0
+    changed = _rowcount(connection.execute(
+        _COUNT_INTO_SERIES,
+        {"b_id": keys.series_pk, "b_uid": keys.series_uid, "b_study": keys.study_pk, "b_delta": delta,
+         "b_at": facts.received_at},
+    ))
+    return changed == 1
+
+
+def _rowcount(result: Result[Any]) -> int:
+    return cast(CursorResult[Any], result).rowcount
 
 
 # Statements of the hot path, built once (Core, no ORM unit of work).
@@ -129,13 +220,22 @@ _INSERT_INSTANCE = insert(_INSTANCE)
 _UPDATE_INSTANCE = update(_INSTANCE).where(_INSTANCE.c.id == bindparam("b_id"))
 _COUNT_INTO_SERIES = (
     update(_SERIES)
-    .where(_SERIES.c.id == bindparam("b_id"))
+    .where(
+        _SERIES.c.id == bindparam("b_id"),
+        _SERIES.c.series_uid == bindparam("b_uid"),
+        _SERIES.c.study_pk == bindparam("b_study"),
+    )
     .values(instance_count=_SERIES.c.instance_count + bindparam("b_delta"), last_received_at=bindparam("b_at"))
 )
 _UNCOUNT_FROM_SERIES = (
     update(_SERIES).where(_SERIES.c.id == bindparam("b_id")).values(instance_count=_SERIES.c.instance_count - 1)
 )
 _UPDATE_STUDY = update(_STUDY).where(_STUDY.c.id == bindparam("b_id"))
+_TOUCH_STUDY = update(_STUDY).where(
+    _STUDY.c.id == bindparam("b_id"),
+    _STUDY.c.study_uid == bindparam("b_uid"),
+    _STUDY.c.modalities == bindparam("b_modalities"),
+)
 _MOVE_SERIES = update(_SERIES).where(_SERIES.c.id == bindparam("b_id")).values(study_pk=bindparam("b_study"))
 
 
