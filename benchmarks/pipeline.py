@@ -12,7 +12,9 @@ Stages (seconds, medians over ``--reps`` runs): ``load`` (headers of every file)
 (Grad-CAM, mapping back onto the 300 NCCT planes, peak outline). Target: total < 10 s on the
 project's 2-core machine. One warm-up run precedes the timed ones; ``cpu_s`` is the process's
 CPU time per run (all threads), a figure that other processes' load does not inflate, and
-the 1-minute load average is reported with the results.
+the 1-minute load average is reported with the results; ``wall_s`` is the run's wall time
+(``total`` sums the stages). ``same_output_every_run`` says whether every run (warm-up
+included) gave the same logit, outputs and attention maps bit for bit.
 
 JPEG 2000 is reported apart: ``--j2k-slices`` NCCT slices written as JPEG 2000 Lossless, decoded
 with the same code (:func:`inference.volumes.read_planes`), time per slice and extrapolated to
@@ -27,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -38,6 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 import torch  # noqa: E402
 from pydicom.uid import JPEG2000Lossless  # noqa: E402
@@ -87,16 +91,29 @@ def time_j2k(folder: Path, slices: int, out: Path) -> dict[str, float]:
     }
 
 
-def run_once(folder: Path, predictor: Predictor, selector: Selector) -> dict[str, float]:
+def output_digest(result: Prediction) -> str:
+    """SHA-256 of what the run produced (logit, outputs, attention maps, peak): same input, same digest."""
+    digest = hashlib.sha256()
+    digest.update(repr((result.logit, result.score, result.aux_scores, result.slice_weights)).encode())
+    for plane in result.attention:
+        digest.update(plane.source.sop_instance_uid.encode())
+        digest.update(np.ascontiguousarray(plane.heat).tobytes())
+    digest.update(repr(result.peak).encode())
+    return digest.hexdigest()
+
+
+def run_once(folder: Path, predictor: Predictor, selector: Selector) -> tuple[dict[str, float], str]:
     cpu_started = time.process_time()
+    wall_started = time.perf_counter()
     case = dicom_case([folder], selector)
     assert isinstance(case, CaseInput), case
     result = predictor.predict(case)
     assert isinstance(result, Prediction), result
     timings = {stage: result.timings_s.get(stage, 0.0) for stage in STAGES}
     timings["total"] = sum(timings.values())
+    timings["wall_s"] = time.perf_counter() - wall_started
     timings["cpu_s"] = time.process_time() - cpu_started  # all threads of this process
-    return timings
+    return timings, output_digest(result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     folder = make_case(args.data, args.rows, args.ncct, args.cta)
     predictor = Predictor.load(None, device="cpu")  # full-size res25, demonstration weights
     selector = Selector(required_roles={p: predictor.recipe.for_pipeline(p).required_roles for p in ("CT", "MR")})
-    run_once(folder, predictor, selector)  # warm-up: oneDNN primitives, file cache
-    runs = [run_once(folder, predictor, selector) for _ in range(args.reps)]
+    _, first_digest = run_once(folder, predictor, selector)  # warm-up: oneDNN primitives, file cache
+    timed = [run_once(folder, predictor, selector) for _ in range(args.reps)]
+    runs = [timings for timings, _ in timed]
+    digests = {first_digest, *(digest for _, digest in timed)}
     medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     j2k = time_j2k(folder, args.j2k_slices, args.data)
     report: dict[str, Any] = {
@@ -123,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "load_average_1min": round(os.getloadavg()[0], 2),
         "reps": args.reps,
+        "same_output_every_run": len(digests) == 1,
+        "output_sha256": sorted(digests),
         "median_s": {k: round(v, 3) for k, v in medians.items()},
         "runs_s": [{k: round(v, 3) for k, v in run.items()} for run in runs],
         "jpeg2000": {
