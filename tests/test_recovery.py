@@ -85,7 +85,7 @@ def _start(settings: Settings) -> tuple[Node, int]:
 def _study(folder: Path, seed: int) -> Study:
     now = dt.datetime.now() - dt.timedelta(minutes=5)
     return write_ct_stroke_study(
-        folder, rows=48, seed=seed, study_date=now.strftime("%Y%m%d"), study_time=now.strftime("%H%M%S"),
+        folder, rows=32, thin_slices=36, cta_slices=44, with_thick=False, seed=seed, study_date=now.strftime("%Y%m%d"), study_time=now.strftime("%H%M%S"),
         with_localizer=False, with_dose_report=False, with_reformats=False, with_mips=False,
     )
 
