@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 import yaml
 
 from dicom_node.settings import Settings, load_settings
+from tests.archives import free_port  # noqa: F401 - one definition, re-exported for tests importing it from here
 from tests.peers import dcmtk, postgres_url  # noqa: F401 - fixtures shared with every test module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +53,6 @@ def require_shared_data(*parts: str) -> Path:
 def shared_data() -> Path:
     """The real DICOM test data folder (fails when missing)."""
     return require_shared_data()
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
