@@ -42,6 +42,11 @@ died between the last row settling and the study's state change) is moved to its
 outcome instead.
 
 Every action is recorded in the study's timeline (the transition's detail).
+
+Limit: ``fpe-node resend`` runs beside a live node. A study whose result the node is building
+at that very moment (a second or two after its analysis, before its rows exist) looks lost and
+is re-run; the archive then gets a second SR version naming the first. At start-up there is no
+such window (no worker and no result thread run yet).
 """
 
 from __future__ import annotations
