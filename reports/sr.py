@@ -42,7 +42,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal, TypedDict, cast
 
 import highdicom as hd
 import numpy as np
@@ -246,6 +246,31 @@ def _outline(peak: AttentionPeak) -> np.ndarray:
     return points
 
 
+class _GroupContent(TypedDict):
+    """Keyword arguments both measurement-group classes take (typed, so mypy checks the call)."""
+
+    tracking_identifier: TrackingIdentifier
+    finding_type: CodedConcept
+    algorithm_id: AlgorithmIdentification
+    finding_sites: list[FindingSite]
+    measurements: list[Measurement]
+    qualitative_evaluations: list[QualitativeEvaluation]
+
+
+def _group_content(prediction: Prediction, algorithm: AlgorithmIdentification, tracking_uid: str) -> _GroupContent:
+    """The content TID 1410 and TID 1501 groups share: tracking, finding, algorithm, site, measurements."""
+    return {
+        "tracking_identifier": TrackingIdentifier(uid=tracking_uid, identifier=result_text(prediction)),
+        "finding_type": Fpe.FIRST_PASS_EFFECT,
+        "algorithm_id": algorithm,
+        "finding_sites": [FindingSite(anatomic_location=Std.BRAIN)],
+        "measurements": _measurements(prediction, None),
+        "qualitative_evaluations": [
+            QualitativeEvaluation(name=Fpe.FIRST_PASS_EFFECT, value=finding_concept(prediction))
+        ],
+    }
+
+
 def _peak_group(
     prediction: Prediction, peak: AttentionPeak, algorithm: AlgorithmIdentification, tracking_uid: str
 ) -> PlanarROIMeasurementsAndQualitativeEvaluations:
@@ -261,13 +286,7 @@ def _peak_group(
         ),
     )
     return PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=result_text(prediction)),
-        referenced_region=region,
-        finding_type=Fpe.FIRST_PASS_EFFECT,
-        algorithm_id=algorithm,
-        finding_sites=[FindingSite(anatomic_location=Std.BRAIN)],
-        measurements=_measurements(prediction, None),
-        qualitative_evaluations=[QualitativeEvaluation(name=Fpe.FIRST_PASS_EFFECT, value=finding_concept(prediction))],
+        referenced_region=region, **_group_content(prediction, algorithm, tracking_uid)
     )
 
 
@@ -275,14 +294,7 @@ def _study_group(
     prediction: Prediction, algorithm: AlgorithmIdentification, tracking_uid: str
 ) -> MeasurementsAndQualitativeEvaluations:
     """TID 1501: the result without an image region (a prediction that has no attention peak)."""
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=result_text(prediction)),
-        finding_type=Fpe.FIRST_PASS_EFFECT,
-        algorithm_id=algorithm,
-        finding_sites=[FindingSite(anatomic_location=Std.BRAIN)],
-        measurements=_measurements(prediction, None),
-        qualitative_evaluations=[QualitativeEvaluation(name=Fpe.FIRST_PASS_EFFECT, value=finding_concept(prediction))],
-    )
+    return MeasurementsAndQualitativeEvaluations(**_group_content(prediction, algorithm, tracking_uid))
 
 
 def _result_group(
