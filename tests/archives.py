@@ -25,7 +25,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,22 @@ def _stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 10.0)
         proc.wait(timeout=timeout_s)
 
 
+def _launch(
+    command: Sequence[str], log_path: Path, cwd: Path, checks: Sequence[tuple[Callable[[], bool], str]]
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` (``TCP_NODELAY=1``, output appended to ``log_path``) and wait, bounded, until
+    every ``(predicate, what)`` check answers; when one fails or times out, stop it and re-raise."""
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(list(command), stdout=log_file, stderr=subprocess.STDOUT, env=_nodelay_env(), cwd=cwd)
+    try:
+        for predicate, what in checks:
+            _wait_until(predicate, START_TIMEOUT_S, what, proc)
+    except BaseException:
+        _stop_process(proc)
+        raise
+    return proc
+
+
 def _storescp_config(sop_classes: Sequence[str]) -> str:
     """An association configuration file (DCMTK ``-xf``) accepting only ``sop_classes``."""
     lines = ["[[TransferSyntaxes]]", "[Uncompressed]"]
@@ -143,15 +159,8 @@ class StorescpArchive:
         """Start and wait until it answers C-ECHO."""
         if self.running:
             return
-        with self.log_path.open("ab") as log_file:
-            self._proc = subprocess.Popen(
-                self._command(), stdout=log_file, stderr=subprocess.STDOUT, env=_nodelay_env(), cwd=self.workdir
-            )
-        try:
-            _wait_until(lambda: echo(self.host, self.port, self.ae_title), START_TIMEOUT_S, "storescp", self._proc)
-        except BaseException:
-            self.stop()
-            raise
+        ready = (lambda: echo(self.host, self.port, self.ae_title), "storescp")
+        self._proc = _launch(self._command(), self.log_path, self.workdir, [ready])
 
     def stop(self) -> None:
         """Stop it (SIGTERM, then SIGKILL); received files and the log stay."""
@@ -249,18 +258,11 @@ class OrthancArchive:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(self.config(), indent=2), encoding="utf-8")
-        with self.log_path.open("ab") as log_file:
-            self._proc = subprocess.Popen(
-                [str(ORTHANC), "--no-jobs", str(config_path)],
-                stdout=log_file, stderr=subprocess.STDOUT, env=_nodelay_env(), cwd=self.workdir,
-            )
-        try:
-            _wait_until(self._rest_ready, START_TIMEOUT_S, "Orthanc REST", self._proc)
-            _wait_until(lambda: echo(self.host, self.dicom_port, self.ae_title), START_TIMEOUT_S, "Orthanc DICOM",
-                        self._proc)
-        except BaseException:
-            self.stop()
-            raise
+        checks = [
+            (self._rest_ready, "Orthanc REST"),
+            (lambda: echo(self.host, self.dicom_port, self.ae_title), "Orthanc DICOM"),
+        ]
+        self._proc = _launch([str(ORTHANC), "--no-jobs", str(config_path)], self.log_path, self.workdir, checks)
 
     def stop(self) -> None:
         _stop_process(self._proc)
