@@ -378,12 +378,14 @@ def _content(result: Prediction | NotAnalysed, context: ReportContext, uids: UID
     return root
 
 
-def _reference_dataset(source: SourceInstance) -> Dataset:
+def _reference_dataset(instance: SourceInstance | PriorReport) -> Dataset:
+    """The UIDs of a referenced instance, an evidence item or a predecessor document, as the
+    PS3.3 Hierarchical SOP Instance Reference Macro lists them (study, series, SOP class, instance)."""
     ref = Dataset()
-    ref.StudyInstanceUID = source.study_uid
-    ref.SeriesInstanceUID = source.series_uid
-    ref.SOPClassUID = source.sop_class_uid
-    ref.SOPInstanceUID = source.sop_instance_uid
+    ref.StudyInstanceUID = instance.study_uid
+    ref.SeriesInstanceUID = instance.series_uid
+    ref.SOPClassUID = instance.sop_class_uid
+    ref.SOPInstanceUID = instance.sop_instance_uid
     return ref
 
 
@@ -483,7 +485,7 @@ def build_sr(
         is_final=True,
         is_verified=False,
         institution_name=context.institution_name,
-        previous_versions=[_predecessor_dataset(p) for p in predecessors] or None,
+        previous_versions=[_reference_dataset(p) for p in predecessors] or None,
         contributing_equipment=[_contributing_equipment(context, model)],
         series_description=_series_description(result),
         manufacturer_model_name=model.name if model else MANUFACTURER,
@@ -526,15 +528,6 @@ def declare_character_set(dataset: Dataset) -> None:
         return
     if _has_non_ascii_text(dataset):
         dataset.SpecificCharacterSet = "ISO_IR 192"
-
-
-def _predecessor_dataset(prior: PriorReport) -> Dataset:
-    ref = Dataset()
-    ref.StudyInstanceUID = prior.study_uid
-    ref.SeriesInstanceUID = prior.series_uid
-    ref.SOPClassUID = prior.sop_class_uid
-    ref.SOPInstanceUID = prior.sop_instance_uid
-    return ref
 
 
 def _has_item(items: Sequence[Dataset], predicate_keyword: str, value: str | None = None) -> bool:
