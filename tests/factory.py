@@ -405,6 +405,22 @@ def _set_pixels(ds: Dataset, pixels: np.ndarray) -> None:
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
 
 
+def _set_plane(
+    ds: Dataset, grid: Grid, index: int, frame_uid: str, image_type: Sequence[str], *, instance_number: int
+) -> None:
+    """Image type, Frame of Reference (PS3.3 C.7.4.1) and Image Plane (C.7.6.2) attributes of
+    slice ``index`` of ``grid``, shared by the single-frame CT and MR images."""
+    ds.ImageType = list(image_type)
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.InstanceNumber = instance_number
+    ds.AcquisitionNumber = 1
+    ds.ImagePositionPatient = _fmt(grid.positions[index])
+    ds.ImageOrientationPatient = _fmt(grid.orientation)
+    ds.PixelSpacing = _fmt(grid.pixel_spacing)
+    ds.SliceLocation = f"{float(np.dot(grid.positions[index], grid.normal)):.6g}"
+
+
 _VENDORS = {
     "ct": {"manufacturer": "Philips", "model": "Ingenuity CT", "software": "4.1.5", "station": "CT1"},
     "GE": {"manufacturer": "GE MEDICAL SYSTEMS", "model": "DISCOVERY MR750", "software": "27", "station": "MR1"},
@@ -454,18 +470,10 @@ def ct_datasets(
         ds = _base_dataset(
             sop_class=CT_IMAGE_STORAGE, sop_uid=sop_uid, patient=patient, study=study, series=vendor, modality="CT"
         )
-        ds.ImageType = list(image_type)
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.InstanceNumber = index + 1
-        ds.AcquisitionNumber = 1
-        ds.ImagePositionPatient = _fmt(grid.positions[index])
-        ds.ImageOrientationPatient = _fmt(grid.orientation)
-        ds.PixelSpacing = _fmt(grid.pixel_spacing)
+        _set_plane(ds, grid, index, frame_uid, image_type, instance_number=index + 1)
         ds.SliceThickness = f"{slice_thickness if slice_thickness is not None else (spacing or 5.0):.6g}"
         if spacing:
             ds.SpacingBetweenSlices = f"{spacing:.6g}"
-        ds.SliceLocation = f"{float(np.dot(grid.positions[index], grid.normal)):.6g}"
         ds.KVP = "120"
         ds.XRayTubeCurrent = 300
         ds.ConvolutionKernel = "UB"
@@ -934,17 +942,9 @@ def mr_datasets(
                 sop_class=MR_IMAGE_STORAGE, sop_uid=_uid(series_uid, number), patient=patient, study=study,
                 series=info, modality="MR",
             )
-            ds.ImageType = list(image_type)
-            ds.FrameOfReferenceUID = frame_uid
-            ds.PositionReferenceIndicator = ""
-            ds.InstanceNumber = number
-            ds.AcquisitionNumber = 1
-            ds.ImagePositionPatient = _fmt(grid.positions[index])
-            ds.ImageOrientationPatient = _fmt(grid.orientation)
-            ds.PixelSpacing = _fmt(grid.pixel_spacing)
+            _set_plane(ds, grid, index, frame_uid, image_type, instance_number=number)
             ds.SliceThickness = f"{spacing:.6g}"
             ds.SpacingBetweenSlices = f"{spacing:.6g}"
-            ds.SliceLocation = f"{float(np.dot(grid.positions[index], grid.normal)):.6g}"
             ds.ScanningSequence = "EP" if contrast in ("dwi", "adc") else "SE\\IR" if contrast == "flair" else "SE"
             ds.SequenceVariant = "SK\\SP"
             ds.ScanOptions = ""
