@@ -110,9 +110,16 @@ def wait_for_text(page: Any, text: str, timeout_s: float = 60.0) -> None:
     page.get_by_text(text, exact=False).first.wait_for(state="visible", timeout=timeout_s * 1000)
 
 
-def svg_texts(page: Any) -> list[str]:
-    """Text drawn by Cornerstone's SVG annotation layer (measurement labels)."""
-    return [t.strip() for t in page.eval_on_selector_all("svg text", "els => els.map(e => e.textContent)") if t.strip()]
+def svg_texts(page: Any, timeout_s: float = 20.0) -> list[str]:
+    """Text drawn by Cornerstone's SVG annotation layer (measurement labels).
+
+    Fails, rather than waiting for ever, when the page's script thread is stuck.
+    """
+    handle = page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('svg text')).map(e => e.textContent)",
+        timeout=timeout_s * 1000,
+    )
+    return [t.strip() for t in handle.json_value() if t and t.strip()]
 
 
 def coloured_fraction(png: bytes) -> float:
