@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
@@ -24,6 +24,9 @@ import yaml
 from dicom_node.settings import Settings, load_settings
 from tests.archives import free_port  # noqa: F401 - one definition, re-exported for tests importing it from here
 from tests.peers import dcmtk, postgres_url  # noqa: F401 - fixtures shared with every test module
+
+if TYPE_CHECKING:
+    from dicom_node.lifecycle import Lifecycle, StudyState
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -53,6 +56,20 @@ def require_shared_data(*parts: str) -> Path:
 def shared_data() -> Path:
     """The real DICOM test data folder (fails when missing)."""
     return require_shared_data()
+
+
+def wait_study_state(
+    lifecycle: Lifecycle, study_uid: str, wanted: set[StudyState], timeout_s: float = 30.0, poll_s: float = 0.1
+) -> StudyState:
+    """Poll a study's lifecycle state until it is one of ``wanted`` (returned); fail the test with the
+    state it stayed in when ``timeout_s`` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = lifecycle.state_of(study_uid)
+        if state in wanted:
+            return state
+        time.sleep(poll_s)
+    raise AssertionError(f"study {study_uid} stayed {lifecycle.state_of(study_uid)}")
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from dicom_node.scu import COMPREHENSIVE_3D_SR, COMPREHENSIVE_SR
 from dicom_node.settings import Settings, load_settings
 from inference.result import AttentionPeak, AttentionSlice, ModelInfo, Prediction, SourceInstance
 from tests.archives import SC_STORAGE, StorescpArchive, free_port
+from tests.conftest import wait_study_state
 from tests.factory import Study, write_ct_stroke_study
 
 SOURCE_AE = "MODALITY"
@@ -111,16 +112,6 @@ def _analysed(lifecycle: Lifecycle, study_uid: str) -> None:
     lifecycle.finish(study_uid, StudyState.ANALYSED)
 
 
-def _wait_state(lifecycle: Lifecycle, study_uid: str, states: set[StudyState], timeout_s: float = 30) -> StudyState:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        state = lifecycle.state_of(study_uid)
-        if state in states:
-            return state
-        time.sleep(0.1)
-    raise AssertionError(f"study {study_uid} stayed {lifecycle.state_of(study_uid)}")
-
-
 @pytest.fixture
 def setup(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Setup]:
     options = dict(getattr(request, "param", {}))
@@ -146,8 +137,8 @@ def test_prediction_reaches_the_archive_and_the_study_is_delivered(setup: Setup)
     kinds = sorted(f.kind for f in report.files)
     assert kinds == ["pdf"] + ["sc"] * 5 + ["sr"]
     assert all(f.path.is_file() and f.path.is_relative_to(setup.settings.storage.results_dir) for f in report.files)
-    assert _wait_state(setup.lifecycle, study_uid, {StudyState.DELIVERED, StudyState.PARTLY_DELIVERED,
-                                                    StudyState.DEAD_LETTERED}) is StudyState.DELIVERED
+    assert wait_study_state(setup.lifecycle, study_uid, {StudyState.DELIVERED, StudyState.PARTLY_DELIVERED,
+                                                         StudyState.DEAD_LETTERED}) is StudyState.DELIVERED
     received = {dcmread(p).SOPInstanceUID: dcmread(p) for p in setup.archive.received_files()}
     assert set(received) == {f.sop_instance_uid for f in report.files}
     assert {ds.StudyInstanceUID for ds in received.values()} == {study_uid}
@@ -162,9 +153,9 @@ def test_rerun_sr_names_the_one_it_supersedes(setup: Setup) -> None:
     study_uid = setup.study.study_uid
     _analysed(setup.lifecycle, study_uid)
     first = setup.delivery.on_result(study_uid, _prediction(setup.study))
-    _wait_state(setup.lifecycle, study_uid, {StudyState.DELIVERED})
+    wait_study_state(setup.lifecycle, study_uid, {StudyState.DELIVERED})
     second = setup.delivery.on_result(study_uid, _prediction(setup.study))
-    _wait_state(setup.lifecycle, study_uid, {StudyState.DELIVERED})
+    wait_study_state(setup.lifecycle, study_uid, {StudyState.DELIVERED})
     first_sr = next(f for f in first.files if f.kind == "sr")
     second_sr = next(f for f in second.files if f.kind == "sr")
     assert second_sr.sop_instance_uid != first_sr.sop_instance_uid
@@ -200,10 +191,10 @@ def test_resend_command_requeues_with_the_same_uids(setup: Setup, capsys: pytest
     study_uid = setup.study.study_uid
     _analysed(setup.lifecycle, study_uid)
     report = setup.delivery.on_result(study_uid, _prediction(setup.study))
-    _wait_state(setup.lifecycle, study_uid, {StudyState.DELIVERED})
+    wait_study_state(setup.lifecycle, study_uid, {StudyState.DELIVERED})
     assert resend.run(Namespace(study=study_uid), setup.settings) == 0
     assert "queued again" in capsys.readouterr().out
-    _wait_state(setup.lifecycle, study_uid, {StudyState.DELIVERED})
+    wait_study_state(setup.lifecycle, study_uid, {StudyState.DELIVERED})
     with setup.node.session_factory() as session:
         states = [e.state for e in session.query(StudyEvent).order_by(StudyEvent.id)]
     assert states[-4:] == ["reporting", "delivered", "reporting", "delivered"]
@@ -219,7 +210,7 @@ def test_archive_without_3d_sr_gets_a_valid_comprehensive_sr(setup: Setup, tmp_p
     study_uid = setup.study.study_uid
     _analysed(setup.lifecycle, study_uid)
     report = setup.delivery.on_result(study_uid, _prediction(setup.study))
-    assert _wait_state(setup.lifecycle, study_uid, {StudyState.DELIVERED}) is StudyState.DELIVERED
+    assert wait_study_state(setup.lifecycle, study_uid, {StudyState.DELIVERED}) is StudyState.DELIVERED
     (row,) = [r for r in setup.delivery.outbox.rows(study_uid) if r.kind == "sr"]
     assert row.sop_class_uid == COMPREHENSIVE_3D_SR and row.sent_sop_class_uid == COMPREHENSIVE_SR
     assert row.sent_sop_instance_uid not in (None, row.sop_instance_uid)
@@ -250,7 +241,7 @@ def test_not_analysed_study_gets_an_sr_saying_why(setup: Setup) -> None:
     setup.lifecycle.finish(study_uid, StudyState.NOT_ANALYSED, "no CTA series")
     report = setup.delivery.on_result(study_uid, NotAnalysed(reason="no CTA series", pipeline="CT"))
     assert [f.kind for f in report.files] == ["sr"]
-    assert _wait_state(setup.lifecycle, study_uid, {StudyState.DELIVERED}) is StudyState.DELIVERED
+    assert wait_study_state(setup.lifecycle, study_uid, {StudyState.DELIVERED}) is StudyState.DELIVERED
     (received,) = setup.archive.received_files()
     sr = dcmread(received)
     assert sr.StudyInstanceUID == study_uid and sr.PatientID == setup.study.patient.patient_id

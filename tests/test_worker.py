@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from inference.model.checkpoint import ModelCard, save_checkpoint
 from inference.model.res25 import Res25, Res25Config, seeded_init_
 from inference.recipe import DEFAULT_RECIPE
 from inference.result import NotAnalysed, Prediction
-from tests.conftest import SettingsFactory
+from tests.conftest import SettingsFactory, wait_study_state
 from tests.factory import Study, write_ct_stroke_study
 from tests.peers import send_datasets
 
@@ -63,13 +62,7 @@ def _send(node: Node, study: Study) -> None:
 
 
 def _wait_state(node: Node, study_uid: str, wanted: set[StudyState], timeout_s: float = 60.0) -> StudyState:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        state = node.lifecycle.state_of(study_uid)
-        if state in wanted:
-            return state
-        time.sleep(0.2)
-    raise AssertionError(f"study {study_uid} stayed {node.lifecycle.state_of(study_uid)}")
+    return wait_study_state(node.lifecycle, study_uid, wanted, timeout_s=timeout_s, poll_s=0.2)
 
 
 def _today_study(folder: Path, **kwargs: Any) -> Study:
