@@ -521,11 +521,7 @@ def dose_report_dataset(*, patient: Patient, study: dict[str, str], series_uid: 
     ds.VerificationFlag = "UNVERIFIED"
     ds.ValueType = "CONTAINER"
     ds.ContinuityOfContent = "SEPARATE"
-    concept = Dataset()
-    concept.CodeValue = "113701"
-    concept.CodingSchemeDesignator = "DCM"
-    concept.CodeMeaning = "X-Ray Radiation Dose Report"
-    ds.ConceptNameCodeSequence = DicomSequence([concept])
+    ds.ConceptNameCodeSequence = DicomSequence([_code("113701", "DCM", "X-Ray Radiation Dose Report")])
     template = Dataset()
     template.MappingResource = "DCMR"
     template.TemplateIdentifier = "10011"
@@ -533,18 +529,10 @@ def dose_report_dataset(*, patient: Patient, study: dict[str, str], series_uid: 
     item = Dataset()
     item.RelationshipType = "CONTAINS"
     item.ValueType = "NUM"
-    name = Dataset()
-    name.CodeValue = "113813"
-    name.CodingSchemeDesignator = "DCM"
-    name.CodeMeaning = "CT Dose Length Product Total"
-    item.ConceptNameCodeSequence = DicomSequence([name])
+    item.ConceptNameCodeSequence = DicomSequence([_code("113813", "DCM", "CT Dose Length Product Total")])
     measured = Dataset()
     measured.NumericValue = "812.5"
-    unit = Dataset()
-    unit.CodeValue = "mGy.cm"
-    unit.CodingSchemeDesignator = "UCUM"
-    unit.CodeMeaning = "mGy.cm"
-    measured.MeasurementUnitsCodeSequence = DicomSequence([unit])
+    measured.MeasurementUnitsCodeSequence = DicomSequence([_code("mGy.cm", "UCUM", "mGy.cm")])
     item.MeasuredValueSequence = DicomSequence([measured])
     ds.ContentSequence = DicomSequence([item])
     return ds
