@@ -99,19 +99,12 @@ def with_search_path(url: str, schema: str) -> str:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL URL pointing at a fresh, empty schema for this test session (dropped after)."""
-    from sqlalchemy import create_engine, text
-
     base = postgres_base_url()
-    schema = f"h1_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url, schema = fresh_postgres_schema(base)
     try:
-        yield with_search_path(base, schema)
+        yield url
     finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+        drop_postgres_schema(base, schema)
 
 
 def fresh_postgres_schema(base: str) -> tuple[str, str]:
