@@ -40,6 +40,7 @@ from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any
 
+from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -179,8 +180,9 @@ class Analyst:
                 session, job.study_uid, self.settings.storage.data_dir, self.settings.inference.case_window_h
             )
         load_started = time.perf_counter()
-        own_headers = read_series_headers(files.own)
-        related_headers = read_series_headers(files.related) if files.related else []
+        datasets: dict[Path, Dataset] = {}  # each file parsed once; pixels decoded later from these
+        own_headers = read_series_headers(files.own, datasets)
+        related_headers = read_series_headers(files.related, datasets) if files.related else []
         load_s = time.perf_counter() - load_started
         if not own_headers:
             return self._finish(job, StudyState.NOT_ANALYSED, NotAnalysed("no DICOM image of the study is on disk"), None)
@@ -188,7 +190,7 @@ class Analyst:
         decision = check_study(own_headers, self.eligibility, calling_ae_title=files.calling_ae, now=arrival_local)
         if not decision.eligible:
             return self._finish(job, StudyState.NOT_ELIGIBLE, NotAnalysed(decision.reason), None)
-        case = case_from_headers(own_headers + related_headers, self.selector, load_s=load_s)
+        case = case_from_headers(own_headers + related_headers, self.selector, load_s=load_s, datasets=datasets)
         if isinstance(case, NotAnalysed):
             return self._finish(job, StudyState.NOT_ANALYSED, case, None)
         primary_study = self._primary_study(case)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,9 @@ from torch import Tensor
 
 from inference.model.res25 import Res25, Res25Output
 from inference.model.runtime import autocast
+
+if TYPE_CHECKING:  # the ensemble module imports the checkpoint module, which imports runtime
+    from inference.model.ensemble import Res25Ensemble
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +85,7 @@ class Peak:
     outline: tuple[tuple[float, float], ...]
 
 
-def grad_cam(model: Res25, volumes: Tensor, target_sign: Tensor | float | None = None,
+def grad_cam(model: Res25 | Res25Ensemble, volumes: Tensor, target_sign: Tensor | float | None = None,
              precision: str = "fp32") -> tuple[Res25Output, Tensor]:
     """Forward pass plus Grad-CAM of the last convolutional stage.
 
@@ -109,7 +114,7 @@ def grad_cam(model: Res25, volumes: Tensor, target_sign: Tensor | float | None =
     return grad_cam_from_features(model, feature_maps, volumes.shape[0], target_sign)
 
 
-def grad_cam_from_features(model: Res25, feature_maps: Tensor, batch: int,
+def grad_cam_from_features(model: Res25 | Res25Ensemble, feature_maps: Tensor, batch: int,
                            target_sign: Tensor | float | None = None) -> tuple[Res25Output, Tensor]:
     """Grad-CAM from ``layer4`` maps a forward pass already computed: only the head runs again.
 
@@ -171,7 +176,7 @@ def combine(slice_weights: NDArray[np.floating], cam: NDArray[np.floating], shap
     return (heat / top).astype(np.float32) if top > 0 else np.zeros_like(heat, dtype=np.float32)
 
 
-def attention_map(model: Res25, volume: Tensor, target_sign: float | None = None,
+def attention_map(model: Res25 | Res25Ensemble, volume: Tensor, target_sign: float | None = None,
                   precision: str = "fp32") -> tuple[Res25Output, AttentionMap]:
     """Outputs and the combined attention map of ONE case ``(1, C, n_slices, H, W)``."""
     if volume.dim() != 5 or volume.shape[0] != 1:
@@ -180,7 +185,7 @@ def attention_map(model: Res25, volume: Tensor, target_sign: float | None = None
     return out, _combined(out, cam, target_sign, (volume.shape[3], volume.shape[4]))
 
 
-def attention_from_features(model: Res25, features: Tensor, shape: tuple[int, int],
+def attention_from_features(model: Res25 | Res25Ensemble, features: Tensor, shape: tuple[int, int],
                             target_sign: float | None = None) -> tuple[Res25Output, AttentionMap]:
     """Outputs of the head and the combined attention map of ONE case from its ``layer4`` maps.
 

@@ -75,9 +75,10 @@ def load_plan_volumes(
     VolumeError
         Naming the role whose series cannot make a sound volume.
     """
-    files = case_files(plan, headers)
+    listed = case_files(plan, headers)
+    files: dict[str, tuple[tuple[Path | Dataset, ...], str, float | None]] = dict(listed)
     if datasets is not None:
-        files = {role: (_kept(paths, datasets), derivation, b) for role, (paths, derivation, b) in files.items()}
+        files = {role: (_kept(paths, datasets), derivation, b) for role, (paths, derivation, b) in listed.items()}
     timings = {"decode": 0.0, "volume": 0.0}
     volumes: dict[Role, RoleVolume] = {}
     warnings: list[str] = list(plan.warnings)

@@ -132,15 +132,7 @@ def _instance_number(study: Any, sop_instance_uid: str) -> int:
     raise AssertionError(f"source instance {sop_instance_uid} is not in the study sent")
 
 
-MR_OUTLINE_NOT_DRAWN = (
-    "OHIF 3.13 opens the MR SR on the right DWI slice but draws no outline or label there "
-    "(the CT SR, built by the same code, is drawn); under investigation"
-)
-
-
-@pytest.mark.parametrize(
-    "kind", ["CT", pytest.param("MR", marks=pytest.mark.xfail(reason=MR_OUTLINE_NOT_DRAWN, strict=False))]
-)
+@pytest.mark.parametrize("kind", ["CT", "MR"])
 def test_radiologist_sees_results_in_ohif(kind: str, tmp_path: Path, orthanc_node_viewer: tuple[OrthancDicomWeb, Any, str]) -> None:
     orthanc, node, viewer_url = orthanc_node_viewer
     study = _write_study(kind, tmp_path / f"study_{kind}")
@@ -163,7 +155,11 @@ def test_radiologist_sees_results_in_ohif(kind: str, tmp_path: Path, orthanc_nod
 
         # Opening the SR draws the peak outline on its source slice, labelled with the value.
         _open_series(page, SR_DESCRIPTION)
-        texts = _wait_for_svg_label(page, "first pass effect")
+        texts = _wait_for_svg_label(page, "first pass effect", timeout_s=90.0)
+        if not any("first pass effect" in t.lower() for t in texts):
+            # A slow software renderer can miss the first hydration; open the SR once more.
+            _open_series(page, SR_DESCRIPTION)
+            texts = _wait_for_svg_label(page, "first pass effect", timeout_s=90.0)
         page.screenshot(path=str(SCREENSHOTS / f"{kind}_sr.png"))
         label = next((t for t in texts if "first pass effect" in t.lower()), None)
         assert label is not None, f"no measurement label drawn over the slice; SVG text: {texts}"

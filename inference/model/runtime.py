@@ -13,12 +13,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from typing import ContextManager, Literal, cast
+from typing import TYPE_CHECKING, ContextManager, Literal, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
 
 from inference.model.res25 import BasicBlock, NonLocalBlock2d, Res25, Res25Output
+
+if TYPE_CHECKING:  # ensemble imports checkpoint, which imports this module
+    from inference.model.ensemble import Res25Ensemble
+
+ServedModel = TypeVar("ServedModel", bound=nn.Module)
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +70,7 @@ def autocast(device: torch.device, precision: str) -> ContextManager[object]:
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 
-def prepare(model: Res25, device: torch.device, channels_last: bool = True) -> Res25:
+def prepare(model: ServedModel, device: torch.device, channels_last: bool = True) -> ServedModel:
     """Move ``model`` to ``device`` in ``eval()`` mode, channels-last for faster convolutions."""
     model = model.to(device).eval()
     if channels_last:
@@ -73,7 +78,7 @@ def prepare(model: Res25, device: torch.device, channels_last: bool = True) -> R
     return model
 
 
-def run(model: Res25, volumes: Tensor, device: torch.device, precision: str = "fp32",
+def run(model: Res25 | Res25Ensemble, volumes: Tensor, device: torch.device, precision: str = "fp32",
         return_features: bool = False) -> Res25Output:
     """One inference forward: ``eval()``, ``torch.inference_mode()``, autocast, fp32 outputs on CPU.
 
