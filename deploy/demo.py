@@ -13,6 +13,7 @@ The study is synthetic (a phantom head) and the weights are untrained: the resul
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import io
 import shutil
 import signal
@@ -114,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         viewer = ViewerServer(OHIF_DIST, orthanc.url, args.viewer_port).start()
 
+        # Acquired a few minutes ago: eligibility turns away older studies (a PACS's prefetched priors).
+        acquired = dt.datetime.now() - dt.timedelta(minutes=5)
         study = write_ct_stroke_study(args.workdir / "study", rows=128, thin_slices=60, with_thick=False,
-                                      with_reformats=False, with_mips=False, seed=7)
+                                      with_reformats=False, with_mips=False, seed=7,
+                                      study_date=acquired.strftime("%Y%m%d"), study_time=acquired.strftime("%H%M%S"))
         print(f"sending a synthetic CT stroke study ({len(study.paths())} images) Orthanc -> fpe-node ...", flush=True)
         orthanc.upload(study.paths())
         time.sleep(1.0)
