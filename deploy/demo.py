@@ -17,6 +17,7 @@ import datetime as dt
 import io
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,6 +60,20 @@ def _node_config(workdir: Path, node_port: int, orthanc: OrthancDicomWeb) -> Pat
     path = workdir / "fpe-node-demo.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+def _wait_until_listening(port: int, node: subprocess.Popen[bytes], timeout_s: float = 180.0) -> None:
+    """Wait until fpe-node accepts TCP connections (start-up migrates the index and loads libraries)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if node.poll() is not None:
+            raise RuntimeError("fpe-node serve stopped during start-up; see its log")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"fpe-node did not listen on port {port} within {timeout_s:.0f} s")
 
 
 def _wait_for_results(orthanc: OrthancDicomWeb, study_uid: str, node: subprocess.Popen[bytes]) -> list[str]:
@@ -114,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
         )
         viewer = ViewerServer(OHIF_DIST, orthanc.url, args.viewer_port).start()
+        _wait_until_listening(node_port, node)
 
         # Acquired a few minutes ago: eligibility turns away older studies (a PACS's prefetched priors).
         acquired = dt.datetime.now() - dt.timedelta(minutes=5)
