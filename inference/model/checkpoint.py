@@ -233,6 +233,19 @@ def weights_sha256(state_dict: Mapping[str, Tensor]) -> str:
 # Node format
 
 
+def write_payload(payload: Mapping[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(dict(payload), handle)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(path: Path, model: Res25, card: ModelCard) -> ModelCard:
     """Write ``model`` and ``card`` (with the weights' SHA-256 filled in) to ``path`` atomically.
 
@@ -244,15 +257,7 @@ def save_checkpoint(path: Path, model: Res25, card: ModelCard) -> ModelCard:
     card = replace(card, weights_sha256=weights_sha256(state))
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "card": card.to_dict(), "state_dict": state}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_payload(payload, path)
     logger.info("saved checkpoint %s (model %s %s, sha256 %s)", path.name, card.name, card.version, card.weights_sha256[:12])
     return card
 

@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -67,6 +65,7 @@ from inference.model.checkpoint import (
     load_checkpoint,
     read_payload,
     weights_sha256,
+    write_payload,
 )
 from inference.model.res25 import Res25, Res25Config, Res25Output
 
@@ -227,15 +226,7 @@ def save_ensemble(path: Path, member_checkpoints: Sequence[Path], card: Ensemble
         hashes.append(loaded.card.weights_sha256)
     card = replace(card, members_sha256=tuple(hashes))
     payload = {"format": ENSEMBLE_FORMAT, "format_version": ENSEMBLE_FORMAT_VERSION, "card": card.to_dict(), "members": members}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_payload(payload, path)
     logger.info("saved ensemble %s (%d members, model %s %s)", path.name, len(members), card.name, card.version)
     return card
 
