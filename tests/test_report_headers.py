@@ -142,3 +142,20 @@ def test_a_source_without_its_study_uid_is_refused_by_name(ct_sources: list[Data
     del source.StudyInstanceUID
     with pytest.raises(ValueError, match="StudyInstanceUID"):
         source_header(source)
+
+
+def test_real_scanner_headers_de_identified_further(shared_data: Path, tmp_path: Path) -> None:
+    """Real Philips CT and Canon MR headers (no Specific Character Set) with PatientBirthDate,
+    PatientSex and StudyID removed, as de-identification tools do: the not-analysed SR is valid."""
+    for folder in ("ct_philips_headphantom_1mm", "mr_canon_galan_dti/enhanced"):
+        first = min(path for path in (shared_data / folder).iterdir() if path.is_file())
+        source = pydicom.dcmread(first, stop_before_pixels=True)
+        for keyword in ("PatientBirthDate", "PatientSex", "StudyID"):
+            source.pop(keyword, None)
+        sr = build_sr(NotAnalysed(reason="No usable series", pipeline="CT"), [source], UIDS, CONTEXT)
+        path = tmp_path / f"{first.parent.name}.dcm"
+        sr.save_as(path, enforce_file_format=True)
+        assert not dciodvfy_errors(path), dciodvfy_output(path)
+        back = read_strict(path)
+        assert back.PatientBirthDate == "" and back.PatientSex == "" and back.StudyID == ""
+        assert back.StudyInstanceUID == source.StudyInstanceUID and back.PatientID == source.PatientID
