@@ -17,7 +17,8 @@ forbids. :func:`source_header` turns such a header into one every builder can us
   that does not parse is written empty, a Patient Sex other than M, F or O is written empty
   (PS3.3 C.7.1.1 defined terms);
 * a Specific Character Set that names an unknown term is dropped; values are held decoded,
-  so :func:`reports.sr.declare_character_set` then declares UTF-8 if any is non-ASCII.
+  so :func:`reports.sr.declare_character_set` then declares UTF-8 if any is non-ASCII;
+* an element pydicom cannot decode at all is left out (a type 2 one is then written empty).
 
 highdicom reads these attributes with attribute access (``evidence[0].PatientBirthDate``)
 and copies modules by the source's SOP class; the builders hand it the normalised header and
@@ -149,8 +150,13 @@ def source_header(dataset: Dataset) -> Dataset:
     for keyword in REQUIRED_UIDS:
         required_uid(dataset, keyword)
     header = Dataset()
-    for element in dataset:
-        if element.tag.group == _PIXEL_GROUP:
+    for tag in list(dataset.keys()):
+        if tag.group == _PIXEL_GROUP:
+            continue
+        try:
+            element = dataset[tag]
+        except Exception as exc:  # noqa: BLE001 - a value pydicom cannot decode is left out (type 2: empty)
+            logger.debug("source element %s not decodable (%s): left out of the results", tag, type(exc).__name__)
             continue
         header.add(_writable(element) if element.keyword in _KEYWORDS else element)
     for keyword in TYPE2_ATTRIBUTES:
