@@ -159,3 +159,21 @@ def test_real_scanner_headers_de_identified_further(shared_data: Path, tmp_path:
         back = read_strict(path)
         assert back.PatientBirthDate == "" and back.PatientSex == "" and back.StudyID == ""
         assert back.StudyInstanceUID == source.StudyInstanceUID and back.PatientID == source.PatientID
+
+
+def test_an_element_pydicom_cannot_decode_is_left_out(ct_sources: list[Dataset], tmp_path: Path) -> None:
+    """A US value of odd length (a broken writer) in the source does not stop the SR."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.errors import BytesLengthException
+    from pydicom.tag import Tag
+
+    source = copy.deepcopy(ct_sources[0])
+    broken = Tag(0x0018, 0x1170)  # Generator Power, US; three bytes cannot be decoded
+    source._dict[broken] = RawDataElement(broken, "US", 3, b"\x01\x00\x02", 0, False, True)
+    with pytest.raises(BytesLengthException):
+        source[broken]
+    sr = build_sr(NotAnalysed(reason="No usable series", pipeline="CT"), [source], UIDS, CONTEXT)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert not dciodvfy_errors(path), dciodvfy_output(path)
+    assert read_strict(path).PatientID == source.PatientID
