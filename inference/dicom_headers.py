@@ -383,9 +383,47 @@ def read_instance_header(
     except (RecursionError, ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
         _dropped(problems, _file_sop_uid(path), f"inconsistent header ({type(exc).__name__})")
         return None
+    problem = pixel_data_problem(ds, path) if datasets is not None else None
+    if problem is not None:
+        _dropped(problems, header.sop_instance_uid, problem)
+        return None
     if datasets is not None:
         datasets[path] = ds
     return header
+
+
+def pixel_data_problem(ds: Dataset, path: Path) -> str | None:
+    """Why the (deferred) Pixel Data (7FE0,0010) of ``ds`` read from ``path`` cannot be whole, or None.
+
+    Checked without reading the pixels: the value must end inside the file, and native
+    (uncompressed) pixel data must hold Rows x Columns x Samples per Pixel x Number of Frames
+    x Bits Allocated / 8 bytes (PS3.5 8.1.1; encapsulated data are checked when decoded).
+    """
+    element = ds.get_item(0x7FE00010, keep_deferred=True)
+    length = getattr(element, "length", None)
+    offset = getattr(element, "value_tell", None)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if element is None or length is None or offset is None or length == 0xFFFFFFFF:
+        return None
+    if syntax is not None and syntax.is_deflated:  # offsets are in the inflated stream, not the file
+        return None
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"file unreadable ({type(exc).__name__})"
+    if offset + length > size:
+        return f"pixel data truncated ({offset + length - size} of {length} bytes missing)"
+    if syntax is None or syntax.is_compressed:
+        return None
+    try:
+        bits = int(ds.BitsAllocated)
+        values = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return "pixel data without a valid Rows, Columns or Bits Allocated"
+    expected = (values * bits + 7) // 8
+    if length < expected:
+        return f"pixel data of {length} bytes where Rows x Columns x frames need {expected}"
+    return None
 
 
 def _dropped(problems: list[str] | None, sop_uid: str, why: str) -> None:

@@ -1347,6 +1347,49 @@ def write_vendor_dwi(
     return study
 
 
+# --------------------------------------------------------------------------- broken copies of good files
+
+_PLACEHOLDER = "NESTING-PLACEHOLDER"
+
+
+def write_deeply_nested_copy(source: Path, target: Path, *, depth: int = 1000, sop_uid: str | None = None) -> str:
+    """Copy ``source`` (Explicit VR Little Endian) to ``target`` under a new SOP Instance UID with
+    a Request Attributes Sequence (0040,0275) nested ``depth`` deep, every sequence and item of
+    undefined length (PS3.5 7.5.1), written byte by byte. Returns the new SOP Instance UID."""
+    import pydicom
+
+    ds = pydicom.dcmread(source)
+    uid = sop_uid or str(_uid("nested", source.name, depth))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.add_new(0x00400275, "LO", _PLACEHOLDER)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=True)
+    encoded = _PLACEHOLDER.encode("ascii") + (b" " if len(_PLACEHOLDER) % 2 else b"")
+    element = struct.pack("<HH", 0x0040, 0x0275) + b"LO" + struct.pack("<H", len(encoded)) + encoded
+    opening = struct.pack("<HH", 0x0040, 0x0275) + b"SQ\x00\x00" + b"\xff" * 4 + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    closing = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    raw = target.read_bytes()
+    assert raw.count(element) == 1
+    target.write_bytes(raw.replace(element, opening * depth + closing * depth))
+    return uid
+
+
+def write_truncated_copy(source: Path, target: Path, *, missing_bytes: int = 100, sop_uid: str | None = None) -> str:
+    """Copy ``source`` to ``target`` under a new SOP Instance UID with the file cut
+    ``missing_bytes`` short, inside its pixel data (a transfer that stopped). Returns the UID."""
+    import pydicom
+
+    ds = pydicom.dcmread(source)
+    uid = sop_uid or str(_uid("truncated", source.name, missing_bytes))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=True)
+    raw = target.read_bytes()
+    target.write_bytes(raw[:-missing_bytes])
+    return uid
+
+
 # --------------------------------------------------------------------------- never-chosen extras
 
 
