@@ -690,6 +690,23 @@ def _b_values_filled(planes: Sequence[Plane], series_uid: str) -> tuple[list[Pla
     return filled, f"{len(missing)} image(s) without a b-value taken as b0 ({B0_WITHOUT_B_VALUE})"
 
 
+def _position_key(plane: Plane) -> tuple[float, ...]:
+    return tuple(round(v, 2) for v in plane.header.position or ())
+
+
+def _single_trace_b_values(planes: Sequence[Plane]) -> set[float]:
+    """The b-values whose trace-flagged planes hold one image per position (a scanner's trace).
+
+    Several flagged images at one position (e.g. directions whose gradient was written as
+    (0,0,0)) are no single trace: they stay with the directions, told apart by order.
+    """
+    positions: dict[float, list[tuple[float, ...]]] = defaultdict(list)
+    for plane in planes:
+        if plane.header.is_trace:
+            positions[float(round(plane.header.b_value))].append(_position_key(plane))  # type: ignore[arg-type]
+    return {b for b, keys in positions.items() if len(set(keys)) == len(keys)}
+
+
 def load_diffusion(paths: Iterable[Path | Dataset], *, min_coverage_mm: float = DEFAULT_MIN_COVERAGE_MM) -> DiffusionSeries:
     """Split a diffusion series by b-value and gradient direction into volumes.
 
@@ -712,12 +729,13 @@ def load_diffusion(paths: Iterable[Path | Dataset], *, min_coverage_mm: float = 
     groups: dict[float, dict[tuple[float, ...], list[Plane]]] = defaultdict(lambda: defaultdict(list))
     trace_planes: dict[float, list[Plane]] = defaultdict(list)
     seen: dict[tuple[float, tuple[float, ...]], int] = defaultdict(int)
+    trace_b = _single_trace_b_values(planes)
     for plane in planes:
         b = float(round(plane.header.b_value))  # type: ignore[arg-type]
-        if plane.header.is_trace:
+        if plane.header.is_trace and b in trace_b:
             trace_planes[b].append(plane)
             continue
-        position = tuple(round(v, 2) for v in plane.header.position or ())
+        position = _position_key(plane)
         occurrence = seen[(b, position)]
         seen[(b, position)] += 1
         groups[b][_direction_key(plane, occurrence)].append(plane)

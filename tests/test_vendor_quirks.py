@@ -156,3 +156,14 @@ def test_real_siemens_enhanced_tracew_frames_marked() -> None:
     (path,) = sorted(folder.iterdir())
     frames = instance_header(pydicom.dcmread(path, stop_before_pixels=True)).frames
     assert all(f.is_trace and f.b_value == 2500.0 for f in frames)
+
+
+def test_directions_written_with_a_zero_gradient_are_not_taken_for_a_trace(tmp_path: Path) -> None:
+    study = factory.write_vendor_dwi(tmp_path, vendor="philips", public_b=True, with_trace=False, trace_mark=False)
+    for path in study.series["dwi"].paths:  # every b > 0 image claims a (0,0,0) gradient
+        ds = pydicom.dcmread(path)
+        ds.DiffusionGradientOrientation = [0.0, 0.0, 0.0]
+        ds.save_as(path)
+    diffusion = V.load_diffusion(study.series["dwi"].paths, min_coverage_mm=50)
+    assert not diffusion.traces and len(diffusion.by_b_value[1000.0]) == 3
+    assert "trace built as geometric mean of 3 directions at b=1000" in diffusion.trace().notes
