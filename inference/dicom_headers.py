@@ -244,7 +244,7 @@ def _enhanced_frames(ds: Dataset, sop_uid: str) -> tuple[FrameHeader, ...]:
                 pixel_spacing=_floats(measures.get("PixelSpacing") if measures else None, 2),  # type: ignore[arg-type]
                 slice_thickness=_float(measures.get("SliceThickness") if measures else None),
                 b_value=facts.b_value,
-                directionality=directionality,
+                directionality=facts.directionality,
                 gradient=facts.gradient,
                 frame_type=frame_types,
                 is_trace=facts.is_trace,
@@ -269,6 +269,7 @@ def _single_frame(ds: Dataset, sop_uid: str) -> tuple[tuple[FrameHeader, ...], s
         facts = diffusion_facts(ds, b_value=b_value, directionality=directionality, gradient=gradient,
                                 image_type=image_type)
         b_value, gradient, is_trace = facts.b_value, facts.gradient, facts.is_trace
+        directionality = facts.directionality
         source = source or facts.b_value_source
     frame = FrameHeader(
         sop_instance_uid=sop_uid,

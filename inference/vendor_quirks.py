@@ -257,6 +257,7 @@ class DiffusionFacts:
     gradient: Vector | None
     is_trace: bool
     trace_source: str | None
+    directionality: str | None  # the public value, or ISOTROPIC for a vendor-marked trace
 
 
 def _vector(values: Any) -> Vector | None:
@@ -340,7 +341,8 @@ def diffusion_facts(
     ISOTROPIC, a :data:`TRACE_MARKERS` element says so, ImageType names it
     (:data:`TRACE_IMAGE_TYPES`), or its gradient is (0, 0, 0) at b > 0 (GE, Canon, Philips).
     Derived maps (ADC, FA; :data:`DERIVED_MAP_IMAGE_TYPES`) never get a b-value from a private
-    element: their private b-value is the acquisition's, not theirs.
+    element: their private b-value is the acquisition's, not theirs. A vendor-marked trace
+    without Diffusion Directionality is given ISOTROPIC, the standard's word for it.
     """
     source: str | None = None
     if b_value is None and not DERIVED_MAP_IMAGE_TYPES.intersection(image_type):
@@ -359,4 +361,6 @@ def diffusion_facts(
             trace = trace_marker(ds, image_type)
             if trace is None and is_zero_vector(gradient):
                 trace = "gradient (0,0,0) at b > 0"
-    return DiffusionFacts(b_value, source, gradient, trace is not None, trace)
+    if trace is not None and not directionality:
+        directionality = "ISOTROPIC"  # what the standard calls the trace (PS3.3 C.8.13.5.9)
+    return DiffusionFacts(b_value, source, gradient, trace is not None, trace, directionality)
