@@ -320,7 +320,12 @@ def vendor_gradient(ds: Dataset) -> Vector | None:
 
 
 def is_zero_vector(gradient: Vector | None) -> bool:
-    """A gradient of (0, 0, 0): on a b > 0 image, the isotropic (combined) image (dcm2niix)."""
+    """A gradient of (0, 0, 0): on a b > 0 image, the isotropic (combined) image.
+
+    dcm2niix (``nii_dicom_batch.cpp``) takes b > 0 volumes with a zero vector for "ADC or trace
+    images" and leaves them out of the directions; the Philips isotropic image
+    (mr_philips_achieva_dti_tilted) carries (0,0,0) in DiffusionGradientOrientation as well.
+    """
     return gradient is not None and all(abs(v) <= 1e-3 for v in gradient)
 
 
