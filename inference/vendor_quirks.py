@@ -71,10 +71,12 @@ def _text(raw: Any) -> str:
 def csa_elements(raw: bytes | bytearray) -> dict[str, list[str]]:
     """The elements of a Siemens CSA header (0029,1010) (``SIEMENS CSA HEADER``), name -> values.
 
-    Both layouts are read: CSA2 (starts with ``SV10``) and CSA1 (no signature). Each element has
-    a 64-byte name, VM, VR, syngo data type, item count and a check word; each item a length
-    (second of four 32-bit words) and its value padded to 4 bytes (nibabel, ``dicom/csareader``;
-    dcm2niix ``nii_dicom.cpp`` ``csaMultiFloat``). Malformed headers give what was read so far.
+    The CSA2 layout (starts with ``SV10``, syngo VB13 and later): each element has a 64-byte
+    name, VM, VR, syngo data type, item count and a check word; each item a length (second of
+    four 32-bit words) and its value padded to 4 bytes (nibabel ``nibabel/nicom/csareader.py``;
+    dcm2niix ``nii_dicom.cpp``). Older CSA1 headers (no signature) are walked with the same item
+    layout, which nibabel notes is not always exact for them. A length running past the end
+    stops the walk: malformed headers give what was read so far, never an exception.
     """
     out: dict[str, list[str]] = {}
     if not isinstance(raw, (bytes, bytearray)) or len(raw) < 16:
