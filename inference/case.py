@@ -31,7 +31,7 @@ from inference.volumes import (
     VolumeError,
     load_case_volumes,
     read_planes,
-    volume_from_planes,
+    volume_after_drops,
 )
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def load_plan_volumes(
 ) -> tuple[dict[Role, RoleVolume], tuple[str, ...], dict[str, float]]:
     """Decode and stack every role of a plan; returns volumes, warnings, ``decode``/``volume`` times.
 
-    Plain series are decoded (:func:`read_planes`) and stacked (:func:`volume_from_planes`)
+    Plain series are decoded (:func:`read_planes`) and stacked (:func:`volume_after_drops`)
     separately so the two stages are timed apart; diffusion roles (split by b-value, trace,
     ADC from b0) go through :func:`load_case_volumes` together, so a DWI series shared by the
     ``dwi`` and a computed ``adc`` role is decoded once, and their time counts as ``volume``.
@@ -91,7 +91,7 @@ def load_plan_volumes(
         try:
             planes, facts = read_planes(paths, dropped)
             decoded = time.perf_counter()
-            volume = volume_from_planes(planes, facts, min_coverage_mm=min_coverage_mm)
+            volume = volume_after_drops(planes, facts, dropped, min_coverage_mm=min_coverage_mm)
         except VolumeError as exc:
             raise type(exc)(f"{role}: {exc.reason}", exc.series_uid) from exc
         timings["decode"] += decoded - started

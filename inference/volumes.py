@@ -468,8 +468,24 @@ def load_volume(
         planes = [p for p in planes if p.header.b_value is not None and abs(p.header.b_value - b_value) <= 1.0]
         if not planes:
             raise VolumeError(f"no image at b = {b_value:g}", facts["series_uid"])
-    volume = volume_from_planes(planes, facts, min_coverage_mm=min_coverage_mm)
+    volume = volume_after_drops(planes, facts, dropped, min_coverage_mm=min_coverage_mm)
     return replace(volume, b_value=b_value, notes=(*dropped, *volume.notes))
+
+
+def volume_after_drops(
+    planes: Sequence[Plane], facts: dict[str, str], dropped: Sequence[str], *, min_coverage_mm: float
+) -> Volume:
+    """:func:`volume_from_planes` for what remains after instances were dropped by :func:`read_planes`.
+
+    When the remaining planes cannot make a sound volume the reason also names the instances
+    dropped (a missing slice is then explained by the file that could not be read).
+    """
+    try:
+        return volume_from_planes(planes, facts, min_coverage_mm=min_coverage_mm)
+    except VolumeError as exc:
+        if not dropped or isinstance(exc, InstanceError):
+            raise
+        raise type(exc)(f"{exc.reason} (after {'; '.join(dropped)})", exc.series_uid) from exc
 
 
 def volume_from_planes(planes: Sequence[Plane], facts: dict[str, str], *, min_coverage_mm: float) -> Volume:
@@ -744,12 +760,12 @@ def load_diffusion(paths: Iterable[Path | Dataset], *, min_coverage_mm: float = 
     for b, directions in sorted(groups.items()):
         volumes = []
         for key in sorted(directions):
-            volume = volume_from_planes(directions[key], facts, min_coverage_mm=min_coverage_mm)
+            volume = volume_after_drops(directions[key], facts, dropped, min_coverage_mm=min_coverage_mm)
             volumes.append(replace(volume, b_value=b, notes=(*notes, *volume.notes)))
         by_b[b] = tuple(volumes)
     traces: dict[float, Volume] = {}
     for b, stored in sorted(trace_planes.items()):
-        volume = volume_from_planes(stored, facts, min_coverage_mm=min_coverage_mm)
+        volume = volume_after_drops(stored, facts, dropped, min_coverage_mm=min_coverage_mm)
         note = f"the scanner's trace image at b={b:g} used"
         traces[b] = replace(volume, b_value=b, notes=(*notes, *volume.notes, note))
     return DiffusionSeries(by_b, traces, notes)

@@ -74,3 +74,14 @@ def test_undecodable_instance_in_a_volume_is_dropped_and_named(tmp_path: Path) -
     assert any(note.startswith("instance 2.25.4242 dropped") for note in volume.notes)
     with pytest.raises(V.VolumeError, match="no readable image"):
         V.load_volume([tmp_path / "short.dcm"], min_coverage_mm=0)
+
+
+def test_a_series_left_with_a_gap_is_refused_naming_the_dropped_instance(tmp_path: Path) -> None:
+    series = factory.write_ct_series(tmp_path, rows=32, n_slices=20)
+    middle = sorted(zip(series.positions, series.paths), key=lambda pair: pair[0][2])[10][1]
+    uid = str(pydicom.dcmread(middle).SOPInstanceUID)
+    ds = pydicom.dcmread(middle)
+    ds.PixelData = ds.PixelData[:-512]
+    ds.save_as(middle)
+    with pytest.raises(V.MissingSliceError, match=f"missing slice.*after instance {uid} dropped"):
+        V.load_volume(series.paths)
