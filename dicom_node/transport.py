@@ -62,6 +62,9 @@ REFUSAL_LOG_INTERVAL_S = 10.0
 """At most one log line per refusal reason and source address in this many seconds."""
 UNLIMITED_PDU_CAP = 64 * 1024 * 1024
 """P-DATA-TF cap when ``max_pdu`` is 0 (no maximum advertised)."""
+PENDING_POLL_S = 0.02
+"""How often the DUL of a connection not yet associated looks at its socket (pynetdicom: 1 ms);
+a flood of silent sockets then costs little CPU, and a request waits at most this long."""
 MAX_COMMAND_BYTES = 65_536
 """A DIMSE command set is a few hundred bytes (PS3.7 section 9.3); more is not a command."""
 _INFLATE_CHUNK = 1024 * 1024
@@ -323,6 +326,7 @@ class GuardedSocket(AssociationSocket):
         self._data_set_deadline: float | None = None
         self._inflater: _BoundedInflater | None = None
         self.refused = False
+        self._associated_poll_s = 0.001
         """True once this socket refused something (counted and logged)."""
 
     # -- reading ------------------------------------------------------------------------
@@ -348,6 +352,7 @@ class GuardedSocket(AssociationSocket):
         if header[0] == _A_ASSOCIATE_RQ and self.connection.pending:
             self.connection.request_received()
             self.assoc.acse_timeout = self._settings.acse_timeout_s
+            self.assoc.dul._run_loop_delay = self._associated_poll_s
         elif header[0] == _P_DATA_TF:
             refusal = self._inspect_p_data(data)
             if refusal is not None:
@@ -369,8 +374,12 @@ class GuardedSocket(AssociationSocket):
             except (TimeoutError, socket.timeout):
                 continue  # the deadline is checked again above
             except OSError:
-                return data
+                chunk = b""
             if not chunk:
+                # The peer closed: a connection that never associated gives its slot back now,
+                # not when pynetdicom's ACSE timer ends its thread.
+                if self.connection.pending:
+                    self.connection.close()
                 return data
             data.extend(chunk)
         return data
@@ -537,7 +546,10 @@ class NodeRequestHandler(RequestHandler):
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
         # Until the A-ASSOCIATE-RQ is read the ACSE (and ARTIM) timer runs on the short deadline.
         assoc.acse_timeout = self.server.door.settings.associate_rq_timeout_s
-        assoc.set_socket(GuardedSocket(assoc, cast(socket.socket, self.request), connection))
+        sock = GuardedSocket(assoc, cast(socket.socket, self.request), connection)
+        sock._associated_poll_s = assoc.dul._run_loop_delay
+        assoc.dul._run_loop_delay = PENDING_POLL_S
+        assoc.set_socket(sock)
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title
         assoc.acceptor.address_info = self.local
@@ -558,6 +570,8 @@ class NodeAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the node's admission control before every thread."""
 
     door: FrontDoor
+    request_queue_size = 256
+    """listen() backlog: socketserver's default of 5 drops a legitimate SYN behind a burst."""
 
     def __init__(self, *args: Any, door: FrontDoor, **kwargs: Any) -> None:
         self.door = door
