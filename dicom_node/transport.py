@@ -372,7 +372,12 @@ class GuardedSocket(AssociationSocket):
                 sock.settimeout(timeout)
                 chunk = sock.recv(min(nr_bytes - len(data), 65_536))
             except (TimeoutError, socket.timeout):
-                continue  # the deadline is checked again above
+                if self.connection.pending:
+                    continue  # the request deadline is checked again above
+                # Stalled in the middle of a PDU for the idle timeout: pynetdicom's own idle
+                # timer cannot end an association whose DUL thread is blocked here.
+                log.warning("connection from %s stalled inside a PDU; closed", self.connection.address)
+                return data
             except OSError:
                 chunk = b""
             if not chunk:

@@ -31,6 +31,7 @@ from dicom_node.bootstrap import Node, build_node
 from dicom_node.index.models import Instance
 from dicom_node.sop_classes import is_known_storage_class
 from dicom_node.status import Status
+from dicom_node.transport import Refusal, RefusalLog
 from tests.conftest import CT_PHILIPS, TEST_PEER, SettingsFactory, require_shared_data
 from tests.factory import PHILIPS_PRIVATE_SOP_CLASS, _study_info, default_patient, private_object_dataset, write_datasets
 from tests.peers import CT_IMAGE_STORAGE, DCMTK, tiny_ct
@@ -157,6 +158,17 @@ def refusal_lines(caplog: pytest.LogCaptureFixture, reason: str) -> list[str]:
 
 
 # -- in-process node ----------------------------------------------------------------------
+def test_refusals_are_counted_each_and_logged_once_per_reason_and_address(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node.transport")
+    refusals = RefusalLog(interval_s=3600)
+    for _ in range(3):
+        refusals.record(Refusal.RATE, "192.0.2.1", "too many")
+    refusals.record(Refusal.RATE, "192.0.2.2", "too many")
+    refusals.record(Refusal.CALLED_AE, "192.0.2.1", "wrong title")
+    assert refusals.counts == {"connection_rate": 4, "called_ae": 1}
+    assert len(refusal_lines(caplog, "connection_rate")) == 2 and len(refusal_lines(caplog, "called_ae")) == 1
+
+
 def test_called_ae_and_limit_refusals_are_logged_once_each(
     make_settings: SettingsFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
