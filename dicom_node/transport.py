@@ -31,6 +31,7 @@ into the next line).
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import struct
@@ -39,7 +40,6 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from copy import deepcopy
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -62,6 +62,10 @@ REFUSAL_LOG_INTERVAL_S = 10.0
 """At most one log line per refusal reason and source address in this many seconds."""
 UNLIMITED_PDU_CAP = 64 * 1024 * 1024
 """P-DATA-TF cap when ``max_pdu`` is 0 (no maximum advertised)."""
+GC_INTERVAL_S = 30.0
+"""pynetdicom's server runs a full ``gc.collect()`` every 60 accepted connections; in the node's
+process one takes about 0.3 s holding the GIL, so a connection flood would turn it into a
+denial of service. The node collects at most this often instead."""
 PENDING_POLL_S = 0.02
 """How often the DUL of a connection not yet associated looks at its socket (pynetdicom: 1 ms);
 a flood of silent sockets then costs little CPU, and a request waits at most this long."""
@@ -560,7 +564,10 @@ class NodeRequestHandler(RequestHandler):
         assoc.acceptor.address_info = self.local
         assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
         assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
-        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+        # pynetdicom deep-copies its ~170 supported contexts here (60 ms of GIL per connection,
+        # which made a connect/close flood a denial of service); negotiation only reads them
+        # and the node replaces the list rather than changing it (scp.add_unknown_storage_contexts).
+        assoc.acceptor.supported_contexts = list(self.server.contexts)
         assoc.requestor.address_info = self.remote
         for event, handlers in self.server._handlers.items():
             if event.is_intervention and handlers:
@@ -582,6 +589,7 @@ class NodeAssociationServer(ThreadedAssociationServer):
         self.door = door
         self._admitted: dict[int, Connection] = {}
         self._admitted_lock = threading.Lock()
+        self._collected_at = time.monotonic()
         kwargs["request_handler"] = NodeRequestHandler
         super().__init__(*args, **kwargs)
 
@@ -593,6 +601,13 @@ class NodeAssociationServer(ThreadedAssociationServer):
         with self._admitted_lock:
             self._admitted[id(request)] = connection
         return True
+
+    def service_actions(self) -> None:
+        """socketserver's per-loop hook: a full garbage collection at most every ``GC_INTERVAL_S``."""
+        now = time.monotonic()
+        if now - self._collected_at >= GC_INTERVAL_S:
+            self._collected_at = now
+            gc.collect()
 
     def take_connection(self, request: Any) -> Connection:
         """The admitted :class:`Connection` of ``request`` (handed to its association once)."""
