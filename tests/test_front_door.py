@@ -251,6 +251,34 @@ def test_private_sop_class_is_stored_and_indexed_or_refused_by_setting(make_sett
             assert session.scalar(select(Instance).where(Instance.sop_instance_uid == other.SOPInstanceUID)) is None
 
 
+def test_orthanc_transfer_of_a_study_with_a_private_object_succeeds(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    """Issue 9: Orthanc's store job for a study holding a vendor's private object ended in HTTP 500."""
+    from pydicom import dcmread
+
+    from tests.archives import OrthancArchive
+    from tests.factory import Patient
+
+    ct_files = sorted(require_shared_data(CT_PHILIPS.name).iterdir())[:3]
+    ct = dcmread(ct_files[0], stop_before_pixels=True)
+    patient = Patient(name=str(ct.PatientName), patient_id=str(ct.PatientID))
+    study = _study_info(str(ct.StudyInstanceUID), str(ct.get("StudyDescription", "")), str(ct.StudyDate), str(ct.StudyTime), "")
+    private = private_object_dataset(patient=patient, study=study, series_uid=f"2.25.{uuid.uuid4().int}", series_number=1001)
+    (private_path,) = write_datasets([private], tmp_path / "private")
+    orthanc_peer = {"name": "orthanc", "ae_titles": ["ORTHANC"], "host": "127.0.0.1", "roles": ["source"]}
+    with running(make_settings, peers=[TEST_PEER, orthanc_peer]) as node:
+        orthanc = OrthancArchive(tmp_path / "orthanc", modalities={"fpenode": ("FPENODE", "127.0.0.1", node.scp.address[1])})
+        orthanc.start()
+        try:
+            orthanc.upload([*ct_files, private_path])
+            orthanc.send_study(str(ct.StudyInstanceUID), "fpenode")  # raises on HTTP 500
+        finally:
+            orthanc.stop()
+        with node.session_factory() as session:
+            rows = session.scalars(select(Instance)).all()
+            classes = sorted(str(row.sop_class_uid) for row in rows)
+    assert classes == sorted([str(ct.SOPClassUID)] * len(ct_files) + [PHILIPS_PRIVATE_SOP_CLASS])
+
+
 def test_unknown_contexts_are_accepted_for_storage_classes_only(make_settings: SettingsFactory) -> None:
     """A private or unlisted storage class gets a context; an unknown query/retrieve class does not."""
     proposed = [PHILIPS_PRIVATE_SOP_CLASS, "1.2.840.10008.5.1.4.1.1.9999", "1.2.840.10008.5.1.4.1.2.9999"]
