@@ -95,6 +95,7 @@ class Refusal(str, Enum):
     DATASET_TOO_LARGE = "dataset_too_large"
     INFLATED_TOO_LARGE = "inflated_too_large"
     DIMSE_TIMEOUT = "dimse_timeout"
+    PDU_STALLED = "pdu_stalled"
     CALLED_AE = "called_ae"
     CALLING_AE = "calling_ae"
     REGISTRY_UNAVAILABLE = "registry_unavailable"
@@ -380,7 +381,7 @@ class GuardedSocket(AssociationSocket):
                     continue  # the request deadline is checked again above
                 # Stalled in the middle of a PDU for the idle timeout: pynetdicom's own idle
                 # timer cannot end an association whose DUL thread is blocked here.
-                log.warning("connection from %s stalled inside a PDU; closed", self.connection.address)
+                self._refuse(Refusal.PDU_STALLED, f"no byte for {timeout} s inside a PDU", abort=False)
                 return data
             except OSError:
                 chunk = b""
