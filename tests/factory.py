@@ -91,6 +91,8 @@ MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
 ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.1")
 XRAY_DOSE_SR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.88.67")
 SECONDARY_CAPTURE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")
+# Philips' private series data object, sent by its scanners and PACS along with a study (issue 9).
+PHILIPS_PRIVATE_SOP_CLASS = UID("1.3.46.670589.11.0.0.12.4")
 
 TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRLittleEndian,
@@ -537,6 +539,21 @@ def dose_report_dataset(*, patient: Patient, study: dict[str, str], series_uid: 
     measured.MeasurementUnitsCodeSequence = DicomSequence([_code("mGy.cm", "UCUM", "mGy.cm")])
     item.MeasuredValueSequence = DicomSequence([measured])
     ds.ContentSequence = DicomSequence([item])
+    return ds
+
+
+def private_object_dataset(
+    *, patient: Patient, study: dict[str, str], series_uid: str, series_number: int, sop_class: UID = PHILIPS_PRIVATE_SOP_CLASS
+) -> Dataset:
+    """A vendor's private (non-image) object in a study, as Philips MR scanners send them:
+    a private SOP class, Modality MR, a private block and no pixel data."""
+    vendor = dict(_VENDORS["Philips"], uid=series_uid, number=str(series_number), description="PHILIPS PRIVATE DATA")
+    ds = _base_dataset(
+        sop_class=sop_class, sop_uid=_uid(series_uid, "private"), patient=patient, study=study, series=vendor, modality="MR"
+    )
+    ds.InstanceNumber = 1
+    block = ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
+    block.add_new(0x34, "LT", "private series data")
     return ds
 
 
