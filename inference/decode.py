@@ -4,23 +4,26 @@ Which plugin
     pydicom 3 offers several decoding plugins for most compressed transfer syntaxes (PS3.5
     section 8.2 and Annex A.4) and, unless told, uses the first that is installed, in its own
     order. :data:`PREFERRED_PLUGINS` names ours, fastest first, as measured on a 512 x 512
-    16-bit CT slice (``benchmarks/pipeline.py`` reports the figures): JPEG-LS through
-    ``pyjpegls`` (CharLS, about 2.5 ms) rather than ``pylibjpeg`` (about 14 ms, pydicom's first
-    choice); JPEG 2000 and HTJ2K through ``pylibjpeg`` (OpenJPEG, 20-27 ms) before ``pillow``
-    (33 ms); RLE through ``pylibjpeg`` (``pylibjpeg-rle``, about 1 ms) before pydicom's own
-    Python decoder (18 ms). A plugin that is not installed falls back to the next one; a
-    frame the chosen plugin cannot decode raises :class:`PixelDecodeError` naming the SOP
-    Instance UID (no second plugin is tried: see :func:`decode_one`).
+    16-bit CT slice (best of 15 on the project's 2-core machine): JPEG-LS through ``pyjpegls``
+    (CharLS, 2.0 ms) rather than ``pylibjpeg`` (7.4 ms, pydicom's first choice); RLE through
+    ``pylibjpeg`` (``pylibjpeg-rle``, 1.1 ms) before pydicom's own Python decoder (4.0 ms);
+    JPEG 2000 and HTJ2K through ``pylibjpeg`` (OpenJPEG, 13.7 ms) before ``pillow`` (also
+    OpenJPEG, 14.0 ms). A plugin that is not installed falls back to the next; a frame the
+    chosen plugin cannot decode raises :class:`PixelDecodeError` naming the SOP Instance UID
+    (no second plugin is tried: see :func:`decode_one`).
 
 How many cores
-    None of these codecs releases the GIL while it decodes (pylibjpeg-openjpeg, pyjpegls and
-    Pillow's JPEG 2000 decoder all call back into Python for their input stream), so threads
+    The JPEG 2000 decoders hold the GIL while they decode (pylibjpeg-openjpeg calls OpenJPEG
+    without releasing it and feeds it through Python stream callbacks; Pillow pulls its file
+    through Python too), and a second thread gained nothing with pyjpegls either, so threads
     cannot decode side by side; compressed series are decoded by a pool of
     :func:`decode_workers` - 1 processes and this process together, each taking chunks of
-    instances in turn. The pool is started on first use (``forkserver``: no inherited threads
-    of torch) and kept for the life of the process. Native (uncompressed, deflated, big endian)
-    pixel data costs little more than reading it and is decoded here, in order. The decoded
-    values are those of the same plugin in this process: the pool changes where, not what.
+    instances in turn (one multi-frame instance is one task). The pool is started on first use
+    (``forkserver``: no inherited threads of torch; as with any multiprocessing start method but
+    fork, the main module must be importable without side effects) and kept for the life of
+    the process. Native (uncompressed, deflated, big endian) pixel data costs little more than
+    reading it and is decoded here, in order. The decoded values are those of the same plugin
+    in this process: the pool changes where, not what.
 
 :func:`decode_workers` follows the torch intra-op thread count of the process (the worker's
 ``inference.torch_threads`` setting, torch's default of one thread per core when 0), capped
