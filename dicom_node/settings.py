@@ -275,7 +275,12 @@ class InferenceSettings(BaseModel):
         le=16,
         description="Inference worker processes (0: this node only receives and queues studies, e.g. for tests).",
     )
-    torch_threads: int = Field(0, ge=0, description="Threads for torch on CPU (0: torch's default).")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads for torch on CPU (0: torch's default, one per core); compressed pixel data is decoded on "
+        "as many processes (inference.decode), at most the usable cores.",
+    )
 
 
 class ReportSettings(BaseModel):

@@ -1,6 +1,7 @@
 """Every encoding a stroke study may come in, sent by DCMTK ``storescu``, is stored exactly as
 received: the nine encodings of one Siemens MR image, the real Philips CT, the enhanced
-multi-frame MR, and a deflated data set."""
+multi-frame MR, and a deflated data set; and every one of them decodes to the same pixels
+through :mod:`inference.decode`, in this process and in its decoding pool."""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels import pixel_array
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 from sqlalchemy import select
 
 from dicom_node.bootstrap import Node
 from dicom_node.index.models import Instance
+from inference.decode import PARALLEL_MIN_INSTANCES, PixelDecodeError, decode_all, plugins_for
+from inference.volumes import DecodeError, read_planes
+from tests import factory
 from tests.conftest import CT_PHILIPS, MR_ENHANCED, TS_SIEMENS, free_port, require_shared_data
 from tests.peers import DCMTK, dataset_bytes, tiny_ct
 
@@ -106,3 +114,78 @@ def test_deflated_data_set_is_kept_deflated(node: Node, dcmtk: DCMTK, tmp_path: 
     assert instance.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
     stored = pydicom.dcmread(path)
     assert stored.PixelData == ds.PixelData and stored.StudyInstanceUID == ds.StudyInstanceUID
+
+
+# --------------------------------------------------------------------------- decoding what was stored
+# inference.decode: the plugin chosen per transfer syntax and the pool that decodes compressed
+# series on several cores must give the pixels the uncompressed file holds, and a corrupt frame
+# must stop the series with an error naming its instance.
+
+DECODED_SYNTAXES = [RLELossless, JPEGLSLossless, JPEG2000Lossless]
+
+
+def test_real_encodings_decode_to_identical_pixels_on_every_path() -> None:
+    files = sorted(require_shared_data(TS_SIEMENS.name).glob("*.dcm"))
+    assert len(files) == len(ENCODINGS)
+    datasets = [pydicom.dcmread(path) for path in files]
+    reference = pixel_array(datasets[0])  # 1.dcm: Explicit VR Little Endian
+    for workers, items in ((1, datasets), (2, datasets * 2)):  # 2: twelve compressed files, through the pool
+        for index, pixels in enumerate(decode_all(items, workers=workers)):
+            assert np.array_equal(pixels, reference), (files[index % len(files)].name, workers)
+    for path, ds in zip(files, datasets):  # every installed plugin agrees: the choice is speed only
+        for plugin in plugins_for(ds.file_meta.TransferSyntaxUID):
+            assert np.array_equal(pixel_array(ds, decoding_plugin=plugin), reference), (path.name, plugin)
+
+
+@pytest.mark.parametrize("transfer_syntax", DECODED_SYNTAXES, ids=lambda uid: uid.name.split(" ")[0])
+def test_compressed_series_decodes_like_the_uncompressed_one(tmp_path: Path, transfer_syntax: UID) -> None:
+    reference = factory.write_ct_series(tmp_path / "ref", n_slices=PARALLEL_MIN_INSTANCES + 4, rows=64)
+    encoded = factory.write_datasets([pydicom.dcmread(path) for path in reference.paths], tmp_path / "enc",
+                                     transfer_syntax)  # the same images, compressed (pydicom gives new SOP UIDs)
+    expected, _ = read_planes(reference.paths)
+    assert pydicom.dcmread(encoded[0]).file_meta.TransferSyntaxUID == transfer_syntax
+    planes, facts = read_planes(encoded)
+    assert facts["series_uid"] == reference.series_uid
+    assert [p.header.position for p in planes] == [p.header.position for p in expected]
+    assert all(np.array_equal(a.stored, b.stored) for a, b in zip(planes, expected))
+    parallel = decode_all([pydicom.dcmread(path) for path in encoded], workers=2)
+    assert all(np.array_equal(a, b.stored) for a, b in zip(parallel, expected))
+
+
+def _corrupt(ds: Dataset, keep: int) -> None:
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[:keep]])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_corrupt_jpeg2000_frame_raises_naming_the_instance(tmp_path: Path, workers: int) -> None:
+    series = factory.write_ct_series(tmp_path, n_slices=PARALLEL_MIN_INSTANCES + 4, rows=64,
+                                     transfer_syntax=JPEG2000Lossless)
+    datasets = [pydicom.dcmread(path) for path in series.paths]
+    bad = datasets[5]
+    _corrupt(bad, len(next(generate_frames(bad.PixelData, number_of_frames=1))) // 2)
+    with pytest.raises(PixelDecodeError) as raised:
+        decode_all(datasets, workers=workers)
+    assert raised.value.sop_instance_uid == bad.SOPInstanceUID
+    # Building planes drops that one instance, naming it, and keeps the rest of the series.
+    dropped: list[str] = []
+    planes, facts = read_planes(datasets, dropped)
+    assert len(planes) == len(datasets) - 1 and facts["series_uid"] == series.series_uid
+    assert bad.SOPInstanceUID not in {plane.source.sop_instance_uid for plane in planes}
+    assert len(dropped) == 1 and bad.SOPInstanceUID in dropped[0] and "JPEG 2000" in dropped[0]
+    with pytest.raises(DecodeError) as volume_error:  # alone, it leaves no image: a named error
+        read_planes([bad])
+    assert volume_error.value.sop_instance_uid == bad.SOPInstanceUID
+    assert bad.SOPInstanceUID in volume_error.value.reason and "JPEG 2000" in volume_error.value.reason
+    assert volume_error.value.series_uid == series.series_uid
+
+
+def test_truncated_jpeg_ls_frame_is_refused_not_decoded_to_noise(tmp_path: Path) -> None:
+    # pydicom's first JPEG-LS plugin (pylibjpeg-libjpeg) returns noise for this frame without
+    # an error; CharLS, which inference.decode prefers, refuses it.
+    series = factory.write_ct_series(tmp_path, n_slices=1, rows=64, transfer_syntax=JPEGLSLossless)
+    ds = pydicom.dcmread(series.paths[0])
+    _corrupt(ds, 200)
+    with pytest.raises(DecodeError) as raised:
+        read_planes([ds])
+    assert raised.value.sop_instance_uid == ds.SOPInstanceUID
