@@ -268,6 +268,7 @@ _INSTANCE_FAILURES: tuple[type[Exception], ...] = (
     NotImplementedError, RuntimeError, MemoryError,
 )
 _READ_FAILURES: tuple[type[Exception], ...] = (*_INSTANCE_FAILURES, pydicom.errors.InvalidDicomError)
+_BATCH_FAILURES: tuple[type[Exception], ...] = (PixelDecodeError, *_INSTANCE_FAILURES)
 
 
 def _instance_uid(item: Path | Dataset) -> str:
@@ -322,7 +323,7 @@ def _decoded_planes(datasets: Sequence[Dataset], dropped: list[str] | None, fail
     """
     try:
         decoded = decode_all(datasets)  # inference.decode: the fastest plugin, several cores
-    except (PixelDecodeError, *_INSTANCE_FAILURES):
+    except _BATCH_FAILURES:
         decoded = None
     planes: list[Plane] = []
     for index, ds in enumerate(datasets):
