@@ -232,7 +232,14 @@ def _description(header: SeriesHeader) -> str:
 
 
 def _thickness(header: SeriesHeader) -> float | None:
+    """The series' thinnest slice thickness (a mixed series is judged on its thinnest part), else its spacing."""
     return header.slice_thickness if header.slice_thickness else header.slice_spacing
+
+
+def _thickness_text(header: SeriesHeader, thickness: float) -> str:
+    if header.slice_thickness_max is not None and header.slice_thickness_max - thickness > 1e-3:
+        return f"{thickness:g}-{header.slice_thickness_max:g} mm ({', '.join(p.describe() for p in header.parts)})"
+    return f"{thickness:g} mm"
 
 
 def _check_strings(criteria: Criteria, header: SeriesHeader) -> list[str]:
@@ -281,7 +288,7 @@ def _check_geometry(criteria: Criteria, header: SeriesHeader, tolerance_deg: flo
         if thickness is None:
             failures.append("slice thickness unknown")
         elif not criteria.slice_thickness_mm.holds(thickness):
-            failures.append(f"slice thickness {thickness:g} mm not {criteria.slice_thickness_mm.describe()}")
+            failures.append(f"slice thickness {_thickness_text(header, thickness)} not {criteria.slice_thickness_mm.describe()}")
     if partial:  # counts, coverage and b-values are only known once the series is complete
         return failures
     if criteria.n_positions is not None and not criteria.n_positions.holds(header.n_positions):
