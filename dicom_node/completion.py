@@ -8,11 +8,19 @@ several studies, PS3.4 B.2), so the node decides from timing:
   grace period (:data:`RELEASE_GRACE_MAX_S`, at most a quarter of the quiet period) for the
   series the association sent, so a PACS that sends one series per association can open the
   next association before the study is judged;
-* a **study is ready** when every series a pipeline could use (``could_use``) is complete and
-  ``pipeline_ready`` says those are enough; series no pipeline uses (localizers, dose reports,
-  other systems' results...) never hold a study back;
+* a series is **judged once it is complete**, from all its instances (``could_use`` with
+  :attr:`SeriesInfo.complete` set): the first instance to arrive may not show what the series
+  is (a GE head CT's 7 mm part before its 4 mm part), so until then ``could_use`` only says
+  "wait": an image series still arriving holds the study back, whatever its first instance
+  looked like. Non-image objects (SR, KO, PR, PDF, SC...) and the node's own results are
+  excluded at once and never hold a study back;
+* a **study is ready** when every image series is complete and judged and ``pipeline_ready``
+  says the usable ones are enough;
 * otherwise it is **forced complete** ``completion.study_timeout_s`` after its last instance
-  (a study with no usable series at all then ends ``not_eligible`` without a worker);
+  and queued: the worker then decides, with the same rules, and a head study whose series are
+  all unusable ends ``not_analysed`` with a reason naming each series (``not_eligible`` is the
+  eligibility rules' verdict: priors, other body parts). Only a study holding no image at all
+  (non-image objects, the node's own results) ends ``not_eligible`` here, without a worker;
 * a ready study goes to the queue through :meth:`dicom_node.lifecycle.Lifecycle.enqueue`.
 
 **Re-opening.** A series arriving after the study left ``received`` re-opens it only when it
@@ -41,7 +49,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -121,6 +129,7 @@ class SeriesInfo:
     image_type: tuple[str, ...] = ()
     instance_count: int = 0
     path: Path | None = None
+    complete: bool = False  # the series is complete: judge it on all its instances
 
 
 CouldUse = Callable[[SeriesInfo], bool]
@@ -159,6 +168,11 @@ def is_own_result(series: SeriesInfo, uid_root: str | None) -> bool:
     return False
 
 
+def never_usable(series: SeriesInfo, uid_root: str | None) -> bool:
+    """True for series no pipeline can ever use, whatever else arrives: non-images and the node's own results."""
+    return is_own_result(series, uid_root) or is_non_image(series)
+
+
 def series_info_of(instance: StoredInstanceLike, path: Path | None = None) -> SeriesInfo:
     """The :class:`SeriesInfo` of the series a stored instance belongs to."""
     return SeriesInfo(
@@ -178,10 +192,13 @@ def series_info_of(instance: StoredInstanceLike, path: Path | None = None) -> Se
 class SelectionReadiness:
     """``could_use`` / ``pipeline_ready`` from the inference package's series selection rules.
 
-    ``could_use`` reads the header of the series' first file (a partly received series);
-    ``pipeline_ready`` reads every instance header of the complete usable series from the index
-    (cached per series and instance count) and asks the selector whether a pipeline is ready.
-    A file that cannot be read falls back to :func:`default_could_use`.
+    ``could_use`` of a series still arriving reads the header of the file it is given (a first
+    guess, which completion treats as "wait"); of a complete series (:attr:`SeriesInfo.complete`)
+    it reads every instance header of the series from the index and classifies the whole series.
+    ``pipeline_ready`` does the same for the complete usable series and asks the selector whether
+    a pipeline is ready. Summaries are cached per series and instance count. A header that cannot
+    be read drops that instance (logged with its SOP Instance UID); it never decides the series.
+    A series none of whose headers can be read falls back to :func:`default_could_use`.
 
     Parameters
     ----------
@@ -194,41 +211,46 @@ class SelectionReadiness:
     """
 
     def __init__(self, selector: Any, sessions: sessionmaker[Session], data_dir: Path) -> None:
-        self._selector = selector
+        self.selector = selector
         self._sessions = sessions
         self._data_dir = data_dir
         self._cache: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
 
     def could_use(self, series: SeriesInfo) -> bool:
-        """True when the series could fill a role of some pipeline."""
-        from inference.dicom_headers import read_instance_header, summarise_series
+        """True when the series could fill a role of some pipeline (judged on all of it once complete)."""
+        from inference.dicom_headers import summarise_series
 
-        header = read_instance_header(series.path) if series.path is not None else None
+        if series.complete:
+            summary = self._series_header(series)
+            if summary is None:
+                return default_could_use(series)
+            return bool(self.selector.could_use(summary, complete=True))
+        header = _read_header(series.path, series.sop_instance_uid) if series.path is not None else None
         if header is None:
             return default_could_use(series)
-        return bool(self._selector.could_use(summarise_series([header])))
+        return bool(self.selector.could_use(summarise_series([header])))
 
     def pipeline_ready(self, series: Sequence[SeriesInfo]) -> bool:
         """True when these complete series make at least one pipeline ready."""
         headers = [header for header in (self._series_header(info) for info in series) if header is not None]
-        return bool(headers) and bool(self._selector.pipeline_ready(headers))
+        return bool(headers) and bool(self.selector.pipeline_ready(headers))
 
     def _series_header(self, series: SeriesInfo) -> Any:
-        from inference.dicom_headers import read_instance_header, summarise_series
+        from inference.dicom_headers import summarise_series
 
         with self._sessions() as session:
-            paths = list(
+            rows = list(
                 session.execute(
-                    select(Instance.path).join(Series, Series.id == Instance.series_pk)
+                    select(Instance.path, Instance.sop_instance_uid).join(Series, Series.id == Instance.series_pk)
                     .where(Series.series_uid == series.series_uid).order_by(Instance.id)
-                ).scalars()
+                ).all()
             )
-        key = (series.series_uid, len(paths))
+        key = (series.series_uid, len(rows))
         with self._lock:
             if key in self._cache:
                 return self._cache[key]
-        headers = [h for h in (read_instance_header(self._data_dir / p) for p in paths) if h is not None]
+        headers = [h for h in (_read_header(self._data_dir / row.path, row.sop_instance_uid) for row in rows) if h is not None]
         summary = summarise_series(headers) if headers else None
         with self._lock:
             self._cache[key] = summary
@@ -237,14 +259,30 @@ class SelectionReadiness:
         return summary
 
 
+def _read_header(path: Path, sop_instance_uid: str) -> Any:
+    """One instance's header, or None when it cannot be read (logged with its UID, never its path's patient data)."""
+    from inference.dicom_headers import read_instance_header
+
+    try:
+        header = read_instance_header(path)
+    except Exception as exc:  # noqa: BLE001 - one bad header drops its instance, it must not stall the study
+        log.warning("instance %s: header unreadable (%s); left out of the series' judgement", sop_instance_uid,
+                    type(exc).__name__)
+        return None
+    if header is None:
+        log.warning("instance %s: not readable as DICOM; left out of the series' judgement", sop_instance_uid)
+    return header
+
+
 @dataclass
 class _SeriesTrack:
     info: SeriesInfo
-    usable: bool
+    usable: bool  # a first guess until ``judged``
     last_at: float
     count: int = 1
     complete: bool = False
     released_at: float | None = None
+    judged: bool = False  # ``usable`` was decided on the complete series (or the series can never be used)
 
 
 @dataclass
@@ -328,6 +366,7 @@ class Completion:
                 track.count += 1
                 study.version += 1
                 track.complete, track.released_at = False, None
+                track.judged = self._never_usable(track.info)  # more instances: judge the series again
                 self._ensure_check(study)
             elif info.series_uid in self._ignored:
                 return
@@ -397,8 +436,10 @@ class Completion:
                     study = self._studies.setdefault(study_uid, _StudyTrack(study_uid, now_mono))
                     for info, last_received, complete in rows:
                         age = max(0.0, (now_utc - last_received).total_seconds())
+                        never = self._never_usable(info)
                         study.series[info.series_uid] = _SeriesTrack(
-                            info, self._usable(info), now_mono - age, info.instance_count, complete
+                            info, self._usable(info) and not never, now_mono - age, info.instance_count, complete,
+                            judged=never,
                         )
                     if study.series:
                         study.last_at = max(track.last_at for track in study.series.values())
@@ -420,7 +461,11 @@ class Completion:
     # -- deciding about a series seen for the first time -------------------------------
 
     def _usable(self, info: SeriesInfo) -> bool:
+        """First guess on a series still arriving (judged again on all of it once complete)."""
         return not is_own_result(info, self._uid_root) and self._rule_could_use(info)
+
+    def _never_usable(self, info: SeriesInfo) -> bool:
+        return never_usable(info, self._uid_root)
 
     def _rule_could_use(self, info: SeriesInfo) -> bool:
         """``could_use``; a rule that fails falls back to :func:`default_could_use` (logged)."""
@@ -485,10 +530,12 @@ class Completion:
             if study is None:
                 study = self._studies[info.study_uid] = _StudyTrack(info.study_uid, now)
             track = study.series.get(info.series_uid)
+            never = self._never_usable(info)
             if track is None:
-                study.series[info.series_uid] = _SeriesTrack(info, usable, now)
+                study.series[info.series_uid] = _SeriesTrack(info, usable and not never, now, judged=never)
             else:
                 track.last_at, track.complete = now, False
+                track.judged = self._never_usable(info)
                 track.count += 1
             study.last_at = now
             study.version += 1
@@ -539,11 +586,21 @@ class Completion:
                 return
             study.check_at = None
             newly_complete = self._close_quiet_series(study, now)
-            candidates = self._ready_candidates(study)
+            to_judge = [(t, replace(t.info, complete=True, instance_count=t.count))
+                        for t in study.series.values() if t.complete and not t.judged]
             version = study.version
         for track in newly_complete:  # series.complete_at, shown by `fpe-node studies --study`
             self._set_series_complete(track.info.series_uid, utcnow())
-            if track.usable:
+        verdicts = [(track, info, self._usable(info)) for track, info in to_judge]  # reads headers: outside the lock
+        with self._lock:
+            for track, info, usable in verdicts:
+                if track.complete and track.count == info.instance_count:  # no instance arrived meanwhile
+                    track.usable, track.judged = usable, True
+            candidates = self._ready_candidates(study)
+        for track, _, usable in verdicts:
+            log.debug("study %s: complete series %s judged %s", study_uid, track.info.series_uid,
+                      "usable" if usable else "unusable")
+            if usable:
                 self._tell_series_complete(track.info)
         ready = candidates is not None and self._rule_pipeline_ready(candidates)
         with self._lock:
@@ -586,20 +643,26 @@ class Completion:
 
     @staticmethod
     def _ready_candidates(study: _StudyTrack) -> list[SeriesInfo] | None:
-        """The usable series when all of them are complete (worth asking ``pipeline_ready``)."""
+        """The usable series once every series is complete and judged (worth asking ``pipeline_ready``).
+
+        A series still arriving, or complete but not yet judged on all its instances, holds the
+        study: its first instances may not show what it is ("wait").
+        """
+        if not all(t.judged for t in study.series.values()):
+            return None
         usable = [t for t in study.series.values() if t.usable]
-        if usable and all(t.complete for t in usable):
-            return [t.info for t in usable]
-        return None
+        return [t.info for t in usable] if usable else None
 
     def _readiness(self, study: _StudyTrack, pipeline_ready: bool, now: float) -> tuple[str, bool] | None:
-        """``(reason, has_usable)`` when the study is ready or timed out, else ``None``."""
+        """``(reason, has_images)`` when the study is ready or timed out, else ``None``."""
         candidates = self._ready_candidates(study)
         if pipeline_ready and candidates is not None:
             return f"{len(candidates)} usable series complete", True
         if now - study.last_at >= self._timeout - 1e-3:
-            has_usable = any(t.usable for t in study.series.values())
-            return f"study timeout ({self._timeout:g} s after its last instance)", has_usable
+            has_images = any(not self._never_usable(t.info) for t in study.series.values())
+            usable = sum(t.usable and t.judged for t in study.series.values())
+            detail = "" if usable else "; no series a pipeline could use, the analysis says why"
+            return f"study timeout ({self._timeout:g} s after its last instance){detail}", has_images
         return None
 
     def _next_deadline(self, study: _StudyTrack) -> float:
@@ -613,7 +676,7 @@ class Completion:
 
     # -- the study is ready ---------------------------------------------------------------
 
-    def _study_ready(self, study: _StudyTrack, reason: str, has_usable: bool) -> None:
+    def _study_ready(self, study: _StudyTrack, reason: str, has_images: bool) -> None:
         state = self._lifecycle.state_of(study.study_uid)
         if state in BUSY_STATES:  # analysis or reporting still running: look again later
             self._retry_later(study)
@@ -627,7 +690,7 @@ class Completion:
             log.debug("study %s ready but %s; nothing to do", study.study_uid, state)
             return
         self._mark_all_series_complete(study.study_uid)
-        if not has_usable:
+        if not has_images:  # nothing but non-image objects: nothing for a worker to say
             self._lifecycle.transition(study.study_uid, StudyState.COMPLETE, reason)
             self._lifecycle.transition(
                 study.study_uid, StudyState.NOT_ELIGIBLE, f"no series any pipeline could use ({len(study.series)} received)"

@@ -117,13 +117,7 @@ def _kept(paths: Sequence[Path], datasets: Mapping[Path, Dataset]) -> tuple[Path
 
 
 def _lacking_reason(selector: Selector, headers: Sequence[SeriesHeader]) -> NotAnalysed:
-    explanation = selector.explain(headers)
-    parts = []
-    for pipeline, plan in sorted(explanation.pipelines.items()):
-        if plan.lacking:
-            parts.append(f"{pipeline}: {', '.join(plan.lacking)}")
-    reason = "no pipeline is ready: " + ("; ".join(parts) if parts else "no usable series")
-    return NotAnalysed(reason)
+    return NotAnalysed(selector.explain(headers).not_ready_reason())
 
 
 def dicom_case(

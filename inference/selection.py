@@ -483,6 +483,20 @@ class Explanation:
         """The plan of the pipeline that would run, None when none is ready."""
         return self.pipelines[self.chosen] if self.chosen else None
 
+    def not_ready_reason(self) -> str:
+        """Why no pipeline runs: what each pipeline lacks, then each series left unused and why.
+
+        The ``not_analysed`` reason of a study no pipeline can use (the worker's and ``explain``'s).
+        """
+        parts = [f"{name}: {', '.join(plan.lacking)}" for name, plan in sorted(self.pipelines.items()) if plan.lacking]
+        reason = "no pipeline is ready: " + ("; ".join(parts) if parts else "no usable series")
+        unused = [
+            f"#{d.series_number if d.series_number is not None else '?'} {d.modality or '?'} {d.description!r}: {d.reason}"
+            for d in self.series
+            if d.role is None
+        ]
+        return reason + (f" (series: {' | '.join(unused)})" if unused else "")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able structure (for ``fpe-node explain --json``)."""
         return {
@@ -571,16 +585,26 @@ class Selector:
         self.case_window = timedelta(hours=case_window_h)
         self.prefer_pipeline: Pipeline = prefer_pipeline or self.rules.prefer_pipeline
 
+    def __eq__(self, other: object) -> bool:
+        """Same rules (required roles included), case window and pipeline preference: same judgement."""
+        if not isinstance(other, Selector):
+            return NotImplemented
+        return (self.rules, self.case_window, self.prefer_pipeline) == (other.rules, other.case_window, other.prefer_pipeline)
+
+    __hash__ = None  # type: ignore[assignment]
+
     # -- callables for the completion logic ------------------------------------------------
 
-    def could_use(self, header: SeriesHeader) -> bool:
+    def could_use(self, header: SeriesHeader, *, complete: bool = False) -> bool:
         """True when the series could fill some role (worth waiting for / loading).
 
-        Judged on what even a partly received series shows (modality, ImageType, description,
-        orientation, contrast, slice thickness); slice count, coverage and b-values are left to
-        :meth:`pipeline_ready` and :meth:`explain` on the complete series.
+        ``complete=False``: judged on what even a partly received series shows (modality,
+        ImageType, description, orientation, contrast, slice thickness), slice count, coverage
+        and b-values left out; such a verdict is a first guess (completion waits for the whole
+        series before it counts). ``complete=True``: every criterion, on the whole series (the
+        judgement :meth:`explain` makes).
         """
-        return bool(classify(header, self.rules, partial=True).candidate_roles)
+        return bool(classify(header, self.rules, partial=not complete).candidate_roles)
 
     def pipeline_ready(self, headers: Sequence[SeriesHeader]) -> bool:
         """True when these series make at least one pipeline ready."""
