@@ -351,6 +351,19 @@ class Completion:
         self._quiet = completion.series_quiet_s
         self._timeout = completion.study_timeout_s
         self._grace = min(RELEASE_GRACE_MAX_S, completion.series_quiet_s / 4)
+        self._checks = 0
+        self._checked = threading.Condition(self._lock)
+
+    @property
+    def checks_run(self) -> int:
+        """Study checks finished so far (tests and diagnostics wait on it)."""
+        with self._lock:
+            return self._checks
+
+    def wait_for_checks(self, count: int, timeout_s: float) -> bool:
+        """Wait until at least ``count`` study checks have finished; False on timeout."""
+        with self._checked:
+            return self._checked.wait_for(lambda: self._checks >= count, timeout_s)
 
     # -- IngestListener -----------------------------------------------------------------
 
@@ -579,6 +592,14 @@ class Completion:
         ``pipeline_ready`` may read many headers, so it runs outside the lock; if an instance
         of the study arrived meanwhile, the verdict is dropped and the study looked at again.
         """
+        try:
+            self._check_study(study_uid)
+        finally:
+            with self._checked:
+                self._checks += 1
+                self._checked.notify_all()
+
+    def _check_study(self, study_uid: str) -> None:
         now = self._clock()
         with self._lock:
             study = self._studies.get(study_uid)
