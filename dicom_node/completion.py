@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 OWN_MANUFACTURER = "fpe-node"
 """Manufacturer (0008,0070) of every object the node builds (``reports.sr.MANUFACTURER``)."""
 
+NO_PIPELINE_COULD_USE = "no pipeline could use it; not re-opened"
+
 RELEASE_GRACE_MAX_S = 1.0
 """Longest wait after an association release before its series count as quiet."""
 
@@ -283,6 +285,7 @@ class _SeriesTrack:
     complete: bool = False
     released_at: float | None = None
     judged: bool = False  # ``usable`` was decided on the complete series (or the series can never be used)
+    reopen_if_usable: tuple[str, str] | None = None  # (reason, state at arrival): a new series of a processed study
 
 
 @dataclass
@@ -502,6 +505,11 @@ class Completion:
             self._track(info, now, usable=self._usable(info))
             return
         why_not = self._why_no_reopen(info, known, state)
+        if why_not == NO_PIPELINE_COULD_USE and not known:
+            # a first guess on the first instance: judge the whole series once it is complete
+            reason = f"re-opened by new series {info.series_uid} ({info.modality or '?'})"
+            self._track(info, now, usable=False, reopen_if_usable=(reason, state.value))
+            return
         if why_not is not None:
             self._remember_ignored(info.series_uid)
             if not known:
@@ -534,10 +542,13 @@ class Completion:
         if is_non_image(info):
             return f"another system's {info.modality or 'non-image'} object; not re-opened"
         if not self._rule_could_use(info):
-            return "no pipeline could use it; not re-opened"
+            return NO_PIPELINE_COULD_USE
         return None
 
-    def _track(self, info: SeriesInfo, now: float, *, usable: bool, reopen: str | None = None) -> None:
+    def _track(
+        self, info: SeriesInfo, now: float, *, usable: bool, reopen: str | None = None,
+        reopen_if_usable: tuple[str, str] | None = None,
+    ) -> None:
         with self._lock:
             study = self._studies.get(info.study_uid)
             if study is None:
@@ -545,7 +556,9 @@ class Completion:
             track = study.series.get(info.series_uid)
             never = self._never_usable(info)
             if track is None:
-                study.series[info.series_uid] = _SeriesTrack(info, usable and not never, now, judged=never)
+                study.series[info.series_uid] = _SeriesTrack(
+                    info, usable and not never, now, judged=never, reopen_if_usable=reopen_if_usable
+                )
             else:
                 track.last_at, track.complete = now, False
                 track.judged = self._never_usable(info)
@@ -613,16 +626,25 @@ class Completion:
         for track in newly_complete:  # series.complete_at, shown by `fpe-node studies --study`
             self._set_series_complete(track.info.series_uid, utcnow())
         verdicts = [(track, info, self._usable(info)) for track, info in to_judge]  # reads headers: outside the lock
+        applied: list[tuple[_SeriesTrack, bool]] = []
         with self._lock:
             for track, info, usable in verdicts:
                 if track.complete and track.count == info.instance_count:  # no instance arrived meanwhile
                     track.usable, track.judged = usable, True
-            candidates = self._ready_candidates(study)
-        for track, _, usable in verdicts:
+                    applied.append((track, usable))
+        for track, usable in applied:
             log.debug("study %s: complete series %s judged %s", study_uid, track.info.series_uid,
                       "usable" if usable else "unusable")
+            if track.reopen_if_usable is not None:
+                self._reopen_if_usable(study, track, usable)
             if usable:
                 self._tell_series_complete(track.info)
+        with self._lock:
+            if not study.series:  # only new series of a processed study, none usable: nothing left to time
+                if self._studies.get(study_uid) is study:
+                    del self._studies[study_uid]
+                return
+            candidates = self._ready_candidates(study)
         ready = candidates is not None and self._rule_pipeline_ready(candidates)
         with self._lock:
             if self._studies.get(study_uid) is not study:
@@ -638,6 +660,25 @@ class Completion:
             except Exception:  # noqa: BLE001 - a timer must not lose a study: log and look again
                 log.exception("study %s: readiness step failed; retrying in %g s", study_uid, self._quiet)
                 self._retry_later(study)
+
+    def _reopen_if_usable(self, study: _StudyTrack, track: _SeriesTrack, usable: bool) -> None:
+        """A new series of a processed study, judged on all of it: re-open the study, or note why not."""
+        assert track.reopen_if_usable is not None
+        reason, arrived_while = track.reopen_if_usable
+        track.reopen_if_usable = None
+        info = track.info
+        if not usable:
+            self._remember_ignored(info.series_uid)
+            with self._lock:
+                study.series.pop(info.series_uid, None)
+            self._lifecycle.note(info.study_uid, f"series {info.series_uid} arrived while {arrived_while}: {NO_PIPELINE_COULD_USE}")
+            log.info("study %s not re-opened by series %s: %s", info.study_uid, info.series_uid, NO_PIPELINE_COULD_USE)
+            return
+        state = self._lifecycle.state_of(info.study_uid)
+        if state in BUSY_STATES or state is None or self._lifecycle.reopen(info.study_uid, reason) is None:
+            with self._lock:
+                study.reopen = reason  # re-opened when the work in progress is over
+            self._lifecycle.note(info.study_uid, f"series {info.series_uid} arrived while {arrived_while}; re-open when done")
 
     def _tell_series_complete(self, series: SeriesInfo) -> None:
         for callback in self._on_series_complete:
