@@ -217,12 +217,13 @@ def test_explain_verdict_is_the_runs(running_node: Node, tmp_path: Path, capsys:
     from tests.factory import default_patient, write_mr_stroke_study
 
     date, time_ = _today()
-    common = dict(rows=24, study_date=date, study_time=time_)
+    common = dict(rows=16, study_date=date, study_time=time_)
     cases = {
+        # enhanced (multi-frame) DWI and ADC: fewer instances to send
         "coverage_62mm": write_mr_stroke_study(tmp_path / "a", patient=default_patient(11), n_slices=16,
-                                               slice_spacing=62.0 / 15, **common),  # type: ignore[arg-type]
+                                               slice_spacing=62.0 / 15, enhanced=True, **common),  # type: ignore[arg-type]
         "few_slices": write_mr_stroke_study(tmp_path / "b", patient=default_patient(12), n_slices=10,
-                                            **common),  # type: ignore[arg-type]
+                                            enhanced=True, **common),  # type: ignore[arg-type]
         "missing_b": write_mr_stroke_study(tmp_path / "c", patient=default_patient(13), n_slices=16,
                                            **common),  # type: ignore[arg-type]
     }
