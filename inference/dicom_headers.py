@@ -568,10 +568,19 @@ def read_series_headers(paths: Iterable[Path], datasets: dict[Path, Dataset] | N
     ``datasets``: when given, every file's dataset is kept there (pixel data deferred, see
     :func:`read_instance_header`) so that :mod:`inference.volumes` decodes without reading the
     headers again.
+
+    A file whose header cannot be reduced (a value of the wrong form, e.g. an InstanceNumber
+    that is no integer) is left out with a warning naming the file; it does not stop the others.
     """
     by_series: dict[tuple[str, str], list[InstanceHeader]] = defaultdict(list)
     for path in iter_files(paths):
-        header = read_instance_header(path, datasets)
+        try:
+            header = read_instance_header(path, datasets)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+            log.warning("skipping %s: header unreadable (%s)", Path(path).name, type(exc).__name__)  # no values logged
+            if datasets is not None:
+                datasets.pop(path, None)
+            continue
         if header is not None:
             by_series[(header.study_uid, header.series_uid)].append(header)
     return [summarise_series(instances) for instances in by_series.values()]
