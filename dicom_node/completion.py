@@ -272,7 +272,7 @@ def _read_header(path: Path, sop_instance_uid: str) -> Any:
                     type(exc).__name__)
         return None
     if header is None:
-        log.warning("instance %s: not readable as DICOM; left out of the series' judgement", sop_instance_uid)
+        log.warning("instance %s: header not readable; left out of the series' judgement", sop_instance_uid)
     return header
 
 
