@@ -773,6 +773,9 @@ class Selector:
             role = c.candidate_roles[0]
             plan = plans[self.rules.roles[role].pipeline]
             better = plan.roles.get(role)
+            primary = self.rules.pipelines[plan.pipeline].primary
+            if better is None and primary not in plan.roles:
+                return None, f"{role} candidate, unused: the {plan.pipeline} pipeline has no {primary} series"
             if better is None:
                 return None, f"{role} candidate outside the case window"
             return None, f"{role} candidate; series {better.description!r} preferred ({', '.join(self.rules.roles[role].prefer)})"

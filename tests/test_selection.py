@@ -271,3 +271,12 @@ def test_mixed_thickness_series_is_judged_the_same_in_any_order(tmp_path: Path) 
     assert any(f.startswith("slice thickness 6.76148 mm not 0.5-6") for f in failures)
     assert summarise_series(orders[3]) == summarise_series(orders[3][::-1])  # type: ignore[arg-type]
 
+
+
+def test_a_cta_without_ncct_is_unused_for_want_of_an_ncct_not_outside_the_window(
+    ct_study: tuple[factory.Study, list[SeriesHeader]],
+) -> None:
+    study, headers = ct_study
+    without_ncct = [h for h in headers if h.series_uid not in {s.series_uid for k, s in study.series.items() if k.startswith("ncct")}]
+    decisions = {d.series_uid: d for d in Selector().explain(without_ncct).series}
+    assert decisions[study.series["cta"].series_uid].reason == "cta candidate, unused: the CT pipeline has no ncct series"
