@@ -27,9 +27,11 @@ from dicom_node.peers import PeerRegistry
 from dicom_node.recovery import recover_lost_results
 from dicom_node.retention import Retention
 from dicom_node.scp import AssociationTracker, Ingest, IngestListener, ListenerDispatcher, StorageSCP
+from dicom_node.selector import build_selector
 from dicom_node.settings import Settings
 from dicom_node.storage import DiskGuard, FileStore
 from dicom_node.worker import InferenceWorkers
+from inference.selection import Selector
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class Node:
     retention: Retention
     delivery: Delivery
     workers: InferenceWorkers
+    selector: Selector  # completion's; the worker builds the same one (dicom_node.selector.build_selector)
 
     def add_listener(self, listener: IngestListener) -> None:
         """Follow arrivals with ``listener`` (call before :meth:`start`; e.g. needing the session factory)."""
@@ -139,17 +142,13 @@ def build_node(
     workers = InferenceWorkers(settings, on_result=[delivery.on_result])
     return Node(
         settings, engine, session_factory, files, peers, dispatcher, scp, scheduler, lifecycle, completion, retention,
-        delivery, workers,
+        delivery, workers, readiness.selector,
     )
 
 
 def _selection_readiness(settings: Settings, session_factory: sessionmaker[Session]) -> SelectionReadiness:
-    """Completion's readiness rules from the series selection rules (a bad rules file stops start-up)."""
-    from inference.selection import Selector, load_selection_rules
+    """Completion's readiness rules: the worker's selector (:func:`dicom_node.selector.build_selector`).
 
-    selector = Selector(
-        load_selection_rules(settings.inference.selection_rules),
-        case_window_h=settings.inference.case_window_h,
-        prefer_pipeline=settings.inference.prefer_pipeline,
-    )
-    return SelectionReadiness(selector, session_factory, settings.storage.data_dir)
+    A bad rules file or an unreadable checkpoint stops start-up.
+    """
+    return SelectionReadiness(build_selector(settings), session_factory, settings.storage.data_dir)

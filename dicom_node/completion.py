@@ -8,11 +8,19 @@ several studies, PS3.4 B.2), so the node decides from timing:
   grace period (:data:`RELEASE_GRACE_MAX_S`, at most a quarter of the quiet period) for the
   series the association sent, so a PACS that sends one series per association can open the
   next association before the study is judged;
-* a **study is ready** when every series a pipeline could use (``could_use``) is complete and
-  ``pipeline_ready`` says those are enough; series no pipeline uses (localizers, dose reports,
-  other systems' results...) never hold a study back;
+* a series is **judged once it is complete**, from all its instances (``could_use`` with
+  :attr:`SeriesInfo.complete` set): the first instance to arrive may not show what the series
+  is (a GE head CT's 7 mm part before its 4 mm part), so until then ``could_use`` only says
+  "wait": an image series still arriving holds the study back, whatever its first instance
+  looked like. Non-image objects (SR, KO, PR, PDF, SC...) and the node's own results are
+  excluded at once and never hold a study back;
+* a **study is ready** when every image series is complete and judged and ``pipeline_ready``
+  says the usable ones are enough;
 * otherwise it is **forced complete** ``completion.study_timeout_s`` after its last instance
-  (a study with no usable series at all then ends ``not_eligible`` without a worker);
+  and queued: the worker then decides, with the same rules, and a head study whose series are
+  all unusable ends ``not_analysed`` with a reason naming each series (``not_eligible`` is the
+  eligibility rules' verdict: priors, other body parts). Only a study holding no image at all
+  (non-image objects, the node's own results) ends ``not_eligible`` here, without a worker;
 * a ready study goes to the queue through :meth:`dicom_node.lifecycle.Lifecycle.enqueue`.
 
 **Re-opening.** A series arriving after the study left ``received`` re-opens it only when it
@@ -41,7 +49,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,6 +67,8 @@ log = logging.getLogger(__name__)
 
 OWN_MANUFACTURER = "fpe-node"
 """Manufacturer (0008,0070) of every object the node builds (``reports.sr.MANUFACTURER``)."""
+
+NO_PIPELINE_COULD_USE = "no pipeline could use it; not re-opened"
 
 RELEASE_GRACE_MAX_S = 1.0
 """Longest wait after an association release before its series count as quiet."""
@@ -121,6 +131,7 @@ class SeriesInfo:
     image_type: tuple[str, ...] = ()
     instance_count: int = 0
     path: Path | None = None
+    complete: bool = False  # the series is complete: judge it on all its instances
 
 
 CouldUse = Callable[[SeriesInfo], bool]
@@ -159,6 +170,11 @@ def is_own_result(series: SeriesInfo, uid_root: str | None) -> bool:
     return False
 
 
+def never_usable(series: SeriesInfo, uid_root: str | None) -> bool:
+    """True for series no pipeline can ever use, whatever else arrives: non-images and the node's own results."""
+    return is_own_result(series, uid_root) or is_non_image(series)
+
+
 def series_info_of(instance: StoredInstanceLike, path: Path | None = None) -> SeriesInfo:
     """The :class:`SeriesInfo` of the series a stored instance belongs to."""
     return SeriesInfo(
@@ -178,10 +194,13 @@ def series_info_of(instance: StoredInstanceLike, path: Path | None = None) -> Se
 class SelectionReadiness:
     """``could_use`` / ``pipeline_ready`` from the inference package's series selection rules.
 
-    ``could_use`` reads the header of the series' first file (a partly received series);
-    ``pipeline_ready`` reads every instance header of the complete usable series from the index
-    (cached per series and instance count) and asks the selector whether a pipeline is ready.
-    A file that cannot be read falls back to :func:`default_could_use`.
+    ``could_use`` of a series still arriving reads the header of the file it is given (a first
+    guess, which completion treats as "wait"); of a complete series (:attr:`SeriesInfo.complete`)
+    it reads every instance header of the series from the index and classifies the whole series.
+    ``pipeline_ready`` does the same for the complete usable series and asks the selector whether
+    a pipeline is ready. Summaries are cached per series and instance count. A header that cannot
+    be read drops that instance (logged with its SOP Instance UID); it never decides the series.
+    A series none of whose headers can be read falls back to :func:`default_could_use`.
 
     Parameters
     ----------
@@ -194,41 +213,46 @@ class SelectionReadiness:
     """
 
     def __init__(self, selector: Any, sessions: sessionmaker[Session], data_dir: Path) -> None:
-        self._selector = selector
+        self.selector = selector
         self._sessions = sessions
         self._data_dir = data_dir
         self._cache: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
 
     def could_use(self, series: SeriesInfo) -> bool:
-        """True when the series could fill a role of some pipeline."""
-        from inference.dicom_headers import read_instance_header, summarise_series
+        """True when the series could fill a role of some pipeline (judged on all of it once complete)."""
+        from inference.dicom_headers import summarise_series
 
-        header = read_instance_header(series.path) if series.path is not None else None
+        if series.complete:
+            summary = self._series_header(series)
+            if summary is None:
+                return default_could_use(series)
+            return bool(self.selector.could_use(summary, complete=True))
+        header = _read_header(series.path, series.sop_instance_uid) if series.path is not None else None
         if header is None:
             return default_could_use(series)
-        return bool(self._selector.could_use(summarise_series([header])))
+        return bool(self.selector.could_use(summarise_series([header])))
 
     def pipeline_ready(self, series: Sequence[SeriesInfo]) -> bool:
         """True when these complete series make at least one pipeline ready."""
         headers = [header for header in (self._series_header(info) for info in series) if header is not None]
-        return bool(headers) and bool(self._selector.pipeline_ready(headers))
+        return bool(headers) and bool(self.selector.pipeline_ready(headers))
 
     def _series_header(self, series: SeriesInfo) -> Any:
-        from inference.dicom_headers import read_instance_header, summarise_series
+        from inference.dicom_headers import summarise_series
 
         with self._sessions() as session:
-            paths = list(
+            rows = list(
                 session.execute(
-                    select(Instance.path).join(Series, Series.id == Instance.series_pk)
+                    select(Instance.path, Instance.sop_instance_uid).join(Series, Series.id == Instance.series_pk)
                     .where(Series.series_uid == series.series_uid).order_by(Instance.id)
-                ).scalars()
+                ).all()
             )
-        key = (series.series_uid, len(paths))
+        key = (series.series_uid, len(rows))
         with self._lock:
             if key in self._cache:
                 return self._cache[key]
-        headers = [h for h in (read_instance_header(self._data_dir / p) for p in paths) if h is not None]
+        headers = [h for h in (_read_header(self._data_dir / row.path, row.sop_instance_uid) for row in rows) if h is not None]
         summary = summarise_series(headers) if headers else None
         with self._lock:
             self._cache[key] = summary
@@ -237,14 +261,31 @@ class SelectionReadiness:
         return summary
 
 
+def _read_header(path: Path, sop_instance_uid: str) -> Any:
+    """One instance's header, or None when it cannot be read (logged with its UID, never its path's patient data)."""
+    from inference.dicom_headers import read_instance_header
+
+    try:
+        header = read_instance_header(path)
+    except Exception as exc:  # noqa: BLE001 - one bad header drops its instance, it must not stall the study
+        log.warning("instance %s: header unreadable (%s); left out of the series' judgement", sop_instance_uid,
+                    type(exc).__name__)
+        return None
+    if header is None:
+        log.warning("instance %s: header not readable; left out of the series' judgement", sop_instance_uid)
+    return header
+
+
 @dataclass
 class _SeriesTrack:
     info: SeriesInfo
-    usable: bool
+    usable: bool  # a first guess until ``judged``
     last_at: float
     count: int = 1
     complete: bool = False
     released_at: float | None = None
+    judged: bool = False  # ``usable`` was decided on the complete series (or the series can never be used)
+    reopen_if_usable: tuple[str, str] | None = None  # (reason, state at arrival): a new series of a processed study
 
 
 @dataclass
@@ -313,6 +354,19 @@ class Completion:
         self._quiet = completion.series_quiet_s
         self._timeout = completion.study_timeout_s
         self._grace = min(RELEASE_GRACE_MAX_S, completion.series_quiet_s / 4)
+        self._checks = 0
+        self._checked = threading.Condition(self._lock)
+
+    @property
+    def checks_run(self) -> int:
+        """Study checks finished so far (tests and diagnostics wait on it)."""
+        with self._lock:
+            return self._checks
+
+    def wait_for_checks(self, count: int, timeout_s: float) -> bool:
+        """Wait until at least ``count`` study checks have finished; False on timeout."""
+        with self._checked:
+            return self._checked.wait_for(lambda: self._checks >= count, timeout_s)
 
     # -- IngestListener -----------------------------------------------------------------
 
@@ -328,6 +382,7 @@ class Completion:
                 track.count += 1
                 study.version += 1
                 track.complete, track.released_at = False, None
+                track.judged = self._never_usable(track.info)  # more instances: judge the series again
                 self._ensure_check(study)
             elif info.series_uid in self._ignored:
                 return
@@ -397,8 +452,10 @@ class Completion:
                     study = self._studies.setdefault(study_uid, _StudyTrack(study_uid, now_mono))
                     for info, last_received, complete in rows:
                         age = max(0.0, (now_utc - last_received).total_seconds())
+                        never = self._never_usable(info)
                         study.series[info.series_uid] = _SeriesTrack(
-                            info, self._usable(info), now_mono - age, info.instance_count, complete
+                            info, self._usable(info) and not never, now_mono - age, info.instance_count, complete,
+                            judged=never,
                         )
                     if study.series:
                         study.last_at = max(track.last_at for track in study.series.values())
@@ -420,7 +477,11 @@ class Completion:
     # -- deciding about a series seen for the first time -------------------------------
 
     def _usable(self, info: SeriesInfo) -> bool:
+        """First guess on a series still arriving (judged again on all of it once complete)."""
         return not is_own_result(info, self._uid_root) and self._rule_could_use(info)
+
+    def _never_usable(self, info: SeriesInfo) -> bool:
+        return never_usable(info, self._uid_root)
 
     def _rule_could_use(self, info: SeriesInfo) -> bool:
         """``could_use``; a rule that fails falls back to :func:`default_could_use` (logged)."""
@@ -444,6 +505,11 @@ class Completion:
             self._track(info, now, usable=self._usable(info))
             return
         why_not = self._why_no_reopen(info, known, state)
+        if why_not == NO_PIPELINE_COULD_USE and not known:
+            # a first guess on the first instance: judge the whole series once it is complete
+            reason = f"re-opened by new series {info.series_uid} ({info.modality or '?'})"
+            self._track(info, now, usable=False, reopen_if_usable=(reason, state.value))
+            return
         if why_not is not None:
             self._remember_ignored(info.series_uid)
             if not known:
@@ -476,19 +542,26 @@ class Completion:
         if is_non_image(info):
             return f"another system's {info.modality or 'non-image'} object; not re-opened"
         if not self._rule_could_use(info):
-            return "no pipeline could use it; not re-opened"
+            return NO_PIPELINE_COULD_USE
         return None
 
-    def _track(self, info: SeriesInfo, now: float, *, usable: bool, reopen: str | None = None) -> None:
+    def _track(
+        self, info: SeriesInfo, now: float, *, usable: bool, reopen: str | None = None,
+        reopen_if_usable: tuple[str, str] | None = None,
+    ) -> None:
         with self._lock:
             study = self._studies.get(info.study_uid)
             if study is None:
                 study = self._studies[info.study_uid] = _StudyTrack(info.study_uid, now)
             track = study.series.get(info.series_uid)
+            never = self._never_usable(info)
             if track is None:
-                study.series[info.series_uid] = _SeriesTrack(info, usable, now)
+                study.series[info.series_uid] = _SeriesTrack(
+                    info, usable and not never, now, judged=never, reopen_if_usable=reopen_if_usable
+                )
             else:
                 track.last_at, track.complete = now, False
+                track.judged = self._never_usable(info)
                 track.count += 1
             study.last_at = now
             study.version += 1
@@ -532,6 +605,14 @@ class Completion:
         ``pipeline_ready`` may read many headers, so it runs outside the lock; if an instance
         of the study arrived meanwhile, the verdict is dropped and the study looked at again.
         """
+        try:
+            self._check_study(study_uid)
+        finally:
+            with self._checked:
+                self._checks += 1
+                self._checked.notify_all()
+
+    def _check_study(self, study_uid: str) -> None:
         now = self._clock()
         with self._lock:
             study = self._studies.get(study_uid)
@@ -539,12 +620,31 @@ class Completion:
                 return
             study.check_at = None
             newly_complete = self._close_quiet_series(study, now)
-            candidates = self._ready_candidates(study)
+            to_judge = [(t, replace(t.info, complete=True, instance_count=t.count))
+                        for t in study.series.values() if t.complete and not t.judged]
             version = study.version
         for track in newly_complete:  # series.complete_at, shown by `fpe-node studies --study`
             self._set_series_complete(track.info.series_uid, utcnow())
-            if track.usable:
+        verdicts = [(track, info, self._usable(info)) for track, info in to_judge]  # reads headers: outside the lock
+        applied: list[tuple[_SeriesTrack, bool]] = []
+        with self._lock:
+            for track, info, usable in verdicts:
+                if track.complete and track.count == info.instance_count:  # no instance arrived meanwhile
+                    track.usable, track.judged = usable, True
+                    applied.append((track, usable))
+        for track, usable in applied:
+            log.debug("study %s: complete series %s judged %s", study_uid, track.info.series_uid,
+                      "usable" if usable else "unusable")
+            if track.reopen_if_usable is not None:
+                self._reopen_if_usable(study, track, usable)
+            if usable:
                 self._tell_series_complete(track.info)
+        with self._lock:
+            if not study.series:  # only new series of a processed study, none usable: nothing left to time
+                if self._studies.get(study_uid) is study:
+                    del self._studies[study_uid]
+                return
+            candidates = self._ready_candidates(study)
         ready = candidates is not None and self._rule_pipeline_ready(candidates)
         with self._lock:
             if self._studies.get(study_uid) is not study:
@@ -560,6 +660,25 @@ class Completion:
             except Exception:  # noqa: BLE001 - a timer must not lose a study: log and look again
                 log.exception("study %s: readiness step failed; retrying in %g s", study_uid, self._quiet)
                 self._retry_later(study)
+
+    def _reopen_if_usable(self, study: _StudyTrack, track: _SeriesTrack, usable: bool) -> None:
+        """A new series of a processed study, judged on all of it: re-open the study, or note why not."""
+        assert track.reopen_if_usable is not None
+        reason, arrived_while = track.reopen_if_usable
+        track.reopen_if_usable = None
+        info = track.info
+        if not usable:
+            self._remember_ignored(info.series_uid)
+            with self._lock:
+                study.series.pop(info.series_uid, None)
+            self._lifecycle.note(info.study_uid, f"series {info.series_uid} arrived while {arrived_while}: {NO_PIPELINE_COULD_USE}")
+            log.info("study %s not re-opened by series %s: %s", info.study_uid, info.series_uid, NO_PIPELINE_COULD_USE)
+            return
+        state = self._lifecycle.state_of(info.study_uid)
+        if state in BUSY_STATES or state is None or self._lifecycle.reopen(info.study_uid, reason) is None:
+            with self._lock:
+                study.reopen = reason  # re-opened when the work in progress is over
+            self._lifecycle.note(info.study_uid, f"series {info.series_uid} arrived while {arrived_while}; re-open when done")
 
     def _tell_series_complete(self, series: SeriesInfo) -> None:
         for callback in self._on_series_complete:
@@ -586,20 +705,26 @@ class Completion:
 
     @staticmethod
     def _ready_candidates(study: _StudyTrack) -> list[SeriesInfo] | None:
-        """The usable series when all of them are complete (worth asking ``pipeline_ready``)."""
+        """The usable series once every series is complete and judged (worth asking ``pipeline_ready``).
+
+        A series still arriving, or complete but not yet judged on all its instances, holds the
+        study: its first instances may not show what it is ("wait").
+        """
+        if not all(t.judged for t in study.series.values()):
+            return None
         usable = [t for t in study.series.values() if t.usable]
-        if usable and all(t.complete for t in usable):
-            return [t.info for t in usable]
-        return None
+        return [t.info for t in usable] if usable else None
 
     def _readiness(self, study: _StudyTrack, pipeline_ready: bool, now: float) -> tuple[str, bool] | None:
-        """``(reason, has_usable)`` when the study is ready or timed out, else ``None``."""
+        """``(reason, has_images)`` when the study is ready or timed out, else ``None``."""
         candidates = self._ready_candidates(study)
         if pipeline_ready and candidates is not None:
             return f"{len(candidates)} usable series complete", True
         if now - study.last_at >= self._timeout - 1e-3:
-            has_usable = any(t.usable for t in study.series.values())
-            return f"study timeout ({self._timeout:g} s after its last instance)", has_usable
+            has_images = any(not self._never_usable(t.info) for t in study.series.values())
+            usable = sum(t.usable and t.judged for t in study.series.values())
+            detail = "" if usable else "; no series a pipeline could use, the analysis says why"
+            return f"study timeout ({self._timeout:g} s after its last instance){detail}", has_images
         return None
 
     def _next_deadline(self, study: _StudyTrack) -> float:
@@ -613,7 +738,7 @@ class Completion:
 
     # -- the study is ready ---------------------------------------------------------------
 
-    def _study_ready(self, study: _StudyTrack, reason: str, has_usable: bool) -> None:
+    def _study_ready(self, study: _StudyTrack, reason: str, has_images: bool) -> None:
         state = self._lifecycle.state_of(study.study_uid)
         if state in BUSY_STATES:  # analysis or reporting still running: look again later
             self._retry_later(study)
@@ -627,7 +752,7 @@ class Completion:
             log.debug("study %s ready but %s; nothing to do", study.study_uid, state)
             return
         self._mark_all_series_complete(study.study_uid)
-        if not has_usable:
+        if not has_images:  # nothing but non-image objects: nothing for a worker to say
             self._lifecycle.transition(study.study_uid, StudyState.COMPLETE, reason)
             self._lifecycle.transition(
                 study.study_uid, StudyState.NOT_ELIGIBLE, f"no series any pipeline could use ({len(study.series)} received)"

@@ -48,13 +48,13 @@ from dicom_node.index.analysis import record_analysis
 from dicom_node.index.db import build_engine, build_session_factory, write_session
 from dicom_node.index.models import Instance, Series, Study
 from dicom_node.lifecycle import Job, Lifecycle, StudyState, as_utc
+from dicom_node.selector import build_selector
 from dicom_node.settings import Settings
 from inference.case import case_from_headers
 from inference.dicom_headers import SeriesHeader, read_series_headers
 from inference.eligibility import EligibilityRules, check_study, load_eligibility_rules
 from inference.predictor import CaseInput, Predictor, result_summary
 from inference.result import NotAnalysed, Prediction
-from inference.selection import Selector, load_selection_rules
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,7 @@ class Analyst:
         self.predictor = predictor or Predictor.load(
             inference.checkpoint, device=inference.device, torch_threads=inference.torch_threads
         )
-        self.selector = Selector(
-            load_selection_rules(inference.selection_rules),
-            case_window_h=inference.case_window_h,
-            prefer_pipeline=inference.prefer_pipeline,
-            required_roles={p: self.predictor.recipe.for_pipeline(p).required_roles for p in ("CT", "MR")},
-        )
+        self.selector = build_selector(settings, self.predictor.recipe)
         self.eligibility: EligibilityRules = load_eligibility_rules(inference.eligibility_rules)
 
     # -- one job ----------------------------------------------------------------------------

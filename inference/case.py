@@ -121,13 +121,7 @@ def _kept(paths: Sequence[Path], datasets: Mapping[Path, Dataset]) -> tuple[Path
 def _lacking_reason(
     selector: Selector, headers: Sequence[SeriesHeader], warnings: Sequence[str] = ()
 ) -> NotAnalysed:
-    explanation = selector.explain(headers)
-    parts = []
-    for pipeline, plan in sorted(explanation.pipelines.items()):
-        if plan.lacking:
-            parts.append(f"{pipeline}: {', '.join(plan.lacking)}")
-    reason = "no pipeline is ready: " + ("; ".join(parts) if parts else "no usable series")
-    return NotAnalysed(reason, warnings=tuple(warnings))
+    return NotAnalysed(selector.explain(headers).not_ready_reason(), warnings=tuple(warnings))
 
 
 def dicom_case(

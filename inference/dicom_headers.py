@@ -92,8 +92,36 @@ class InstanceHeader:
 
 
 @dataclass(frozen=True)
+class SeriesPart:
+    """Consecutive slice positions of a series sharing one SliceThickness (0018,0050).
+
+    A GE head CT, for instance, routinely holds a thinner posterior-fossa part (4 mm) and a
+    thicker part above (7 mm) in one series; :mod:`inference.volumes` resamples such a stack
+    onto a uniform grid at its smallest spacing.
+    """
+
+    thickness: float | None
+    n_positions: int
+    start_mm: float  # along the slice normal
+    end_mm: float
+    spacing_min: float | None  # between consecutive positions of the part
+    spacing_max: float | None
+
+    def describe(self) -> str:
+        thickness = f"{self.thickness:g} mm" if self.thickness is not None else "unknown thickness"
+        return f"{self.n_positions} x {thickness} over {self.end_mm - self.start_mm:.0f} mm"
+
+
+@dataclass(frozen=True)
 class SeriesHeader:
-    """Facts about one series aggregated over its instances (what selection classifies)."""
+    """Facts about one series aggregated over all its instances (what selection classifies).
+
+    The summary does not depend on the order the instances are given in: instances are put in
+    a canonical order (InstanceNumber, then SOP Instance UID) first, and everything spatial is
+    computed from positions along the slice normal. A series mixing slice thicknesses is
+    summarised by its parts (:class:`SeriesPart`): ``slice_thickness`` is the thinnest part's,
+    ``slice_thickness_max`` the thickest's.
+    """
 
     study_uid: str
     series_uid: str
@@ -132,6 +160,8 @@ class SeriesHeader:
     n_directions_at_max_b: int  # distinct gradient directions at the highest b-value
     images_per_position_at_max_b: float  # > 1: several directions (or repeats) at the highest b
     has_pixels: bool
+    slice_thickness_max: float | None = None  # thickest part (``slice_thickness`` is the thinnest)
+    parts: tuple["SeriesPart", ...] = ()  # runs of positions with one slice thickness, along the normal
     instances: tuple[InstanceHeader, ...] = field(default=(), repr=False, compare=False)
 
     @property
@@ -480,10 +510,57 @@ def _round_b(value: float) -> float:
     return float(round(value))
 
 
+def _canonical_order(instance: InstanceHeader) -> tuple[bool, int, str]:
+    number = instance.instance_number
+    return (number is None, number if number is not None else 0, instance.sop_instance_uid)
+
+
+def _parts(frames: Sequence[FrameHeader], normal: np.ndarray | None) -> tuple[SeriesPart, ...]:
+    """Runs of consecutive distinct positions along ``normal`` that share one slice thickness."""
+    if normal is None:
+        return ()
+    by_position: dict[float, float | None] = {}
+    for frame in frames:
+        if frame.position is None:
+            continue
+        along = round(float(np.dot(frame.position, normal)), 2)
+        thickness = round(frame.slice_thickness, 3) if frame.slice_thickness is not None else None
+        known = by_position.get(along)
+        # several frames at one position (diffusion directions, repeats): the thinnest counts
+        if along not in by_position or (thickness is not None and (known is None or thickness < known)):
+            by_position[along] = thickness
+    runs: list[list[tuple[float, float | None]]] = []
+    for along in _distinct(by_position, 0.01):
+        thickness = by_position[along]
+        if runs and runs[-1][-1][1] == thickness:
+            runs[-1].append((along, thickness))
+        else:
+            runs.append([(along, thickness)])
+    parts = []
+    for run in runs:
+        gaps = np.diff([a for a, _ in run])
+        parts.append(
+            SeriesPart(
+                thickness=run[0][1],
+                n_positions=len(run),
+                start_mm=run[0][0],
+                end_mm=run[-1][0],
+                spacing_min=float(gaps.min()) if len(gaps) else None,
+                spacing_max=float(gaps.max()) if len(gaps) else None,
+            )
+        )
+    return tuple(parts)
+
+
 def summarise_series(instances: Sequence[InstanceHeader]) -> SeriesHeader:
-    """Aggregate the headers of one series' instances into a :class:`SeriesHeader`."""
+    """Aggregate the headers of one series' instances into a :class:`SeriesHeader`.
+
+    The result is the same whatever order ``instances`` come in (files sorted by name, the
+    order a PACS sent them, shuffled): see :class:`SeriesHeader`.
+    """
     if not instances:
         raise ValueError("a series needs at least one instance")
+    instances = sorted(instances, key=_canonical_order)
     first = instances[0]
     frames = [frame for inst in instances for frame in inst.frames]
     orientation = next((f.orientation for f in frames if f.orientation is not None), None)
@@ -503,7 +580,7 @@ def summarise_series(instances: Sequence[InstanceHeader]) -> SeriesHeader:
     }
     at_max_b = [f for f in frames if f.b_value is not None and _round_b(f.b_value) == max_b]
     image_types = {v for inst in instances for v in inst.image_type} | {v for f in frames for v in f.frame_type}
-    thickness = next((f.slice_thickness for f in frames if f.slice_thickness is not None), None)
+    thicknesses = [f.slice_thickness for f in frames if f.slice_thickness is not None]
     return SeriesHeader(
         study_uid=first.study_uid,
         series_uid=first.series_uid,
@@ -532,7 +609,7 @@ def summarise_series(instances: Sequence[InstanceHeader]) -> SeriesHeader:
         n_frames=len(frames),
         n_positions=len(positions),
         normal=tuple(float(v) for v in normal) if normal is not None else None,  # type: ignore[arg-type]
-        slice_thickness=thickness,
+        slice_thickness=min(thicknesses) if thicknesses else None,
         slice_spacing=float(np.median(gaps)) if len(gaps) else None,
         coverage_mm=float(positions[-1] - positions[0]) if len(positions) > 1 else (0.0 if positions else None),
         pixel_spacing=next((f.pixel_spacing for f in frames if f.pixel_spacing is not None), None),
@@ -542,6 +619,8 @@ def summarise_series(instances: Sequence[InstanceHeader]) -> SeriesHeader:
         n_directions_at_max_b=len(directions),
         images_per_position_at_max_b=len(at_max_b) / max(1, len(positions)),
         has_pixels=any(i.has_pixels for i in instances),
+        slice_thickness_max=max(thicknesses) if thicknesses else None,
+        parts=_parts(frames, normal),
         instances=tuple(instances),
     )
 

@@ -94,7 +94,7 @@ class Predictor:
     def __init__(self, loaded: LoadedModel, *, device: DevicePreference = "cpu") -> None:
         self.card = loaded.card
         self.notes = loaded.notes
-        self.recipe = self._recipe(loaded)
+        self.recipe = self.recipe_of(loaded)
         self.device = select_device(device)
         self.precision = runtime_precision(self.card.precision, self.device)
         self.model = prepare(loaded.model, self.device)
@@ -113,7 +113,8 @@ class Predictor:
         return cls(load_model(checkpoint), device=device)
 
     @staticmethod
-    def _recipe(loaded: LoadedModel) -> Recipe:
+    def recipe_of(loaded: LoadedModel) -> Recipe:
+        """The recipe a loaded model is served with: its card's, else the default on the card's grid."""
         card = loaded.card
         recipe = Recipe.from_dict(card.recipe) if card.recipe is not None else DEFAULT_RECIPE.with_grid(card.grid)
         if tuple(recipe.grid) != tuple(card.grid):

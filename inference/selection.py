@@ -232,7 +232,14 @@ def _description(header: SeriesHeader) -> str:
 
 
 def _thickness(header: SeriesHeader) -> float | None:
+    """The series' thinnest slice thickness (a mixed series is judged on its thinnest part), else its spacing."""
     return header.slice_thickness if header.slice_thickness else header.slice_spacing
+
+
+def _thickness_text(header: SeriesHeader, thickness: float) -> str:
+    if header.slice_thickness_max is not None and header.slice_thickness_max - thickness > 1e-3:
+        return f"{thickness:g}-{header.slice_thickness_max:g} mm ({', '.join(p.describe() for p in header.parts)})"
+    return f"{thickness:g} mm"
 
 
 def _check_strings(criteria: Criteria, header: SeriesHeader) -> list[str]:
@@ -281,7 +288,7 @@ def _check_geometry(criteria: Criteria, header: SeriesHeader, tolerance_deg: flo
         if thickness is None:
             failures.append("slice thickness unknown")
         elif not criteria.slice_thickness_mm.holds(thickness):
-            failures.append(f"slice thickness {thickness:g} mm not {criteria.slice_thickness_mm.describe()}")
+            failures.append(f"slice thickness {_thickness_text(header, thickness)} not {criteria.slice_thickness_mm.describe()}")
     if partial:  # counts, coverage and b-values are only known once the series is complete
         return failures
     if criteria.n_positions is not None and not criteria.n_positions.holds(header.n_positions):
@@ -476,6 +483,20 @@ class Explanation:
         """The plan of the pipeline that would run, None when none is ready."""
         return self.pipelines[self.chosen] if self.chosen else None
 
+    def not_ready_reason(self) -> str:
+        """Why no pipeline runs: what each pipeline lacks, then each series left unused and why.
+
+        The ``not_analysed`` reason of a study no pipeline can use (the worker's and ``explain``'s).
+        """
+        parts = [f"{name}: {', '.join(plan.lacking)}" for name, plan in sorted(self.pipelines.items()) if plan.lacking]
+        reason = "no pipeline is ready: " + ("; ".join(parts) if parts else "no usable series")
+        unused = [
+            f"#{d.series_number if d.series_number is not None else '?'} {d.modality or '?'} {d.description!r}: {d.reason}"
+            for d in self.series
+            if d.role is None
+        ]
+        return reason + (f" (series: {' | '.join(unused)})" if unused else "")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able structure (for ``fpe-node explain --json``)."""
         return {
@@ -564,16 +585,26 @@ class Selector:
         self.case_window = timedelta(hours=case_window_h)
         self.prefer_pipeline: Pipeline = prefer_pipeline or self.rules.prefer_pipeline
 
+    def __eq__(self, other: object) -> bool:
+        """Same rules (required roles included), case window and pipeline preference: same judgement."""
+        if not isinstance(other, Selector):
+            return NotImplemented
+        return (self.rules, self.case_window, self.prefer_pipeline) == (other.rules, other.case_window, other.prefer_pipeline)
+
+    __hash__ = None  # type: ignore[assignment]
+
     # -- callables for the completion logic ------------------------------------------------
 
-    def could_use(self, header: SeriesHeader) -> bool:
+    def could_use(self, header: SeriesHeader, *, complete: bool = False) -> bool:
         """True when the series could fill some role (worth waiting for / loading).
 
-        Judged on what even a partly received series shows (modality, ImageType, description,
-        orientation, contrast, slice thickness); slice count, coverage and b-values are left to
-        :meth:`pipeline_ready` and :meth:`explain` on the complete series.
+        ``complete=False``: judged on what even a partly received series shows (modality,
+        ImageType, description, orientation, contrast, slice thickness), slice count, coverage
+        and b-values left out; such a verdict is a first guess (completion waits for the whole
+        series before it counts). ``complete=True``: every criterion, on the whole series (the
+        judgement :meth:`explain` makes).
         """
-        return bool(classify(header, self.rules, partial=True).candidate_roles)
+        return bool(classify(header, self.rules, partial=not complete).candidate_roles)
 
     def pipeline_ready(self, headers: Sequence[SeriesHeader]) -> bool:
         """True when these series make at least one pipeline ready."""
@@ -742,6 +773,9 @@ class Selector:
             role = c.candidate_roles[0]
             plan = plans[self.rules.roles[role].pipeline]
             better = plan.roles.get(role)
+            primary = self.rules.pipelines[plan.pipeline].primary
+            if better is None and primary not in plan.roles:
+                return None, f"{role} candidate, unused: the {plan.pipeline} pipeline has no {primary} series"
             if better is None:
                 return None, f"{role} candidate outside the case window"
             return None, f"{role} candidate; series {better.description!r} preferred ({', '.join(self.rules.roles[role].prefer)})"

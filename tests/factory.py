@@ -41,7 +41,8 @@ seed=0, ...) -> Study``
 n_slices=..., slice_spacing=..., drop=(), duplicate=(), ...) -> Series``
     One CT series with free geometry; the named special cases wrap it:
     ``write_tilted_ct`` (gantry tilt via ImageOrientationPatient + GantryDetectorTilt),
-    ``write_ct_two_spacings`` (two slice spacings in one series), ``write_ct_missing_slice``,
+    ``write_ct_two_spacings`` (two slice spacings in one series), ``write_ct_mixed_thickness``
+    (GE-style 4 mm + 7 mm parts, tilted), ``write_ct_missing_slice``,
     ``write_ct_duplicated_slice``, ``write_ct_truncated`` (too little head coverage).
 
 Lower level: ``ct_datasets(...)``, ``mr_datasets(...)``, ``enhanced_mr_dataset(...)``,
@@ -74,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
@@ -865,6 +867,38 @@ def write_ct_two_spacings(
     offsets += [start + (k + 1) * second[1] for k in range(second[0])]
     kwargs.setdefault("key", "ncct_two_spacings")
     return write_ct_series(directory, offsets=offsets, **kwargs)  # type: ignore[arg-type]
+
+
+def write_ct_mixed_thickness(
+    directory: Path,
+    *,
+    parts: Sequence[tuple[int, float]] = ((10, 4.0), (14, 7.0)),
+    tilt_deg: float = 15.0,
+    **kwargs: object,
+) -> Series:
+    """A GE-style head NCCT: slice thickness and spacing change inside one series.
+
+    ``parts`` (slices, mm) from the skull base up (default: 4 mm posterior fossa, 7 mm above),
+    each slice's SliceThickness that of its part (times cos(tilt), as with gantry tilt).
+    """
+    offsets: list[float] = []
+    thickness_by_rank: list[float] = []
+    position = float(kwargs.pop("bottom_mm", -50.0))  # type: ignore[arg-type]
+    for count, spacing in parts:
+        for _ in range(count):
+            if offsets:
+                position += spacing
+            offsets.append(position)
+            thickness_by_rank.append(spacing * math.cos(math.radians(tilt_deg)))
+    kwargs.setdefault("key", "ncct_mixed")
+    kwargs.setdefault("description", "HEAD NCCT 4/7mm")
+    series = write_ct_series(directory, offsets=offsets, tilt_deg=tilt_deg, **kwargs)  # type: ignore[arg-type]
+    rank = {index: r for r, index in enumerate(sorted(range(len(series.positions)), key=lambda i: series.positions[i][2]))}
+    for index, path in enumerate(series.paths):
+        ds = pydicom.dcmread(path)
+        ds.SliceThickness = f"{thickness_by_rank[rank[index]]:.6g}"
+        ds.save_as(path, enforce_file_format=True)
+    return series
 
 
 def write_ct_missing_slice(directory: Path, *, missing: int = 12, **kwargs: object) -> Series:

@@ -6,10 +6,12 @@ Short timers (0.3 s quiet, 1.2 s study timeout) on a real APScheduler Background
 from __future__ import annotations
 
 import datetime as dt
+import random
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import pydicom
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select, update
@@ -18,7 +20,9 @@ from dicom_node.completion import Completion, SelectionReadiness, SeriesInfo, se
 from dicom_node.index.db import write_session
 from dicom_node.index.models import Series, Study, StudyEvent
 from dicom_node.lifecycle import Lifecycle, StudyState
+from dicom_node.selector import build_selector
 from dicom_node.settings import CompletionSettings
+from tests import factory as factory_module
 from tests.studyindex import COMPREHENSIVE_SR, Index, Stored, add_files, add_instances, index, receive  # noqa: F401
 
 S = StudyState
@@ -195,3 +199,120 @@ def test_a_lost_timer_is_rearmed_by_the_sweeper(index: Index, scheduler: Backgro
     receive(index, completion, Stored("1.3.11", "1.3.11.1", "x"))
     scheduler.remove_job("completion:1.3.11")  # as if the scheduler had dropped it
     assert _wait_for(index, "1.3.11", {"queued"}) < 3.0
+
+
+# --------------------------------------------------------------------------- issue 9: one judgement, any order
+
+
+@pytest.fixture(scope="module")
+def ge_head_ct(tmp_path_factory: pytest.TempPathFactory) -> tuple[factory_module.Series, factory_module.Series]:
+    """A GE-style tilted NCCT (4 mm posterior fossa, 7 mm above) and a thin CTA of the same study."""
+    folder = tmp_path_factory.mktemp("ge_head_ct")
+    ncct = factory_module.write_ct_mixed_thickness(folder, rows=16, study_date=_TODAY[0], study_time=_TODAY[1])
+    cta = factory_module.write_ct_series(
+        folder, kind="cta", study_uid=ncct.study_uid, rows=16, n_slices=32, slice_spacing=2.0, bottom_mm=-60.0,
+        series_number=5, study_date=_TODAY[0], study_time=_TODAY[1],
+    )
+    return ncct, cta
+
+
+@pytest.fixture
+def bootstrap_readiness(index: Index) -> SelectionReadiness:
+    """Completion's readiness rules exactly as the node builds them."""
+    from dicom_node.bootstrap import _selection_readiness
+
+    return _selection_readiness(index.settings, index.sessions)
+
+
+_NOW = dt.datetime.now() - dt.timedelta(minutes=5)
+_TODAY = (_NOW.strftime("%Y%m%d"), _NOW.strftime("%H%M%S"))
+
+
+def _feed(index: Index, completion: Completion, files: Sequence[tuple[factory_module.Series, Path]]) -> None:
+    """Index and announce each file, in the order given, as the SCP does for each C-STORE."""
+    for series, path in files:
+        (stored_path,) = add_files(index, series.study_uid, series.series_uid, [path], modality="CT")
+        completion.instance_stored(
+            Stored(series.study_uid, series.series_uid, f"{series.series_uid}.x", modality="CT",
+                   series_description=series.description, path=stored_path)
+        )
+
+
+def _thick_first(
+    files: list[tuple[factory_module.Series, Path]], thin_first: bool = False
+) -> list[tuple[factory_module.Series, Path]]:
+    """The NCCT's 7 mm slices first (what an Orthanc send did): its first instance is not an NCCT by itself."""
+    def thickness(item: tuple[factory_module.Series, Path]) -> float:
+        return float(pydicom.dcmread(item[1], stop_before_pixels=True).SliceThickness)
+
+    sign = 1.0 if thin_first else -1.0
+    return sorted(files, key=lambda item: (item[0].key != "ncct_mixed", sign * thickness(item)))
+
+
+@pytest.mark.parametrize("order", ["sorted", "reversed", "shuffled", "thick_first"])
+def test_mixed_thickness_study_is_ready_in_any_arrival_order(
+    index: Index, scheduler: BackgroundScheduler, ge_head_ct: tuple[factory_module.Series, factory_module.Series], order: str
+) -> None:
+    ncct, cta = ge_head_ct
+    files = [(s, p) for s in (ncct, cta) for p in s.paths]
+    arranged = {
+        "sorted": sorted(files, key=lambda item: str(item[1])),
+        "reversed": sorted(files, key=lambda item: str(item[1]), reverse=True),
+        "shuffled": random.Random(9).sample(files, len(files)),
+        "thick_first": _thick_first(files),
+    }[order]
+    readiness = SelectionReadiness(build_selector(index.settings), index.sessions, index.data_dir)
+    completion = _completion(index, scheduler, could_use=readiness.could_use, pipeline_ready=readiness.pipeline_ready)
+    _feed(index, completion, arranged)
+    waited = _wait_for(index, ncct.study_uid, {"queued", "not_eligible"})
+    assert _state(index, ncct.study_uid) == "queued"
+    assert _events(index, ncct.study_uid)[-1][1] == "2 usable series complete"  # not the study timeout
+    assert waited < SHORT.study_timeout_s
+
+
+def test_a_partly_judged_series_never_makes_a_study_not_eligible(
+    index: Index, scheduler: BackgroundScheduler, ge_head_ct: tuple[factory_module.Series, factory_module.Series]
+) -> None:
+    ncct, _ = ge_head_ct
+    readiness = SelectionReadiness(build_selector(index.settings), index.sessions, index.data_dir)
+    completion = _completion(index, scheduler, could_use=readiness.could_use, pipeline_ready=readiness.pipeline_ready)
+    _feed(index, completion, _thick_first([(ncct, p) for p in ncct.paths]))  # NCCT only, 7 mm slices first
+    _wait_for(index, ncct.study_uid, {"queued", "not_eligible"}, timeout=10)
+    assert _state(index, ncct.study_uid) == "queued"  # the worker decides (no CTA: not analysed, with the reason)
+    assert "no series a pipeline could use" not in (_events(index, ncct.study_uid)[-2][1] or "")
+
+
+def test_ncct_alone_waits_for_its_cta_with_the_workers_rules(
+    index: Index, scheduler: BackgroundScheduler, ge_head_ct: tuple[factory_module.Series, factory_module.Series],
+    bootstrap_readiness: SelectionReadiness,
+) -> None:
+    ncct, cta = ge_head_ct
+    readiness = bootstrap_readiness
+    completion = _completion(index, scheduler, could_use=readiness.could_use, pipeline_ready=readiness.pipeline_ready)
+    _feed(index, completion, _thick_first([(ncct, p) for p in ncct.paths], thin_first=True))
+    before = completion.checks_run
+    assert completion.wait_for_checks(before + 2, timeout_s=5)  # the NCCT is complete and was judged
+    assert _state(index, ncct.study_uid) == "received"  # not queued on the NCCT alone
+    _feed(index, completion, [(cta, p) for p in cta.paths])
+    _wait_for(index, ncct.study_uid, {"queued"})
+    assert [state for state, _ in _events(index, ncct.study_uid)].count("queued") == 1
+    assert _events(index, ncct.study_uid)[-1][1] == "2 usable series complete"
+
+
+def test_an_unreadable_header_drops_its_instance_and_never_stalls(
+    index: Index, scheduler: BackgroundScheduler, ge_head_ct: tuple[factory_module.Series, factory_module.Series],
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    ncct, cta = ge_head_ct
+    readiness = SelectionReadiness(build_selector(index.settings), index.sessions, index.data_dir)
+    completion = _completion(index, scheduler, could_use=readiness.could_use, pipeline_ready=readiness.pipeline_ready)
+    ds = pydicom.dcmread(cta.paths[0])
+    ds[0x00200013]._value = "A1"  # InstanceNumber (IS) that is no integer: the header cannot be summarised
+    broken = tmp_path / "broken.dcm"
+    ds.save_as(broken)
+    files = [(ncct, p) for p in sorted(ncct.paths)] + [(cta, broken)] + [(cta, p) for p in cta.paths]
+    with pytest.warns(UserWarning, match="Invalid value for VR IS"):
+        _feed(index, completion, files)
+        assert _wait_for(index, ncct.study_uid, {"queued"}) < SHORT.study_timeout_s
+    assert _events(index, ncct.study_uid)[-1][1] == "2 usable series complete"
+    assert any("left out of the series' judgement" in r.getMessage() for r in caplog.records)

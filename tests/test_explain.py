@@ -20,7 +20,7 @@ def _bundled_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_explain_synthetic_ct_study_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    factory.write_ct_stroke_study(tmp_path, rows=32, thin_slices=30, cta_slices=40)
+    factory.write_ct_stroke_study(tmp_path, rows=32, thin_slices=36, cta_slices=44)
     assert main(["explain", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     lines = {line.split("'")[1]: line for line in out.splitlines() if line.strip().startswith("#")}

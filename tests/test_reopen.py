@@ -161,3 +161,25 @@ def test_late_instances_pull_a_waiting_study_back_but_not_a_processed_one(
     time.sleep(SHORT.study_timeout_s + 0.2)
     assert _state(index) == "analysed"
     assert _jobs(index) == 2  # the first, cancelled when pulled back, and the one that ran
+
+
+def test_a_new_series_is_judged_on_all_of_it_before_it_is_refused(index: Index, scheduler: BackgroundScheduler) -> None:
+    """The first instance of a new series is only a first guess (a GE NCCT's 7 mm part first): judged once complete."""
+    def whole_series_only(series: SeriesInfo) -> bool:
+        return series.complete and _no_localizers(series)  # the first guess is always "no"
+
+    lifecycle = Lifecycle(index.sessions, SHORT)
+    completion = Completion(
+        SHORT, lifecycle, index.sessions, scheduler, data_dir=index.data_dir, uid_root=ROOT, could_use=whole_series_only
+    )
+    receive(index, completion, Stored(STUDY, "1.4.1.2", "a"), 3)
+    _wait_state(index, "queued")  # judged usable once complete, not refused on its first instance
+    assert lifecycle.claim_next() is not None
+    lifecycle.finish(STUDY, S.ANALYSED)
+    receive(index, completion, Stored(STUDY, "1.4.1.6", "d", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")), 2)
+    receive(index, completion, Stored(STUDY, "1.4.1.7", "e"), 3)  # e.g. the NCCT's missing part, as a new series
+    _wait_state(index, "queued")
+    details = _details(index)
+    assert "re-opened by new series 1.4.1.7 (CT)" in details
+    assert "series 1.4.1.6 arrived while analysed: no pipeline could use it; not re-opened" in details
+    assert _jobs(index) == 2

@@ -245,3 +245,38 @@ def test_3d_sagittal_flair_is_used_but_a_2d_sagittal_series_is_not(tmp_path: Pat
     as_2d = dataclasses.replace(flair, mr_acquisition_type="2D")
     failures = classify(as_2d, load_selection_rules()).role_failures["flair"]
     assert any("not axial" in f for f in failures)
+
+
+def test_mixed_thickness_series_is_judged_the_same_in_any_order(tmp_path: Path) -> None:
+    """A GE head CT (4 mm posterior fossa, 7 mm above, gantry tilt): one summary, one verdict, any order."""
+    from inference.dicom_headers import read_instance_header, summarise_series
+
+    series = factory.write_ct_mixed_thickness(tmp_path, rows=16)
+    instances = [read_instance_header(path) for path in series.paths]
+    assert all(i is not None for i in instances)
+    by_thickness = sorted(instances, key=lambda i: i.frames[0].slice_thickness)  # type: ignore[union-attr]
+    orders = [by_thickness, by_thickness[::-1], instances[::-1], [instances[k] for k in (7, 3, 20, 0, 11)]]
+    summaries = [summarise_series(order) for order in orders[:3]]  # type: ignore[arg-type]
+    assert summaries[0] == summaries[1] == summaries[2]
+    summary = summaries[0]
+    assert [(p.n_positions, round(p.thickness or 0, 2)) for p in summary.parts] == [(10, 3.86), (14, 6.76)]
+    assert summary.slice_thickness == pytest.approx(3.86, abs=0.01)
+    assert summary.slice_thickness_max == pytest.approx(6.76, abs=0.01)
+    selector = Selector()
+    assert selector.could_use(summary, complete=True)
+    assert selector.explain([summary]).series[0].role == "ncct"
+    # a uniformly 7 mm series is refused, naming its thickness
+    thick = summarise_series([i for i in instances if i.frames[0].slice_thickness > 6])  # type: ignore[union-attr]
+    failures = classify(thick, load_selection_rules()).role_failures["ncct"]
+    assert any(f.startswith("slice thickness 6.76148 mm not 0.5-6") for f in failures)
+    assert summarise_series(orders[3]) == summarise_series(orders[3][::-1])  # type: ignore[arg-type]
+
+
+
+def test_a_cta_without_ncct_is_unused_for_want_of_an_ncct_not_outside_the_window(
+    ct_study: tuple[factory.Study, list[SeriesHeader]],
+) -> None:
+    study, headers = ct_study
+    without_ncct = [h for h in headers if h.series_uid not in {s.series_uid for k, s in study.series.items() if k.startswith("ncct")}]
+    decisions = {d.series_uid: d for d in Selector().explain(without_ncct).series}
+    assert decisions[study.series["cta"].series_uid].reason == "cta candidate, unused: the CT pipeline has no ncct series"

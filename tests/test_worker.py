@@ -132,3 +132,115 @@ def test_worker_process_hands_results_to_callbacks(running_node: Node, tmp_path:
     study_uid, result = received[0]
     assert study_uid == study.study_uid
     assert isinstance(result, Prediction) and len(result.attention) == GRID[0]
+
+
+# --------------------------------------------------------------------------- issue 9: one judgement
+
+
+def _today() -> tuple[str, str]:
+    now = dt.datetime.now() - dt.timedelta(minutes=5)
+    return now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+
+
+def _timeline(node: Node, study_uid: str) -> list[tuple[str, str | None]]:
+    from sqlalchemy import select
+
+    from dicom_node.index.models import Study as StudyRow, StudyEvent
+
+    with node.session_factory() as session:
+        return [(row.state, row.detail) for row in session.execute(
+            select(StudyEvent.state, StudyEvent.detail).join(StudyRow).where(StudyRow.study_uid == study_uid)
+            .order_by(StudyEvent.id))]
+
+
+def _analyse_all(node: Node) -> dict[str, Any]:
+    analyst = Analyst(node.settings, session_factory=node.session_factory)
+    outcomes = {}
+    while (outcome := analyst.run_next()) is not None:
+        outcomes[outcome.study_uid] = outcome
+    return outcomes
+
+
+def test_completion_and_worker_judge_with_one_selector(running_node: Node) -> None:
+    analyst = Analyst(running_node.settings, session_factory=running_node.session_factory)
+    assert running_node.selector == analyst.selector
+    assert running_node.selector.rules.pipelines["CT"].required == ("ncct", "cta")  # the served recipe's
+
+
+def test_ge_mixed_thickness_tilted_study_sent_thick_slices_first_is_analysed(running_node: Node, tmp_path: Path) -> None:
+    from tests.factory import CTA_TRANSFORM, write_ct_mixed_thickness, write_ct_series
+
+    date, time_ = _today()
+    ncct = write_ct_mixed_thickness(tmp_path / "ge", rows=32, study_date=date, study_time=time_)
+    cta = write_ct_series(
+        tmp_path / "ge", kind="cta", study_uid=ncct.study_uid, study_date=date, study_time=time_, rows=40,
+        fov_mm=220.0, n_slices=48, slice_spacing=2.0, bottom_mm=-90.0, world_from_patient=CTA_TRANSFORM,
+        series_number=5,
+    )
+    datasets = [pydicom.dcmread(path) for path in (*ncct.paths, *cta.paths)]
+    datasets.sort(key=lambda ds: (ds.SeriesInstanceUID != ncct.series_uid, -float(ds.SliceThickness)))  # 7 mm first
+    assert set(send_datasets(_PORTS[id(running_node)], datasets)) == {0}
+    _wait_state(running_node, ncct.study_uid, {StudyState.QUEUED, StudyState.NOT_ELIGIBLE})
+    assert _timeline(running_node, ncct.study_uid)[-1] == ("queued", "2 usable series complete")
+    outcome = _analyse_all(running_node)[ncct.study_uid]
+    assert outcome.state is StudyState.ANALYSED, outcome.reason
+    assert outcome.result.series_used == {"ncct": ncct.series_uid, "cta": cta.series_uid}
+
+
+def test_head_study_without_usable_series_is_not_analysed_naming_each(running_node: Node, tmp_path: Path) -> None:
+    date, time_ = _today()
+    study = write_ct_stroke_study(
+        tmp_path / "short", rows=32, thin_slices=10, with_thick=False, with_cta=False, with_dose_report=False,
+        with_reformats=False, with_mips=False, study_date=date, study_time=time_,
+    )
+    _send(running_node, study)
+    _wait_state(running_node, study.study_uid, {StudyState.QUEUED, StudyState.NOT_ELIGIBLE})
+    outcome = _analyse_all(running_node)[study.study_uid]
+    assert outcome.state is StudyState.NOT_ANALYSED
+    assert "'HEAD NCCT 2.5mm STD': not ncct: 10 slice positions, needs >= 15" in outcome.reason
+    assert "'Surview': localizer / scout" in outcome.reason
+
+
+def _explain_verdict(node: Node, folder: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    import argparse
+    import json
+
+    from dicom_node.commands import explain
+
+    capsys.readouterr()
+    assert explain.run(argparse.Namespace(paths=[folder], json=True, now=None, rules_only=False), node.settings) == 0
+    (patient,) = json.loads(capsys.readouterr().out)
+    return patient["verdict"]  # type: ignore[no-any-return]
+
+
+def test_explain_verdict_is_the_runs(running_node: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.factory import default_patient, write_mr_stroke_study
+
+    date, time_ = _today()
+    common = dict(rows=16, study_date=date, study_time=time_)
+    cases = {
+        # enhanced (multi-frame) DWI and ADC: fewer instances to send
+        "coverage_62mm": write_mr_stroke_study(tmp_path / "a", patient=default_patient(11), n_slices=16,
+                                               slice_spacing=62.0 / 15, enhanced=True, **common),  # type: ignore[arg-type]
+        "few_slices": write_mr_stroke_study(tmp_path / "b", patient=default_patient(12), n_slices=10,
+                                            enhanced=True, **common),  # type: ignore[arg-type]
+        "missing_b": write_mr_stroke_study(tmp_path / "c", patient=default_patient(13), n_slices=16,
+                                           **common),  # type: ignore[arg-type]
+    }
+    for path in cases["missing_b"].series["dwi"].paths:  # the DWI images carry no b-value anywhere
+        ds = pydicom.dcmread(path)
+        del ds.DiffusionBValue
+        ds.save_as(path)
+    for study in cases.values():
+        _send(running_node, study)
+    for study in cases.values():
+        _wait_state(running_node, study.study_uid, {StudyState.QUEUED, StudyState.NOT_ELIGIBLE})
+    outcomes = _analyse_all(running_node)
+    for name, study in cases.items():
+        verdict = _explain_verdict(running_node, study.directory, capsys)
+        outcome = outcomes[study.study_uid]
+        assert outcome.state is StudyState.NOT_ANALYSED, name
+        assert verdict == {"outcome": "not_analysed", "pipeline": verdict["pipeline"], "reason": outcome.reason}, name
+    assert "covers 62 mm" in outcomes[cases["coverage_62mm"].study_uid].reason
+    assert "10 slice positions" in outcomes[cases["few_slices"].study_uid].reason
+    assert "not dwi: highest b-value" in outcomes[cases["missing_b"].study_uid].reason

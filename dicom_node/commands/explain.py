@@ -3,12 +3,16 @@
 For each patient found (grouped by Patient ID and issuer, shown only as a short hash), each study
 is judged for eligibility, and each series is listed with the role selection picked for it or
 the reason it got none; then each pipeline (CT, MR) is shown ready, with the series it would use,
-or with what it lacks, and the pipeline that would run. Nothing is stored or sent.
+or with what it lacks, and the pipeline that would run. Then the chosen series go through the
+checks the run makes (:func:`inference.case.case_from_headers`: volumes built, head coverage,
+missing or duplicated slices, b-values on every diffusion image), so the verdict printed is the
+run's: "would run" or "not analysed" with the run's reason. Nothing is stored or sent.
 
 The rules come from the settings (``inference.eligibility_rules``, ``inference.selection_rules``,
-``inference.case_window_h``, ``inference.prefer_pipeline``). What each pipeline requires follows
-the recipe that would be served: the configured checkpoint's (its card is read) or, without one,
-the default recipe (whose CT pipeline needs a CTA). ``--rules-only`` uses the rules file's
+``inference.case_window_h``, ``inference.prefer_pipeline``) through the node's one selector
+builder (:func:`dicom_node.selector.build_selector`). What each pipeline requires follows
+the recipe that would be served: the configured checkpoint's or, without one, the default
+recipe (whose CT pipeline needs a CTA). ``--rules-only`` uses the rules file's
 ``required`` lists instead. The study-age rule applies only with ``--now`` (files examined
 offline are usually old).
 """
@@ -23,12 +27,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
+
+from dicom_node.selector import build_selector
 from dicom_node.settings import Settings
+from inference.case import case_from_headers
 from inference.dicom_headers import SeriesHeader, read_series_headers
 from inference.eligibility import EligibilityDecision, check_study, load_eligibility_rules
-from inference.recipe import DEFAULT_RECIPE, Recipe
-from inference.result import Pipeline, Role
-from inference.selection import Explanation, Selector, load_selection_rules
+from inference.result import NotAnalysed
+from inference.selection import Explanation, Selector
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +68,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     try:
         now = dt.datetime.fromisoformat(args.now) if args.now else None
-        selector = Selector(
-            load_selection_rules(settings.inference.selection_rules),
-            case_window_h=settings.inference.case_window_h,
-            prefer_pipeline=settings.inference.prefer_pipeline,
-            required_roles=None if args.rules_only else recipe_required_roles(settings),
-        )
+        selector = build_selector(settings, rules_only=args.rules_only)
         eligibility_rules = load_eligibility_rules(settings.inference.eligibility_rules)
     except ValueError as exc:
         print(f"fpe-node explain: {exc}")
         return 2
-    headers = read_series_headers(args.paths)
+    datasets: dict[Path, Dataset] = {}  # each file parsed once; the run's checks decode from these
+    headers = read_series_headers(args.paths, datasets)
     if not headers:
         print("fpe-node explain: no DICOM files found")
         return 1
@@ -79,24 +82,34 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     for explanation in selector.explain_all(headers):
         studies = _studies_of(explanation, headers)
         decisions = {uid: check_study(series, eligibility_rules, now=now) for uid, series in studies.items()}
-        report.append((explanation, studies, decisions))
+        verdict = run_verdict(selector, [h for series in studies.values() for h in series], decisions, datasets)
+        report.append((explanation, studies, decisions, verdict))
     if args.json:
-        print(json.dumps([_as_json(e, s, d) for e, s, d in report], indent=2, default=str))
+        print(json.dumps([_as_json(e, s, d, v) for e, s, d, v in report], indent=2, default=str))
     else:
-        print("\n\n".join(_as_text(e, s, d) for e, s, d in report))
+        print("\n\n".join(_as_text(e, s, d, v) for e, s, d, v in report))
     return 0
 
 
-def recipe_required_roles(settings: Settings) -> dict[Pipeline, tuple[Role, ...]]:
-    """Per pipeline, the roles the served recipe needs (configured checkpoint, else the default)."""
-    recipe = DEFAULT_RECIPE
-    if settings.inference.checkpoint is not None:
-        from inference.model.checkpoint import load_checkpoint
+def run_verdict(
+    selector: Selector,
+    headers: Sequence[SeriesHeader],
+    decisions: dict[str, EligibilityDecision],
+    datasets: dict[Path, Dataset] | None = None,
+) -> dict[str, Any]:
+    """What the run would end with: ``outcome`` (``would_run``, ``not_analysed``, ``not_eligible``),
+    ``pipeline`` and ``reason``.
 
-        card = load_checkpoint(settings.inference.checkpoint).card
-        if card.recipe is not None:
-            recipe = Recipe.from_dict(card.recipe)
-    return {pipeline: recipe.for_pipeline(pipeline).required_roles for pipeline in ("CT", "MR")}
+    The run's own steps are called (:func:`inference.case.case_from_headers`: selection, then
+    the volumes with every check they make), not copied; only the model is not run.
+    """
+    if decisions and not any(d.eligible for d in decisions.values()):
+        reason = next(d.reason for d in decisions.values())
+        return {"outcome": "not_eligible", "pipeline": None, "reason": reason}
+    case = case_from_headers(headers, selector, datasets=datasets)
+    if isinstance(case, NotAnalysed):
+        return {"outcome": "not_analysed", "pipeline": case.pipeline, "reason": case.reason}
+    return {"outcome": "would_run", "pipeline": case.pipeline, "reason": None}
 
 
 def _studies_of(explanation: Explanation, headers: Sequence[SeriesHeader]) -> dict[str, list[SeriesHeader]]:
@@ -110,9 +123,13 @@ def _studies_of(explanation: Explanation, headers: Sequence[SeriesHeader]) -> di
 
 
 def _as_json(
-    explanation: Explanation, studies: dict[str, list[SeriesHeader]], decisions: dict[str, EligibilityDecision]
+    explanation: Explanation,
+    studies: dict[str, list[SeriesHeader]],
+    decisions: dict[str, EligibilityDecision],
+    verdict: dict[str, Any],
 ) -> dict[str, Any]:
     data = explanation.to_dict()
+    data["verdict"] = verdict
     data["studies"] = [
         {
             "study_uid": uid,
@@ -127,15 +144,18 @@ def _as_json(
 
 
 def _as_text(
-    explanation: Explanation, studies: dict[str, list[SeriesHeader]], decisions: dict[str, EligibilityDecision]
+    explanation: Explanation,
+    studies: dict[str, list[SeriesHeader]],
+    decisions: dict[str, EligibilityDecision],
+    verdict: dict[str, Any],
 ) -> str:
     lines = [f"Patient {explanation.patient} (hash of Patient ID and issuer)"]
     lines += [f"  note: {note}" for note in explanation.notes]
     for study_uid, series in studies.items():
         decision = decisions[study_uid]
         when = series[0].study_datetime.strftime("%Y-%m-%d %H:%M") if series[0].study_datetime else "undated"
-        verdict = "eligible" if decision.eligible else f"NOT ELIGIBLE: {decision.reason}"
-        lines.append(f"  Study {study_uid}  {series[0].study_description!r}  {when}  {verdict}")
+        eligible = "eligible" if decision.eligible else f"NOT ELIGIBLE: {decision.reason}"
+        lines.append(f"  Study {study_uid}  {series[0].study_description!r}  {when}  {eligible}")
         for item in (d for d in explanation.series if d.study_uid == study_uid):
             number = f"#{item.series_number}" if item.series_number is not None else "#?"
             role = item.role or "-"
@@ -154,5 +174,12 @@ def _as_text(
             lines.append(f"        optional roles absent: {', '.join(plan.absent_optional)}")
         lines += [f"        warning: {warning}" for warning in plan.warnings]
     chosen = explanation.chosen
-    lines.append(f"  Would run: {chosen} pipeline" if chosen else "  Would run: nothing (no pipeline ready)")
+    if verdict["outcome"] == "would_run":
+        lines.append(f"  Would run: {verdict['pipeline']} pipeline")
+    elif chosen:
+        lines.append(f"  Would run: nothing ({chosen} selected, then refused by the run's checks)")
+    else:
+        lines.append("  Would run: nothing (no pipeline ready)")
+    if verdict["outcome"] != "would_run":
+        lines.append(f"  Verdict: {verdict['outcome'].replace('_', ' ')}: {verdict['reason']}")
     return "\n".join(lines)

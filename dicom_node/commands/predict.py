@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any, get_args
 
+from dicom_node.selector import build_selector
 from dicom_node.settings import Settings
 from inference.case import dicom_case, nifti_case
 from inference.model.checkpoint import CheckpointError
 from inference.predictor import CaseInput, Predictor, result_summary
 from inference.result import NotAnalysed, Role
-from inference.selection import Selector, load_selection_rules
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if nifti:
             case = nifti_case(nifti)
         else:
-            selector = Selector(
-                load_selection_rules(inference.selection_rules),
-                case_window_h=inference.case_window_h,
-                prefer_pipeline=inference.prefer_pipeline,
-                required_roles={p: predictor.recipe.for_pipeline(p).required_roles for p in ("CT", "MR")},
-            )
-            case = dicom_case(args.paths, selector)
+            case = dicom_case(args.paths, build_selector(settings, predictor.recipe))
     except (ValueError, CheckpointError, FileNotFoundError) as exc:
         print(f"fpe-node predict: {exc}", file=sys.stderr)
         return 2
