@@ -557,10 +557,14 @@ def volume_from_planes(planes: Sequence[Plane], facts: dict[str, str], *, min_co
     _check_coverage(stack, min_coverage_mm, series_uid)
     gaps = _check_gaps(stack, series_uid)
     tilt = _tilt_deg(stack) if len(stack.planes) > 1 else 0.0
+    uneven = bool(len(gaps)) and (gaps.max() - gaps.min()) > SPACING_TOLERANCE * gaps.min()
     if tilt > TILT_TOLERANCE_DEG:
-        volume = _resample_tilted(stack, facts)
-        return replace(volume, notes=(*stack.notes, f"gantry tilt of {tilt:.1f} deg corrected onto an orthogonal grid"))
-    if len(gaps) and (gaps.max() - gaps.min()) > SPACING_TOLERANCE * gaps.min():
+        volume = _resample_tilted(stack, facts, float(gaps.min()) if uneven else None)
+        notes = [f"gantry tilt of {tilt:.1f} deg corrected onto an orthogonal grid"]
+        if uneven:
+            notes.insert(0, f"slice spacing varies {gaps.min():.2f}-{gaps.max():.2f} mm; resampled to {gaps.min():.2f} mm")
+        return replace(volume, notes=(*stack.notes, *notes))
+    if uneven:
         volume = _resample_uniform(stack, facts, float(gaps.min()))
         return replace(
             volume,
@@ -614,8 +618,11 @@ def _stacked(stack: _Stack, facts: dict[str, str], spacing: float, array: np.nda
     )
 
 
-def _resample_uniform(stack: _Stack, facts: dict[str, str], spacing: float) -> Volume:
-    """Linear interpolation along the normal onto positions ``along[0] + k * spacing``."""
+def _interpolate_along(stack: _Stack, spacing: float) -> tuple[np.ndarray, np.ndarray]:
+    """The stack linearly interpolated onto positions ``along[0] + k * spacing`` along the normal.
+
+    Returns the array and, for each output plane, the index of the nearest source plane.
+    """
     count = int(math.floor((stack.along[-1] - stack.along[0]) / spacing + 1e-6)) + 1
     targets = stack.along[0] + spacing * np.arange(count)
     upper = np.clip(np.searchsorted(stack.along, targets, side="right"), 1, len(stack.along) - 1)
@@ -624,22 +631,36 @@ def _resample_uniform(stack: _Stack, facts: dict[str, str], spacing: float) -> V
     weight = np.clip((targets - stack.along[lower]) / width, 0.0, 1.0).astype(np.float32)
     source = _modality_array(stack.planes)
     array = source[lower] * (1 - weight)[:, None, None] + source[upper] * weight[:, None, None]
-    nearest = np.where(weight < 0.5, lower, upper)
+    return array, np.where(weight < 0.5, lower, upper)
+
+
+def _resample_uniform(stack: _Stack, facts: dict[str, str], spacing: float) -> Volume:
+    """Linear interpolation along the normal onto positions ``along[0] + k * spacing``."""
+    array, nearest = _interpolate_along(stack, spacing)
     volume = _stacked(stack, facts, spacing, array)
     return replace(volume, sources=tuple(stack.planes[i].source for i in nearest))
 
 
-def _resample_tilted(stack: _Stack, facts: dict[str, str]) -> Volume:
+def _resample_tilted(stack: _Stack, facts: dict[str, str], uniform_spacing: float | None = None) -> Volume:
     """Resample a sheared (gantry-tilted) stack onto an orthogonal grid stepping along the table.
 
     The source voxel (i, j, k) lies at ``P0 + i*dc*r + j*dr*c + k*s`` with ``s`` the step between
     consecutive slice positions, an affine map that SimpleITK inverts and resamples linearly.
+    That map needs one step: when the spacing varies inside the series (GE's thinner posterior
+    fossa slices below thicker ones), the planes are first interpolated along the tilted slice
+    line onto ``uniform_spacing`` (along the normal), so each keeps the place it was acquired at.
     """
     row_dir, col_dir = stack.orientation[:3], stack.orientation[3:]
     first = np.asarray(stack.planes[0].header.position, dtype=float)
     last = np.asarray(stack.planes[-1].header.position, dtype=float)
-    n = len(stack.planes)
-    step = (last - first) / (n - 1)
+    if uniform_spacing is None:
+        source_array = _modality_array(stack.planes)
+        plane_index = np.arange(len(stack.planes))
+        step = (last - first) / (len(stack.planes) - 1)
+    else:
+        source_array, plane_index = _interpolate_along(stack, uniform_spacing)
+        step = (last - first) * (uniform_spacing / float(stack.along[-1] - stack.along[0]))
+    n = len(source_array)
     d_row, d_col = float(stack.pixel_spacing[0]), float(stack.pixel_spacing[1])
     index_to_patient = np.column_stack([row_dir * d_col, col_dir * d_row, step])
     axis = step / float(np.linalg.norm(step))
@@ -656,7 +677,6 @@ def _resample_tilted(stack: _Stack, facts: dict[str, str]) -> Volume:
     spacing = np.array([d_col, d_row, float(np.linalg.norm(step))])
     size = [int(math.floor((high[a] - low[a]) / spacing[a] + 1e-6)) + 1 for a in range(3)]
     origin = first + direction @ low
-    source_array = _modality_array(stack.planes)
     source = sitk.GetImageFromArray(source_array)
     inverse = np.linalg.inv(index_to_patient)
     transform = sitk.AffineTransform(3)
@@ -677,7 +697,7 @@ def _resample_tilted(stack: _Stack, facts: dict[str, str]) -> Volume:
         origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
         spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
         direction=direction,
-        sources=tuple(stack.planes[i].source for i in nearest),
+        sources=tuple(stack.planes[int(plane_index[i])].source for i in nearest),
         study_uid=facts.get("study_uid", ""),
         series_uid=facts.get("series_uid", ""),
         frame_of_reference_uid=facts.get("frame_of_reference_uid", ""),
