@@ -25,8 +25,10 @@ results to a DCMTK ``storescp`` archive:
 - ``orthanc``: the corpus uploaded to Orthanc over REST, then a REST-triggered C-STORE per
   study (Orthanc picks its order);
 - ``storescu-reversed`` and ``storescu-shuffled-<seed>``: DCMTK ``storescu`` with every file of
-  the corpus in reversed or shuffled order (studies interleaved), one association per run of
-  files that need the same proposal (``-R`` plus ``-xs``/``-xv``/... for compressed files).
+  each study in reversed or shuffled order (the studies one after another, in shuffled order
+  for the shuffled senders), one association per run of files that need the same proposal
+  (``-R`` plus ``-xs``/``-xv``/... for compressed files; DCMTK ``dcmsend -nuc`` for the private
+  class, which ``storescu`` refuses to send).
 
 For every study and sender: the study ends ``analysed``, or ``not_analysed`` with a reason
 naming the series or the role it lacks; the archive holds exactly one SR of it; and the outcome
@@ -289,11 +291,18 @@ def send_with_storescu(port: int, paths: Sequence[Path]) -> list[str]:
 
 
 def _order(studies: Sequence[CorpusStudy], sender: str) -> list[Path]:
-    paths = [p for s in studies for p in s.paths]
+    """Every file of the corpus, study after study as a PACS sends them: each study's files
+    reversed, or shuffled (the studies in a shuffled order too) with the sender's seed."""
     if sender == "storescu-reversed":
-        return paths[::-1]
-    seed = int(sender.rsplit("-", 1)[1])
-    random.Random(seed).shuffle(paths)
+        return [p for s in studies for p in s.paths[::-1]]
+    rng = random.Random(int(sender.rsplit("-", 1)[1]))
+    shuffled = list(studies)
+    rng.shuffle(shuffled)
+    paths = []
+    for study in shuffled:
+        files = list(study.paths)
+        rng.shuffle(files)
+        paths += files
     return paths
 
 
@@ -301,7 +310,7 @@ def _node_settings(tmp_path: Path, corpus: Corpus, port: int, archive: StorescpA
     sections: dict[str, Any] = {
         "network": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": port},
         "storage": {"data_dir": str(tmp_path / "node"), "fsync": False},
-        "completion": {"series_quiet_s": 3.0, "study_timeout_s": 30.0},
+        "completion": {"series_quiet_s": 8.0, "study_timeout_s": 30.0},  # a site's quiet period
         "inference": {"workers": 1, "torch_threads": 1, "device": "cpu", "checkpoint": str(corpus.checkpoint)},
         "delivery": {"retry_initial_s": 1.0, "scan_interval_s": 0.5},
         "peers": [

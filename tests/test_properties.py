@@ -78,6 +78,7 @@ SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33", 
 FINAL_STATES = {StudyState.DELIVERED, StudyState.PARTLY_DELIVERED, StudyState.DEAD_LETTERED, StudyState.NOT_ELIGIBLE}
 # No shrinking: each example costs seconds, and the drawn example is reported as it is.
 PROPERTY_SETTINGS = dict(deadline=None, derandomize=True, database=None, phases=(Phase.explicit, Phase.generate),
+                         report_multiple_bugs=False,
                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -236,7 +237,7 @@ def running_node(model: Model, tmp_path_factory: pytest.TempPathFactory) -> Iter
 _STUDY_SEEDS = itertools.count(100)
 
 
-def _wait_final(node: Any, study_uid: str, timeout_s: float = 120.0) -> StudyState | None:
+def _wait_final(node: Any, study_uid: str, timeout_s: float = 60.0) -> StudyState | None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         state = node.lifecycle.state_of(study_uid)
