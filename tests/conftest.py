@@ -7,13 +7,14 @@ FAILS when it is missing (``shared_data`` fixture), it never skips.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,3 +217,76 @@ def serve_process(tmp_path: Path, data_dir: Path) -> Iterator[Callable[..., Serv
             except subprocess.TimeoutExpired:
                 handle.kill()
         handle._close_log()
+
+
+# -- the outcome of a study (corpus and property tests) ---------------------------------------
+
+SCORE_TOLERANCE = 1e-5  # the worker process and a direct run may differ in the last float bits
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run concluded for a study (the index's ``analysis`` row, or the same from a direct run)."""
+
+    outcome: str
+    reason: str | None
+    pipeline: str | None
+    series_used: tuple[tuple[str, str], ...]
+    score: float | None
+    positive: bool | None
+
+    def same_as(self, other: "Outcome") -> bool:
+        """Same conclusion: outcome, reason, pipeline, series, decision, and score within a tolerance."""
+        if (self.outcome, self.reason, self.pipeline, self.series_used, self.positive) != (
+            other.outcome, other.reason, other.pipeline, other.series_used, other.positive
+        ):
+            return False
+        if self.score is None or other.score is None:
+            return self.score is other.score
+        return abs(self.score - other.score) <= SCORE_TOLERANCE
+
+
+def outcome_from_summary(outcome: str, summary: dict[str, Any]) -> Outcome:
+    """The :class:`Outcome` of an analysis row's outcome and its ``result_summary``."""
+    return Outcome(
+        outcome=outcome, reason=summary.get("reason"), pipeline=summary.get("pipeline"),
+        series_used=tuple(sorted((summary.get("series_used") or {}).items())),
+        score=summary.get("score"), positive=summary.get("positive"),
+    )
+
+
+def direct_outcome(paths: Sequence[Path], settings: Settings, predictor: Any, *, keep: list[Any] | None = None) -> Outcome:
+    """What the worker concludes for the study held in ``paths`` (files or folders, read in this
+    order), without the network: eligibility, selection, volumes and the model, as
+    :meth:`dicom_node.worker.Analyst._analyse` runs them. ``keep`` receives the result object."""
+    from dicom_node.lifecycle import StudyState
+    from inference.case import case_from_headers
+    from inference.dicom_headers import read_series_headers
+    from inference.eligibility import check_study, load_eligibility_rules
+    from inference.predictor import result_summary
+    from inference.result import NotAnalysed, Prediction
+    from inference.selection import Selector, load_selection_rules
+
+    inference = settings.inference
+    selector = Selector(
+        load_selection_rules(inference.selection_rules), case_window_h=inference.case_window_h,
+        prefer_pipeline=inference.prefer_pipeline,
+        required_roles={p: predictor.recipe.for_pipeline(p).required_roles for p in ("CT", "MR")},
+    )
+    datasets: dict[Path, Any] = {}
+    headers = read_series_headers(list(paths), datasets)
+    decision = check_study(headers, load_eligibility_rules(inference.eligibility_rules), now=dt.datetime.now())
+    if not decision.eligible:
+        refused = NotAnalysed(decision.reason)
+        if keep is not None:
+            keep.append(refused)
+        return outcome_from_summary(StudyState.NOT_ELIGIBLE.value, result_summary(refused))
+    try:  # as the worker does (dicom_node.worker.Analyst.run_job): a crash is a reason too
+        case = case_from_headers(headers, selector, datasets=datasets)
+        result = case if isinstance(case, NotAnalysed) else predictor.predict(case)
+    except Exception as exc:  # noqa: BLE001
+        result = NotAnalysed(f"internal error during analysis ({type(exc).__name__}); see the node's log")
+    if keep is not None:
+        keep.append(result)
+    state = StudyState.ANALYSED if isinstance(result, Prediction) else StudyState.NOT_ANALYSED
+    return outcome_from_summary(state.value, result_summary(result))

@@ -1488,3 +1488,336 @@ def _load_first(path: Path) -> Dataset:
     import pydicom
 
     return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+# --------------------------------------------------------------------------- real series as templates
+#
+# The corpus tests (tests/test_corpus.py) assemble studies from real series of ../shared/data and
+# series the factory builds on their geometry; the property tests (tests/test_properties.py)
+# damage factory studies the way real PACS traffic does. Both use the helpers below; none of them
+# writes into its input folders.
+
+PHILIPS_PRIVATE_EXAMCARD = UID("1.3.46.670589.11.0.0.12.4")  # Philips Private MR Examcard Storage
+
+#: Type 2 and type 3 attributes a PACS or a modality may leave out (PS3.3 C.7.1.1, C.7.2.1, C.7.3.1).
+OPTIONAL_ATTRIBUTES: tuple[str, ...] = (
+    "PatientBirthDate", "PatientSex", "PatientAge", "IssuerOfPatientID", "StudyID", "AccessionNumber",
+    "ReferringPhysicianName", "StudyDescription", "SeriesDate", "SeriesTime", "AcquisitionDate", "ContentDate",
+    "ContentTime", "SeriesDescription", "ProtocolName", "InstitutionName", "StationName", "BodyPartExamined",
+    "SliceLocation", "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber",
+    "WindowCenter", "WindowWidth",
+)
+
+
+@dataclass(frozen=True)
+class StudyIdentity:
+    """Who and when a copied series is made to belong to (fake patient, fresh study)."""
+
+    study_uid: str
+    patient: Patient
+    study_date: str
+    study_time: str
+    accession: str = "ACC-CORPUS"
+    description: str = "CORPUS STUDY"
+    character_set: str = "ISO_IR 100"
+
+
+def copy_into_study(
+    paths: Sequence[Path], folder: Path, identity: StudyIdentity, *, new_sop_uids: bool = False
+) -> list[Path]:
+    """Copy DICOM files into ``folder`` as part of the study ``identity`` names.
+
+    Patient (name, ID, issuer, birth date, sex), Study Instance UID, study/series/acquisition/
+    content dates and times, accession and study description are replaced; series, frame of
+    reference, pixels and everything else stay as the scanner wrote them. ``new_sop_uids`` gives
+    every copy a SOP Instance UID of its own (derived from the old one and the study). Returns the
+    written paths in input order; the inputs are never modified.
+    """
+    import pydicom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for index, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        _set_identity(ds, identity)
+        if new_sop_uids:
+            ds.SOPInstanceUID = _uid(identity.study_uid, ds.SOPInstanceUID)
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        target = folder / f"{index + 1:04d}.dcm"
+        ds.save_as(target, enforce_file_format=False)
+        out.append(target)
+    return out
+
+
+def _set_identity(ds: Dataset, identity: StudyIdentity) -> None:
+    patient = identity.patient
+    ds.SpecificCharacterSet = identity.character_set
+    ds.PatientName = patient.name
+    ds.PatientID = patient.patient_id
+    ds.IssuerOfPatientID = patient.issuer
+    ds.PatientBirthDate = patient.birth_date
+    ds.PatientSex = patient.sex
+    for keyword in ("OtherPatientIDsSequence", "OtherPatientNames", "PatientAddress", "PatientTelephoneNumbers"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.StudyInstanceUID = identity.study_uid
+    ds.AccessionNumber = identity.accession
+    ds.StudyDescription = identity.description
+    ds.StudyID = "1"
+    for prefix in ("Study", "Series", "Acquisition", "Content"):
+        if prefix == "Study" or f"{prefix}Date" in ds:
+            setattr(ds, f"{prefix}Date", identity.study_date)
+        if prefix == "Study" or f"{prefix}Time" in ds:
+            setattr(ds, f"{prefix}Time", identity.study_time)
+    if "AcquisitionDateTime" in ds:
+        ds.AcquisitionDateTime = identity.study_date + identity.study_time
+
+
+def identity_of(header: Dataset) -> tuple[Patient, dict[str, str]]:
+    """The factory's patient and study info of a (copied) header, to build series into its study."""
+    patient = Patient(
+        name=str(header.get("PatientName", "")), patient_id=str(header.get("PatientID", "")),
+        issuer=str(header.get("IssuerOfPatientID", "")), birth_date=str(header.get("PatientBirthDate", "")),
+        sex=str(header.get("PatientSex", "")),
+    )
+    info = _study_info(str(header.StudyInstanceUID), str(header.get("StudyDescription", "")),
+                       str(header.get("StudyDate", "")), str(header.get("StudyTime", "")),
+                       str(header.get("AccessionNumber", "")))
+    return patient, info
+
+
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """Where the frames of a real series lie (PS3.3 C.7.6.2; enhanced: C.7.6.16.2)."""
+
+    orientation: tuple[float, float, float, float, float, float]
+    positions: tuple[tuple[float, float, float], ...]
+    pixel_spacing: tuple[float, float]
+    rows: int
+    cols: int
+    frame_of_reference_uid: str
+
+    @property
+    def normal(self) -> np.ndarray:
+        iop = np.asarray(self.orientation, dtype=float)
+        return np.cross(iop[:3], iop[3:])
+
+    def centre(self) -> np.ndarray:
+        """The centre of the volume the frames span (mean of the frame centres)."""
+        iop = np.asarray(self.orientation, dtype=float)
+        half = iop[:3] * self.pixel_spacing[1] * (self.cols - 1) / 2 + iop[3:] * self.pixel_spacing[0] * (self.rows - 1) / 2
+        return np.mean(np.asarray(self.positions, dtype=float), axis=0) + half
+
+    def extent_mm(self) -> float:
+        along = [float(np.dot(p, self.normal)) for p in self.positions]
+        return max(along) - min(along)
+
+    def fov_mm(self) -> float:
+        return max(self.rows * self.pixel_spacing[0], self.cols * self.pixel_spacing[1])
+
+
+def series_geometry(paths: Sequence[Path]) -> SeriesGeometry:
+    """The geometry of the image frames in ``paths`` (classic or enhanced, one orientation)."""
+    import pydicom
+
+    orientation: tuple[float, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+    positions: list[tuple[float, float, float]] = []
+    rows = cols = 0
+    frame_uid = ""
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if "Rows" not in ds:
+            continue
+        rows, cols, frame_uid = int(ds.Rows), int(ds.Columns), str(ds.get("FrameOfReferenceUID", frame_uid))
+        shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
+        frames = list(ds.PerFrameFunctionalGroupsSequence) if "PerFrameFunctionalGroupsSequence" in ds else [ds]
+        for frame in frames:
+            def find(sequence: str, keyword: str) -> object:
+                for source in (frame, shared):
+                    if sequence in source and keyword in source[sequence].value[0]:
+                        return source[sequence].value[0][keyword].value
+                return ds.get(keyword)
+
+            iop = find("PlaneOrientationSequence", "ImageOrientationPatient")
+            ipp = find("PlanePositionSequence", "ImagePositionPatient")
+            pixel = find("PixelMeasuresSequence", "PixelSpacing")
+            if iop is None or ipp is None or pixel is None:
+                continue
+            orientation = orientation or tuple(float(v) for v in iop)  # type: ignore[union-attr]
+            spacing = spacing or tuple(float(v) for v in pixel)  # type: ignore[union-attr]
+            positions.append(tuple(float(v) for v in ipp))  # type: ignore[union-attr,arg-type]
+    if orientation is None or spacing is None:
+        raise ValueError("no image frame with a position and an orientation")
+    unique = tuple(dict.fromkeys(positions))
+    return SeriesGeometry(orientation, unique, spacing, rows, cols, frame_uid)  # type: ignore[arg-type]
+
+
+def write_flair_for(
+    directory: Path,
+    like: Sequence[Path],
+    *,
+    key: str = "flair",
+    rows: int = 64,
+    slice_spacing: float = 5.0,
+    series_number: int = 90,
+    seed: int = 0,
+) -> Series:
+    """A 2-D axial-ish FLAIR of the phantom in the study and frame of reference of the series
+    ``like`` (a copied real DWI), covering the same volume with its orientation; patient and study
+    attributes are copied from the first file of ``like``."""
+    header = _load_first(Path(like[0]))
+    patient, info = identity_of(header)
+    geometry = series_geometry(like)
+    extent = geometry.extent_mm()
+    n_slices = max(2, int(round(extent / slice_spacing)) + 1)
+    offsets = [-(n_slices - 1) * slice_spacing / 2 + k * slice_spacing for k in range(n_slices)]
+    grid = stack_grid(rows=rows, cols=rows, fov_mm=geometry.fov_mm(), offsets=offsets,
+                      orientation=geometry.orientation, centre=tuple(geometry.centre()))
+    vendor = next((name for name in ("GE", "Siemens", "Philips")
+                   if name.lower() in str(header.get("Manufacturer", "")).lower()), "Siemens")
+    series_uid = str(_uid("series", info["uid"], key, seed))
+    # The phantom's head centre sits near the origin; the real head wherever the scanner put it.
+    shift = rigid((0.0, 0.0, 0.0), tuple(HEAD_CENTRE - geometry.centre()))
+    datasets = mr_datasets(
+        grid=grid, contrast="flair", patient=patient, study=info, series_uid=series_uid, series_number=series_number,
+        description="t2_tirm_tra_dark-fluid FLAIR", frame_uid=geometry.frame_of_reference_uid, vendor=vendor,
+        world_from_patient=shift, seed=seed + series_number,
+    )
+    for ds in datasets:
+        ds.SpecificCharacterSet = header.get("SpecificCharacterSet", "ISO_IR 100")
+    paths = write_datasets(datasets, Path(directory) / key)
+    return _record(key, datasets, paths, "flair", shift, grid)
+
+
+def write_cta_for(
+    directory: Path,
+    like: Sequence[Path],
+    *,
+    key: str = "cta",
+    rows: int = 96,
+    fov_mm: float = 240.0,
+    slice_spacing: float = 2.5,
+    transform: np.ndarray | None = None,
+    series_number: int = 91,
+    seed: int = 0,
+) -> Series:
+    """A CTA made from a real NCCT (``like``): its volume resampled onto another grid (own frame of
+    reference, rotated and shifted by ``transform``, default :data:`CTA_TRANSFORM`), the phantom's
+    arteries enhanced by 300 HU where they pass through soft tissue, Contrast/Bolus attributes set.
+    Patient and study come from the first file of ``like``."""
+    import pydicom
+    from scipy.ndimage import map_coordinates
+
+    transform = CTA_TRANSFORM if transform is None else transform
+    headers = [pydicom.dcmread(p) for p in like]
+    headers = [h for h in headers if "PixelData" in h]
+    geometry = series_geometry(like)
+    normal = geometry.normal
+    headers.sort(key=lambda h: float(np.dot([float(v) for v in h.ImagePositionPatient], normal)))
+    volume = np.stack([h.pixel_array.astype(np.float32) * float(h.get("RescaleSlope", 1))
+                       + float(h.get("RescaleIntercept", 0)) for h in headers])
+    origin = np.asarray([float(v) for v in headers[0].ImagePositionPatient])
+    iop = np.asarray(geometry.orientation, dtype=float)
+    step = (float(np.dot(np.asarray([float(v) for v in headers[-1].ImagePositionPatient]) - origin, normal))
+            / max(1, len(headers) - 1))
+    # patient point = origin + i*rs*row_dir... ; index (slice, row, col) of a point
+    axes = np.stack([normal * step, iop[3:] * geometry.pixel_spacing[0], iop[:3] * geometry.pixel_spacing[1]], axis=1)
+    centre = geometry.centre()
+    n_slices = max(2, int(round(geometry.extent_mm() / slice_spacing)))
+    offsets = [-(n_slices - 1) * slice_spacing / 2 + k * slice_spacing for k in range(n_slices)]
+    grid = stack_grid(rows=rows, cols=rows, fov_mm=fov_mm, offsets=offsets, centre=(0.0, 0.0, 0.0))
+    header = headers[0]
+    patient, info = identity_of(header)
+    series_uid = str(_uid("series", info["uid"], key, seed))
+    frame_uid = str(_uid("for", info["uid"], key, seed))
+    datasets = ct_datasets(
+        grid=grid, kind="cta", patient=patient, study=info, series_uid=series_uid, series_number=series_number,
+        description="CTA HEAD 2.5mm", frame_uid=frame_uid, lesion=False, clot=False, seed=seed,
+    )
+    rng = np.random.default_rng(seed)
+    for index, ds in enumerate(datasets):
+        local = grid.plane_points(index)  # in the CTA's own frame, centred on its origin
+        points = local @ transform[:3, :3].T + transform[:3, 3] + centre  # the NCCT's frame
+        ijk = np.linalg.solve(axes, (points - origin).reshape(-1, 3).T)
+        hu = map_coordinates(volume, ijk, order=1, mode="constant", cval=-1000.0).reshape(grid.rows, grid.cols)
+        phantom = points - centre + HEAD_CENTRE
+        vessels = np.zeros(hu.shape, dtype=bool)
+        for a, b, radius in VESSELS:
+            vessels |= _near_segment(phantom, a, b, radius + 1.0)
+        hu = np.where(vessels & (hu > -200) & (hu < 200), hu + 300.0, hu) + rng.normal(0.0, 3.0, hu.shape)
+        stored = np.clip(np.rint(hu + 1024.0), 0, 65535).astype(np.uint16)
+        _set_pixels(ds, stored)
+        ds.SpecificCharacterSet = header.get("SpecificCharacterSet", "ISO_IR 100")
+        ds.Manufacturer = str(header.get("Manufacturer", ds.Manufacturer))
+    paths = write_datasets(datasets, Path(directory) / key)
+    return _record(key, datasets, paths, "cta", transform, grid)
+
+
+def write_private_object(
+    directory: Path, like: Path, *, sop_class: str = PHILIPS_PRIVATE_EXAMCARD, key: str = "private",
+    size: int = 4096,
+) -> Series:
+    """An instance of a vendor's private SOP class (default the Philips examcard a PACS routes with
+    an MR study) in the study of ``like``: patient, study and equipment modules, and an opaque
+    private block, as such objects carry (they hold no image a node can use)."""
+    header = _load_first(Path(like))
+    patient, info = identity_of(header)
+    series_uid = str(_uid("series", info["uid"], key))
+    ds = _base_dataset(
+        sop_class=UID(sop_class), sop_uid=_uid(series_uid, 1), patient=patient, study=info,
+        series=dict(_VENDORS["Philips"], uid=series_uid, number="9999", description="ExamCard"),
+        modality=str(header.get("Modality", "MR")),
+    )
+    del ds.AcquisitionDate, ds.BodyPartExamined
+    ds.SpecificCharacterSet = header.get("SpecificCharacterSet", "ISO_IR 100")
+    ds.InstanceNumber = 1
+    block = ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
+    block.add_new(0x10, "OB", bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)))
+    paths = write_datasets([ds], Path(directory) / key)
+    return _record(key, [ds], paths, None, None, None)
+
+
+def write_tilted_mixed_thickness_ct(
+    directory: Path, *, tilt_deg: float = 15.0, first: tuple[int, float] = (12, 2.5),
+    second: tuple[int, float] = (16, 5.0), **kwargs: object,
+) -> Series:
+    """A gantry-tilted NCCT reconstructed with two slice spacings and thicknesses in one series
+    (thin through the posterior fossa, thick above), as some head protocols are."""
+    offsets = [-50.0 + k * first[1] for k in range(first[0])]
+    offsets += [offsets[-1] + (k + 1) * second[1] for k in range(second[0])]
+    kwargs.setdefault("key", "ncct_tilted_mixed")
+    kwargs.setdefault("description", "HEAD NCCT TILT 2.5/5mm")
+    series = write_ct_series(directory, offsets=offsets, tilt_deg=tilt_deg, **kwargs)  # type: ignore[arg-type]
+    import pydicom
+
+    cos = math.cos(math.radians(tilt_deg))
+    heights = sorted(position[2] for position in series.positions)
+    boundary = heights[first[0] - 1]
+    for path, position in zip(series.paths, series.positions):
+        ds = pydicom.dcmread(path)
+        thickness = first[1] if position[2] <= boundary + 1e-3 else second[1]
+        ds.SliceThickness = f"{thickness * cos:.6g}"
+        del ds.SpacingBetweenSlices  # not constant in this series
+        ds.save_as(path, enforce_file_format=True)
+    return series
+
+
+def rewrite_files(
+    paths: Sequence[Path], *, remove: Sequence[str] = (), patient_name: str | None = None,
+    character_set: str | None = None,
+) -> None:
+    """Damage written files in place the way real traffic does: drop the ``remove`` attributes
+    (keywords; absent ones are ignored) and/or set the patient name under ``character_set``."""
+    import pydicom
+
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword in remove:
+            if keyword in ds:
+                delattr(ds, keyword)
+        if character_set is not None:
+            ds.SpecificCharacterSet = character_set
+        if patient_name is not None:
+            ds.PatientName = patient_name
+        ds.save_as(path, enforce_file_format=False)

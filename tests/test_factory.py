@@ -123,3 +123,35 @@ def test_written_objects_pass_dciodvfy_and_strict_reading(tmp_path: Path) -> Non
     for path in paths:
         assert dciodvfy_errors(path) == [], path
         read_strict(path)
+
+
+def test_copy_into_study_and_series_built_on_a_real_geometry(tmp_path: Path) -> None:
+    source = factory.write_mr_stroke_study(tmp_path / "source", rows=32, n_slices=12, with_flair=False, seed=3)
+    before = [p.read_bytes() for p in source.series["dwi"].paths]
+    identity = factory.StudyIdentity("2.25.42", factory.Patient(name="ÅSTRÖM^ÖRJAN", patient_id="COPY1"), "20260301",
+                                     "101500", character_set="ISO_IR 192")
+    copies = factory.copy_into_study(source.series["dwi"].paths, tmp_path / "copy", identity)
+    assert [p.read_bytes() for p in source.series["dwi"].paths] == before  # inputs untouched
+    header = pydicom.dcmread(copies[0])
+    assert (header.StudyInstanceUID, header.PatientID, str(header.PatientName)) == ("2.25.42", "COPY1", "ÅSTRÖM^ÖRJAN")
+    assert (header.StudyDate, header.SeriesDate, header.SeriesInstanceUID) == (
+        "20260301", "20260301", source.series["dwi"].series_uid)
+    flair = factory.write_flair_for(tmp_path / "copy", copies)
+    flair_header = pydicom.dcmread(flair.paths[0])
+    assert flair_header.FrameOfReferenceUID == header.FrameOfReferenceUID
+    assert flair_header.StudyInstanceUID == "2.25.42" and str(flair_header.PatientName) == "ÅSTRÖM^ÖRJAN"
+    geometry, built = factory.series_geometry(copies), factory.series_geometry(flair.paths)
+    assert np.allclose(geometry.centre(), built.centre(), atol=1.0)
+    private = factory.write_private_object(tmp_path / "copy", copies[0])
+    assert pydicom.dcmread(private.paths[0]).SOPClassUID == factory.PHILIPS_PRIVATE_EXAMCARD
+
+
+def test_tilted_mixed_thickness_ct_and_rewrite_files(tmp_path: Path) -> None:
+    series = factory.write_tilted_mixed_thickness_ct(tmp_path, rows=16, first=(4, 2.5), second=(6, 5.0))
+    datasets = [pydicom.dcmread(p) for p in series.paths]
+    assert {round(float(ds.SliceThickness) / np.cos(np.radians(15.0)), 3) for ds in datasets} == {2.5, 5.0}
+    assert all(float(ds.GantryDetectorTilt) == 15.0 and "SpacingBetweenSlices" not in ds for ds in datasets)
+    factory.rewrite_files(series.paths, remove=("PatientBirthDate", "StudyID", "PatientComments"), patient_name="山田^太郎",
+                          character_set="ISO_IR 192")
+    ds = pydicom.dcmread(series.paths[0])
+    assert "PatientBirthDate" not in ds and "StudyID" not in ds and str(ds.PatientName) == "山田^太郎"

@@ -91,3 +91,22 @@ def _train(root: Path, out_dir: Path) -> None:
         torch.set_num_threads(threads)
     _done_marker(out_dir).write_text("ok\n")
 
+
+
+REDUCED_GRID = (10, 32, 32)
+
+
+def reduced_checkpoint(path: Path, *, name: str = "res25-test", seed: int = 5) -> Path:
+    """A cheap, non-demonstration node checkpoint: seeded reduced res25 on a 10 x 32 x 32 grid with
+    the default recipe (CT needs NCCT + CTA, MR needs DWI + ADC + FLAIR). Its results leave the node
+    like a site's; the values mean nothing, but they are deterministic (same seed, same weights)."""
+    from inference.model.checkpoint import ModelCard, save_checkpoint
+    from inference.model.res25 import Res25, Res25Config, seeded_init_
+    from inference.recipe import DEFAULT_RECIPE
+
+    config = Res25Config.reduced(n_slices=REDUCED_GRID[0])
+    model = seeded_init_(Res25(config=config), seed=seed).eval()
+    card = ModelCard(name=name, version="1", architecture=config, grid=REDUCED_GRID,
+                     recipe=DEFAULT_RECIPE.with_grid(REDUCED_GRID).to_dict())
+    save_checkpoint(path, model, card)
+    return path
