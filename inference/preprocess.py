@@ -106,8 +106,13 @@ def _largest_component(mask: sitk.Image) -> sitk.Image:
 
 
 def _fill_holes_per_slice(mask: sitk.Image) -> sitk.Image:
-    """Fill holes slice by slice along the third axis (a head is open at the neck in 3-D)."""
-    slices = [sitk.BinaryFillhole(mask[:, :, k]) for k in range(mask.GetSize()[2])]
+    """Fill holes slice by slice along the third axis (a head is open at the neck in 3-D).
+
+    The slices are taken in index space: those of an oblique image (most real MR) each have
+    another in-plane origin, and ``JoinSeries`` refuses inputs that do not share one.
+    """
+    plain = sitk.GetImageFromArray(sitk.GetArrayViewFromImage(mask))
+    slices = [sitk.BinaryFillhole(plain[:, :, k]) for k in range(plain.GetSize()[2])]
     filled = sitk.JoinSeries(slices)
     filled.CopyInformation(mask)
     return sitk.Cast(filled, sitk.sitkUInt8)
