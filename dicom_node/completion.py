@@ -221,7 +221,8 @@ class SelectionReadiness:
             paths = list(
                 session.execute(
                     select(Instance.path).join(Series, Series.id == Instance.series_pk)
-                    .where(Series.series_uid == series.series_uid).order_by(Instance.id)
+                    .where(Series.series_uid == series.series_uid, Instance.quarantine_reason.is_(None))
+                    .order_by(Instance.id)
                 ).scalars()
             )
         key = (series.series_uid, len(paths))
@@ -687,7 +688,7 @@ class Completion:
     def _series_row(self, session: Session, study_uid: str, series: Series) -> tuple[SeriesInfo, dt.datetime, bool] | None:
         first = session.execute(
             select(Instance.sop_class_uid, Instance.sop_instance_uid, Instance.path)
-            .where(Instance.series_pk == series.id).order_by(Instance.id).limit(1)
+            .where(Instance.series_pk == series.id, Instance.quarantine_reason.is_(None)).order_by(Instance.id).limit(1)
         ).one_or_none()
         if first is None:
             return None

@@ -367,6 +367,34 @@ def _check_sop_class(facts: DatasetFacts, sop_class_uid: str) -> None:
     if missing:
         names = ", ".join(f"({tag >> 16:04X},{tag & 0xFFFF:04X})" for tag in missing)
         raise InvalidInstance(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"Image Pixel module attributes missing: {names}")
+    _check_image_pixel_values(facts)
+
+
+# Photometric Interpretation defined terms, retired ones included (PS3.3 C.7.6.3.1.2).
+_PHOTOMETRIC_TERMS = frozenset(
+    {b"MONOCHROME1", b"MONOCHROME2", b"PALETTE COLOR", b"RGB", b"HSV", b"ARGB", b"CMYK", b"YBR_FULL",
+     b"YBR_FULL_422", b"YBR_PARTIAL_422", b"YBR_PARTIAL_420", b"YBR_ICT", b"YBR_RCT", b"XYB"}
+)
+
+
+def _check_image_pixel_values(facts: DatasetFacts) -> None:
+    """Values a reader needs to interpret the pixels (PS3.3 C.7.6.3.1): consistent, known terms."""
+    photometric = facts.top.get(_PHOTOMETRIC, b"").strip(b" \x00")
+    if photometric not in _PHOTOMETRIC_TERMS:
+        raise InvalidInstance(Status.PIXEL_DATA_INCONSISTENT, "Photometric Interpretation (0028,0004) is not a defined term")
+    samples = _us(facts, _SAMPLES_PER_PIXEL)
+    if samples not in (1, 3, 4):
+        raise InvalidInstance(Status.PIXEL_DATA_INCONSISTENT, f"Samples per Pixel {samples} is not 1, 3 or 4")
+    if facts.pixel_tag != _PIXEL_DATA:
+        return
+    allocated, stored = _us(facts, _BITS_ALLOCATED), _us(facts, _BITS_STORED)
+    high_bit, representation = _us(facts, _HIGH_BIT), _us(facts, _PIXEL_REPRESENTATION)
+    if not allocated or not stored or stored > allocated:
+        raise InvalidInstance(Status.PIXEL_DATA_INCONSISTENT, "Bits Stored is zero or exceeds Bits Allocated")
+    if high_bit is None or high_bit >= allocated:
+        raise InvalidInstance(Status.PIXEL_DATA_INCONSISTENT, "High Bit is not inside Bits Allocated")
+    if representation not in (0, 1):
+        raise InvalidInstance(Status.PIXEL_DATA_INCONSISTENT, "Pixel Representation is not 0 or 1")
 
 
 def _present(facts: DatasetFacts, tag: int) -> bool:

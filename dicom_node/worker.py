@@ -92,7 +92,8 @@ def _study_time(study: Study) -> dt.datetime:
 
 def _files_of(session: Session, study_pk: int, data_dir: Path) -> tuple[Path, ...]:
     rows = session.execute(
-        select(Instance.path).join(Series, Series.id == Instance.series_pk).where(Series.study_pk == study_pk)
+        select(Instance.path).join(Series, Series.id == Instance.series_pk)
+        .where(Series.study_pk == study_pk, Instance.quarantine_reason.is_(None))  # quarantined: never in a case
     ).scalars()
     return tuple(data_dir / path for path in rows)
 
