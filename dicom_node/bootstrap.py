@@ -23,6 +23,7 @@ from dicom_node.completion import Completion, SelectionReadiness
 from dicom_node.delivery import Delivery, build_delivery, destinations_from_registry
 from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
 from dicom_node.lifecycle import Lifecycle
+from dicom_node.logs import use_installation_secret
 from dicom_node.peers import PeerRegistry
 from dicom_node.quarantine import QuarantineCheck, reconcile_orphans
 from dicom_node.recovery import recover_lost_results
@@ -106,6 +107,7 @@ def build_node(
         processed studies before refusing above ``retention.disk_high_watermark_pct``.
     """
     files = FileStore(settings.storage.data_dir, fsync=settings.storage.fsync)
+    use_installation_secret(settings.storage.data_dir)  # created at first start
     leftovers = files.clean_tmp()
     if leftovers:
         log.info("removed %d partial files left by an earlier stop", leftovers)

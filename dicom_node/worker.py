@@ -237,6 +237,9 @@ def _worker_main(settings: Settings, stop: EventType, results: Any, poll_s: floa
     from dicom_node.logs import configure
 
     configure(settings.logging.level)
+    from dicom_node.logs import use_installation_secret
+
+    use_installation_secret(settings.storage.data_dir)  # a spawned process: key its log hashes too
     analyst = Analyst(settings)
     log.info("inference worker ready (model %s %s)", analyst.predictor.card.name, analyst.predictor.card.version)
     while not stop.is_set():
