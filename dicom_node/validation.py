@@ -1,8 +1,9 @@
 """Checks a received data set must pass before its C-STORE is acknowledged, and the later check.
 
 Everything here is a pure function over bytes or a file; :class:`dicom_node.scp.Ingest` calls
-:func:`check_dataset` on every C-STORE (after the header is parsed, before the status is sent)
-and :class:`DeepCheck` reads each stored file in full off the network path.
+:func:`check_dataset` on every C-STORE (before anything else reads the data set)
+and :class:`dicom_node.quarantine.QuarantineCheck` runs :func:`deep_check` on each stored file
+off the network path.
 
 :func:`check_dataset` walks the whole data set once, iteratively (no recursion, so no nesting
 can exhaust the interpreter's stack), without converting values:
@@ -426,7 +427,8 @@ def _frames(facts: DatasetFacts) -> int:
 
 
 def expected_pixel_bytes(facts: DatasetFacts) -> int:
-    """Native Pixel Data length the Image Pixel module implies, padded to even (PS3.5 8.1.1, 8.2)."""
+    """Native Pixel Data length the Image Pixel module implies (PS3.5 8.1.1, 8.2), before the
+    even-length padding (a sender that leaves it out is tolerated: readers need no more)."""
     rows, columns = _us(facts, _ROWS), _us(facts, _COLUMNS)
     bits, samples = _us(facts, _BITS_ALLOCATED), _us(facts, _SAMPLES_PER_PIXEL)
     if not rows or not columns or not bits or not samples:
@@ -439,8 +441,7 @@ def expected_pixel_bytes(facts: DatasetFacts) -> int:
     values = rows * columns * _frames(facts) * samples
     if photometric == b"YBR_FULL_422":  # two samples' worth per pixel (PS3.3 C.7.6.3.1.2)
         values = values * 2 // samples
-    total = (values + 7) // 8 if bits == 1 else values * (bits // 8)
-    return total + (total % 2)
+    return (values + 7) // 8 if bits == 1 else values * (bits // 8)
 
 
 def _check_pixel_data(facts: DatasetFacts, *, encapsulated: bool) -> None:
