@@ -1,7 +1,8 @@
 """Instances that passed the C-STORE checks but fail later, and files the index does not know.
 
-* :class:`QuarantineCheck` (an :class:`dicom_node.scp.IngestListener`) reads every stored file in
-  full off the network path (:func:`dicom_node.validation.deep_check`); one that fails is
+* :class:`QuarantineCheck` (an :class:`dicom_node.scp.IngestListener`) runs the later check on
+  every stored file off the network path (:func:`dicom_node.validation.deep_check`: a compressed
+  instance read in full and its first frame decoded); one that fails is
   quarantined: its row keeps the file and gets ``quarantine_reason``, ``fpe-node studies`` shows
   it, and case building never sees it (the queries that list a study's files skip it).
 * :func:`reconcile_orphans` runs at start-up, before the SCP listens: a file under ``dicom/``

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
 from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.pixels import pixel_array
@@ -507,18 +508,22 @@ def _check_codec_marker(fragment: bytes, syntax: UID) -> None:
 
 # -- the later check ------------------------------------------------------------------------
 def deep_check(path: Path) -> str | None:
-    """Read a stored file in full, convert every value, decode a compressed first frame.
+    """The later check of a stored file: a compressed instance's first frame must decode.
 
-    Returns the reason it fails, ``None`` when it reads. This is what analysis does later
-    (pydicom, every element, the pixels), done once per instance off the network path so a file
-    that would stop analysis is quarantined instead; decoding is what the C-STORE budget leaves
-    out (native pixels were measured there already).
+    Returns the reason it fails, ``None`` when it passes. A native or deflated instance passed
+    everything at the C-STORE (its structure was walked to the end and its pixels measured),
+    so only its File Meta Information is read here; an encapsulated one is read in full, every
+    value converted and its first frame decoded, as analysis will, off the network path, so a
+    file that would stop analysis is quarantined instead.
     """
     try:
+        syntax = UID(read_file_meta_info(path).TransferSyntaxUID)
+        if not syntax.is_compressed or syntax == DeflatedExplicitVRLittleEndian:
+            return None
         dataset = dcmread(path)
         for element in dataset.iterall():
             _ = element.value
-        if "PixelData" in dataset and dataset.file_meta.TransferSyntaxUID.is_compressed:
+        if "PixelData" in dataset:
             pixel_array(dataset, index=0)
     except RecursionError:
         return "nested too deep to read"

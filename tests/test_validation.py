@@ -145,6 +145,8 @@ def test_deep_check_reads_a_stored_file(tmp_path: Path) -> None:
     good = tmp_path / "good.dcm"
     tiny_ct().save_as(good, enforce_file_format=True)
     assert deep_check(good) is None
+    compressed = sorted(require_shared_data("ts_siemens_mr_transfer_syntaxes").glob("*.dcm"))[3:]
+    assert [deep_check(path) for path in compressed] == [None] * len(compressed)
     # Passes the C-STORE checks (JPEG 2000 start of codestream) but does not decode.
     broken = tmp_path / "broken.dcm"
     ds = tiny_ct()
