@@ -16,6 +16,12 @@ When nothing is to be sent (no destination, no rule matches, or results of demon
 weights while ``delivery.allow_demonstration_results`` is off) the results stay in the node,
 the study keeps its state and its timeline says why.
 
+Never silent (issue 9): when loading the sources, building, writing or queueing the results
+raises (any exception), the study moves to ``report_failed`` with the step and the error in
+its timeline, ``fpe-node studies`` lists and counts it, and ``fpe-node resend`` retries it (its
+analysis runs again, :mod:`dicom_node.recovery`). The node never retries it by itself: a
+result that fails to build fails the same way until the cause is fixed.
+
 Versions (issue 4 item 5): a re-run's SR names the SR(s) it supersedes in its Predecessor
 Documents Sequence: the earlier SR the node built for the study, and any re-encoded copy an
 archive stored instead (SR class fallback, recorded in the outbox).
@@ -33,6 +39,7 @@ from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -154,6 +161,10 @@ class DeliveryReport:
     sending: bool = False
     kept_reason: str | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    step: str = "loading the source headers"
+    """The step in progress (the one that failed when ``failed_reason`` is set)."""
+    failed_reason: str | None = None
+    """Why the study went to ``report_failed`` (``None``: it did not)."""
 
 
 class Delivery:
@@ -205,35 +216,70 @@ class Delivery:
     # -- prediction -> outbox -----------------------------------------------------------
 
     def on_result(self, study_uid: str, result: Result) -> DeliveryReport:
-        """Build, write and queue the results of one study (after the worker recorded it)."""
+        """Build, write and queue the results of one study (after the worker recorded it).
+
+        Never raises for a failure of its own steps: the study goes to ``report_failed``
+        (see :meth:`_report_failed`) and the report says why.
+        """
         report = DeliveryReport(study_uid)
         if isinstance(result, NotAnalysed) and not self.settings.reports.sr_for_not_analysed:
             report.kept_reason = "no SR for studies not analysed (reports.sr_for_not_analysed is off)"
             return report
-        started = time.perf_counter()
-        sources = self.source_headers(study_uid, result)
-        predecessors = self.predecessors(study_uid)
-        report.timings_s["load_sources"] = time.perf_counter() - started
-        started = time.perf_counter()
-        objects = self.builder(result, sources, predecessors, report.timings_s)
-        report.timings_s["build"] = time.perf_counter() - started
-        started = time.perf_counter()
-        report.files = [self._write(kind, dataset) for kind, dataset in objects]
-        report.timings_s["write"] = time.perf_counter() - started
-        demonstration = self._is_demonstration(result)
-        context = RoutingContext(pipeline=result.pipeline, calling_ae_title=self._calling_ae(study_uid))
-        report.rows = self.outbox.enqueue(
-            report.files, context, demonstration=demonstration,
-            in_transaction=lambda session, rows: self._start_reporting(session, study_uid, rows, report),
-        )
+        sources: list[Dataset] = []
+        try:
+            sources = self._build_and_queue(study_uid, result, report)
+        except Exception as exc:  # noqa: BLE001 - any failure ends in a visible state, not only in the log
+            report.failed_reason = self._report_failed(study_uid, report.step, exc, sources)
+            return report
         if report.sending and self.runner is not None:
             self.runner.wake()
         elif not report.sending:
-            report.kept_reason = self._kept_reason(report.rows, demonstration)
+            report.kept_reason = self._kept_reason(report.rows, self._is_demonstration(result))
             self.lifecycle.note(study_uid, f"results kept in the node: {report.kept_reason}")
         log.info("study %s: %d result objects written, %s", study_uid, len(report.files),
                  "queued for delivery" if report.sending else f"kept ({report.kept_reason})")
         return report
+
+    def _build_and_queue(self, study_uid: str, result: Result, report: DeliveryReport) -> list[Dataset]:
+        """The steps of :meth:`on_result`; ``report.step`` names the one in progress. Returns the sources."""
+        started = time.perf_counter()
+        sources = self.source_headers(study_uid, result)
+        predecessors = self.predecessors(study_uid)
+        report.timings_s["load_sources"] = time.perf_counter() - started
+        report.step = "building the results"
+        started = time.perf_counter()
+        objects = self.builder(result, sources, predecessors, report.timings_s)
+        report.timings_s["build"] = time.perf_counter() - started
+        report.step = "writing the results"
+        started = time.perf_counter()
+        report.files = [self._write(kind, dataset) for kind, dataset in objects]
+        report.timings_s["write"] = time.perf_counter() - started
+        report.step = "queueing the results"
+        context = RoutingContext(pipeline=result.pipeline, calling_ae_title=self._calling_ae(study_uid))
+        report.rows = self.outbox.enqueue(
+            report.files, context, demonstration=self._is_demonstration(result),
+            in_transaction=lambda session, rows: self._start_reporting(session, study_uid, rows, report),
+        )
+        return sources
+
+    def _report_failed(self, study_uid: str, step: str, error: Exception, sources: Sequence[Dataset]) -> str:
+        """Move the study to ``report_failed`` with the step and the error; return the reason.
+
+        The log line names the step and the exception type only (its message may quote a
+        source value; the traceback follows it); the timeline gets the message with the
+        sources' patient identifiers masked.
+        """
+        reason = (f"{step} failed: {type(error).__name__}: {_masked(str(error), sources)}"[:900]
+                  + "; fpe-node resend retries")
+        log.error("study %s: %s failed (%s); study is report_failed, fpe-node resend retries",
+                  study_uid, step, type(error).__name__, exc_info=error)
+        try:
+            self.lifecycle.transition(study_uid, StudyState.REPORT_FAILED, reason,
+                                      expected=[StudyState.ANALYSED, StudyState.NOT_ANALYSED])
+        except TransitionError as exc:  # moved on meanwhile (re-opened, purged): the timeline still says
+            log.warning("study %s: results failed but state not moved: %s", study_uid, exc)
+            self.lifecycle.note(study_uid, reason)
+        return reason
 
     def _start_reporting(self, session: Session, study_uid: str, rows: list[DeliveryRow], report: DeliveryReport) -> None:
         pending = [row for row in rows if row.state == OutboxState.PENDING.value]
@@ -362,6 +408,22 @@ def requeue_study(outbox: Outbox, study_uid: str) -> int:
                 log.warning("study %s: re-queued without a state change: %s", study_uid, exc)
 
     return outbox.resend(study_uid, in_transaction=to_reporting)
+
+
+_IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames")
+
+
+def _masked(message: str, sources: Sequence[Dataset]) -> str:
+    """``message`` with every patient-identifying value of ``sources`` replaced by ``***``."""
+    values: set[str] = set()
+    for ds in sources:
+        for keyword in _IDENTIFYING:
+            value = ds.get(keyword)
+            items = list(value) if isinstance(value, MultiValue) else [value]
+            values.update(str(item) for item in items if item is not None and len(str(item)) >= 3)
+    for value in sorted(values, key=len, reverse=True):
+        message = message.replace(value, "***")
+    return message
 
 
 def _wanted_sources(result: Result) -> list[str]:

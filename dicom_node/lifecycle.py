@@ -4,6 +4,8 @@ A study moves through these states (issue 2 item 6; later issues add their steps
 
     received -> complete -> queued -> analysing -> analysed | not_analysed | not_eligible
              -> reporting -> delivered | partly_delivered | dead_lettered
+    analysed | not_analysed -> report_failed   (building, writing or queueing the results raised)
+    report_failed -> queued                    (``fpe-node resend``: the analysis runs again)
     (any processed state) -> purged            (retention removed its files)
     (processed, purged, complete, queued) -> received   (re-opened by a usable new series)
 
@@ -69,6 +71,7 @@ class StudyState(str, enum.Enum):
     DELIVERED = "delivered"
     PARTLY_DELIVERED = "partly_delivered"
     DEAD_LETTERED = "dead_lettered"
+    REPORT_FAILED = "report_failed"
     PURGED = "purged"
 
     def __str__(self) -> str:
@@ -78,7 +81,7 @@ class StudyState(str, enum.Enum):
 S = StudyState
 
 PROCESSED_STATES: frozenset[StudyState] = frozenset(
-    {S.ANALYSED, S.NOT_ANALYSED, S.NOT_ELIGIBLE, S.DELIVERED, S.PARTLY_DELIVERED, S.DEAD_LETTERED}
+    {S.ANALYSED, S.NOT_ANALYSED, S.NOT_ELIGIBLE, S.DELIVERED, S.PARTLY_DELIVERED, S.DEAD_LETTERED, S.REPORT_FAILED}
 )
 """A worker has finished with the study (retention may purge it; new series may re-open it)."""
 
@@ -88,6 +91,10 @@ WAITING_STATES: frozenset[StudyState] = frozenset({S.COMPLETE, S.QUEUED})
 BUSY_STATES: frozenset[StudyState] = frozenset({S.ANALYSING, S.REPORTING})
 """Work in flight: a re-open waits until it is over."""
 
+FAILURE_STATES: frozenset[StudyState] = frozenset({S.DEAD_LETTERED, S.REPORT_FAILED})
+"""Results that did not reach the archive: listed and counted as failures by ``fpe-node studies``,
+retried by ``fpe-node resend`` (never automatically in a loop)."""
+
 OUTCOME_STATES: frozenset[StudyState] = frozenset({S.ANALYSED, S.NOT_ANALYSED, S.NOT_ELIGIBLE})
 """What a worker may report with :meth:`Lifecycle.finish`."""
 
@@ -96,17 +103,19 @@ ALLOWED: dict[StudyState, frozenset[StudyState]] = {
     S.COMPLETE: frozenset({S.QUEUED, S.RECEIVED, S.NOT_ELIGIBLE}),
     S.QUEUED: frozenset({S.ANALYSING, S.RECEIVED}),
     S.ANALYSING: frozenset({S.ANALYSED, S.NOT_ANALYSED, S.NOT_ELIGIBLE, S.QUEUED}),
-    S.ANALYSED: frozenset({S.REPORTING, S.RECEIVED, S.QUEUED, S.PURGED}),
-    S.NOT_ANALYSED: frozenset({S.REPORTING, S.RECEIVED, S.QUEUED, S.PURGED}),
+    S.ANALYSED: frozenset({S.REPORTING, S.REPORT_FAILED, S.RECEIVED, S.QUEUED, S.PURGED}),
+    S.NOT_ANALYSED: frozenset({S.REPORTING, S.REPORT_FAILED, S.RECEIVED, S.QUEUED, S.PURGED}),
     S.NOT_ELIGIBLE: frozenset({S.REPORTING, S.RECEIVED, S.QUEUED, S.PURGED}),
     S.REPORTING: frozenset({S.DELIVERED, S.PARTLY_DELIVERED, S.DEAD_LETTERED, S.REPORTING, S.QUEUED}),
     S.DELIVERED: frozenset({S.REPORTING, S.RECEIVED, S.QUEUED, S.PURGED}),
     S.PARTLY_DELIVERED: frozenset({S.REPORTING, S.RECEIVED, S.QUEUED, S.PURGED}),
     S.DEAD_LETTERED: frozenset({S.REPORTING, S.RECEIVED, S.QUEUED, S.PURGED}),
+    S.REPORT_FAILED: frozenset({S.RECEIVED, S.QUEUED, S.PURGED}),
     S.PURGED: frozenset({S.RECEIVED}),
 }
 """Allowed transitions, ``from -> {to}``. ``reporting -> reporting`` is a re-send;
-``reporting -> queued`` re-runs a study whose results were never queued (:mod:`dicom_node.recovery`)."""
+``reporting -> queued`` re-runs a study whose results were never queued and ``report_failed ->
+queued`` one whose results could not be built or queued (:mod:`dicom_node.recovery`)."""
 
 
 class TransitionError(ValueError):

@@ -24,6 +24,11 @@ A study whose **latest** analysis (:func:`dicom_node.index.analysis.latest_analy
 
 and a study left ``reporting`` without an outbox row since its latest analysis.
 
+A study in ``report_failed`` (building, writing or queueing its results raised, see
+:meth:`dicom_node.delivery.Delivery.on_result`) is recovered the same way, but only by
+``fpe-node resend``: start-up leaves it alone (and logs how many wait), so a result that fails
+every time it is built cannot send the node round a loop. Resend is the retry.
+
 How: re-run, not rebuild
 ------------------------
 The ``analysis`` table holds the score, decision, series and model identity, but not the
@@ -57,7 +62,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.index.analysis import Analysis
@@ -117,7 +122,7 @@ def _kept_since(session: Session, study_pk: int, since: dt.datetime) -> bool:
     ).first() is not None
 
 
-def examine(session: Session, study: Study, sr_for_not_analysed: bool) -> Finding:
+def examine(session: Session, study: Study, sr_for_not_analysed: bool, *, retry_failed: bool = False) -> Finding:
     """Decide whether ``study``'s results were lost between analysis and the outbox.
 
     Parameters
@@ -129,10 +134,15 @@ def examine(session: Session, study: Study, sr_for_not_analysed: bool) -> Findin
     sr_for_not_analysed:
         ``settings.reports.sr_for_not_analysed`` (without it a ``not_analysed`` study has no
         result to deliver).
+    retry_failed:
+        Re-run a ``report_failed`` study (``fpe-node resend``; never at start-up).
     """
     state = StudyState(study.state)
     analysis = _latest_analysis(session, study.id)
     since = None if analysis is None else analysis.created_at
+    if state is StudyState.REPORT_FAILED and retry_failed:
+        return Finding(study.study_uid, state, "requeue", f"report_failed ({study.state_reason or 'no reason recorded'})",
+                       since)
     if state not in _CANDIDATE_STATES:
         return Finding(study.study_uid, state, "none", f"state {state.value}")
     if state is StudyState.REPORTING:
@@ -160,14 +170,19 @@ def examine(session: Session, study: Study, sr_for_not_analysed: bool) -> Findin
 
 
 def find_lost(
-    session_factory: sessionmaker[Session], settings: Settings, study_uid: str | None = None
+    session_factory: sessionmaker[Session], settings: Settings, study_uid: str | None = None, *,
+    retry_failed: bool = False,
 ) -> list[Finding]:
-    """Findings that need an action (``requeue`` or ``settle``), for one study or all candidates."""
+    """Findings that need an action (``requeue`` or ``settle``), for one study or all candidates.
+
+    ``retry_failed`` makes a ``report_failed`` study a ``requeue`` finding (``fpe-node resend``).
+    """
     query = select(Study).where(Study.state.in_([s.value for s in _CANDIDATE_STATES]))
     if study_uid is not None:
         query = select(Study).where(Study.study_uid == study_uid)
     with session_factory() as session:
-        findings = [examine(session, study, settings.reports.sr_for_not_analysed) for study in session.scalars(query)]
+        findings = [examine(session, study, settings.reports.sr_for_not_analysed, retry_failed=retry_failed)
+                    for study in session.scalars(query)]
     return [finding for finding in findings if finding.action != "none"]
 
 
@@ -217,7 +232,8 @@ def apply(
     removed = _discard(_unsent_result_files(session_factory, settings.storage.results_dir, finding.study_uid),
                        finding.study_uid)
     discarded = f"; {removed} unsent result files discarded" if removed else ""
-    detail = f"recovered at {by}: {finding.why} (node stopped before delivery){discarded}; analysis queued again"
+    cause = "results failed" if finding.state is StudyState.REPORT_FAILED else "node stopped before delivery"
+    detail = f"recovered at {by}: {finding.why} ({cause}){discarded}; analysis queued again"
     queued = lifecycle.requeue_analysis(finding.study_uid, detail, expected=[finding.state])
     if queued:
         log.warning("study %s: %s", finding.study_uid, detail)
@@ -229,7 +245,10 @@ def recover_lost_results(
 ) -> dict[str, int]:
     """At start-up (before workers start): re-queue every study whose results were lost; settle stuck ones.
 
-    Returns the number of studies per action, for the start-up log.
+    ``report_failed`` studies are left for ``fpe-node resend`` and only counted.
+
+    Returns the number of studies per action (and ``report_failed``, those waiting for a
+    resend), for the start-up log.
     """
     counts = {"requeue": 0, "settle": 0}
     for finding in find_lost(session_factory, settings):
@@ -237,14 +256,21 @@ def recover_lost_results(
             counts[finding.action] += 1
     if any(counts.values()):
         log.info("results lost before delivery recovered: %s", counts)
-    return counts
+    with session_factory() as session:
+        failed = session.scalar(
+            select(func.count()).select_from(Study).where(Study.state == StudyState.REPORT_FAILED.value)
+        ) or 0
+    if failed:
+        log.warning("%d studies are report_failed (results could not be built or queued); "
+                    "`fpe-node studies --state report_failed` lists them, `fpe-node resend STUDY` retries", failed)
+    return {**counts, "report_failed": int(failed)}
 
 
 def recover_study(
     session_factory: sessionmaker[Session], lifecycle: Lifecycle, settings: Settings, study_uid: str, *, by: str
 ) -> Finding | None:
     """Recover one study if its results were lost (``fpe-node resend``); the finding acted on, else ``None``."""
-    for finding in find_lost(session_factory, settings, study_uid):
+    for finding in find_lost(session_factory, settings, study_uid, retry_failed=True):
         if apply(finding, session_factory, lifecycle, settings, by=by):
             return finding
     return None

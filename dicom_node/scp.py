@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,10 +44,9 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, Association, evt
 from pynetdicom.events import Event
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.index import repository
@@ -54,8 +54,10 @@ from dicom_node.index.db import run_write
 from dicom_node.index.repository import FileFacts, RecordOutcome
 from dicom_node.peers import ROLE_SOURCE, PeerInfo, PeerRegistry
 from dicom_node.settings import NetworkSettings
+from dicom_node.sop_classes import is_unknown_storage_class
 from dicom_node.status import Status
 from dicom_node.storage import DiskFullError, DiskGuard, FileStore, HeaderError, InstanceHeader, dataset_digest, file_meta_bytes, parse_header
+from dicom_node.transport import Connection, FrontDoor, NodeAssociationServer, Refusal
 from dicom_node.validation import check_dataset
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,9 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"  # PS3.4 Annex A
 
 # A-ASSOCIATE-RJ parameters (PS3.8 section 9.3.4): result, source, diagnostic.
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
+_REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE not recognised
 _REJECT_TRANSIENT = (0x02, 0x01, 0x01)  # rejected-transient, service-user, no reason given
+_REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
 
 # Threads writing and fsyncing temporary files while the C-STORE threads parse and hash.
 _WRITER_THREADS = 8
@@ -452,26 +456,72 @@ def handle_echo(event: Event) -> int:
 
 
 def handle_association_request(
-    event: Event, registry: PeerRegistry, tracker: AssociationTracker, check_host: bool
+    event: Event, registry: PeerRegistry, tracker: AssociationTracker, settings: NetworkSettings, door: FrontDoor
 ) -> None:
-    """EVT_REQUESTED: refuse unknown calling AE titles, or a known one from the wrong host.
+    """EVT_REQUESTED: refuse a wrong called AE title, an unknown calling AE title (or a known one
+    from the wrong host), and a request over the association limits; then add contexts for
+    unknown storage SOP classes.
 
+    Every refusal is counted and logged with its reason (:class:`dicom_node.transport.RefusalLog`).
     Fails closed: if the registry cannot be read the request is rejected (transient).
     """
     assoc = event.assoc
-    calling_ae = str(cast(A_ASSOCIATE, assoc.requestor.primitive).calling_ae_title).strip()
+    primitive = cast(A_ASSOCIATE, assoc.requestor.primitive)
+    calling_ae = str(primitive.calling_ae_title).strip()
+    called_ae = str(primitive.called_ae_title).strip()
     address = str(assoc.requestor.address)
+    if called_ae != settings.ae_title.strip():
+        door.refusals.record(Refusal.CALLED_AE, address, f"association from AE {calling_ae!r} called {called_ae!r}, not this node")
+        _reject(assoc, _REJECT_CALLED_AE)
+        return
     try:
-        decision = registry.authorize(calling_ae, address, check_host=check_host)
+        decision = registry.authorize(calling_ae, address, check_host=settings.check_calling_host)
     except Exception:
-        log.exception("peer registry unavailable; association from %s rejected", address)
+        log.exception("peer registry unavailable")
+        door.refusals.record(Refusal.REGISTRY_UNAVAILABLE, address, f"association from AE {calling_ae!r} rejected")
         _reject(assoc, _REJECT_TRANSIENT)
         return
     if not decision.accepted:
-        log.warning("association from AE %r at %s rejected: %s", calling_ae, address, decision.reason)
+        door.refusals.record(Refusal.CALLING_AE, address, f"association from AE {calling_ae!r} rejected: {decision.reason}")
         _reject(assoc, _REJECT_CALLING_AE)
         return
+    connection = cast(Connection | None, getattr(assoc, "connection", None))
+    if connection is not None:
+        peer_key = decision.peer.name if decision.peer is not None else calling_ae
+        refusal = door.admit_association(connection, peer_key)
+        if refusal is not None:
+            door.refusals.record(refusal[0], address, f"association from AE {calling_ae!r} rejected: {refusal[1]}")
+            _reject(assoc, _REJECT_LOCAL_LIMIT)
+            return
     tracker.open(assoc, decision.peer)
+    add_unknown_storage_contexts(assoc, accept=settings.accept_unknown_storage, door=door)
+
+
+def add_unknown_storage_contexts(assoc: Association, *, accept: bool, door: FrontDoor) -> None:
+    """Support, for this association only, the unknown storage SOP classes its requestor proposes.
+
+    Private and unlisted standard storage classes (:func:`dicom_node.sop_classes.is_unknown_storage_class`)
+    get the node's transfer syntaxes, so the instance is stored as received; with ``accept``
+    False they stay unsupported (rejected, abstract syntax not supported) and the refusal is logged.
+    """
+    primitive = cast(A_ASSOCIATE, assoc.requestor.primitive)
+    supported = list(assoc.acceptor.supported_contexts)
+    known = {str(context.abstract_syntax) for context in supported}
+    added = False
+    for proposed in primitive.presentation_context_definition_list:
+        uid = str(proposed.abstract_syntax)
+        if uid in known or not is_unknown_storage_class(uid):
+            continue
+        known.add(uid)
+        if not accept:
+            door.refusals.record(
+                Refusal.UNKNOWN_SOP_CLASS, str(assoc.requestor.address), f"context for unknown SOP class {uid} rejected (accept_unknown_storage off)"
+            )
+            continue
+        supported.append(build_context(uid, list(TRANSFER_SYNTAXES)))
+        added = True
+    if added:
+        assoc.acceptor.supported_contexts = supported
 
 
 def _reject(assoc: Association, reason: tuple[int, int, int]) -> None:
@@ -497,7 +547,9 @@ def build_ae(settings: NetworkSettings) -> AE:
     """The Application Entity: Verification and every Storage SOP class, all transfer syntaxes."""
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
-    ae.maximum_associations = settings.max_associations
+    # The front door (dicom_node.transport) counts association slots; pynetdicom counts every
+    # acceptor thread, pending connections included, so its own limit is only a backstop.
+    ae.maximum_associations = min(4 * (settings.max_associations + settings.max_pending_connections), 10_000)
     ae.acse_timeout = settings.acse_timeout_s
     ae.dimse_timeout = settings.dimse_timeout_s
     ae.network_timeout = settings.network_timeout_s
@@ -522,13 +574,19 @@ class StorageSCP:
         self.ingest = ingest
         self.registry = registry
         self.ae = build_ae(settings)
-        self._server: ThreadedAssociationServer | None = None
+        self.door = FrontDoor(settings)
+        self._server: NodeAssociationServer | None = None
+
+    @property
+    def refusals(self) -> Counter[str]:
+        """Connections, associations and messages refused so far, by reason (live counter)."""
+        return self.door.counts
 
     def handlers(self) -> list[Any]:
         """pynetdicom event bindings, dependencies passed as extra arguments."""
         tracker = self.ingest.tracker
         return [
-            (evt.EVT_REQUESTED, handle_association_request, [self.registry, tracker, self.settings.check_calling_host]),
+            (evt.EVT_REQUESTED, handle_association_request, [self.registry, tracker, self.settings, self.door]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ingest]),
             (evt.EVT_RELEASED, handle_released, [tracker, self.ingest.dispatcher]),
@@ -539,7 +597,13 @@ class StorageSCP:
     def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
         """Start listening in background threads; returns the bound address (port 0: any free)."""
         address = (host or self.settings.host, self.settings.port if port is None else port)
-        server = cast(ThreadedAssociationServer, self.ae.start_server(address, block=False, evt_handlers=self.handlers()))
+        server = cast(
+            NodeAssociationServer,
+            self.ae.make_server(address, evt_handlers=self.handlers(), server_class=NodeAssociationServer, door=self.door),
+        )
+        # As AE.start_server(block=False), with the node's server class.
+        threading.Thread(target=server.serve_forever, name="fpenode-acceptor", daemon=True).start()
+        self.ae._servers.append(server)
         self._server = server
         bound = server.server_address
         log.info("listening as %s on %s:%d", self.settings.ae_title, bound[0], bound[1])

@@ -81,7 +81,10 @@ class NetworkSettings(BaseModel):
     host: str = Field("0.0.0.0", description="Address to listen on (0.0.0.0: all interfaces).")
     port: int = Field(11112, ge=1, le=65535, description="TCP port of the SCP.")
     max_pdu: int = Field(
-        4_194_304, ge=0, description="Maximum PDU length the node advertises, bytes (0: unlimited)."
+        4_194_304, ge=0, description=(
+            "Maximum PDU length the node advertises, bytes; a larger P-DATA-TF PDU aborts the association "
+            "(0: no limit advertised, 64 MiB still enforced)."
+        ),
     )
     max_associations: int = Field(32, ge=1, le=1000, description="Concurrent associations accepted.")
     acse_timeout_s: float = Field(30.0, gt=0, description="Association negotiation timeout.")
@@ -89,6 +92,62 @@ class NetworkSettings(BaseModel):
     network_timeout_s: float = Field(120.0, gt=0, description="Idle association timeout.")
     check_calling_host: bool = Field(
         True, description="Reject a known calling AE title that connects from an address not registered for it."
+    )
+    associate_rq_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "A connection must deliver its whole A-ASSOCIATE-RQ this soon after connecting, "
+            "or it is closed (the ACSE timeout applies from then on)."
+        ),
+    )
+    max_pending_connections: int = Field(
+        64,
+        ge=1,
+        description=(
+            "Connections accepted that have not yet sent their A-ASSOCIATE-RQ, all addresses together; "
+            "counted apart from max_associations, so they never use association slots."
+        ),
+    )
+    max_pending_per_address: int = Field(
+        8, ge=1, description="Connections not yet associated from one source address at a time."
+    )
+    connection_rate_per_address: float = Field(
+        10.0, gt=0, description="New connections per second from one source address, sustained (token bucket)."
+    )
+    connection_burst_per_address: int = Field(
+        50, ge=1, description="New connections one source address may open at once before the rate applies."
+    )
+    max_associations_per_peer: int = Field(
+        16,
+        ge=1,
+        description=(
+            "Concurrent associations of one registered peer (all its AE titles); keeps one peer, "
+            "idle or not, from holding every one of max_associations."
+        ),
+    )
+    max_associate_rq_bytes: int = Field(
+        65_536, ge=1024, description="Largest A-ASSOCIATE-RQ PDU accepted, bytes; a larger one is aborted unread."
+    )
+    max_dataset_bytes: int = Field(
+        4_294_967_296,
+        ge=1024,
+        description="Largest data set one C-STORE may carry as received, bytes; the association is aborted beyond it.",
+    )
+    max_inflated_bytes: int = Field(
+        1_073_741_824,
+        ge=1024,
+        description=(
+            "Largest size a Deflated Explicit VR Little Endian data set may expand to, bytes; "
+            "inflated as it arrives, the association is aborted beyond it."
+        ),
+    )
+    accept_unknown_storage: bool = Field(
+        True,
+        description=(
+            "Accept storage of SOP classes the node does not know (private, retired, newer): stored and "
+            "indexed, never analysed (like Orthanc's UnknownSopClassAccepted). False: such contexts are refused."
+        ),
     )
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: validate_ae_title(v)))

@@ -182,8 +182,9 @@ class Analyst:
             )
         load_started = time.perf_counter()
         datasets: dict[Path, Dataset] = {}  # each file parsed once; pixels decoded later from these
-        own_headers = read_series_headers(files.own, datasets)
-        related_headers = read_series_headers(files.related, datasets) if files.related else []
+        problems: list[str] = []  # instances dropped as unreadable: named in the result's warnings
+        own_headers = read_series_headers(files.own, datasets, problems)
+        related_headers = read_series_headers(files.related, datasets, problems) if files.related else []
         load_s = time.perf_counter() - load_started
         if not own_headers:
             return self._finish(job, StudyState.NOT_ANALYSED, NotAnalysed("no DICOM image of the study is on disk"), None)
@@ -191,7 +192,8 @@ class Analyst:
         decision = check_study(own_headers, self.eligibility, calling_ae_title=files.calling_ae, now=arrival_local)
         if not decision.eligible:
             return self._finish(job, StudyState.NOT_ELIGIBLE, NotAnalysed(decision.reason), None)
-        case = case_from_headers(own_headers + related_headers, self.selector, load_s=load_s, datasets=datasets)
+        case = case_from_headers(own_headers + related_headers, self.selector, load_s=load_s, datasets=datasets,
+                                 reading_warnings=problems)
         if isinstance(case, NotAnalysed):
             return self._finish(job, StudyState.NOT_ANALYSED, case, None)
         primary_study = self._primary_study(case)

@@ -31,7 +31,7 @@ from inference.volumes import (
     VolumeError,
     load_case_volumes,
     read_planes,
-    volume_from_planes,
+    volume_after_drops,
 )
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def load_plan_volumes(
 ) -> tuple[dict[Role, RoleVolume], tuple[str, ...], dict[str, float]]:
     """Decode and stack every role of a plan; returns volumes, warnings, ``decode``/``volume`` times.
 
-    Plain series are decoded (:func:`read_planes`) and stacked (:func:`volume_from_planes`)
+    Plain series are decoded (:func:`read_planes`) and stacked (:func:`volume_after_drops`)
     separately so the two stages are timed apart; diffusion roles (split by b-value, trace,
     ADC from b0) go through :func:`load_case_volumes` together, so a DWI series shared by the
     ``dwi`` and a computed ``adc`` role is decoded once, and their time counts as ``volume``.
@@ -87,15 +87,17 @@ def load_plan_volumes(
         if role in diffusion:
             continue
         started = time.perf_counter()
+        dropped: list[str] = []
         try:
-            planes, facts = read_planes(paths)
+            planes, facts = read_planes(paths, dropped)
             decoded = time.perf_counter()
-            volume = volume_from_planes(planes, facts, min_coverage_mm=min_coverage_mm)
+            volume = volume_after_drops(planes, facts, dropped, min_coverage_mm=min_coverage_mm)
         except VolumeError as exc:
             raise type(exc)(f"{role}: {exc.reason}", exc.series_uid) from exc
         timings["decode"] += decoded - started
         timings["volume"] += time.perf_counter() - decoded
         volumes[role] = role_volume(role, volume)  # type: ignore[index, arg-type]
+        warnings.extend(dropped)
     if diffusion:
         started = time.perf_counter()
         loaded = load_case_volumes({role: (list(spec[0]), spec[1], spec[2]) for role, spec in diffusion.items()},
@@ -116,28 +118,35 @@ def _kept(paths: Sequence[Path], datasets: Mapping[Path, Dataset]) -> tuple[Path
     return tuple(datasets.get(path, path) for path in paths)
 
 
-def _lacking_reason(selector: Selector, headers: Sequence[SeriesHeader]) -> NotAnalysed:
+def _lacking_reason(
+    selector: Selector, headers: Sequence[SeriesHeader], warnings: Sequence[str] = ()
+) -> NotAnalysed:
     explanation = selector.explain(headers)
     parts = []
     for pipeline, plan in sorted(explanation.pipelines.items()):
         if plan.lacking:
             parts.append(f"{pipeline}: {', '.join(plan.lacking)}")
     reason = "no pipeline is ready: " + ("; ".join(parts) if parts else "no usable series")
-    return NotAnalysed(reason)
+    return NotAnalysed(reason, warnings=tuple(warnings))
 
 
 def dicom_case(
     paths: Sequence[Path], selector: Selector, *, min_coverage_mm: float = DEFAULT_MIN_COVERAGE_MM
 ) -> CaseInput | NotAnalysed:
-    """Read, select and load the case held in ``paths`` (files or folders of DICOM)."""
+    """Read, select and load the case held in ``paths`` (files or folders of DICOM).
+
+    Every file is read in isolation: one that cannot be read is dropped with a warning naming
+    its SOP Instance UID (carried into the result's ``warnings``), never the case.
+    """
     started = time.perf_counter()
     datasets: dict[Path, Dataset] = {}  # each file parsed once: the volumes decode from these
-    headers = read_series_headers(paths, datasets)
+    problems: list[str] = []
+    headers = read_series_headers(paths, datasets, problems)
     loaded = time.perf_counter()
     if not headers:
-        return NotAnalysed("no DICOM image found")
+        return NotAnalysed("no DICOM image found", warnings=tuple(problems))
     return case_from_headers(headers, selector, min_coverage_mm=min_coverage_mm, load_s=loaded - started,
-                             datasets=datasets)
+                             datasets=datasets, reading_warnings=problems)
 
 
 def case_from_headers(
@@ -147,23 +156,28 @@ def case_from_headers(
     min_coverage_mm: float = DEFAULT_MIN_COVERAGE_MM,
     load_s: float = 0.0,
     datasets: dict[Path, Dataset] | None = None,
+    reading_warnings: Sequence[str] = (),
 ) -> CaseInput | NotAnalysed:
     """Select a pipeline among ``headers`` (one patient, possibly several studies) and load its volumes.
 
     ``datasets``: the datasets kept when ``headers`` were read (see :func:`load_plan_volumes`).
+    ``reading_warnings``: the instances dropped while reading ``headers``
+    (:func:`inference.dicom_headers.read_series_headers` ``problems``); they lead the result's
+    warnings, with those of instances dropped while decoding.
     """
     started = time.perf_counter()
     plan = selector.select(headers)
     selected = time.perf_counter()
     if plan is None:
-        return _lacking_reason(selector, headers)
+        return _lacking_reason(selector, headers, reading_warnings)
     try:
         volumes, warnings, timings = load_plan_volumes(plan, headers, min_coverage_mm=min_coverage_mm, datasets=datasets)
     except VolumeError as exc:
-        return NotAnalysed(f"series not usable: {exc.reason}", plan.pipeline, plan.series_used, (), plan.warnings)
+        return NotAnalysed(f"series not usable: {exc.reason}", plan.pipeline, plan.series_used, (),
+                           tuple(dict.fromkeys((*reading_warnings, *plan.warnings))))
     timings.update({"load": load_s, "select": selected - started})
     log.info("case selected: %s pipeline, series %s", plan.pipeline, plan.series_used)
-    return CaseInput(plan.pipeline, volumes, warnings, timings)
+    return CaseInput(plan.pipeline, volumes, tuple(dict.fromkeys((*reading_warnings, *warnings))), timings)
 
 
 def nifti_case(role_paths: Mapping[Role, Path]) -> CaseInput:

@@ -5,9 +5,9 @@ datasets for decoding, with the pixel data left on disk until used (``defer_size
 :class:`FrameHeader` each; enhanced multi-frame images (PS3.3 C.7.6.16, Multi-frame Functional
 Groups) give one per frame, with geometry and diffusion taken from the per-frame group and falling
 back to the shared group. b-values come from the public Diffusion b-value (0018,9087) (top level
-or MR Diffusion Sequence (0018,9117)) and from the vendors' private elements: GE (0043,1039)
-(creator ``GEMS_PARM_01``, first value, offset by 10^9 on some software), Siemens (0019,100C)
-(``SIEMENS MR HEADER``), Philips (2001,1003) (``Philips Imaging DD 001``).
+or MR Diffusion Sequence (0018,9117)) and, where those are empty, from the vendors' private
+elements and conventions listed (with their sources) in :mod:`inference.vendor_quirks`, which
+also says how a scanner marks its own trace (isotropic) image.
 
 The types here hold plain values only (no datasets), so they can cross process boundaries and be
 built from the node's index as well as from files.
@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from inference.vendor_quirks import B0_WITHOUT_B_VALUE, DERIVED_MAP_IMAGE_TYPES, diffusion_facts
+
 log = logging.getLogger(__name__)
 
-# Vendor private b-value elements: (group, private creator, element offset in the block, name).
-PRIVATE_B_VALUE_TAGS: tuple[tuple[int, str, int, str], ...] = (
-    (0x0043, "GEMS_PARM_01", 0x39, "GE (0043,1039)"),
-    (0x0019, "SIEMENS MR HEADER", 0x0C, "Siemens (0019,100C)"),
-    (0x2001, "Philips Imaging DD 001", 0x03, "Philips (2001,1003)"),
-)
-_GE_B_OFFSET = 1_000_000_000
 DEFER_SIZE = 64 * 1024  # bytes: larger values (pixel data) stay on disk until used
 
 Vector = tuple[float, float, float]
@@ -57,6 +53,7 @@ class FrameHeader:
     directionality: str | None  # NONE, ISOTROPIC, DIRECTIONAL, BMATRIX (C.8.13.5.9)
     gradient: Vector | None
     frame_type: tuple[str, ...] = ()
+    is_trace: bool = False  # the scanner's trace (isotropic) image, never one direction
 
 
 @dataclass(frozen=True)
@@ -197,28 +194,6 @@ def _image_type(value: Any) -> tuple[str, ...]:
     return tuple(str(v).strip().upper() for v in value)
 
 
-def private_b_value(ds: Dataset) -> tuple[float, str] | None:
-    """The b-value from a vendor private element, with the element's name, or None."""
-    for group, creator, offset, name in PRIVATE_B_VALUE_TAGS:
-        try:
-            block = ds.private_block(group, creator)
-            element = block[offset]
-        except KeyError:
-            continue
-        raw = element.value
-        if isinstance(raw, (list, tuple, pydicom.multival.MultiValue)):
-            raw = raw[0] if len(raw) else None
-        if isinstance(raw, bytes):
-            raw = raw.decode("ascii", "replace").strip("\x00 ").split("\\")[0]
-        value = _float(raw)
-        if value is None:
-            continue
-        if group == 0x0043 and value >= _GE_B_OFFSET:
-            value = value % _GE_B_OFFSET
-        return value, name
-    return None
-
-
 def _diffusion(item: Dataset | None) -> tuple[float | None, str | None, Vector | None]:
     if item is None:
         return None, None, None
@@ -257,6 +232,9 @@ def _enhanced_frames(ds: Dataset, sop_uid: str) -> tuple[FrameHeader, ...]:
             per_frame, shared, "CTImageFrameTypeSequence"
         )
         b_value, directionality, gradient = _diffusion(diffusion)
+        frame_types = _image_type(frame_type.get("FrameType") if frame_type else None)
+        facts = diffusion_facts(per_frame if per_frame is not None else Dataset(), b_value=b_value,
+                                directionality=directionality, gradient=gradient, image_type=frame_types)
         frames.append(
             FrameHeader(
                 sop_instance_uid=sop_uid,
@@ -265,10 +243,11 @@ def _enhanced_frames(ds: Dataset, sop_uid: str) -> tuple[FrameHeader, ...]:
                 orientation=_floats(orientation.get("ImageOrientationPatient") if orientation else None, 6),  # type: ignore[arg-type]
                 pixel_spacing=_floats(measures.get("PixelSpacing") if measures else None, 2),  # type: ignore[arg-type]
                 slice_thickness=_float(measures.get("SliceThickness") if measures else None),
-                b_value=b_value,
-                directionality=directionality,
-                gradient=gradient,
-                frame_type=_image_type(frame_type.get("FrameType") if frame_type else None),
+                b_value=facts.b_value,
+                directionality=facts.directionality,
+                gradient=facts.gradient,
+                frame_type=frame_types,
+                is_trace=facts.is_trace,
             )
         )
     return tuple(frames)
@@ -279,16 +258,19 @@ def _single_frame(ds: Dataset, sop_uid: str) -> tuple[tuple[FrameHeader, ...], s
     directionality: str | None = None
     gradient: Vector | None = None
     source: str | None = None
+    is_trace = False
+    image_type = _image_type(ds.get("ImageType"))
     if str(ds.get("Modality", "")).upper() == "MR":  # diffusion attributes belong to MR only
         b_value, directionality, gradient = _diffusion(ds)
         source = "DiffusionBValue (0018,9087)" if b_value is not None else None
         if b_value is None and "MRDiffusionSequence" in ds:
             b_value, directionality, gradient = _diffusion(_first(ds, "MRDiffusionSequence"))
             source = "MR Diffusion Sequence (0018,9117)" if b_value is not None else None
-        if b_value is None:
-            private = private_b_value(ds)
-            if private is not None:
-                b_value, source = private
+        facts = diffusion_facts(ds, b_value=b_value, directionality=directionality, gradient=gradient,
+                                image_type=image_type)
+        b_value, gradient, is_trace = facts.b_value, facts.gradient, facts.is_trace
+        directionality = facts.directionality
+        source = source or facts.b_value_source
     frame = FrameHeader(
         sop_instance_uid=sop_uid,
         frame=None,
@@ -299,7 +281,8 @@ def _single_frame(ds: Dataset, sop_uid: str) -> tuple[tuple[FrameHeader, ...], s
         b_value=b_value,
         directionality=directionality,
         gradient=gradient,
-        frame_type=_image_type(ds.get("ImageType")),
+        frame_type=image_type,
+        is_trace=is_trace,
     )
     return (frame,), source
 
@@ -357,28 +340,120 @@ def instance_header(ds: Dataset, path: Path | None = None) -> InstanceHeader:
     )
 
 
-def read_instance_header(path: Path, datasets: dict[Path, Dataset] | None = None) -> InstanceHeader | None:
-    """Read one file's header; None when it is not DICOM (logged at DEBUG).
+def _file_sop_uid(path: Path) -> str:
+    """The SOP Instance UID a file's meta header names, or its file name when unreadable."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        return str(meta.get("MediaStorageSOPInstanceUID", "")) or f"file {path.name}"
+    except (InvalidDicomError, RecursionError, OSError, EOFError, ValueError, TypeError, KeyError, struct.error):
+        return f"file {path.name}"
+
+
+def read_instance_header(
+    path: Path, datasets: dict[Path, Dataset] | None = None, problems: list[str] | None = None
+) -> InstanceHeader | None:
+    """Read one file's header; None when it is not DICOM or cannot be read.
 
     Without ``datasets`` the file is read up to its pixel data (``stop_before_pixels``). With
     it, the whole file is parsed but values larger than :data:`DEFER_SIZE` (the pixel data)
     are left on disk, read only when used, and the dataset is kept in ``datasets[path]``:
     decoding then reads just the pixel bytes instead of parsing the file a second time.
+
+    Each file is read in isolation: a file that is not DICOM is skipped (DEBUG); a DICOM file
+    that cannot be parsed or reduced (a sequence nested too deep for the parser, a truncated
+    header, a value that cannot be decoded) is dropped with a warning naming its SOP Instance
+    UID, also appended to ``problems`` when given, so one bad file never takes its study (or
+    another study of the patient) down with it.
     """
     try:
         if datasets is None:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         else:
             ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
-    except (InvalidDicomError, OSError, EOFError) as exc:
+    except InvalidDicomError as exc:
         log.debug("skipping %s: %s", path.name, exc)
+        return None
+    except (RecursionError, MemoryError, OSError, EOFError, ValueError, TypeError, KeyError, struct.error) as exc:
+        _dropped(problems, _file_sop_uid(path), f"unreadable ({type(exc).__name__})")
         return None
     if "SOPInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
         log.debug("skipping %s: no SOP Instance or Series UID", path.name)
         return None
+    try:
+        header = instance_header(ds, path)
+    except (RecursionError, ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+        _dropped(problems, _file_sop_uid(path), f"inconsistent header ({type(exc).__name__})")
+        return None
+    problem = pixel_data_problem(ds, path) if datasets is not None else None
+    if problem is not None:
+        _dropped(problems, header.sop_instance_uid, problem)
+        return None
     if datasets is not None:
         datasets[path] = ds
-    return instance_header(ds, path)
+    return header
+
+
+def pixel_data_problem(ds: Dataset, path: Path) -> str | None:
+    """Why the (deferred) Pixel Data (7FE0,0010) of ``ds`` read from ``path`` cannot be whole, or None.
+
+    Checked without reading the pixels: the value must end inside the file, and native
+    (uncompressed) pixel data must hold Rows x Columns x Samples per Pixel x Number of Frames
+    x Bits Allocated / 8 bytes (PS3.5 8.1.1; encapsulated data are checked when decoded).
+    """
+    element = ds.get_item(0x7FE00010, keep_deferred=True)
+    length = getattr(element, "length", None)
+    offset = getattr(element, "value_tell", None)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if element is None or length is None or offset is None or length == 0xFFFFFFFF:
+        return None
+    if syntax is not None and syntax.is_deflated:  # offsets are in the inflated stream, not the file
+        return None
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"file unreadable ({type(exc).__name__})"
+    if offset + length > size:
+        return f"pixel data truncated ({offset + length - size} of {length} bytes missing)"
+    if syntax is None or syntax.is_compressed:
+        return None
+    try:
+        bits = int(ds.BitsAllocated)
+        values = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return "pixel data without a valid Rows, Columns or Bits Allocated"
+    expected = (values * bits + 7) // 8
+    if length < expected:
+        return f"pixel data of {length} bytes where Rows x Columns x frames need {expected}"
+    return None
+
+
+def _dropped(problems: list[str] | None, sop_uid: str, why: str) -> None:
+    message = f"instance {sop_uid} dropped: {why}"
+    log.warning(message)
+    if problems is not None:
+        problems.append(message)
+
+
+def one_copy_per_series(instances: Sequence[InstanceHeader]) -> list[InstanceHeader]:
+    """One export of a series sent both as classic images and as enhanced multi-frame images.
+
+    Canon and Siemens XA scanners can export one acquisition twice under one SeriesInstanceUID
+    (classic "MFSPLIT" images and an Enhanced MR file, PS3.3 A.36.2); counting both would double
+    every plane. The copy describing more planes is kept (an export still arriving is the
+    smaller); on a tie the enhanced copy, whose per-frame functional groups carry geometry and
+    diffusion in standard attributes (PS3.3 C.7.6.16, C.8.13.5.9).
+    :func:`inference.volumes.one_copy_of_each_series` applies the same rule to decoded planes.
+    """
+    enhanced = [i for i in instances if any(f.frame is not None for f in i.frames)]
+    classic = [i for i in instances if not any(f.frame is not None for f in i.frames)]
+    if not enhanced or not classic:
+        return list(instances)
+    n_enhanced = sum(len(i.frames) for i in enhanced)
+    n_classic = sum(len(i.frames) for i in classic)
+    keep = enhanced if n_enhanced >= n_classic else classic
+    log.info("series %s exported twice (classic and enhanced): %d instance(s) of one copy ignored",
+             instances[0].series_uid, len(instances) - len(keep))
+    return keep
 
 
 # --------------------------------------------------------------------------- series summary
@@ -483,16 +558,42 @@ def iter_files(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
-def read_series_headers(paths: Iterable[Path], datasets: dict[Path, Dataset] | None = None) -> list[SeriesHeader]:
+def b0_without_b_value(instances: Sequence[InstanceHeader]) -> list[InstanceHeader]:
+    """Give b = 0 to the images of a diffusion series that carry no b-value anywhere.
+
+    Toshiba/Canon write the b-value only on images acquired with a diffusion gradient
+    (:data:`inference.vendor_quirks.B0_WITHOUT_B_VALUE`): in a series whose other images carry
+    b > 0, an MR image without any b-value is a b0. Derived maps (ADC, FA) are left alone.
+    """
+    frames = [f for i in instances for f in i.frames]
+    if all(f.b_value is not None for f in frames) or not any((f.b_value or 0.0) > 0 for f in frames):
+        return list(instances)
+    filled = []
+    for instance in instances:
+        lacking = any(f.b_value is None for f in instance.frames)
+        if not lacking or instance.modality != "MR" or DERIVED_MAP_IMAGE_TYPES.intersection(instance.image_type):
+            filled.append(instance)
+            continue
+        frames_b0 = tuple(replace(f, b_value=0.0) if f.b_value is None else f for f in instance.frames)
+        filled.append(replace(instance, frames=frames_b0, b_value_source=instance.b_value_source or B0_WITHOUT_B_VALUE))
+    return filled
+
+
+def read_series_headers(
+    paths: Iterable[Path], datasets: dict[Path, Dataset] | None = None, problems: list[str] | None = None
+) -> list[SeriesHeader]:
     """Read every DICOM file under ``paths`` and group them into series (non-DICOM skipped).
 
     ``datasets``: when given, every file's dataset is kept there (pixel data deferred, see
     :func:`read_instance_header`) so that :mod:`inference.volumes` decodes without reading the
-    headers again.
+    headers again. ``problems``: when given, a warning for every instance dropped because it
+    could not be read is appended (see :func:`read_instance_header`). A series exported as
+    classic and as enhanced images is summarised from one copy (:func:`one_copy_per_series`);
+    diffusion images without a b-value among b > 0 images are b0 (:func:`b0_without_b_value`).
     """
     by_series: dict[tuple[str, str], list[InstanceHeader]] = defaultdict(list)
     for path in iter_files(paths):
-        header = read_instance_header(path, datasets)
+        header = read_instance_header(path, datasets, problems)
         if header is not None:
             by_series[(header.study_uid, header.series_uid)].append(header)
-    return [summarise_series(instances) for instances in by_series.values()]
+    return [summarise_series(b0_without_b_value(one_copy_per_series(instances))) for instances in by_series.values()]

@@ -47,6 +47,7 @@ from pydicom.dataset import Dataset
 
 from inference.dicom_headers import FrameHeader, instance_header, iter_files, slice_normal
 from inference.result import SourceInstance
+from inference.vendor_quirks import B0_WITHOUT_B_VALUE
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +221,85 @@ def planes_from_dataset(ds: Dataset) -> list[Plane]:
     return planes
 
 
-def read_planes(paths: Iterable[Path | Dataset]) -> tuple[list[Plane], dict[str, str]]:
+class InstanceError(VolumeError):
+    """One instance cannot be read or decoded; ``sop_instance_uid`` names it."""
+
+    def __init__(self, reason: str, sop_instance_uid: str, cause: type[BaseException]) -> None:
+        super().__init__(reason)
+        self.sop_instance_uid = sop_instance_uid
+        self.cause = cause
+
+
+# What reading or decoding one file can raise besides VolumeError: a header nested too deep for
+# the parser (RecursionError), a truncated file or pixel data (EOFError, OSError), a pixel data
+# length that does not match Rows x Columns x frames or a value that cannot be decoded (ValueError, ...).
+_INSTANCE_FAILURES: tuple[type[Exception], ...] = (
+    RecursionError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+    NotImplementedError, RuntimeError, MemoryError,
+)
+_READ_FAILURES: tuple[type[Exception], ...] = (*_INSTANCE_FAILURES, pydicom.errors.InvalidDicomError)
+
+
+def _instance_uid(item: Path | Dataset) -> str:
+    if isinstance(item, Dataset):
+        return str(item.get("SOPInstanceUID", "")) or "(no SOP Instance UID)"
+    try:
+        meta = pydicom.filereader.read_file_meta_info(item)
+        return str(meta.get("MediaStorageSOPInstanceUID", "")) or f"file {item.name}"
+    except _READ_FAILURES:
+        return f"file {item.name}"
+
+
+def read_instance(item: Path | Dataset) -> Dataset:
+    """The dataset of one file (or ``item`` itself), read in isolation.
+
+    Raises
+    ------
+    InstanceError
+        Naming the instance when the file cannot be parsed.
+    """
+    if isinstance(item, Dataset):
+        return item
+    try:
+        return pydicom.dcmread(item)
+    except _READ_FAILURES as exc:
+        raise InstanceError(f"unreadable ({type(exc).__name__})", _instance_uid(item), type(exc)) from exc
+
+
+def instance_planes(ds: Dataset) -> list[Plane]:
+    """:func:`planes_from_dataset` for one instance, any failure reported as :class:`InstanceError`."""
+    try:
+        return planes_from_dataset(ds)
+    except DecodeError as exc:
+        raise InstanceError(exc.reason, _instance_uid(ds), DecodeError) from exc
+    except _INSTANCE_FAILURES as exc:
+        raise InstanceError(f"pixel data unreadable ({type(exc).__name__})", _instance_uid(ds), type(exc)) from exc
+
+
+def _drop(dropped: list[str] | None, exc: InstanceError, first: list[InstanceError]) -> None:
+    message = f"instance {exc.sop_instance_uid} dropped: {exc.reason}"
+    log.warning(message)
+    first.append(exc)
+    if dropped is not None:
+        dropped.append(message)
+
+
+def read_planes(
+    paths: Iterable[Path | Dataset], dropped: list[str] | None = None
+) -> tuple[list[Plane], dict[str, str]]:
     """Decode every plane of the given files (folders are walked) or datasets.
 
     Returns the planes and the series facts (study/series/frame-of-reference UID, modality).
+    Each file is read and decoded in isolation: one that cannot be (:class:`InstanceError`) is
+    left out with a warning naming its SOP Instance UID, also appended to ``dropped`` when
+    given; the volume checks then judge what remains.
+
+    Raises
+    ------
+    VolumeError
+        When no image remains (of the type of the first instance's failure, when one failed).
     """
+    failures: list[InstanceError] = []
     planes: list[Plane] = []
     facts: dict[str, str] = {}
     items: list[Path | Dataset] = []
@@ -234,7 +309,11 @@ def read_planes(paths: Iterable[Path | Dataset]) -> tuple[list[Plane], dict[str,
         else:
             items.extend(iter_files([Path(item)]))
     for item in items:
-        ds = item if isinstance(item, Dataset) else pydicom.dcmread(item)
+        try:
+            ds = read_instance(item)
+        except InstanceError as exc:
+            _drop(dropped, exc, failures)
+            continue
         if "PixelData" not in ds and "FloatPixelData" not in ds:
             continue
         if not facts:
@@ -246,8 +325,15 @@ def read_planes(paths: Iterable[Path | Dataset]) -> tuple[list[Plane], dict[str,
             }
         elif str(ds.get("SeriesInstanceUID", "")) != facts["series_uid"]:
             raise GeometryError("files of more than one series given", facts["series_uid"])
-        planes.extend(planes_from_dataset(ds))
+        try:
+            planes.extend(instance_planes(ds))
+        except InstanceError as exc:
+            _drop(dropped, exc, failures)
     if not planes:
+        if failures:
+            error = DecodeError if failures[0].cause is DecodeError else VolumeError
+            raise error(f"no readable image: {len(failures)} instance(s) dropped, first: {failures[0].reason}",
+                        facts.get("series_uid", ""))
         raise VolumeError("no image with pixel data in the series")
     return planes, facts
 
@@ -376,13 +462,30 @@ def load_volume(
     VolumeError
         (or a subclass) with the reason the series cannot make a sound volume.
     """
-    planes, facts = read_planes(paths)
+    dropped: list[str] = []
+    planes, facts = read_planes(paths, dropped)
     if b_value is not None:
         planes = [p for p in planes if p.header.b_value is not None and abs(p.header.b_value - b_value) <= 1.0]
         if not planes:
             raise VolumeError(f"no image at b = {b_value:g}", facts["series_uid"])
-    volume = volume_from_planes(planes, facts, min_coverage_mm=min_coverage_mm)
-    return replace(volume, b_value=b_value)
+    volume = volume_after_drops(planes, facts, dropped, min_coverage_mm=min_coverage_mm)
+    return replace(volume, b_value=b_value, notes=(*dropped, *volume.notes))
+
+
+def volume_after_drops(
+    planes: Sequence[Plane], facts: dict[str, str], dropped: Sequence[str], *, min_coverage_mm: float
+) -> Volume:
+    """:func:`volume_from_planes` for what remains after instances were dropped by :func:`read_planes`.
+
+    When the remaining planes cannot make a sound volume the reason also names the instances
+    dropped (a missing slice is then explained by the file that could not be read).
+    """
+    try:
+        return volume_from_planes(planes, facts, min_coverage_mm=min_coverage_mm)
+    except VolumeError as exc:
+        if not dropped or isinstance(exc, InstanceError):
+            raise
+        raise type(exc)(f"{exc.reason} (after {'; '.join(dropped)})", exc.series_uid) from exc
 
 
 def volume_from_planes(planes: Sequence[Plane], facts: dict[str, str], *, min_coverage_mm: float) -> Volume:
@@ -527,18 +630,28 @@ def _resample_tilted(stack: _Stack, facts: dict[str, str]) -> Volume:
 
 @dataclass(frozen=True)
 class DiffusionSeries:
-    """A diffusion series split by b-value: per b, either one trace/isotropic volume or one per direction."""
+    """A diffusion series split by b-value.
+
+    ``by_b_value``: per b, one volume per gradient direction, or one volume when the images at
+    that b carry no direction. ``traces``: per b, the scanner's own trace (isotropic) image
+    when the series stores one (:func:`inference.vendor_quirks.diffusion_facts` says how each
+    vendor marks it); it is used as the trace and never averaged as one more direction.
+    """
 
     by_b_value: dict[float, tuple[Volume, ...]]
+    traces: dict[float, Volume] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     @property
     def b_values(self) -> tuple[float, ...]:
-        return tuple(sorted(self.by_b_value))
+        return tuple(sorted(set(self.by_b_value) | set(self.traces)))
 
     def trace(self, b_value: float | None = None) -> Volume:
-        """The trace-weighted volume at ``b_value`` (default: the highest), built from
-        directions by geometric mean when the series holds no trace."""
+        """The trace-weighted volume at ``b_value`` (default: the highest): the scanner's
+        trace when stored, else the one volume at that b, else the geometric mean over directions."""
         b = self.b_values[-1] if b_value is None else b_value
+        if b in self.traces:
+            return self.traces[b]
         volumes = self.by_b_value[b]
         return volumes[0] if len(volumes) == 1 else trace_from_directions(volumes)
 
@@ -558,36 +671,104 @@ def _direction_key(plane: Plane, occurrence: int) -> tuple[float, ...]:
     return (float(occurrence),)
 
 
+def one_copy_of_each_series(planes: Sequence[Plane]) -> tuple[list[Plane], str | None]:
+    """Keep one export of a series sent both as classic and as enhanced images.
+
+    Some scanners (Canon, Siemens XA) export one acquisition twice under one SeriesInstanceUID:
+    one classic image per plane and one Enhanced MR multi-frame file (PS3.3 A.36.2). Stacking
+    both would double every plane. The copy with more planes is kept (an export still arriving
+    is the smaller one); on a tie the enhanced copy, whose per-frame MR Diffusion Sequence
+    (PS3.3 C.8.13.5.9, type 1 there) holds the diffusion facts in standard attributes.
+    Returns the planes kept and a note (None when nothing was dropped).
+    """
+    enhanced = [p for p in planes if p.source.frame is not None]
+    classic = [p for p in planes if p.source.frame is None]
+    if not enhanced or not classic:
+        return list(planes), None
+    keep, drop, kind = (enhanced, classic, "enhanced") if len(enhanced) >= len(classic) else (classic, enhanced, "classic")
+    other = "classic" if kind == "enhanced" else "enhanced"
+    return keep, f"series exported twice (classic and enhanced): the {kind} copy used, {len(drop)} {other} image(s) ignored"
+
+
+def _b_values_filled(planes: Sequence[Plane], series_uid: str) -> tuple[list[Plane], str | None]:
+    """Planes with a b-value each: images without any b-value among b > 0 images are b0.
+
+    Toshiba/Canon write Diffusion b-value (0018,9087) only on images acquired with a diffusion
+    gradient (dcm2niix, ``Canon/README.md``), so in a series whose other images carry b > 0 an
+    image without any b-value is a b0. A series where no image has a b-value is refused.
+    """
+    missing = [p for p in planes if p.header.b_value is None]
+    if not missing:
+        return list(planes), None
+    if len(missing) == len(planes) or not any((p.header.b_value or 0.0) > 0 for p in planes):
+        raise VolumeError("diffusion series without a b-value on every image", series_uid)
+    filled = [p if p.header.b_value is not None else replace(p, header=replace(p.header, b_value=0.0)) for p in planes]
+    return filled, f"{len(missing)} image(s) without a b-value taken as b0 ({B0_WITHOUT_B_VALUE})"
+
+
+def _position_key(plane: Plane) -> tuple[float, ...]:
+    return tuple(round(v, 2) for v in plane.header.position or ())
+
+
+def _single_trace_b_values(planes: Sequence[Plane]) -> set[float]:
+    """The b-values whose trace-flagged planes hold one image per position (a scanner's trace).
+
+    Several flagged images at one position (e.g. directions whose gradient was written as
+    (0,0,0)) are no single trace: they stay with the directions, told apart by order.
+    """
+    positions: dict[float, list[tuple[float, ...]]] = defaultdict(list)
+    for plane in planes:
+        if plane.header.is_trace:
+            positions[float(round(plane.header.b_value))].append(_position_key(plane))  # type: ignore[arg-type]
+    return {b for b, keys in positions.items() if len(set(keys)) == len(keys)}
+
+
 def load_diffusion(paths: Iterable[Path | Dataset], *, min_coverage_mm: float = DEFAULT_MIN_COVERAGE_MM) -> DiffusionSeries:
     """Split a diffusion series by b-value and gradient direction into volumes.
 
     Planes without gradient information that repeat a position at one b-value (b-values only in
-    a vendor private tag) are told apart by their order of appearance.
+    a vendor private tag) are told apart by their order of appearance. Planes flagged as the
+    scanner's trace (:attr:`FrameHeader.is_trace`) make the trace at their b-value, apart from
+    the directions. A series exported twice (classic and enhanced) is used once
+    (:func:`one_copy_of_each_series`).
 
     Raises
     ------
     VolumeError
-        When a plane has no b-value or a group cannot make a sound volume.
+        When no plane has a b-value or a group cannot make a sound volume.
     """
-    planes, facts = read_planes(paths)
-    if any(p.header.b_value is None for p in planes):
-        raise VolumeError("diffusion series without a b-value on every image", facts.get("series_uid", ""))
+    dropped: list[str] = []
+    planes, facts = read_planes(paths, dropped)
+    series_uid = facts.get("series_uid", "")
+    planes, copy_note = one_copy_of_each_series(planes)
+    planes, b0_note = _b_values_filled(planes, series_uid)
     groups: dict[float, dict[tuple[float, ...], list[Plane]]] = defaultdict(lambda: defaultdict(list))
+    trace_planes: dict[float, list[Plane]] = defaultdict(list)
     seen: dict[tuple[float, tuple[float, ...]], int] = defaultdict(int)
+    trace_b = _single_trace_b_values(planes)
     for plane in planes:
         b = float(round(plane.header.b_value))  # type: ignore[arg-type]
-        position = tuple(round(v, 2) for v in plane.header.position or ())
+        if plane.header.is_trace and b in trace_b:
+            trace_planes[b].append(plane)
+            continue
+        position = _position_key(plane)
         occurrence = seen[(b, position)]
         seen[(b, position)] += 1
         groups[b][_direction_key(plane, occurrence)].append(plane)
+    notes = (*dropped, *(note for note in (copy_note, b0_note) if note))
     by_b: dict[float, tuple[Volume, ...]] = {}
     for b, directions in sorted(groups.items()):
         volumes = []
         for key in sorted(directions):
-            volume = volume_from_planes(directions[key], facts, min_coverage_mm=min_coverage_mm)
-            volumes.append(replace(volume, b_value=b))
+            volume = volume_after_drops(directions[key], facts, dropped, min_coverage_mm=min_coverage_mm)
+            volumes.append(replace(volume, b_value=b, notes=(*notes, *volume.notes)))
         by_b[b] = tuple(volumes)
-    return DiffusionSeries(by_b)
+    traces: dict[float, Volume] = {}
+    for b, stored in sorted(trace_planes.items()):
+        volume = volume_after_drops(stored, facts, dropped, min_coverage_mm=min_coverage_mm)
+        note = f"the scanner's trace image at b={b:g} used"
+        traces[b] = replace(volume, b_value=b, notes=(*notes, *volume.notes, note))
+    return DiffusionSeries(by_b, traces, notes)
 
 
 def _same_grid(volumes: Sequence[Volume]) -> None:
@@ -677,7 +858,7 @@ def load_case_volumes(
 
 
 def _diffusion_role(role: str, series: DiffusionSeries, b_value: float | None) -> Volume:
-    trace = series.trace(b_value if b_value in series.by_b_value else None)
+    trace = series.trace(b_value if b_value in series.b_values else None)
     if role == "dwi":
         return trace
     b0 = series.b0()

@@ -23,6 +23,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from inference.result import AttentionSlice, Prediction
 from reports.codes import Fpe, Std, coding_scheme_identification
+from reports.header import copy_patient_and_study, source_header
 from reports.sc import DEMO_WARNING, bundled_font, display_window, render_slice
 from reports.sr import (
     DEMONSTRATION_STATEMENT,
@@ -162,7 +163,8 @@ def build_pdf(
     prediction:
         The result to summarise (its attention slices give the key images).
     source_datasets:
-        Headers of the primary series; patient and study are copied from the first.
+        Headers of the primary series; patient and study are copied from the first, type 2
+        attributes it lacks written empty (:func:`reports.header.source_header`).
     uids, context:
         UID factory and the node's identity (see :mod:`reports.sr`).
 
@@ -173,7 +175,7 @@ def build_pdf(
     """
     if not source_datasets:
         raise ValueError("build_pdf needs the headers of the primary series")
-    reference = source_datasets[0]
+    reference = source_header(source_datasets[0])
     document = pdf_bytes(prediction)
     sop_uid = uids.new()
     ds = hd.SOPClass(
@@ -192,7 +194,7 @@ def build_pdf(
         institution_name=context.institution_name,
         specific_character_set=reference.get("SpecificCharacterSet"),
     )
-    ds.copy_patient_and_study_information(reference)
+    copy_patient_and_study(ds, reference)
     # SC Equipment module (PS3.3 C.8.6.1): a workstation-made document.
     ds.ConversionType = "WSD"
     # Encapsulated Document module (PS3.3 C.24.2).

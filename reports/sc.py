@@ -30,6 +30,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from inference.result import AttentionSlice, Prediction
 from reports.codes import Fpe, Std, coding_scheme_identification
+from reports.header import required_uid, source_header
 from reports.sr import MANUFACTURER, ReportContext, declare_character_set, result_text
 from reports.uids import UIDFactory
 
@@ -381,8 +382,9 @@ def build_secondary_captures(
     prediction:
         Must carry ``attention`` slices (one capture per model slice position).
     source_datasets:
-        Headers of the primary series' images; each capture copies patient and study from
-        the header of the source image it shows (the first header when not found).
+        Headers of the primary series' images; the captures copy patient and study from the
+        header of the first capture's source image (the first header when not found), type 2
+        attributes it lacks written empty (:func:`reports.header.source_header`).
     uids, context:
         UID factory and the node's identity (see :mod:`reports.sr`).
     multiframe:
@@ -402,12 +404,12 @@ def build_secondary_captures(
         raise ValueError("prediction has no attention slices: no secondary capture to build")
     if not source_datasets:
         raise ValueError("build_secondary_captures needs the headers of the primary series")
-    headers = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
+    headers = {required_uid(ds, "SOPInstanceUID"): ds for ds in source_datasets}
     window = display_window(prediction)
     series_uid = series_uid or uids.new()
     pixels = [render_slice(prediction, attention, window) for attention in prediction.attention]
     first = prediction.attention[0]
-    reference = _reference_dataset(first, headers, source_datasets[0])
+    reference = source_header(_reference_dataset(first, headers, source_datasets[0]))
     template = _single_frame(prediction, first, pixels[0], reference, uids, context, series_uid, series_number)
     captures = [template]
     for attention, rendered in zip(prediction.attention[1:], pixels[1:]):

@@ -74,6 +74,7 @@ from pydicom.uid import UID
 
 from inference.result import AttentionPeak, ModelInfo, NotAnalysed, Prediction, SourceInstance
 from reports.codes import Fpe, Std, coding_scheme_identification, procedure_reported
+from reports.header import REQUIRED_UIDS, copy_patient_and_study, required_uid, source_header
 from reports.uids import UIDFactory, is_valid_uid
 
 __all__ = [
@@ -389,21 +390,61 @@ def _reference_dataset(instance: SourceInstance | PriorReport) -> Dataset:
     return ref
 
 
+def _uid_reference(header: Dataset) -> Dataset:
+    """The four UIDs of a source header: all an evidence item needs (PS3.3 C.17.2.3)."""
+    ref = Dataset()
+    for keyword in REQUIRED_UIDS:
+        setattr(ref, keyword, required_uid(header, keyword))
+    return ref
+
+
 def _evidence(result: Prediction | NotAnalysed, source_datasets: Sequence[Dataset]) -> list[Dataset]:
-    """The primary's first header (patient and study are copied from it), then every source used."""
+    """The primary's first header (patient and study are copied from it), then every source used.
+
+    The first header goes through :func:`reports.header.source_header` (type 2 attributes
+    present, values writable); the others are listed by their UIDs only.
+    """
     if not source_datasets:
         raise ValueError("build_sr needs at least one source dataset of the primary series (patient and study)")
-    evidence = [source_datasets[0]]
-    seen = {str(source_datasets[0].SOPInstanceUID)}
+    evidence = [source_header(source_datasets[0])]
+    seen = {str(evidence[0].SOPInstanceUID)}
     for header in source_datasets[1:]:
-        if str(header.SOPInstanceUID) not in seen:
-            seen.add(str(header.SOPInstanceUID))
-            evidence.append(header)
+        reference = _uid_reference(header)
+        if str(reference.SOPInstanceUID) not in seen:
+            seen.add(str(reference.SOPInstanceUID))
+            evidence.append(reference)
     for source in result.sources:
         if source.sop_instance_uid not in seen:
             seen.add(source.sop_instance_uid)
             evidence.append(_reference_dataset(source))
     return evidence
+
+
+class _TolerantPatientCopy:
+    """highdicom's SR classes copy patient and study by the source's SOP class (its IOD table);
+    this copies them from the normalised header, whatever the source's class."""
+
+    def copy_patient_and_study_information(self, dataset: Dataset) -> None:
+        copy_patient_and_study(cast(Dataset, self), dataset)
+
+
+class _Comprehensive3DSR(_TolerantPatientCopy, hd.sr.Comprehensive3DSR):
+    """Comprehensive 3D SR (PS3.3 A.35.13) with the tolerant patient and study copy."""
+
+
+class _ComprehensiveSR(_TolerantPatientCopy, hd.sr.ComprehensiveSR):
+    """Comprehensive SR (PS3.3 A.35.3) with the tolerant patient and study copy."""
+
+
+class _EnhancedSR(_TolerantPatientCopy, hd.sr.EnhancedSR):
+    """Enhanced SR (PS3.3 A.35.2) with the tolerant patient and study copy."""
+
+
+_SR_TYPES: dict[SRClass, type[hd.sr.Comprehensive3DSR] | type[hd.sr.ComprehensiveSR] | type[hd.sr.EnhancedSR]] = {
+    "comprehensive3d": _Comprehensive3DSR,
+    "comprehensive": _ComprehensiveSR,
+    "enhanced": _EnhancedSR,
+}
 
 
 def _contributing_equipment(context: ReportContext, model: ModelInfo | None) -> hd.ContributingEquipment:
@@ -446,7 +487,8 @@ def build_sr(
         The prediction, or the reason the study was not analysed.
     source_datasets:
         Headers of the primary series' source images (pixel data not needed). Patient and
-        study are copied from the first (PS3.3 C.7.1.1, C.7.2.1); all are evidence.
+        study are copied from the first (PS3.3 C.7.1.1, C.7.2.1), type 2 attributes it lacks
+        written empty (:func:`reports.header.source_header`); all are evidence.
     uids:
         Makes the new Series / SOP Instance / tracking UIDs.
     context:
@@ -466,14 +508,13 @@ def build_sr(
     Raises
     ------
     ValueError
-        When there is no source dataset, or the peak outline is not a closed polygon.
+        When there is no source dataset, a source lacks a UID it must have, or the peak
+        outline is not a closed polygon.
     """
-    sr_type = {"comprehensive3d": hd.sr.Comprehensive3DSR, "comprehensive": hd.sr.ComprehensiveSR, "enhanced": hd.sr.EnhancedSR}[
-        sr_class
-    ]
+    sr_type = _SR_TYPES[sr_class]
     model = result.model if isinstance(result, Prediction) else None
     sop_instance_uid = uids.new()
-    sr = sr_type(
+    sr: Dataset = sr_type(
         evidence=_evidence(result, source_datasets),
         content=_content(result, context, uids),
         series_instance_uid=series_uid or uids.new(),

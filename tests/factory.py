@@ -67,9 +67,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -89,6 +91,8 @@ MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
 ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.1")
 XRAY_DOSE_SR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.88.67")
 SECONDARY_CAPTURE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")
+# Philips' private series data object, sent by its scanners and PACS along with a study (issue 9).
+PHILIPS_PRIVATE_SOP_CLASS = UID("1.3.46.670589.11.0.0.12.4")
 
 TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRLittleEndian,
@@ -535,6 +539,21 @@ def dose_report_dataset(*, patient: Patient, study: dict[str, str], series_uid: 
     measured.MeasurementUnitsCodeSequence = DicomSequence([_code("mGy.cm", "UCUM", "mGy.cm")])
     item.MeasuredValueSequence = DicomSequence([measured])
     ds.ContentSequence = DicomSequence([item])
+    return ds
+
+
+def private_object_dataset(
+    *, patient: Patient, study: dict[str, str], series_uid: str, series_number: int, sop_class: UID = PHILIPS_PRIVATE_SOP_CLASS
+) -> Dataset:
+    """A vendor's private (non-image) object in a study, as Philips MR scanners send them:
+    a private SOP class, Modality MR, a private block and no pixel data."""
+    vendor = dict(_VENDORS["Philips"], uid=series_uid, number=str(series_number), description="PHILIPS PRIVATE DATA")
+    ds = _base_dataset(
+        sop_class=sop_class, sop_uid=_uid(series_uid, "private"), patient=patient, study=study, series=vendor, modality="MR"
+    )
+    ds.InstanceNumber = 1
+    block = ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
+    block.add_new(0x34, "LT", "private series data")
     return ds
 
 
@@ -1216,6 +1235,176 @@ def write_mr_stroke_study(
         paths = write_datasets(datasets, directory / "flair", transfer_syntax)
         study.series["flair"] = _record("flair", datasets, paths, "flair", transform, flair_grid)
     return study
+
+
+# --------------------------------------------------------------------------- vendor DWI layouts
+
+#: Vendors :func:`write_vendor_dwi` can imitate, and the Manufacturer (0008,0070) each writes.
+VENDOR_DWI = {"ge": "GE MEDICAL SYSTEMS", "siemens": "SIEMENS", "siemens_csa": "SIEMENS",
+              "philips": "Philips Medical Systems", "canon": "CANON_MEC"}
+_PHILIPS_DIRECTION_LETTERS = ("M", "P", "S")  # Philips (2001,1004): measurement, phase, slice axis
+
+
+def siemens_csa_header(elements: dict[str, Sequence[str]]) -> bytes:
+    """A Siemens CSA2 header (``SV10``, as in (0029,1010)) holding ``elements`` (name -> values)."""
+    out = bytearray(b"SV10\x04\x03\x02\x01" + struct.pack("<II", len(elements), 77))
+    for name, values in elements.items():
+        out += name.encode("ascii").ljust(64, b"\x00")
+        out += struct.pack("<i4sii", len(values), b"DS\x00\x00" if name == "B_value" else b"CS\x00\x00", 3, len(values))
+        out += struct.pack("<I", 77)
+        for value in values:
+            encoded = value.encode("ascii") + b"\x00"
+            out += struct.pack("<4i", len(encoded), len(encoded), 77, len(encoded))
+            out += encoded.ljust((len(encoded) + 3) // 4 * 4, b"\x00")
+    return bytes(out)
+
+
+def _vendor_diffusion(ds: Dataset, vendor: str, b_value: float, direction: int | None, *,
+                      public_b: bool, b0_tag: bool, trace_mark: bool, other_creator_first: bool) -> None:
+    """Rewrite one DWI image's diffusion attributes the way ``vendor`` stores them."""
+    gradient = [0.0, 0.0, 0.0] if direction is None else [1.0 if k == direction else 0.0 for k in range(3)]
+    for keyword in ("DiffusionBValue", "DiffusionDirectionality", "DiffusionGradientOrientation"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if b_value == 0 and not b0_tag:
+        return  # Toshiba/Canon: b-values only where a gradient was applied
+    if public_b:
+        ds.DiffusionBValue = float(b_value)
+    isotropic = direction is None and b_value > 0
+
+    def block(group: int, creator: str) -> Any:
+        if other_creator_first:  # the vendor's block is then 0x11, not 0x10 (PS3.5 7.8.1)
+            ds.private_block(group, "ANOTHER VENDOR 01", create=True).add_new(0x01, "LO", "not this one")
+        return ds.private_block(group, creator, create=True)
+
+    if vendor == "ge":
+        if not public_b:
+            block(0x0043, "GEMS_PARM_01").add_new(0x39, "IS", [int(b_value) + 1_000_000_000, 8, 0, 0])
+        acquisition = ds.private_block(0x0019, "GEMS_ACQU_01", create=True)
+        for offset, value in zip((0xBB, 0xBC, 0xBD), gradient):
+            acquisition.add_new(offset, "DS", f"{value:g}")
+    elif vendor == "siemens":
+        header = block(0x0019, "SIEMENS MR HEADER")
+        if not public_b:
+            header.add_new(0x0C, "IS", int(b_value))
+        if trace_mark:
+            header.add_new(0x0D, "CS", "ISOTROPIC" if isotropic else "DIRECTIONAL" if b_value > 0 else "NONE")
+        if not isotropic and b_value > 0:
+            ds.DiffusionGradientOrientation = gradient
+    elif vendor == "siemens_csa":
+        elements: dict[str, Sequence[str]] = {"B_value": [f"{b_value:g}"]}
+        if trace_mark:
+            elements["DiffusionDirectionality"] = ["ISOTROPIC" if isotropic else "DIRECTIONAL" if b_value else "NONE"]
+        block(0x0029, "SIEMENS CSA HEADER").add_new(0x10, "OB", siemens_csa_header(elements))
+        if not isotropic and b_value > 0:
+            ds.DiffusionGradientOrientation = gradient
+    elif vendor == "philips":
+        dd = block(0x2001, "Philips Imaging DD 001")
+        if not public_b:
+            dd.add_new(0x03, "FL", float(b_value))
+        if trace_mark:
+            dd.add_new(0x04, "CS", "I" if direction is None else _PHILIPS_DIRECTION_LETTERS[direction])
+        ds.DiffusionGradientOrientation = gradient
+    elif vendor == "canon":
+        ds.ImageComments = f"b={b_value:g}({gradient[0]:.3f},{gradient[1]:.3f},{gradient[2]:.3f})"
+    else:
+        raise ValueError(f"unknown DWI vendor layout {vendor!r}")
+
+
+def write_vendor_dwi(
+    directory: Path,
+    *,
+    vendor: str,
+    public_b: bool = False,
+    b0_tag: bool = True,
+    with_trace: bool = True,
+    trace_mark: bool = True,
+    other_creator_first: bool = False,
+    rows: int = 24,
+    n_slices: int = 14,
+    seed: int = 0,
+) -> Study:
+    """A DWI series (b0, three directions at b1000 and, ``with_trace``, the scanner's isotropic
+    image at b1000) stored the way ``vendor`` (a key of :data:`VENDOR_DWI`) stores it.
+
+    ``public_b=False``: the b-value only in the vendor's place (GE (0043,1039) with the 10^9
+    offset, Siemens (0019,100C) or the CSA header ``B_value``, Philips (2001,1003), Canon Image
+    Comments ``b=...``). ``b0_tag=False``: the b0 images carry no b-value at all.
+    ``trace_mark``: the isotropic image flagged the vendor's way (Philips (2001,1004) 'I',
+    Siemens (0019,100D) / CSA ``DiffusionDirectionality`` ISOTROPIC; GE and Canon: a (0,0,0)
+    gradient at b > 0). ``other_creator_first``: another private creator takes block 0x10 first,
+    so the vendor's elements sit at 0x11xx. The isotropic image's pixels are twice the
+    directional mean, so using it as a direction (or averaging it in) shows in the trace. Series key ``dwi``.
+    """
+    directory = Path(directory)
+    patient = default_patient(seed)
+    study_uid = str(_uid("vendordwi", vendor, seed))
+    info = _study_info(study_uid, "MR STROKE", "20260101", "100000", "ACC0200")
+    study = Study(study_uid=study_uid, patient=patient, directory=directory)
+    grid = stack_grid(rows=rows, cols=rows, fov_mm=230.0, offsets=_axial_offsets(n_slices, 6.0, -45.0))
+    frames: list[tuple[float, int | None]] = [(0.0, None), (1000.0, 0), (1000.0, 1), (1000.0, 2)]
+    if with_trace:
+        frames.append((1000.0, None))
+    series_uid = str(_uid("series", study_uid, "dwi", vendor))
+    datasets = mr_datasets(
+        grid=grid, contrast="dwi", patient=patient, study=info, series_uid=series_uid, series_number=10,
+        description="DWI", frame_uid=str(_uid("for", study_uid)), frames=frames, lesion=False, seed=seed,
+    )
+    per_frame = len(grid.positions)
+    for index, ds in enumerate(datasets):
+        b_value, direction = frames[index // per_frame]
+        ds.Manufacturer = VENDOR_DWI[vendor]
+        if b_value > 0 and direction is None:
+            stored = np.frombuffer(ds.PixelData, dtype=np.uint16).reshape(ds.Rows, ds.Columns)
+            _set_pixels(ds, np.clip(stored.astype(np.int64) * 2, 0, 65535).astype(np.uint16))
+        _vendor_diffusion(ds, vendor, b_value, direction, public_b=public_b, b0_tag=b0_tag,
+                          trace_mark=trace_mark, other_creator_first=other_creator_first)
+    paths = write_datasets(datasets, directory / "dwi")
+    study.series["dwi"] = _record("dwi", datasets, paths, "dwi", None, grid)
+    return study
+
+
+# --------------------------------------------------------------------------- broken copies of good files
+
+_PLACEHOLDER = "NESTING-PLACEHOLDER"
+
+
+def write_deeply_nested_copy(source: Path, target: Path, *, depth: int = 1000, sop_uid: str | None = None) -> str:
+    """Copy ``source`` (Explicit VR Little Endian) to ``target`` under a new SOP Instance UID with
+    a Request Attributes Sequence (0040,0275) nested ``depth`` deep, every sequence and item of
+    undefined length (PS3.5 7.5.1), written byte by byte. Returns the new SOP Instance UID."""
+    import pydicom
+
+    ds = pydicom.dcmread(source)
+    uid = sop_uid or str(_uid("nested", source.name, depth))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.add_new(0x00400275, "LO", _PLACEHOLDER)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=True)
+    encoded = _PLACEHOLDER.encode("ascii") + (b" " if len(_PLACEHOLDER) % 2 else b"")
+    element = struct.pack("<HH", 0x0040, 0x0275) + b"LO" + struct.pack("<H", len(encoded)) + encoded
+    opening = struct.pack("<HH", 0x0040, 0x0275) + b"SQ\x00\x00" + b"\xff" * 4 + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    closing = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    raw = target.read_bytes()
+    assert raw.count(element) == 1
+    target.write_bytes(raw.replace(element, opening * depth + closing * depth))
+    return uid
+
+
+def write_truncated_copy(source: Path, target: Path, *, missing_bytes: int = 100, sop_uid: str | None = None) -> str:
+    """Copy ``source`` to ``target`` under a new SOP Instance UID with the file cut
+    ``missing_bytes`` short, inside its pixel data (a transfer that stopped). Returns the UID."""
+    import pydicom
+
+    ds = pydicom.dcmread(source)
+    uid = sop_uid or str(_uid("truncated", source.name, missing_bytes))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=True)
+    raw = target.read_bytes()
+    target.write_bytes(raw[:-missing_bytes])
+    return uid
 
 
 # --------------------------------------------------------------------------- never-chosen extras

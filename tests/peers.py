@@ -67,12 +67,13 @@ class DCMTK:
         called: str = "FPENODE",
         extra: Sequence[str] = (),
         timeout_s: float = 300.0,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """C-STORE files or folders (``+sd`` added for folders) to 127.0.0.1:port."""
         args = ["-aet", calling, "-aec", called, *extra]
         if any(Path(f).is_dir() for f in files):
             args.append("+sd")
-        return self.run("storescu", [*args, "127.0.0.1", str(port), *map(str, files)], timeout_s=timeout_s)
+        return self.run("storescu", [*args, "127.0.0.1", str(port), *map(str, files)], timeout_s=timeout_s, env=env)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,9 @@ Results held because they come from demonstration weights stay held unless
 
 A study analysed whose results never reached the outbox (the node stopped in between) has no
 rows to re-queue: its analysis is queued again instead (:mod:`dicom_node.recovery`), and the
-running node's worker re-runs it and sends the results.
+running node's worker re-runs it and sends the results. A study in ``report_failed``
+(building, writing or queueing its results raised) is retried the same way: resend is its
+retry, start-up never re-runs it by itself.
 """
 
 from __future__ import annotations

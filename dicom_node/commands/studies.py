@@ -1,7 +1,8 @@
 """``fpe-node studies``: what arrived, how it is grouped, where each study is in its life cycle.
 
 Without ``--study`` it lists studies, latest arrival first: state, arrivals, series and
-instance counts, and how many of its results are dead-lettered. With ``--study UID`` it shows
+instance counts, how many of its results are dead-lettered and how many times building or
+queueing its results failed (``report_failed``; ``fpe-node resend`` retries both). With ``--study UID`` it shows
 that study's series (with completion times), its timeline (every state change and note, UTC),
 its analysis jobs and the delivery of each result object. ``--json`` prints the same as JSON.
 
@@ -39,7 +40,7 @@ def register(subparsers: Any) -> None:
     """Add the ``studies`` sub-command."""
     parser = subparsers.add_parser("studies", help="list received studies, their series, state and timeline")
     parser.add_argument("--study", metavar="UID", help="show one study: series, timeline, jobs, deliveries")
-    parser.add_argument("--state", help="list only studies in this state (e.g. dead_lettered, received)")
+    parser.add_argument("--state", help="list only studies in this state (e.g. dead_lettered, report_failed, received)")
     parser.add_argument("--limit", type=int, default=50, help="list at most this many studies (default 50; 0: all)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.set_defaults(func=run)
@@ -95,6 +96,7 @@ def study_rows(
     if limit:
         query = query.limit(limit)
     dead = _dead_letters_by_study(session)
+    failures = _report_failures_by_study(session)
     return [
         {
             "study_uid": study.study_uid,
@@ -110,6 +112,7 @@ def study_rows(
             "series": series,
             "instances": instances,
             "dead_letters": dead.get(study.study_uid, 0),
+            "report_failures": failures.get(study.study_uid, 0),
         }
         for study, series, instances in session.execute(query)
     ]
@@ -199,6 +202,18 @@ def _dead_letters_by_study(session: Session) -> dict[str, int]:
     return counts
 
 
+def _report_failures_by_study(session: Session) -> dict[str, int]:
+    """Times each study went to ``report_failed`` (its timeline), by Study Instance UID."""
+    from dicom_node.index.models import Study, StudyEvent
+    from dicom_node.lifecycle import StudyState
+
+    rows = session.execute(
+        select(Study.study_uid, func.count(StudyEvent.id)).join(StudyEvent, StudyEvent.study_pk == Study.id)
+        .where(StudyEvent.state == StudyState.REPORT_FAILED.value).group_by(Study.study_uid)
+    )
+    return {study_uid: int(count) for study_uid, count in rows}
+
+
 DETAIL_SECTIONS: tuple[DetailSection, ...] = (_jobs_section, _deliveries_section, _quarantine_section)
 """Sections of ``fpe-node studies --study`` after series and timeline, in order."""
 
@@ -252,12 +267,12 @@ def format_list(rows: list[Row]) -> str:
     body = [
         (
             r["study_uid"], r["state"], r["modalities"], r["series"], r["instances"], _time(r["first_received_at"]),
-            _time(r["last_received_at"]), r["calling_ae"], r["dead_letters"] or "",
+            _time(r["last_received_at"]), r["calling_ae"], r["dead_letters"] or "", r["report_failures"] or "",
         )
         for r in rows
     ]
     headers = ("STUDY UID", "STATE", "MODALITIES", "SERIES", "INSTANCES", "FIRST ARRIVAL (UTC)", "LAST ARRIVAL (UTC)",
-               "FROM", "DEAD")
+               "FROM", "DEAD", "FAILED")
     return _table(headers, body)
 
 
