@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import random
 import struct
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +77,10 @@ class Mutant:
     syntax: str
 
 
-def _fresh_uid() -> str:
-    return f"2.25.{uuid.uuid4().int}"
+def _tiny(rng: random.Random) -> Dataset:
+    """The tiny CT with UIDs drawn from ``rng`` (so the corpus is the same on every run)."""
+    study, series, sop = (f"2.25.{rng.getrandbits(120) | 1 << 119}" for _ in range(3))
+    return tiny_ct(study_uid=study, series_uid=series, sop_uid=sop)
 
 
 def _with_uid(base: Base, rng: random.Random) -> Base:
@@ -147,7 +148,7 @@ def _deep_sequence(depth: int) -> bytes:
 
 def _structural_mutation(rng: random.Random) -> Mutant:
     """Attribute-level changes to a tiny CT (Explicit VR Little Endian)."""
-    ds: Dataset = tiny_ct()
+    ds: Dataset = _tiny(rng)
     sop_class = CTImageStorage
     kind = rng.choice(("remove", "pixel-module", "sop-class", "charset", "deep", "short-pixels"))
     if kind == "remove":
@@ -177,7 +178,7 @@ def _structural_mutation(rng: random.Random) -> Mutant:
     return Mutant(kind, encode_dataset(ds), sop_class, ds.SOPInstanceUID, ExplicitVRLittleEndian)
 
 
-def _bases() -> list[Base]:
+def _bases(rng: random.Random) -> list[Base]:
     bases = []
     ct = sorted(require_shared_data("ct_philips_headphantom_1mm").iterdir())[:2]
     syntaxes = sorted(require_shared_data("ts_siemens_mr_transfer_syntaxes").glob("*.dcm"))
@@ -185,32 +186,33 @@ def _bases() -> list[Base]:
         header = dcmread(path, stop_before_pixels=True)
         bases.append(Base(path.name, dataset_bytes(path), str(header.SOPClassUID), str(header.SOPInstanceUID),
                           str(header.file_meta.TransferSyntaxUID)))
-    tiny = tiny_ct()
+    tiny = _tiny(rng)
     bases.append(Base("tiny", encode_dataset(tiny), CTImageStorage, tiny.SOPInstanceUID, ExplicitVRLittleEndian))
     return bases
 
 
 def regressions() -> Iterator[Mutant]:
     """The instances issue 10 saw acknowledged, each built on purpose (all must be refused)."""
-    ds = tiny_ct()
+    rng = random.Random(0)
+    ds = _tiny(rng)
     ds["PixelData"].VR = "OW"
     del ds.PixelData
     yield Mutant("CT without Pixel Data", encode_dataset(ds), CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian)
-    ds = tiny_ct()
+    ds = _tiny(rng)
     ds.PixelData = ds.PixelData[:64]
     yield Mutant("Pixel Data cut short", encode_dataset(ds), CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian)
-    ds = tiny_ct()
+    ds = _tiny(rng)
     ds.SOPClassUID = BasicTextSRStorage
     yield Mutant("CT pixels as Basic Text SR", encode_dataset(ds), BasicTextSRStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian)
-    ds = tiny_ct()
+    ds = _tiny(rng)
     data = encode_dataset(ds)
     at = data.rfind(struct.pack("<HH", 0x7FE0, 0x0010))
     huge = data[:at] + struct.pack("<HH", 0x7FE0, 0x0010) + b"OW\x00\x00" + struct.pack("<I", 0xFFFFFFF0) + b"\x00" * 1024
     yield Mutant("Pixel Data 0xFFFFFFF0 with 1 KiB", huge, CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian)
-    ds = tiny_ct()
+    ds = _tiny(rng)
     ds.SpecificCharacterSet = "ISO_IR 999"
     yield Mutant("unknown character set", encode_dataset(ds), CTImageStorage, ds.SOPInstanceUID, ExplicitVRLittleEndian)
-    ds = tiny_ct()
+    ds = _tiny(rng)
     data = encode_dataset(ds)
     cut = data.index(struct.pack("<HH", 0x0010, 0x0010))
     deep = data[:cut] + _deep_sequence(1000) + data[cut:]
@@ -221,7 +223,7 @@ def corpus(seed: int = 10, byte_mutations_per_base: int = 18, structural: int = 
     """The fixed mutation corpus: byte mutations of every base, attribute mutations of a tiny CT."""
     yield from regressions()
     rng = random.Random(seed)
-    for base in _bases():
+    for base in _bases(rng):
         for _ in range(byte_mutations_per_base):
             yield _byte_mutation(_with_uid(base, rng), rng)
     for _ in range(structural):
