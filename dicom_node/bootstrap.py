@@ -23,7 +23,9 @@ from dicom_node.completion import Completion, SelectionReadiness
 from dicom_node.delivery import Delivery, build_delivery, destinations_from_registry
 from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
 from dicom_node.lifecycle import Lifecycle
+from dicom_node.logs import use_installation_secret
 from dicom_node.peers import PeerRegistry
+from dicom_node.quarantine import QuarantineCheck, reconcile_orphans
 from dicom_node.recovery import recover_lost_results
 from dicom_node.retention import Retention
 from dicom_node.scp import AssociationTracker, Ingest, IngestListener, ListenerDispatcher, StorageSCP
@@ -108,12 +110,16 @@ def build_node(
         processed studies before refusing above ``retention.disk_high_watermark_pct``.
     """
     files = FileStore(settings.storage.data_dir, fsync=settings.storage.fsync)
+    use_installation_secret(settings.storage.data_dir)  # created at first start
     leftovers = files.clean_tmp()
     if leftovers:
         log.info("removed %d partial files left by an earlier stop", leftovers)
     engine = build_engine(settings)
     upgrade_to_head(engine)
     session_factory = build_session_factory(engine)
+    reconciled = reconcile_orphans(files, session_factory)  # before the SCP listens
+    if reconciled.adopted or reconciled.quarantined:
+        log.warning("files without index rows: %d adopted, %d quarantined", reconciled.adopted, reconciled.quarantined)
     peers = PeerRegistry(session_factory)
     peers.seed(settings.peers)
     scheduler = BackgroundScheduler(timezone=dt.timezone.utc)
@@ -129,7 +135,8 @@ def build_node(
         next_run_time=dt.datetime.now(dt.timezone.utc), coalesce=True, max_instances=1,
     )
     guard = disk_guard or retention
-    dispatcher = ListenerDispatcher([completion, *listeners])
+    # The later check runs first, so a series is judged without its quarantined instances.
+    dispatcher = ListenerDispatcher([QuarantineCheck(session_factory, settings.storage.data_dir), completion, *listeners])
     ingest = Ingest(
         files=files,
         session_factory=session_factory,

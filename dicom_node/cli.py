@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fpe-node: {exc}", file=sys.stderr)
         return 2
     configure_logging("DEBUG" if args.verbose else settings.logging.level)
+    from dicom_node.logs import use_installation_secret
+
+    use_installation_secret(settings.storage.data_dir, create=False)  # made by the first start
     return int(args.func(args, settings))
 
 

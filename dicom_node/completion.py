@@ -245,7 +245,8 @@ class SelectionReadiness:
             rows = list(
                 session.execute(
                     select(Instance.path, Instance.sop_instance_uid).join(Series, Series.id == Instance.series_pk)
-                    .where(Series.series_uid == series.series_uid).order_by(Instance.id)
+                    .where(Series.series_uid == series.series_uid, Instance.quarantine_reason.is_(None))
+                    .order_by(Instance.id)
                 ).all()
             )
         key = (series.series_uid, len(rows))
@@ -812,7 +813,7 @@ class Completion:
     def _series_row(self, session: Session, study_uid: str, series: Series) -> tuple[SeriesInfo, dt.datetime, bool] | None:
         first = session.execute(
             select(Instance.sop_class_uid, Instance.sop_instance_uid, Instance.path)
-            .where(Instance.series_pk == series.id).order_by(Instance.id).limit(1)
+            .where(Instance.series_pk == series.id, Instance.quarantine_reason.is_(None)).order_by(Instance.id).limit(1)
         ).one_or_none()
         if first is None:
             return None

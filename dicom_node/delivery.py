@@ -331,13 +331,15 @@ class Delivery:
         with self._sessions() as session:
             if wanted:
                 rows = session.execute(
-                    select(Instance.sop_instance_uid, Instance.path).where(Instance.sop_instance_uid.in_(wanted))
+                    select(Instance.sop_instance_uid, Instance.path)
+                    .where(Instance.sop_instance_uid.in_(wanted), Instance.quarantine_reason.is_(None))
                 ).all()
                 paths = {uid: path for uid, path in rows}
                 ordered = [paths[uid] for uid in wanted if uid in paths]
             else:
                 ordered = list(session.scalars(
-                    select(Instance.path).join(Series).join(Study).where(Study.study_uid == study_uid)
+                    select(Instance.path).join(Series).join(Study)
+                    .where(Study.study_uid == study_uid, Instance.quarantine_reason.is_(None))
                     .order_by(Series.number, Instance.instance_number).limit(1)
                 ))
         headers: list[Dataset] = []

@@ -58,6 +58,7 @@ from dicom_node.sop_classes import is_unknown_storage_class
 from dicom_node.status import Status
 from dicom_node.storage import DiskFullError, DiskGuard, FileStore, HeaderError, InstanceHeader, dataset_digest, file_meta_bytes, parse_header
 from dicom_node.transport import Connection, FrontDoor, NodeAssociationServer, Refusal
+from dicom_node.validation import check_dataset
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +312,8 @@ class Ingest:
         )
         pending = self._writer.submit(self.files.write_temp, (meta, dataset_bytes))
         try:
+            # The whole data set is checked before anything else reads it (dicom_node.validation).
+            check_dataset(dataset_bytes, transfer_syntax, str(request.AffectedSOPClassUID).strip())
             header = parse_header(dataset_bytes, transfer_syntax)
             self._check_matches_command(event, header)
             digest = dataset_digest(dataset_bytes)

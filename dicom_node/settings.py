@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextvars
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from config import DEFAULT_SETTINGS
@@ -33,6 +33,14 @@ ENV_NESTED_DELIMITER = "__"
 _UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 # Roots that belong to libraries' examples, never to be used for a site's objects.
 FORBIDDEN_UID_ROOTS = ("1.2.826.0.1.3680043.8.498", "1.2.826.0.1.3680043.9.3811", "1.2.840.10008")
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)(?P<password>[^@\s]*)@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of any ``scheme://user:password@host`` URL replaced by ``***``."""
+    return _URL_PASSWORD.sub(lambda match: f"{match.group('head')}***@", text)
 
 
 class SettingsError(ValueError):
@@ -178,10 +186,21 @@ class IndexSettings(BaseModel):
         None,
         description=(
             "SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db. "
-            "Empty: SQLite file <data_dir>/index.sqlite3."
+            "Empty: SQLite file <data_dir>/index.sqlite3. Its password is never printed "
+            "(`config show`, representations and errors show `***`)."
         ),
     )
     echo: bool = Field(False, description="Log SQL statements (debugging only).")
+
+    @field_serializer("url", when_used="json")
+    def _url_without_password(self, url: str | None) -> str | None:
+        """JSON (``config show``) carries the URL with its password replaced by ``***``."""
+        return None if url is None else redact_url(url)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """``repr`` (tracebacks, logs of the settings object) without the password."""
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "url" and isinstance(value, str) else value
 
 
 class CompletionSettings(BaseModel):
@@ -442,7 +461,7 @@ def format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         field = ".".join(str(part) for part in err["loc"]) or "(top level)"
         got = err.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        shown = "" if isinstance(got, dict) else f" (got {redact_url(repr(got))})"
         lines.append(f"{field}: {err['msg']}{shown}")
     return "invalid settings:\n  " + "\n  ".join(lines)
 

@@ -92,7 +92,8 @@ def _study_time(study: Study) -> dt.datetime:
 
 def _files_of(session: Session, study_pk: int, data_dir: Path) -> tuple[Path, ...]:
     rows = session.execute(
-        select(Instance.path).join(Series, Series.id == Instance.series_pk).where(Series.study_pk == study_pk)
+        select(Instance.path).join(Series, Series.id == Instance.series_pk)
+        .where(Series.study_pk == study_pk, Instance.quarantine_reason.is_(None))  # quarantined: never in a case
     ).scalars()
     return tuple(data_dir / path for path in rows)
 
@@ -233,6 +234,9 @@ def _worker_main(settings: Settings, stop: EventType, results: Any, poll_s: floa
     from dicom_node.logs import configure
 
     configure(settings.logging.level)
+    from dicom_node.logs import use_installation_secret
+
+    use_installation_secret(settings.storage.data_dir)  # a spawned process: key its log hashes too
     analyst = Analyst(settings)
     log.info("inference worker ready (model %s %s)", analyst.predictor.card.name, analyst.predictor.card.version)
     while not stop.is_set():

@@ -39,8 +39,10 @@ and :meth:`Selector.pipeline_ready` (do these series make a ready pipeline?).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import math
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -545,9 +547,24 @@ def _display_order(header: SeriesHeader) -> tuple[str, str, int, str]:
     return (when, header.study_uid, header.series_number if header.series_number is not None else 1 << 30, header.series_uid)
 
 
+# Key of the patient tags in logs; the node sets its per-installation secret
+# (dicom_node.logs.use_installation_secret), until then a random per-process key.
+_hash_key: bytes = os.urandom(32)
+
+
+def set_hash_key(key: bytes) -> None:
+    """Key :func:`short_hash` (called by the node with its installation secret)."""
+    global _hash_key
+    _hash_key = key
+
+
 def short_hash(value: str) -> str:
-    """A short non-reversible tag for a value (patient keys are never printed or logged)."""
-    return hashlib.sha256(value.encode("utf-8")).hexdigest()[:10]
+    """A short non-reversible tag for a value (patient keys are never printed or logged): keyed HMAC-SHA-256.
+
+    An unkeyed hash of a Patient ID from a small space (a 7-digit MRN) is reversed by trying
+    every value; keyed with a secret it is not.
+    """
+    return hmac.new(_hash_key, value.encode("utf-8"), hashlib.sha256).hexdigest()[:10]
 
 
 def patient_key(header: SeriesHeader) -> tuple[str, str]:

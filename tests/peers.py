@@ -217,9 +217,12 @@ def associate(port: int, *, calling: str = "TESTSCU", called: str = "FPENODE", c
     return ae.associate("127.0.0.1", port, ae_title=called)
 
 
-def store_raw(assoc: Association, sop_class: str, sop_uid: str, dataset_bytes: bytes, folder: Path) -> int:
+def store_raw(
+    assoc: Association, sop_class: str, sop_uid: str, dataset_bytes: bytes, folder: Path, transfer_syntax: str | None = None
+) -> int:
     """C-STORE ``dataset_bytes`` as they are, with the command's SOP Class/Instance UIDs given
-    separately (for bad input tests): sent from a Part 10 file with pynetdicom's chunked mode."""
+    separately (for bad input tests): sent from a Part 10 file with pynetdicom's chunked mode,
+    in ``transfer_syntax`` (default Explicit VR Little Endian; the association must have it)."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_file_meta_info
@@ -229,7 +232,7 @@ def store_raw(assoc: Association, sop_class: str, sop_uid: str, dataset_bytes: b
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
     buffer = DicomBytesIO()
     buffer.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buffer, meta)
@@ -241,6 +244,7 @@ def store_raw(assoc: Association, sop_class: str, sop_uid: str, dataset_bytes: b
         response = assoc.send_c_store(path)
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
+        path.unlink()
     return int(response.Status) if "Status" in response else -1
 
 

@@ -81,3 +81,7 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
     # Whatever was indexed but not acknowledged (killed between commit and response) is whole too.
     for sop_uid, row in rows.items():
         assert dataset_bytes(data_dir / row.path) == dataset_bytes(sources[sop_uid])
+    # No orphan survives the restart: every file under dicom/ has its row (adopted at start-up).
+    assert {p.relative_to(data_dir).as_posix() for p in (data_dir / "dicom").rglob("*.dcm")} == {
+        row.path for row in rows.values()
+    }

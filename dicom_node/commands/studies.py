@@ -179,6 +179,20 @@ def _deliveries_section(session: Session, study_uid: str) -> tuple[str, list[Row
     return "deliveries", [_plain(row) for row in delivery_rows(session, study_uid)]
 
 
+def _quarantine_section(session: Session, study_uid: str) -> tuple[str, list[Row]]:
+    """Instances kept but left out of every case, with the reason (``dicom_node.quarantine``)."""
+    from dicom_node.index.models import Instance, Series, Study
+
+    rows = session.execute(
+        select(Instance.sop_instance_uid, Series.series_uid, Instance.quarantine_reason)
+        .join(Series, Series.id == Instance.series_pk).join(Study, Study.id == Series.study_pk)
+        .where(Study.study_uid == study_uid, Instance.quarantine_reason.is_not(None)).order_by(Instance.id)
+    ).all()
+    return "quarantined instances", [
+        {"sop_instance_uid": sop_uid, "series_uid": series_uid, "reason": reason} for sop_uid, series_uid, reason in rows
+    ]
+
+
 def _dead_letters_by_study(session: Session) -> dict[str, int]:
     from dicom_node.outbox import delivery_rows
 
@@ -200,7 +214,7 @@ def _report_failures_by_study(session: Session) -> dict[str, int]:
     return {study_uid: int(count) for study_uid, count in rows}
 
 
-DETAIL_SECTIONS: tuple[DetailSection, ...] = (_jobs_section, _deliveries_section)
+DETAIL_SECTIONS: tuple[DetailSection, ...] = (_jobs_section, _deliveries_section, _quarantine_section)
 """Sections of ``fpe-node studies --study`` after series and timeline, in order."""
 
 

@@ -123,6 +123,9 @@ class Instance(Base):
     """SHA-256 of the data set as received (without the file meta group), for the duplicate rule."""
     received_at: Mapped[Timestamp] = mapped_column(default=utcnow)
     calling_ae: Mapped[AETitle | None] = mapped_column(default=None)
+    quarantine_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    """Why the stored file failed the later check (dicom_node.validation.deep_check); a
+    quarantined instance is kept and shown but never part of a case. NULL: not quarantined."""
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

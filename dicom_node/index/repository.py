@@ -159,6 +159,7 @@ def record_instance(
         "sha256": facts.sha256,
         "received_at": facts.received_at,
         "calling_ae": facts.calling_ae,
+        "quarantine_reason": None,  # a new copy gets its own later check
     }
     session.info[_RESOLVED] = keys
     if existing is None:
