@@ -143,6 +143,16 @@ def dicom_case(
                              datasets=datasets, reading_warnings=problems)
 
 
+def _series_label(headers: Sequence[SeriesHeader], series_uid: str) -> str:
+    """How a reason names a series: its number, description and UID (what a PACS operator can find)."""
+    for header in headers:
+        if header.series_uid == series_uid:
+            number = f" {header.series_number}" if header.series_number is not None else ""
+            description = f" '{header.series_description}'" if header.series_description else ""
+            return f"series{number}{description} ({series_uid})"
+    return f"series {series_uid}" if series_uid else "series"
+
+
 def case_from_headers(
     headers: Sequence[SeriesHeader],
     selector: Selector,
@@ -167,7 +177,8 @@ def case_from_headers(
     try:
         volumes, warnings, timings = load_plan_volumes(plan, headers, min_coverage_mm=min_coverage_mm, datasets=datasets)
     except VolumeError as exc:
-        return NotAnalysed(f"series not usable: {exc.reason}", plan.pipeline, plan.series_used, (),
+        return NotAnalysed(f"{_series_label(headers, exc.series_uid)} not usable: {exc.reason}", plan.pipeline,
+                           plan.series_used, (),
                            tuple(dict.fromkeys((*reading_warnings, *plan.warnings))))
     timings.update({"load": load_s, "select": selected - started})
     log.info("case selected: %s pipeline, series %s", plan.pipeline, plan.series_used)
