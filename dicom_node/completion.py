@@ -393,7 +393,8 @@ class Completion:
             return
         series = series_info_of(info)
         try:
-            self._admit_series(series, now)
+            # a new SOP instance (not a differing copy of one already held: a PACS re-sending)
+            self._admit_series(series, now, new_instance=not getattr(info, "replaced", False))
         except Exception:  # noqa: BLE001 - never lose a series: time it as a plain arrival
             log.exception("study %s: could not judge new series %s; timing it as received", info.study_uid, info.series_uid)
             self._track(series, now, usable=default_could_use(series))
@@ -500,15 +501,25 @@ class Completion:
             log.exception("pipeline_ready failed for study %s; waiting for the study timeout", series[0].study_uid)
             return False
 
-    def _admit_series(self, info: SeriesInfo, now: float) -> None:
+    def _admit_series(self, info: SeriesInfo, now: float, *, new_instance: bool = False) -> None:
+        """Track a series not tracked now; re-open its study when it left ``received`` and may.
+
+        ``new_instance``: the instance has a SOP Instance UID the node did not hold before.
+        Such instances of a series the study already had mean its result was built on part of
+        the series (the sender paused longer than the quiet period): the study is re-opened and
+        analysed again on all of it (a new SR naming its predecessor). A differing copy of an
+        instance already held (``replaced``: a PACS re-sending the study) never re-opens it, and
+        identical copies never reach completion.
+        """
         state, known = self._study_and_series_state(info.study_uid, info.series_uid)
         if state is None or state is StudyState.RECEIVED:
             self._track(info, now, usable=self._usable(info))
             return
-        why_not = self._why_no_reopen(info, known, state)
-        if why_not == NO_PIPELINE_COULD_USE and not known:
+        why_not = self._why_no_reopen(info, known and not new_instance, state)
+        what = "more instances of series" if known else "new series"
+        if why_not == NO_PIPELINE_COULD_USE and (not known or new_instance):
             # a first guess on the first instance: judge the whole series once it is complete
-            reason = f"re-opened by new series {info.series_uid} ({info.modality or '?'})"
+            reason = f"re-opened by {what} {info.series_uid} ({info.modality or '?'})"
             self._track(info, now, usable=False, reopen_if_usable=(reason, state.value))
             return
         if why_not is not None:
@@ -518,7 +529,6 @@ class Completion:
                 self._lifecycle.note(info.study_uid, f"series {info.series_uid} arrived while {state.value}: {why_not}")
             log.info("study %s not re-opened by series %s: %s", info.study_uid, info.series_uid, why_not)
             return
-        what = "more instances of series" if known else "new series"
         reason = f"re-opened by {what} {info.series_uid} ({info.modality or '?'})"
         if state in BUSY_STATES:
             self._track(info, now, usable=True, reopen=reason)

@@ -155,6 +155,7 @@ class Stored:
     image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL")
     calling_ae: str | None = "PACS"
     path: Path | None = None
+    replaced: bool = False  # a differing copy of an instance already held (a PACS re-sending)
 
 
 def receive(index: Index, listener: object, stored: Stored, count: int = 1) -> None:

@@ -100,9 +100,9 @@ def test_results_routed_back_do_not_reopen(index: Index, scheduler: BackgroundSc
         Stored(STUDY, "1.9.9.3", "1.9.9.3.1", GRAYSCALE_PR, "PR", "PACS vendor"),
         # a new image series no pipeline selects
         Stored(STUDY, "1.4.1.9", "x", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")),
-        # the PACS re-sends the whole study: instances of series the study already had
-        Stored(STUDY, "1.4.1.2", "a"),
-        Stored(STUDY, "1.4.1.1", "a", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")),
+        # the PACS re-sends the whole study (differing copies: identical ones never reach completion)
+        Stored(STUDY, "1.4.1.2", "a", replaced=True),
+        Stored(STUDY, "1.4.1.1", "a", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), replaced=True),
     ]
     for stored in routed_back:
         receive(index, completion, stored, count=2)
@@ -157,10 +157,22 @@ def test_late_instances_pull_a_waiting_study_back_but_not_a_processed_one(
     job = lifecycle.claim_next()
     assert job is not None
     lifecycle.finish(STUDY, S.ANALYSED)
-    receive(index, completion, Stored(STUDY, "1.4.1.2", "a"), 2)  # now too late: processed
+    receive(index, completion, Stored(STUDY, "1.4.1.2", "a", replaced=True), 2)  # re-sent copies: processed stays
     time.sleep(SHORT.study_timeout_s + 0.2)
     assert _state(index) == "analysed"
     assert _jobs(index) == 2  # the first, cancelled when pulled back, and the one that ran
+
+
+def test_new_instances_of_an_analysed_series_run_it_again_on_all_of_it(
+    index: Index, scheduler: BackgroundScheduler
+) -> None:
+    """A sender that paused longer than the quiet period after the analysis: the result was built
+    on part of the series, so the study is analysed again (new SOP instances, not re-sent copies)."""
+    completion, _ = _processed_study(index, scheduler)
+    receive(index, completion, Stored(STUDY, "1.4.1.2", "a"), 3)
+    _wait_state(index, "queued")
+    assert _jobs(index) == 2
+    assert "re-opened by more instances of series 1.4.1.2 (CT)" in _details(index)
 
 
 def test_a_new_series_is_judged_on_all_of_it_before_it_is_refused(index: Index, scheduler: BackgroundScheduler) -> None:
