@@ -62,6 +62,7 @@ from dicom_node.index.db import write_session
 from dicom_node.index.models import Instance, Series, Study
 from dicom_node.lifecycle import BUSY_STATES, PROCESSED_STATES, WAITING_STATES, Lifecycle, StudyState
 from dicom_node.settings import CompletionSettings
+from dicom_node.sop_classes import is_unknown_storage_class
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,15 @@ ReadyHook = Callable[[str, str], bool]
 
 
 def is_non_image(series: SeriesInfo) -> bool:
-    """True for SR, presentation states, KO, PDF, SC, RT, waveforms, segmentations... (no pipeline input)."""
+    """True for SR, presentation states, KO, PDF, SC, RT, waveforms, segmentations... (no pipeline input).
+
+    Storage classes the node accepts without knowing them (vendors' private classes, newer
+    standard ones: :func:`dicom_node.sop_classes.is_unknown_storage_class`) are stored and
+    indexed but never analysed, so they count here too and never hold a study back.
+    """
     if any(series.sop_class_uid.startswith(prefix) for prefix in _NON_IMAGE_SOP_PREFIXES):
+        return True
+    if is_unknown_storage_class(series.sop_class_uid):
         return True
     return (series.modality or "").upper() in _NON_IMAGE_MODALITIES
 

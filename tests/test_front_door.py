@@ -28,6 +28,7 @@ from pynetdicom import AE, Association, _config
 from sqlalchemy import select
 
 from dicom_node.bootstrap import Node, build_node
+from dicom_node.completion import SeriesInfo, is_non_image
 from dicom_node.index.models import Instance
 from dicom_node.sop_classes import is_known_storage_class
 from dicom_node.status import Status
@@ -450,3 +451,13 @@ def test_flood_leaves_legitimate_stores_served_and_memory_bounded(
                    "pdu_too_large", "inflated_too_large"):
         assert f"refused ({reason})" in log, reason
     assert len(list(data_dir.glob("dicom/*/*/*.dcm"))) == len(files), "every legitimate instance is stored"
+
+
+@pytest.mark.parametrize("sop_class_uid", [PHILIPS_PRIVATE_SOP_CLASS, "1.2.840.10008.5.1.4.1.1.999"])
+def test_storage_classes_the_node_does_not_know_never_hold_a_study_back(sop_class_uid: str) -> None:
+    # A vendor's private object (Philips examcard) or a newer standard class is stored and
+    # indexed (dicom_node.scp) but read by no pipeline: like an SR, it is a non-image object.
+    series = SeriesInfo("1.4.1", "1.4.1.9", sop_class_uid, "1.4.1.9.1", modality="MR")  # examcards say MR
+    assert is_non_image(series)
+    ct = SeriesInfo("1.4.1", "1.4.1.2", "1.2.840.10008.5.1.4.1.1.2", "1.4.1.2.1", modality="CT")
+    assert not is_non_image(ct)
