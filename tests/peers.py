@@ -227,7 +227,6 @@ def store_raw(
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_file_meta_info
     from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import _config
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
@@ -238,13 +237,22 @@ def store_raw(
     write_file_meta_info(buffer, meta)
     path = folder / f"raw-{uuid.uuid4().hex}.dcm"
     path.write_bytes(buffer.getvalue() + dataset_bytes)
+    try:
+        return send_file(assoc, path)
+    finally:
+        path.unlink()
+
+
+def send_file(assoc: Association, path: Path) -> int:
+    """C-STORE a Part 10 file as it is (pynetdicom's chunked mode reads it in pieces); -1: no answer."""
+    from pynetdicom import _config
+
     previous = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
         response = assoc.send_c_store(path)
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
-        path.unlink()
     return int(response.Status) if "Status" in response else -1
 
 

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
-from pynetdicom import AE, Association, _config
+from pynetdicom import AE, Association
 from sqlalchemy import select
 
 from dicom_node.bootstrap import Node, build_node
@@ -35,7 +35,7 @@ from dicom_node.status import Status
 from dicom_node.transport import Refusal, RefusalLog
 from tests.conftest import CT_PHILIPS, TEST_PEER, SettingsFactory, require_shared_data
 from tests.factory import PHILIPS_PRIVATE_SOP_CLASS, _study_info, default_patient, private_object_dataset, write_datasets
-from tests.peers import CT_IMAGE_STORAGE, DCMTK, tiny_ct
+from tests.peers import CT_IMAGE_STORAGE, DCMTK, send_file, tiny_ct
 
 IDLER = {"name": "IDLER", "ae_titles": ["IDLER"], "host": "127.0.0.3", "roles": ["source"]}
 
@@ -141,17 +141,6 @@ def deflate_bomb(path: Path, expanded_bytes: int = 1_500_000_000) -> tuple[Path,
     stream = start + block * (blocks - 2) + end
     assert zlib.decompressobj(-zlib.MAX_WBITS).decompress(stream, 4096).startswith(header.getvalue()[:64])
     return _part10(DeflatedExplicitVRLittleEndian, str(ds.SOPInstanceUID), stream, path), str(ds.SOPInstanceUID)
-
-
-def send_file(assoc: Association, path: Path) -> int:
-    """C-STORE a Part 10 file as it is (pynetdicom's chunked mode reads it in pieces); -1: no answer."""
-    previous = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        response = assoc.send_c_store(path)
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
-    return int(response.Status) if "Status" in response else -1
 
 
 def refusal_lines(caplog: pytest.LogCaptureFixture, reason: str) -> list[str]:

@@ -95,13 +95,18 @@ def test_optional_role_zero_filled_with_warning(ct_case: dict[str, RoleVolume]) 
     assert "cta missing: its channel is zero-filled" in case.warnings
 
 
-def test_mr_zscore_inside_brain_mask() -> None:
+def _mr_like_phantom() -> sitk.Image:
+    """An MR-like image of the phantom: brain bright, skull and air dark."""
     hu = phantom_image((64, 64, 40), (3.0, 3.5, 4.0), (-96.0, -110.0, -60.0))
-    # An MR-like image: brain bright, skull and air dark.
     array = sitk.GetArrayFromImage(hu)
     signal = np.where(array == 35.0, 600.0, np.where(array == 8.0, 200.0, np.where(array == 20.0, 900.0, 5.0)))
     dwi = sitk.GetImageFromArray(signal.astype(np.float32))
     dwi.CopyInformation(hu)
+    return dwi
+
+
+def test_mr_zscore_inside_brain_mask() -> None:
+    dwi = _mr_like_phantom()
     volumes = {role: RoleVolume(role, dwi, frame_of_reference_uid="9.9") for role in ("dwi", "adc", "flair")}
     case = preprocess_case(volumes, DEFAULT_RECIPE.with_grid(SMALL_GRID), "MR")
     inside = case.tensor[1][case.mask]
@@ -113,11 +118,7 @@ def test_mr_zscore_inside_brain_mask() -> None:
 def test_oblique_mr_is_masked_and_preprocessed() -> None:
     # Most real DWI is acquired oblique (Philips ~10 deg, Siemens XA30i): the per-slice hole
     # filling of the mask raised "Inputs do not occupy the same physical space" on such grids.
-    hu = phantom_image((64, 64, 40), (3.0, 3.5, 4.0), (-96.0, -110.0, -60.0))
-    array = sitk.GetArrayFromImage(hu)
-    signal = np.where(array == 35.0, 600.0, np.where(array == 8.0, 200.0, np.where(array == 20.0, 900.0, 5.0)))
-    dwi = sitk.GetImageFromArray(signal.astype(np.float32))
-    dwi.CopyInformation(hu)
+    dwi = _mr_like_phantom()
     tilt = np.deg2rad(10.0)
     dwi.SetDirection((1.0, 0.0, 0.0, 0.0, float(np.cos(tilt)), float(-np.sin(tilt)), 0.0, float(np.sin(tilt)), float(np.cos(tilt))))
     volumes = {role: RoleVolume(role, dwi, frame_of_reference_uid="9.9") for role in ("dwi", "adc", "flair")}
