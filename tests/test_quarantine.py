@@ -120,6 +120,18 @@ def test_poisoned_patient_study_is_analysed_without_the_bad_instances(
     outcome = Analyst(node.settings, session_factory=node.session_factory).run_next()
     assert outcome is not None and outcome.study_uid == study.study_uid
     assert outcome.state is StudyState.ANALYSED
+    # ... and reported: an SR whose evidence lists the instances analysed, never the quarantined one
+    report = node.delivery.on_result(study.study_uid, outcome.result)  # type: ignore[arg-type]
+    assert report.failed_reason is None
+    (sr_file,) = [f for f in report.files if f.sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1.88.")]
+    evidence = {
+        str(instance.ReferencedSOPInstanceUID)
+        for item in pydicom.dcmread(sr_file.path).CurrentRequestedProcedureEvidenceSequence
+        for series in item.ReferencedSeriesSequence
+        for instance in series.ReferencedSOPSequence
+    }
+    assert {str(ds.SOPInstanceUID) for ds in datasets if ds.Modality == "CT"} & evidence
+    assert undecodable.SOPInstanceUID not in evidence and deep_uid not in evidence
 
     config = tmp_path / "site.yaml"
     config.write_text(yaml.safe_dump({"storage": {"data_dir": str(node.settings.storage.data_dir)}}))
