@@ -169,17 +169,35 @@ def _decode_chunk(chunk: Sequence[Dataset]) -> list[np.ndarray | PixelDecodeErro
 
 
 _Layout = tuple[int, tuple[int, ...], str]  # offset in the shared block, shape, dtype
+_Decoded = list[np.ndarray | PixelDecodeError]
+_SHM_FOLDER = "/dev/shm"  # where POSIX shared memory lives on Linux (a tmpfs, often small in containers)
+_SHM_SPARE = 0.5  # a block may take at most this share of the free shared memory
 
 
-def _decode_chunk_shared(chunk: Sequence[Dataset]) -> tuple[str, list[_Layout | PixelDecodeError]]:
+def _shared_memory_free() -> int:
+    """Bytes free for POSIX shared memory (0 when that cannot be told)."""
+    try:
+        stats = os.statvfs(_SHM_FOLDER)
+    except OSError:
+        return 0
+    return stats.f_bavail * stats.f_frsize
+
+
+def _decode_chunk_shared(chunk: Sequence[Dataset]) -> tuple[str, list[_Layout | PixelDecodeError] | _Decoded]:
     """Decode in a pool process into one shared-memory block; its name and each array's place in it.
 
     The arrays come back through the block, not the pipe: one copy each side instead of
-    pickling megabytes through a pipe that this process's threads must read.
+    pickling megabytes through a pipe that this process's threads must read. Where the block
+    would take more than half of the free shared memory (a container's small ``/dev/shm``:
+    writing past a full tmpfs kills the process), the arrays come back through the pipe, the
+    name then being ``""``.
     """
     decoded = _decode_chunk(chunk)
     arrays = [np.ascontiguousarray(item) for item in decoded if not isinstance(item, PixelDecodeError)]
-    block = shared_memory.SharedMemory(create=True, size=max(1, sum(a.nbytes for a in arrays)))
+    size = sum(a.nbytes for a in arrays)
+    if size == 0 or size > _SHM_SPARE * _shared_memory_free():
+        return "", decoded
+    block = shared_memory.SharedMemory(create=True, size=size)
     layout: list[_Layout | PixelDecodeError] = []
     offset = 0
     try:
@@ -196,13 +214,18 @@ def _decode_chunk_shared(chunk: Sequence[Dataset]) -> tuple[str, list[_Layout | 
     return block.name, layout
 
 
-def _take_shared(name: str, layout: Sequence[_Layout | PixelDecodeError]) -> list[np.ndarray | PixelDecodeError]:
-    """The arrays of a block written by :func:`_decode_chunk_shared`, copied out; the block is removed."""
+def _take_shared(name: str, layout: Sequence[_Layout | PixelDecodeError | np.ndarray]) -> _Decoded:
+    """The arrays of a block written by :func:`_decode_chunk_shared`, copied out; the block is removed.
+
+    ``name`` ``""``: the arrays came through the pipe and are ``layout`` itself.
+    """
+    if not name:
+        return [item for item in layout if isinstance(item, (np.ndarray, PixelDecodeError))]
     block = shared_memory.SharedMemory(name=name)
     try:
-        out: list[np.ndarray | PixelDecodeError] = []
+        out: _Decoded = []
         for item in layout:
-            if isinstance(item, PixelDecodeError):
+            if isinstance(item, (np.ndarray, PixelDecodeError)):
                 out.append(item)
                 continue
             offset, shape, dtype = item
@@ -295,7 +318,7 @@ def _decode_parallel(
     """
     pool = _get_pool(workers)
     pending = deque(_chunks(len(indices), workers))
-    running: dict[Future[tuple[str, list[_Layout | PixelDecodeError]]], range] = {}
+    running: dict[Future[tuple[str, list[_Layout | PixelDecodeError] | _Decoded]], range] = {}
     try:
         while pending or running:
             while pending and len(running) < 2 * workers:
