@@ -12,7 +12,8 @@ pages already mapped).
 
 :func:`keep_freed_memory` tells ``malloc`` (``mallopt(3)``) to serve large blocks from the heap
 (``M_MMAP_MAX`` 0) and never to give the heap's free top back (``M_TRIM_THRESHOLD`` -1): a
-worker process then holds the memory of its largest case between cases and reuses it. The
+worker process then holds the memory of its largest case between cases (somewhat more when
+cases of different sizes leave the heap fragmented) and reuses it. The
 values computed do not change, only where their buffers live. Worker threads other than the
 main one still get large blocks from ``mmap`` (their arenas cannot grow that far), which glibc
 does by itself when the heap cannot serve a request.
