@@ -39,6 +39,7 @@ from inference.attention import (
     peak,
     to_image_coordinates,
 )
+from inference.memory import keep_freed_memory
 from inference.model.calibration import sigmoid
 from inference.model.checkpoint import DEFAULT_RECIPE_NOTE, LoadedModel, load_model
 from inference.model.res25 import Res25Output
@@ -102,14 +103,23 @@ class Predictor:
 
     @classmethod
     def load(
-        cls, checkpoint: Path | None, *, device: DevicePreference = "auto", torch_threads: int = 0
+        cls,
+        checkpoint: Path | None,
+        *,
+        device: DevicePreference = "auto",
+        torch_threads: int = 0,
+        keep_memory: bool = True,
     ) -> "Predictor":
         """Load the configured checkpoint (None: demonstration weights) once.
 
         ``torch_threads`` > 0 sets torch's intra-op threads for this process (0 keeps torch's default).
+        ``keep_memory``: the process keeps the memory it frees for the next case
+        (:func:`inference.memory.keep_freed_memory`; a serving process predicts many cases).
         """
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
+        if keep_memory:
+            keep_freed_memory()
         return cls(load_model(checkpoint), device=device)
 
     @staticmethod

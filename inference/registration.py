@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,6 +32,8 @@ Method = Literal["same-grid", "same-frame", "registered", "initial-only"]
 
 _Z_SEARCH_MM = 80.0  # head-foot offsets tried before optimising
 _Z_STEP_MM = 8.0
+CANDIDATE_THREADS = 2
+"""Threads that evaluate the starting translations (each on one ITK thread: reproducible sums)."""
 
 
 class RegistrationError(ValueError):
@@ -139,29 +142,48 @@ def translation_candidates(fixed_mask: sitk.Image, moving_mask: sitk.Image) -> l
 
 
 def initial_transform(
-    method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image
+    methods: Sequence[sitk.ImageRegistrationMethod], fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image
 ) -> sitk.Euler3DTransform:
     """The candidate translation (rotation zero) with the best metric, centred on the fixed head.
 
     The rotation centre is the fixed head's centroid, which keeps rotation and translation
-    parameters nearly independent for the optimiser.
+    parameters nearly independent for the optimiser. ``methods``: identically configured
+    registration methods; the candidates are shared out among them, one thread each (ITK
+    releases the GIL). ``MetricEvaluate`` ignores sampling, smoothing and shrinking, so a value
+    does not depend on which method computes it, and the first of equal values wins as in
+    order.
     """
     centre = tuple(float(v) for v in _physical_points(fixed_mask).mean(axis=0))
-    best: tuple[float, sitk.Euler3DTransform] | None = None
+    candidates = []
     for translation in translation_candidates(fixed_mask, foreground_mask(moving)):
         candidate = sitk.Euler3DTransform()
         candidate.SetCenter(centre)
         candidate.SetTranslation(tuple(float(v) for v in translation))
-        method.SetInitialTransform(candidate, inPlace=False)
-        try:
-            value = float(method.MetricEvaluate(fixed, moving))
-        except RuntimeError:  # ITK: all samples map outside the moving image at this offset
-            continue
-        if best is None or value < best[0]:
-            best = (value, candidate)
-    if best is None:
+        candidates.append(candidate)
+
+    def evaluate(method: sitk.ImageRegistrationMethod, share: Sequence[int]) -> list[tuple[int, float]]:
+        values = []
+        for index in share:
+            method.SetInitialTransform(candidates[index], inPlace=False)
+            try:
+                values.append((index, float(method.MetricEvaluate(fixed, moving))))
+            except RuntimeError:  # ITK: all samples map outside the moving image at this offset
+                continue
+        return values
+
+    shares = [range(start, len(candidates), len(methods)) for start in range(len(methods))]
+    if len(methods) == 1:
+        values = evaluate(methods[0], shares[0])
+    else:
+        with ThreadPoolExecutor(max_workers=len(methods) - 1, thread_name_prefix="candidates") as pool:
+            others = [pool.submit(evaluate, method, share) for method, share in zip(methods[1:], shares[1:])]
+            values = evaluate(methods[0], shares[0])
+            for other in others:
+                values += other.result()
+    if not values:
         raise RegistrationError("the series do not overlap at any starting position tried")
-    return best[1]
+    best = min(sorted(values), key=lambda item: item[1])  # lowest metric; the earliest candidate on a tie
+    return candidates[best[0]]
 
 
 def _rotation_angle_deg(transform: sitk.Euler3DTransform) -> float:
@@ -230,7 +252,8 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, spec: RegistrationSpec
         fixed_mask = foreground_mask(fixed_small)
         centre = tuple(float(v) for v in _physical_points(fixed_mask).mean(axis=0))
         method = _registration_method(spec, fixed_mask, centre)  # type: ignore[arg-type]
-        start = initial_transform(method, fixed_small, moving_small, fixed_mask)
+        helpers = [_registration_method(spec, fixed_mask, centre) for _ in range(CANDIDATE_THREADS - 1)]  # type: ignore[arg-type]
+        start = initial_transform([method, *helpers], fixed_small, moving_small, fixed_mask)
         transform = sitk.Euler3DTransform(start)
         method.SetInitialTransform(transform, inPlace=True)
         metric_before = float(method.MetricEvaluate(fixed_small, moving_small))

@@ -21,6 +21,7 @@ from sqlalchemy import select
 
 from dicom_node.bootstrap import Node
 from dicom_node.index.models import Instance
+from inference import decode as decode_module
 from inference.decode import PARALLEL_MIN_INSTANCES, PixelDecodeError, decode_all, plugins_for
 from inference.volumes import DecodeError, read_planes
 from tests import factory
@@ -150,6 +151,30 @@ def test_compressed_series_decodes_like_the_uncompressed_one(tmp_path: Path, tra
     assert all(np.array_equal(a.stored, b.stored) for a, b in zip(planes, expected))
     parallel = decode_all([pydicom.dcmread(path) for path in encoded], workers=2)
     assert all(np.array_equal(a, b.stored) for a, b in zip(parallel, expected))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "pipe"])
+def test_pool_hands_decoded_chunks_back_whole_and_leaves_no_shared_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: bool
+) -> None:
+    """A pool process's chunk comes back through shared memory, or through the pipe where /dev/shm is short."""
+    reference = factory.write_ct_series(tmp_path / "ref", n_slices=6, rows=64)
+    encoded = factory.write_datasets([pydicom.dcmread(path) for path in reference.paths], tmp_path / "enc",
+                                     JPEG2000Lossless)
+    chunk = [decode_module._portable(pydicom.dcmread(path)) for path in encoded]
+    _corrupt(chunk[2], 40)  # a failure travels back in its place
+    if not shared:
+        monkeypatch.setattr(decode_module, "_shared_memory_free", lambda: 0)  # as a full /dev/shm
+    before = set(os.listdir("/dev/shm"))
+    name, layout = decode_module._decode_chunk_shared(chunk)
+    assert bool(name) is shared
+    arrays = decode_module._take_shared(name, layout)
+    assert set(os.listdir("/dev/shm")) == before  # the receiver removed the block
+    assert isinstance(arrays[2], PixelDecodeError) and arrays[2].sop_instance_uid == chunk[2].SOPInstanceUID
+    expected = [pixel_array(pydicom.dcmread(path)) for path in reference.paths]
+    for index, (array, stored) in enumerate(zip(arrays, expected)):
+        if index != 2:
+            assert isinstance(array, np.ndarray) and array.dtype == stored.dtype and np.array_equal(array, stored)
 
 
 def _corrupt(ds: Dataset, keep: int) -> None:
