@@ -28,26 +28,16 @@ from dicom_node.index.models import Instance
 from dicom_node.lifecycle import StudyState
 from dicom_node.status import Status
 from dicom_node.worker import Analyst
-from inference.model.checkpoint import ModelCard, save_checkpoint
-from inference.model.res25 import Res25, Res25Config, seeded_init_
-from inference.recipe import DEFAULT_RECIPE
 from tests.conftest import SettingsFactory, wait_study_state
 from tests.factory import Study, write_ct_stroke_study
 from tests.peers import encode_dataset, send_datasets, store_raw, tiny_ct
-
-GRID = (10, 32, 32)
+from tests.training_support import reduced_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
-    config = Res25Config.reduced(n_slices=GRID[0])
-    model = seeded_init_(Res25(config=config), seed=5).eval()
-    card = ModelCard(name="res25-quarantine-test", version="1", architecture=config, grid=GRID,
-                     recipe=DEFAULT_RECIPE.with_grid(GRID).to_dict())
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, model, card)
-    return path
+    return reduced_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", name="res25-quarantine-test")
 
 
 @pytest.fixture
