@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -40,8 +41,30 @@ _AFFECTED_UID = re.compile(r"Affected SOP Instance UID\s*:\s*([0-9.]+)")
 _UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 
 
+# Ports handed to peers that bind later (storescp, Orthanc): below Linux's ephemeral range
+# (/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 by default). A port the kernel picks
+# with bind(0) lies inside it, and the flood and fuzz tests' thousands of outgoing connections
+# can take it as their source port (or leave it in TIME_WAIT) before the peer binds it:
+# "TCP Initialization Error: Address already in use".
+_PEER_PORTS = range(20_000, 32_000)
+_port_picker = random.Random()
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
+    """A TCP port free on 127.0.0.1 right now, outside the ephemeral range when one is (bounded tries)."""
+    for _ in range(200):
+        port = _port_picker.choice(_PEER_PORTS)
+        if _bindable(port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
