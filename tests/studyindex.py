@@ -1,7 +1,7 @@
 """Index fixtures shared by the life-cycle, completion, retention and ``studies`` tests.
 
 ``index`` gives a migrated index on SQLite and on PostgreSQL (a fresh schema per test from
-``tests.peers``; skipped without ``FPENODE_TEST_POSTGRES_URL``, failing on CI); narrow it with
+``tests.peers``; failing without ``FPENODE_TEST_POSTGRES_URL``, which ``make test`` sets); narrow it with
 ``@pytest.mark.parametrize("index", ["sqlite"], indirect=True)``. Plus helpers that add studies, series and instances the way the
 SCP's repository does.
 """
