@@ -523,9 +523,11 @@ class Completion:
         if state is None or state is StudyState.RECEIVED:
             self._track(info, now, usable=self._usable(info))
             return
-        why_not = self._why_no_reopen(info, known and not new_instance, state)
+        # a purged study's rows are gone: what arrives for it is a re-sent study, not new data
+        more_data = known and new_instance and state is not StudyState.PURGED
+        why_not = self._why_no_reopen(info, known and not more_data, state)
         what = "more instances of series" if known else "new series"
-        if why_not == NO_PIPELINE_COULD_USE and (not known or new_instance):
+        if why_not == NO_PIPELINE_COULD_USE and (not known or more_data):
             # a first guess on the first instance: judge the whole series once it is complete
             reason = f"re-opened by {what} {info.series_uid} ({info.modality or '?'})"
             self._track(info, now, usable=False, reopen_if_usable=(reason, state.value))

@@ -195,3 +195,16 @@ def test_a_new_series_is_judged_on_all_of_it_before_it_is_refused(index: Index, 
     assert "re-opened by new series 1.4.1.7 (CT)" in details
     assert "series 1.4.1.6 arrived while analysed: no pipeline could use it; not re-opened" in details
     assert _jobs(index) == 2
+
+
+def test_a_purged_study_sent_again_is_not_run_again_by_its_known_series(
+    index: Index, scheduler: BackgroundScheduler
+) -> None:
+    """After retention purged a study, a PACS re-sending it brings back instances of series the
+    study had: no new data, so no second analysis (a new series still re-opens, as before)."""
+    completion, lifecycle = _processed_study(index, scheduler)
+    lifecycle.transition(STUDY, S.PURGED)
+    receive(index, completion, Stored(STUDY, "1.4.1.2", "a"), 3)
+    time.sleep(SHORT.study_timeout_s + 0.3)  # every timer that could fire has fired
+    assert _state(index) == "purged"
+    assert _jobs(index) == 1
