@@ -48,10 +48,21 @@ from dicom_node.index.db import write_session
 from dicom_node.index.models import Instance, Series, Study
 from dicom_node.index.outbox import OutboxItem, OutboxState
 from dicom_node.lifecycle import Lifecycle, StudyState, TransitionError, transition
-from dicom_node.outbox import DeliveryRow, Outbox, OutboxRunner, ResultFile, ResultKind, RoutingContext, StudyDelivery
+from dicom_node.outbox import (
+    AnyDestination,
+    DeliveryRow,
+    Outbox,
+    OutboxRunner,
+    ResultFile,
+    ResultKind,
+    RoutingContext,
+    SenderByKind,
+    StudyDelivery,
+)
 from dicom_node.scu import Destination, ScuTimeouts, StoreScu
 from dicom_node.settings import Settings
 from dicom_node.storage import FileStore
+from dicom_node.stow import StowClient, StowDestination
 from inference.result import NotAnalysed, Prediction, SourceInstance
 from reports.sr import SR_CLASS_UIDS, PriorReport, ReportContext, build_sr, reencode_sr
 from reports.uids import UIDFactory
@@ -452,12 +463,16 @@ def _prior_reports(latest: OutboxItem, copies: Sequence[OutboxItem]) -> list[Pri
     return list(priors.values())
 
 
-def destinations_from_registry(registry: Any) -> Callable[[], list[Destination]]:
-    """Destinations read fresh from the peer registry (peers with the destination role)."""
+def destinations_from_registry(registry: Any) -> Callable[[], list[AnyDestination]]:
+    """Destinations read fresh from the peer registry (peers with the destination role):
+    a STOW-RS destination for a ``dicomweb`` peer, a C-STORE SCP for the others."""
 
-    def destinations() -> list[Destination]:
-        found = []
+    def destinations() -> list[AnyDestination]:
+        found: list[AnyDestination] = []
         for peer in registry.destinations():
+            if peer.dicomweb is not None:
+                found.append(StowDestination(peer.name, peer.dicomweb))
+                continue
             if peer.port is None or not peer.ae_titles:
                 log.warning("destination %s has no port or AE title: skipped", peer.name)
                 continue
@@ -471,10 +486,11 @@ def build_delivery(
     settings: Settings,
     session_factory: sessionmaker[Session],
     lifecycle: Lifecycle,
-    destinations: Callable[[], Sequence[Destination]],
+    destinations: Callable[[], Sequence[AnyDestination]],
     *,
     builder: Builder | None = None,
     scu: StoreScu | None = None,
+    stow: StowClient | None = None,
 ) -> Delivery:
     """Wire outbox, SCU, runner and report builder for :func:`dicom_node.bootstrap.build_node`.
 
@@ -488,7 +504,8 @@ def build_delivery(
     holder: dict[str, Delivery] = {}
     outbox = Outbox(
         session_factory, settings.delivery, settings.storage.data_dir,
-        scu or build_store_scu(settings, uids), destinations,
+        SenderByKind(scu or build_store_scu(settings, uids), stow or StowClient(settings.delivery.stow_timeout_s)),
+        destinations,
         on_settled=lambda study_uid, outcome: holder["delivery"].on_settled(study_uid, outcome),
     )
     runner = OutboxRunner(outbox, settings.delivery.scan_interval_s)

@@ -16,6 +16,13 @@ Guarantees (issue 4 item 4)
   ``delivery.allow_demonstration_results`` is set: a clinical archive must not receive the
   output of untrained weights by accident.
 
+- **Two kinds of destination, one outbox.** A peer's kind says how its rows are sent:
+  ``dimse`` by C-STORE (:class:`dicom_node.scu.StoreScu`), ``dicomweb`` by STOW-RS
+  (:class:`dicom_node.stow.StowClient`); :class:`SenderByKind` picks per destination. Retries,
+  backoff, deadline, dead letters and routing are the same for both. A failure the sender
+  marks ``permanent`` (a STOW-RS failure reason about the object itself) is dead-lettered at
+  once, with its reason.
+
 Routing
 -------
 Destinations are peers with the ``destination`` role. Without a rules file every result goes
@@ -55,10 +62,13 @@ from dicom_node.index.db import write_session
 from dicom_node.index.outbox import OPEN_STATES, OutboxItem, OutboxState
 from dicom_node.scu import Destination, OutgoingObject, StoreOutcome
 from dicom_node.settings import DeliverySettings, validate_ae_title
+from dicom_node.stow import StowClient, StowDestination
 
 log = logging.getLogger(__name__)
 
 ResultKind = Literal["sr", "sc", "pdf"]
+#: A destination of either kind: C-STORE SCP or DICOMweb (STOW-RS) service.
+AnyDestination = Destination | StowDestination
 _BATCH_LIMIT = 500
 _MIN_SLEEP_S = 0.05
 
@@ -166,11 +176,41 @@ class ResultFile:
 
 
 class Sender(Protocol):
-    """Sends a batch to one destination (:class:`dicom_node.scu.StoreScu` is one)."""
+    """Sends a batch to one destination (:class:`SenderByKind` is the node's)."""
+
+    def send(self, destination: AnyDestination, objects: Sequence[OutgoingObject]) -> list[StoreOutcome]:
+        """One outcome per object, in order; never raises for network failures."""
+        ...
+
+
+class DimseSender(Protocol):
+    """Sends a batch to a C-STORE SCP (:class:`dicom_node.scu.StoreScu`)."""
 
     def send(self, destination: Destination, objects: Sequence[OutgoingObject]) -> list[StoreOutcome]:
         """One outcome per object, in order; never raises for network failures."""
         ...
+
+
+class SenderByKind:
+    """Sends each batch with the sender of its destination's kind: C-STORE or STOW-RS.
+
+    Parameters
+    ----------
+    dimse:
+        The C-STORE SCU.
+    dicomweb:
+        The STOW-RS client.
+    """
+
+    def __init__(self, dimse: DimseSender, dicomweb: StowClient) -> None:
+        self.dimse = dimse
+        self.dicomweb = dicomweb
+
+    def send(self, destination: AnyDestination, objects: Sequence[OutgoingObject]) -> list[StoreOutcome]:
+        """One outcome per object, in order."""
+        if isinstance(destination, StowDestination):
+            return self.dicomweb.send(destination, objects)
+        return self.dimse.send(destination, objects)
 
 
 class StudyDelivery(str, Enum):
@@ -197,6 +237,7 @@ class DeliveryRow:
     sent_sop_instance_uid: str | None
     last_status: int | None
     last_error: str | None
+    last_http_status: int | None
     next_try_at: dt.datetime
     deadline_at: dt.datetime
     sent_at: dt.datetime | None
@@ -219,7 +260,8 @@ def _to_row(item: OutboxItem) -> DeliveryRow:
         destination=item.destination, state=item.state, attempts=item.attempts,
         sop_class_uid=item.sop_class_uid, sent_sop_class_uid=item.sent_sop_class_uid,
         sent_sop_instance_uid=item.sent_sop_instance_uid,
-        last_status=item.last_status, last_error=item.last_error, next_try_at=item.next_try_at,
+        last_status=item.last_status, last_error=item.last_error, last_http_status=item.last_http_status,
+        next_try_at=item.next_try_at,
         deadline_at=item.deadline_at, sent_at=item.sent_at,
     )
 
@@ -290,7 +332,7 @@ class Outbox:
         delivery: DeliverySettings,
         data_dir: Path,
         sender: Sender,
-        destinations: Callable[[], Sequence[Destination]],
+        destinations: Callable[[], Sequence[AnyDestination]],
         *,
         clock: Callable[[], dt.datetime] = utcnow,
         on_settled: Callable[[str, StudyDelivery], None] | None = None,
@@ -445,7 +487,7 @@ class Outbox:
                 )
             )
 
-    def _send(self, destination: Destination | None, name: str, items: list[OutboxItem]) -> list[StoreOutcome]:
+    def _send(self, destination: AnyDestination | None, name: str, items: list[OutboxItem]) -> list[StoreOutcome]:
         if destination is None:
             error = f"{name} is not a configured destination"
             return [StoreOutcome(item.sop_instance_uid, False, error=error) for item in items]
@@ -469,6 +511,7 @@ class Outbox:
         row.last_try_at = now
         row.updated_at = now
         row.last_status = outcome.status
+        row.last_http_status = outcome.http_status
         if outcome.ok:
             row.state = OutboxState.SENT.value
             row.sent_sop_class_uid = outcome.sent_sop_class_uid
@@ -479,12 +522,13 @@ class Outbox:
             return
         row.last_error = outcome.error
         deadline = row.deadline_at
-        if now >= deadline:
+        if now >= deadline or outcome.permanent:
             row.state = OutboxState.DEAD.value
             report.dead += 1
             log.error(
-                "dead letter: %s %s of study %s not stored at %s after %d attempts: %s",
-                row.kind, row.sop_instance_uid, row.study_uid, row.destination, row.attempts, row.last_error,
+                "dead letter: %s %s of study %s not stored at %s after %d attempts%s: %s",
+                row.kind, row.sop_instance_uid, row.study_uid, row.destination, row.attempts,
+                " (refused for good)" if outcome.permanent else "", row.last_error,
             )
             return
         row.state = OutboxState.FAILED.value

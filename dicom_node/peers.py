@@ -3,7 +3,9 @@
 A peer is one remote system with a unique name, one or more AE titles (a PACS often sends from
 another title than the one it queries or receives with), a host (or ``*`` for any address), a
 port for its own SCP, and roles: ``source`` (may send studies) and/or ``destination`` (receives
-results). The registry lives in the index, so ``fpe-node peers add`` takes effect at the next
+results). A destination's ``kind`` says how results reach it: ``dimse`` (C-STORE to its host and
+port) or ``dicomweb`` (STOW-RS to its DICOMweb base URL, :mod:`dicom_node.stow`; a DICOMweb-only
+destination needs no AE title). The registry lives in the index, so ``fpe-node peers add`` takes effect at the next
 association without a restart; every change writes an :class:`~dicom_node.index.models.AuditEntry`.
 
 Association acceptance (PS3.8 section 7.1.1.3, A-ASSOCIATE-RJ "calling AE title not
@@ -28,14 +30,16 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from dicom_node.index.db import write_session
-from dicom_node.index.models import AuditEntry, Peer, PeerAETitle
-from dicom_node.settings import PeerSettings, format_validation_error
+from dicom_node.index.models import AuditEntry, Peer, PeerAETitle, PeerDicomWeb
+from dicom_node.settings import DicomWebSettings, PeerSettings, format_validation_error
 
 log = logging.getLogger(__name__)
 
 ANY_HOST = "*"
 ROLE_SOURCE = "source"
 ROLE_DESTINATION = "destination"
+KIND_DIMSE = "dimse"
+KIND_DICOMWEB = "dicomweb"
 
 
 class PeerError(ValueError):
@@ -51,32 +55,49 @@ class PeerInfo:
     host: str = ANY_HOST
     port: int | None = None
     roles: tuple[str, ...] = (ROLE_SOURCE,)
+    dicomweb: DicomWebSettings | None = None
+    """The DICOMweb service when results go by STOW-RS (kind ``dicomweb``); ``None``: DIMSE."""
+
+    @property
+    def kind(self) -> str:
+        """``dicomweb`` when results go by STOW-RS, else ``dimse``."""
+        return KIND_DIMSE if self.dicomweb is None else KIND_DICOMWEB
 
     @classmethod
     def from_settings(cls, peer: PeerSettings) -> PeerInfo:
         """From a validated settings entry."""
-        return cls(name=peer.name, ae_titles=peer.ae_titles, host=peer.host, port=peer.port, roles=peer.roles)
+        return cls(name=peer.name, ae_titles=peer.ae_titles, host=peer.host, port=peer.port, roles=peer.roles,
+                   dicomweb=peer.dicomweb)
 
     @classmethod
-    def from_row(cls, row: Peer) -> PeerInfo:
-        """From an ORM row (its AE titles loaded)."""
+    def from_row(cls, row: Peer, dicomweb: PeerDicomWeb | None = None) -> PeerInfo:
+        """From an ORM row (its AE titles loaded) and its DICOMweb row, if any."""
         return cls(
             name=row.name,
             ae_titles=tuple(t.ae_title for t in row.ae_titles),
             host=row.host,
             port=row.port,
             roles=tuple(sorted(row.role_set)),
+            dicomweb=None if dicomweb is None else _dicomweb_from_row(dicomweb),
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """The YAML/JSON form (the same fields as a ``peers:`` entry of the settings)."""
-        return {
+        """The YAML/JSON form (the same fields as a ``peers:`` entry of the settings).
+
+        A DICOMweb destination's password or token is never in it: only where the node reads
+        it (``secret_env`` / ``secret_file``).
+        """
+        data: dict[str, Any] = {
             "name": self.name,
             "ae_titles": list(self.ae_titles),
             "host": self.host,
             "port": self.port,
             "roles": list(self.roles),
         }
+        if self.dicomweb is not None:
+            data["kind"] = KIND_DICOMWEB
+            data["dicomweb"] = self.dicomweb.model_dump(mode="json", exclude_defaults=True)
+        return data
 
 
 @dataclass(frozen=True)
@@ -157,14 +178,15 @@ class PeerRegistry:
     def list_peers(self) -> list[PeerInfo]:
         """Every peer, by name."""
         with self._factory() as session:
-            rows = session.scalars(select(Peer).options(selectinload(Peer.ae_titles)).order_by(Peer.name))
-            return [PeerInfo.from_row(row) for row in rows]
+            rows = list(session.scalars(select(Peer).options(selectinload(Peer.ae_titles)).order_by(Peer.name)))
+            services = _dicomweb_rows(session, [row.id for row in rows])
+            return [PeerInfo.from_row(row, services.get(row.id)) for row in rows]
 
     def get(self, name: str) -> PeerInfo | None:
         """One peer by name."""
         with self._factory() as session:
             row = self._row(session, name)
-            return None if row is None else PeerInfo.from_row(row)
+            return None if row is None else _info(session, row)
 
     def destinations(self) -> list[PeerInfo]:
         """Peers that receive results."""
@@ -177,7 +199,7 @@ class PeerRegistry:
             row = session.scalar(
                 select(Peer).join(PeerAETitle).where(PeerAETitle.ae_title == title).options(selectinload(Peer.ae_titles))
             )
-            peer = None if row is None else PeerInfo.from_row(row)
+            peer = None if row is None else _info(session, row)
         if peer is None:
             return Authorization(None, "calling AE title not registered")
         if check_host and not host_matches(peer.host, address):
@@ -208,7 +230,7 @@ class PeerRegistry:
             row = self._row(session, name)
             if row is None:
                 raise PeerError(f"no peer named {name!r}")
-            detail = PeerInfo.from_row(row).as_dict()
+            detail = _info(session, row).as_dict()
             session.delete(row)
             session.add(AuditEntry(actor=actor, action="peer.remove", detail=json.dumps(detail)))
         log.info("peer %s removed by %s", name, actor)
@@ -249,7 +271,7 @@ class PeerRegistry:
         row = self._row(session, peer.name)
         if row is not None and not replace:
             raise PeerError(f"a peer named {peer.name!r} exists (use --replace to update it)")
-        if row is not None and PeerInfo.from_row(row) == peer:
+        if row is not None and _info(session, row) == peer:
             return 0
         self._check_titles_free(session, peer)
         action = "peer.add" if row is None else "peer.update"
@@ -265,6 +287,7 @@ class PeerRegistry:
         session.flush()
         for title in peer.ae_titles:
             session.add(PeerAETitle(peer_pk=row.id, ae_title=title))
+        _store_dicomweb(session, row.id, peer.dicomweb)
         session.add(AuditEntry(actor=actor, action=action, detail=json.dumps(peer.as_dict())))
         session.flush()
         log.info("%s %s by %s", action, peer.name, actor)
@@ -284,6 +307,62 @@ class PeerRegistry:
     @staticmethod
     def _row(session: Session, name: str) -> Peer | None:
         return session.scalar(select(Peer).where(Peer.name == name).options(selectinload(Peer.ae_titles)))
+
+
+def describe_dicomweb(service: DicomWebSettings) -> str:
+    """One line for ``fpe-node peers list``: URL, authentication and where its secret is read
+    (never the secret itself)."""
+    parts = [f"dicomweb {service.url}", f"auth {service.auth}"]
+    if service.username is not None:
+        parts.append(f"user {service.username}")
+    if service.secret_env is not None:
+        parts.append(f"secret from ${service.secret_env}")
+    if service.secret_file is not None:
+        parts.append(f"secret from {service.secret_file}")
+    if service.client_cert is not None:
+        parts.append(f"client cert {service.client_cert}")
+    if service.ca_bundle is not None:
+        parts.append(f"CA {service.ca_bundle}")
+    if not service.verify_tls:
+        parts.append("TLS NOT VERIFIED")
+    return ", ".join(parts)
+
+
+# -- DICOMweb services (table peer_dicomweb) ---------------------------------------------------
+def _dicomweb_rows(session: Session, peer_ids: Sequence[int]) -> dict[int, PeerDicomWeb]:
+    if not peer_ids:
+        return {}
+    rows = session.scalars(select(PeerDicomWeb).where(PeerDicomWeb.peer_pk.in_(list(peer_ids))))
+    return {row.peer_pk: row for row in rows}
+
+
+def _info(session: Session, row: Peer) -> PeerInfo:
+    return PeerInfo.from_row(row, _dicomweb_rows(session, [row.id]).get(row.id))
+
+
+def _dicomweb_from_row(row: PeerDicomWeb) -> DicomWebSettings:
+    fields = {
+        "url": row.url, "auth": row.auth, "username": row.username, "secret_env": row.secret_env,
+        "secret_file": row.secret_file, "client_cert": row.client_cert, "client_key": row.client_key,
+        "ca_bundle": row.ca_bundle, "verify_tls": row.verify_tls,
+    }
+    return DicomWebSettings(**{key: value for key, value in fields.items() if value is not None})
+
+
+def _store_dicomweb(session: Session, peer_pk: int, service: DicomWebSettings | None) -> None:
+    """Write (or remove) a peer's DICOMweb row; secrets are references, never values."""
+    session.execute(delete(PeerDicomWeb).where(PeerDicomWeb.peer_pk == peer_pk))
+    if service is None:
+        return
+
+    def text(value: object) -> str | None:
+        return None if value is None else str(value)
+
+    session.add(PeerDicomWeb(
+        peer_pk=peer_pk, url=service.url, auth=service.auth, username=service.username,
+        secret_env=service.secret_env, secret_file=text(service.secret_file), client_cert=text(service.client_cert),
+        client_key=text(service.client_key), ca_bundle=text(service.ca_bundle), verify_tls=service.verify_tls,
+    ))
 
 
 # -- YAML import/export ------------------------------------------------------------------

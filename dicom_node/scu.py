@@ -84,6 +84,9 @@ class StoreOutcome:
     stored (after any fallback) when ``ok``.
     ``status`` is the C-STORE status, ``None`` when no response came (refused context, failed
     association, abort, timeout).
+    ``http_status`` is the HTTP status of a STOW-RS response (:mod:`dicom_node.stow`), and
+    ``permanent`` marks a failure that sending the same object again cannot change (the outbox
+    dead-letters it at once).
     """
 
     sop_instance_uid: str
@@ -92,6 +95,8 @@ class StoreOutcome:
     sent_sop_class_uid: str | None = None
     error: str | None = None
     sent_sop_instance_uid: str | None = None
+    http_status: int | None = None
+    permanent: bool = False
 
 
 @dataclass(frozen=True)

@@ -331,11 +331,80 @@ class DeliverySettings(BaseModel):
     )
     scan_interval_s: float = Field(2.0, gt=0, description="How often the outbox looks for due items when not woken.")
     association_timeout_s: float = Field(30.0, gt=0, description="ACSE, DIMSE and network timeout when sending.")
+    stow_timeout_s: float = Field(
+        60.0, gt=0, description="Connect, read and write timeout of one STOW-RS request to a DICOMweb destination."
+    )
 
     @field_validator("calling_ae_title")
     @classmethod
     def _check_ae(cls, value: str | None) -> str | None:
         return None if value in (None, "") else validate_ae_title(value)
+
+
+DicomWebAuth = Literal["none", "basic", "bearer", "client-certificate"]
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class DicomWebSettings(BaseModel):
+    """Where and how a DICOMweb destination receives results by STOW-RS (PS3.18 10.5).
+
+    Secrets are never stored here, in the index or in the audit trail: ``secret_env`` names an
+    environment variable of ``fpe-node serve`` and ``secret_file`` a file (readable by the node
+    only) that holds the password (``basic``) or the token (``bearer``); they are read at each
+    delivery, so a rotated secret takes effect without a registry change.
+    """
+
+    model_config = _frozen()
+
+    url: str = Field(..., description="Base URL of the DICOMweb service; STOW-RS posts to {url}/studies.")
+    auth: DicomWebAuth = Field("none", description="HTTP authentication: none, basic, bearer or client-certificate.")
+    username: str | None = Field(None, description="User name of basic authentication.")
+    secret_env: str | None = Field(None, description="Environment variable holding the password or token.")
+    secret_file: Path | None = Field(None, description="File holding the password or token (first line).")
+    client_cert: Path | None = Field(None, description="PEM client certificate (client-certificate authentication).")
+    client_key: Path | None = Field(None, description="PEM private key of the client certificate (empty: in client_cert).")
+    ca_bundle: Path | None = Field(None, description="PEM CA bundle that verifies the server (empty: the system's).")
+    verify_tls: bool = Field(True, description="Verify the server's certificate and host name (off: warned at each delivery).")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("a DICOMweb URL is http:// or https:// with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("put credentials in username/secret_env/secret_file, not in the URL")
+        if parts.query or parts.fragment:
+            raise ValueError("a DICOMweb base URL has no query or fragment")
+        return value.strip().rstrip("/")
+
+    @field_validator("secret_env")
+    @classmethod
+    def _check_env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not an environment variable name")
+        return value
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> "DicomWebSettings":
+        secrets = [s for s in (self.secret_env, self.secret_file) if s is not None]
+        if len(secrets) > 1:
+            raise ValueError("give secret_env or secret_file, not both")
+        if self.auth in ("basic", "bearer") and not secrets:
+            raise ValueError(f"{self.auth} authentication needs secret_env or secret_file")
+        if self.auth not in ("basic", "bearer") and secrets:
+            raise ValueError(f"auth {self.auth} takes no password or token")
+        if (self.auth == "basic") != (self.username is not None):
+            raise ValueError("basic authentication needs a username, and only it takes one")
+        if self.auth == "client-certificate" and self.client_cert is None:
+            raise ValueError("client-certificate authentication needs client_cert")
+        if self.auth != "client-certificate" and (self.client_cert is not None or self.client_key is not None):
+            raise ValueError("client_cert and client_key belong to client-certificate authentication")
+        if self.auth == "client-certificate" and not self.url.startswith("https://"):
+            raise ValueError("client-certificate authentication needs an https:// URL")
+        return self
 
 
 class PeerSettings(BaseModel):
@@ -344,10 +413,14 @@ class PeerSettings(BaseModel):
     model_config = _frozen()
 
     name: str = Field(..., min_length=1, max_length=64, description="Unique name of the system.")
-    ae_titles: tuple[str, ...] = Field(..., min_length=1, description="AE titles the system uses.")
+    ae_titles: tuple[str, ...] = Field((), description="AE titles the system uses (a source or DIMSE destination needs one).")
     host: str = Field("*", description="Host or IP address; '*' accepts any host.")
     port: int | None = Field(None, ge=1, le=65535, description="Port of its SCP (needed for destinations and echo).")
     roles: tuple[Literal["source", "destination"], ...] = Field(("source",), min_length=1)
+    kind: Literal["dimse", "dicomweb"] = Field(
+        "dimse", description="How results reach it: dimse (C-STORE to host:port) or dicomweb (STOW-RS to dicomweb.url)."
+    )
+    dicomweb: DicomWebSettings | None = Field(None, description="The DICOMweb service of a dicomweb destination.")
 
     @field_validator("ae_titles")
     @classmethod
@@ -356,7 +429,13 @@ class PeerSettings(BaseModel):
 
     @model_validator(mode="after")
     def _destination_needs_port(self) -> "PeerSettings":
-        if "destination" in self.roles and (self.port is None or self.host == "*"):
+        if self.kind == "dicomweb" and self.dicomweb is None:
+            raise ValueError("a dicomweb peer needs a dicomweb section (url, auth)")
+        if self.kind == "dimse" and self.dicomweb is not None:
+            raise ValueError("a dicomweb section needs kind: dicomweb")
+        if ("source" in self.roles or self.kind == "dimse") and not self.ae_titles:
+            raise ValueError("a source or DIMSE peer needs at least one AE title")
+        if self.kind == "dimse" and "destination" in self.roles and (self.port is None or self.host == "*"):
             raise ValueError("a destination needs a host (not '*') and a port")
         return self
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from dicom_node.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings
+from dicom_node.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, DicomWebSettings, Settings
 
 
 def register(subparsers: Any) -> None:
@@ -81,5 +81,17 @@ def reference_markdown() -> str:
         "`roles`: `source` and/or `destination`). Afterwards administrators manage them without a",
         "restart with `fpe-node peers list|add|remove|echo|import|export`.",
         "",
+        "A destination with `kind: dicomweb` receives results by STOW-RS instead of C-STORE; its",
+        "`dicomweb` mapping has these fields (passwords and tokens are never in it: `secret_env` or",
+        "`secret_file` names where the node reads them at each delivery):",
+        "",
+        "| field | type | default | meaning |",
+        "|---|---|---|---|",
     ]
+    for name, field in DicomWebSettings.model_fields.items():
+        meaning = (field.description or "").replace("|", "\\|")
+        kind = _type_name(field.annotation).replace("|", "\\|")
+        default = "required" if field.is_required() else _default(field.default)
+        lines.append(f"| `{name}` | {kind} | {default} | {meaning} |")
+    lines.append("")
     return "\n".join(lines)

@@ -6,6 +6,8 @@ recorded in the audit table with the command and the OS user::
     fpe-node peers list [--json]
     fpe-node peers add PACS --ae-title PACS_STORE --ae-title PACS_QR --host 10.0.0.5 --port 104 \\
         --role source --role destination
+    fpe-node peers add PACS-WEB --kind dicomweb --url https://pacs.example.org/dicom-web --role destination \\
+        --auth basic --username fpe-node --password-file /etc/fpe-node/pacs-web.secret
     fpe-node peers remove PACS
     fpe-node peers echo PACS
     fpe-node peers import peers.yaml [--replace-all]
@@ -22,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
-from dicom_node.peers import PeerError, PeerRegistry, actor_for, peers_from_yaml, peers_to_yaml, validate_peer
+from dicom_node.peers import (
+    PeerError,
+    PeerRegistry,
+    actor_for,
+    describe_dicomweb,
+    peers_from_yaml,
+    peers_to_yaml,
+    validate_peer,
+)
 from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,18 +49,20 @@ def register(subparsers: Any) -> None:
 
     add = actions.add_parser("add", help="register a peer (or update it with --replace)")
     add.add_argument("name", help="unique name of the system")
-    add.add_argument("--ae-title", dest="ae_titles", action="append", required=True, help="an AE title it uses (repeatable)")
+    add.add_argument("--ae-title", dest="ae_titles", action="append", default=[],
+                     help="an AE title it uses (repeatable; a source or DIMSE destination needs one)")
     add.add_argument("--host", default="*", help="host name or IP address; '*' (default) accepts any address")
     add.add_argument("--port", type=int, help="port of its SCP (needed for destinations and echo)")
     add.add_argument(
         "--role", dest="roles", action="append", choices=("source", "destination"), help="source (default) and/or destination"
     )
     add.add_argument("--replace", action="store_true", help="update the peer if the name exists")
+    _add_dicomweb_options(add)
 
     remove = actions.add_parser("remove", help="remove a peer")
     remove.add_argument("name")
 
-    echo = actions.add_parser("echo", help="C-ECHO a peer's SCP (host and port from the registry)")
+    echo = actions.add_parser("echo", help="C-ECHO a peer's SCP, or query a DICOMweb destination (QIDO-RS)")
     echo.add_argument("name")
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
 
@@ -62,6 +74,49 @@ def register(subparsers: Any) -> None:
     export.add_argument("file", type=Path, nargs="?")
 
     parser.set_defaults(func=run)
+
+
+def _add_dicomweb_options(add: Any) -> None:
+    web = add.add_argument_group("DICOMweb destination (--kind dicomweb: results go by STOW-RS, PS3.18 10.5)")
+    web.add_argument("--kind", choices=("dimse", "dicomweb"), default="dimse", help="how results reach it (default dimse)")
+    web.add_argument("--url", help="DICOMweb base URL; STOW-RS posts to URL/studies")
+    web.add_argument("--auth", choices=("none", "basic", "bearer", "client-certificate"), default="none",
+                     help="HTTP authentication (default none)")
+    web.add_argument("--username", help="user name of basic authentication")
+    secret = web.add_mutually_exclusive_group()
+    secret.add_argument("--password-env", metavar="VAR", help="environment variable of fpe-node serve holding the password")
+    secret.add_argument("--password-file", metavar="FILE", help="file holding the password (first line; chmod 600)")
+    secret.add_argument("--token-env", metavar="VAR", help="environment variable holding the bearer token")
+    secret.add_argument("--token-file", metavar="FILE", help="file holding the bearer token (first line; chmod 600)")
+    web.add_argument("--client-cert", metavar="PEM", help="client certificate (client-certificate authentication)")
+    web.add_argument("--client-key", metavar="PEM", help="its private key (default: in the certificate file)")
+    web.add_argument("--ca-bundle", metavar="PEM", help="CA bundle verifying the server (default: the system's)")
+    web.add_argument("--no-verify-tls", dest="verify_tls", action="store_false",
+                     help="do not verify the server's certificate (warned at every delivery)")
+
+
+def _dicomweb_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """``kind`` and ``dicomweb`` of a peer from the ``peers add`` options (a password option only
+    with basic authentication, a token option only with bearer)."""
+    if args.kind != "dicomweb":
+        given = [name for name in ("url", "username", "password_env", "password_file", "token_env", "token_file",
+                                   "client_cert", "client_key", "ca_bundle") if getattr(args, name) is not None]
+        if given or args.auth != "none" or not args.verify_tls:
+            raise PeerError("DICOMweb options (--url, --auth, ...) need --kind dicomweb")
+        return {}
+    if args.url is None:
+        raise PeerError("--kind dicomweb needs --url")
+    if (args.password_env or args.password_file) and args.auth != "basic":
+        raise PeerError("--password-env/--password-file go with --auth basic")
+    if (args.token_env or args.token_file) and args.auth != "bearer":
+        raise PeerError("--token-env/--token-file go with --auth bearer")
+    service = {
+        "url": args.url, "auth": args.auth, "username": args.username,
+        "secret_env": args.password_env or args.token_env, "secret_file": args.password_file or args.token_file,
+        "client_cert": args.client_cert, "client_key": args.client_key, "ca_bundle": args.ca_bundle,
+        "verify_tls": args.verify_tls,
+    }
+    return {"kind": "dicomweb", "dicomweb": {key: value for key, value in service.items() if value is not None}}
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -90,7 +145,8 @@ def _list(args: argparse.Namespace, settings: Settings, registry: PeerRegistry) 
     print(f"{'NAME':<20} {'AE TITLES':<36} {'HOST':<24} {'PORT':>5}  ROLES")
     for peer in peers:
         port = "" if peer.port is None else str(peer.port)
-        print(f"{peer.name:<20} {','.join(peer.ae_titles):<36} {peer.host:<24} {port:>5}  {','.join(peer.roles)}")
+        web = "" if peer.dicomweb is None else f"  {describe_dicomweb(peer.dicomweb)}"
+        print(f"{peer.name:<20} {','.join(peer.ae_titles):<36} {peer.host:<24} {port:>5}  {','.join(peer.roles)}{web}")
     return 0
 
 
@@ -102,6 +158,7 @@ def _add(args: argparse.Namespace, settings: Settings, registry: PeerRegistry) -
             "host": args.host,
             "port": args.port,
             "roles": args.roles or ["source"],
+            **_dicomweb_fields(args),
         }
     )
     registry.add(peer, actor=actor_for("fpe-node peers add"), replace=args.replace)
@@ -123,6 +180,8 @@ def _echo(args: argparse.Namespace, settings: Settings, registry: PeerRegistry) 
     peer = registry.get(args.name)
     if peer is None:
         raise PeerError(f"no peer named {args.name!r}")
+    if peer.dicomweb is not None:
+        return _query_dicomweb(peer.name, peer.dicomweb, args.timeout)
     if peer.port is None or peer.host == "*":
         raise PeerError(f"peer {peer.name} has no host and port to echo")
     ae = AE(ae_title=settings.delivery.calling_ae_title or settings.network.ae_title)
@@ -139,6 +198,14 @@ def _echo(args: argparse.Namespace, settings: Settings, registry: PeerRegistry) 
     status = int(response.Status) if "Status" in response else -1
     print(f"peer {peer.name}: C-ECHO status 0x{status:04X}" if status >= 0 else f"peer {peer.name}: no C-ECHO response")
     return 0 if status == 0 else 1
+
+
+def _query_dicomweb(name: str, service: Any, timeout_s: float) -> int:
+    from dicom_node.stow import StowDestination, probe
+
+    status, text = probe(StowDestination(name, service), timeout_s)
+    print(f"peer {name}: {text}", file=sys.stdout if status == 200 else sys.stderr)
+    return 0 if status == 200 else 1
 
 
 def _import(args: argparse.Namespace, settings: Settings, registry: PeerRegistry) -> int:

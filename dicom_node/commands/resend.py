@@ -36,10 +36,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from dicom_node.delivery import destinations_from_registry, requeue_study
     from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
     from dicom_node.lifecycle import Lifecycle
-    from dicom_node.outbox import Outbox
+    from dicom_node.outbox import Outbox, SenderByKind
     from dicom_node.peers import PeerRegistry
     from dicom_node.recovery import recover_study
     from dicom_node.scu import StoreScu
+    from dicom_node.stow import StowClient
 
     engine = build_engine(settings)
     try:
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         sessions = build_session_factory(engine)
         outbox = Outbox(
             sessions, settings.delivery, settings.storage.data_dir,
-            StoreScu(settings.delivery.calling_ae_title or settings.network.ae_title),
+            SenderByKind(StoreScu(settings.delivery.calling_ae_title or settings.network.ae_title), StowClient()),
             destinations_from_registry(PeerRegistry(sessions)),
         )
         # results lost before the outbox (latest analysis never queued): re-run, else re-send the rows

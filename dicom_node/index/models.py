@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from dicom_node.index.base import UID, AETitle, Base, IntPK, Timestamp, utcnow
@@ -164,6 +164,29 @@ class PeerAETitle(Base):
     ae_title: Mapped[AETitle] = mapped_column(unique=True)
 
     peer: Mapped[Peer] = relationship(back_populates="ae_titles")
+
+
+class PeerDicomWeb(Base):
+    """The DICOMweb service of a peer whose results go by STOW-RS (peer kind ``dicomweb``).
+
+    Passwords and tokens are never stored: ``secret_env`` / ``secret_file`` name where the
+    node reads them at each delivery (see :class:`dicom_node.settings.DicomWebSettings`).
+    """
+
+    __tablename__ = "peer_dicomweb"
+
+    id: Mapped[IntPK]
+    peer_pk: Mapped[int] = mapped_column(ForeignKey("peer.id", ondelete="CASCADE"), unique=True)
+    url: Mapped[str] = mapped_column(String(1024))
+    """Base URL of the service; STOW-RS posts to ``{url}/studies`` (PS3.18 10.5)."""
+    auth: Mapped[str] = mapped_column(String(32), default="none")
+    username: Mapped[str | None] = mapped_column(String(255), default=None)
+    secret_env: Mapped[str | None] = mapped_column(String(255), default=None)
+    secret_file: Mapped[str | None] = mapped_column(String(1024), default=None)
+    client_cert: Mapped[str | None] = mapped_column(String(1024), default=None)
+    client_key: Mapped[str | None] = mapped_column(String(1024), default=None)
+    ca_bundle: Mapped[str | None] = mapped_column(String(1024), default=None)
+    verify_tls: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
 class AuditEntry(Base):

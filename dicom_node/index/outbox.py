@@ -10,11 +10,13 @@ States
 ``failed``
     Tried, not stored; ``next_try_at`` says when the next attempt is due.
 ``sent``
-    The archive answered the C-STORE with Success or Warning (PS3.4 B.2.3);
+    The archive answered the C-STORE with Success or Warning (PS3.4 B.2.3), or a DICOMweb
+    archive listed the instance as stored in its STOW-RS response (PS3.18 10.5.3);
     ``sent_sop_class_uid`` and ``sent_sop_instance_uid`` record the class and UID it stored
     (an SR class fallback re-encodes with a UID derived from the original's).
 ``dead``
-    Not stored before ``deadline_at``: dead-lettered, logged, shown by ``fpe-node studies``.
+    Not stored before ``deadline_at``, or refused for good (a STOW-RS failure reason that a
+    retry cannot change): dead-lettered, logged, shown by ``fpe-node studies``.
 ``held``
     Kept in the node on purpose (results of demonstration weights while
     ``delivery.allow_demonstration_results`` is off); ``fpe-node resend`` re-queues them.
@@ -70,6 +72,8 @@ class OutboxItem(Base):
     #: DICOM status of the last C-STORE response; NULL when none came.
     last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: HTTP status of the last STOW-RS response (DICOMweb destinations); NULL for DIMSE or when none came.
+    last_http_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     #: The SOP class the archive stored (the SR fallback may differ from ``sop_class_uid``).
     sent_sop_class_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     sent_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
