@@ -9,7 +9,7 @@ never transcoded). One request per study
 keeps a request to one study's results (a few MB), and one study's failure apart from
 another's.
 
-The response (PS3.18 10.5.3, Table 10.5.3-1) is read per instance:
+The response (PS3.18 10.5.3) is read per instance:
 
 - ``200 OK``: every instance stored; ``ReferencedSOPSequence`` (0008,1199) items may carry a
   ``WarningReason`` (0008,1196), recorded as the row's status (stored with coercion).
@@ -19,7 +19,7 @@ The response (PS3.18 10.5.3, Table 10.5.3-1) is read per instance:
 - any other status (``401``/``403`` credentials, ``404`` wrong base URL, ``5xx`` server
   trouble...), a refused connection, a TLS failure or a timeout: nothing stored.
 
-The body may be DICOM JSON (``application/dicom+json``, PS3.18 F.2) or the Native DICOM Model
+The body may be DICOM JSON (``application/dicom+json``, PS3.18 Annex F) or the Native DICOM Model
 XML (``application/dicom+xml``, PS3.19 A.1); both are read.
 
 What is retried: every request-level failure (the same backoff and deadline as a DIMSE
@@ -57,14 +57,14 @@ from dicom_node.settings import DicomWebSettings
 
 log = logging.getLogger(__name__)
 
-#: PS3.18 10.5.1.1: the STOW-RS resource below the service's base URL.
+#: PS3.18 10.5.1, Table 10.5.1-1: the STOW-RS resource below the service's base URL.
 STUDIES_RESOURCE = "/studies"
 #: PS3.18 10.5.2: the response media type asked for (an XML answer, PS3.19 A.1, is read as well).
 ACCEPT = "application/dicom+json"
 _DICM_OFFSET = 128
 _MAX_RESPONSE_ERROR_CHARS = 200
 
-#: FailureReason values (PS3.4 B.2.3 / PS3.18 Table 10.5.3-2) that may pass: sent again later.
+#: FailureReason values (C-STORE statuses, PS3.4 B.2.3, PS3.7 C.4) that may pass: sent again later.
 _TRANSIENT_REASONS = frozenset({0x0110, 0x0124, 0x0213})
 
 
@@ -119,7 +119,7 @@ class StowDestination:
 
     @property
     def stow_url(self) -> str:
-        """``{base}/studies`` (PS3.18 10.5.1.1)."""
+        """``{base}/studies`` (PS3.18 10.5.1, Table 10.5.1-1)."""
         return self.service.url + STUDIES_RESOURCE
 
 
@@ -155,6 +155,7 @@ def ssl_context(service: DicomWebSettings) -> ssl.SSLContext:
     """The TLS context of ``service``: verification with its CA bundle (or the system's) unless
     switched off, and its client certificate for client-certificate authentication."""
     context = ssl.create_default_context(cafile=None if service.ca_bundle is None else str(service.ca_bundle))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2  # PS3.18 6.1 / BCP 195: TLS 1.2 or later (Python's default too)
     if not service.verify_tls:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -179,14 +180,14 @@ def _load(obj: OutgoingObject) -> _Part | StoreOutcome:
     except (OSError, InvalidDicomError) as exc:
         return StoreOutcome(obj.sop_instance_uid, False, error=f"cannot read {obj.path.name}: {exc}")
     if data[_DICM_OFFSET:_DICM_OFFSET + 4] != b"DICM" or "StudyInstanceUID" not in header:
-        # PS3.18 8.7.3.5.2: an application/dicom part is a PS3.10 file.
+        # PS3.18 10.5.1: an application/dicom part is one PS3.10 instance.
         return StoreOutcome(obj.sop_instance_uid, False, error=f"{obj.path.name} is not a PS3.10 file with a study",
                             permanent=True)
     return _Part(obj, data, str(header.StudyInstanceUID))
 
 
 def multipart_body(parts: Sequence[bytes]) -> tuple[bytes, str]:
-    """A ``multipart/related; type="application/dicom"`` body (RFC 2387, PS3.18 8.6.1.3.1).
+    """A ``multipart/related; type="application/dicom"`` body (RFC 2387; PS3.18 10.5.1: one part per PS3.10 instance).
 
     Each part is ``Content-Type: application/dicom`` without a ``transfer-syntax`` parameter:
     the parameter is optional, the file meta names the syntax, and archives exist that refuse
