@@ -504,7 +504,7 @@ def build_delivery(
     holder: dict[str, Delivery] = {}
     outbox = Outbox(
         session_factory, settings.delivery, settings.storage.data_dir,
-        SenderByKind(scu or build_store_scu(settings, uids), stow or StowClient(settings.delivery.stow_timeout_s)),
+        SenderByKind(scu or build_store_scu(settings, uids), stow or StowClient(settings.delivery.stow_timeout_s, recoder=sr_recoder(uids))),
         destinations,
         on_settled=lambda study_uid, outcome: holder["delivery"].on_settled(study_uid, outcome),
     )

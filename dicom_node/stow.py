@@ -30,6 +30,11 @@ match SOP class, 0xCxxx cannot understand, 0x0122 SOP class not supported, ...) 
 without reasons cannot change by sending the same object again: the outcome is marked
 ``permanent`` and the outbox dead-letters the row at once, with the reason.
 
+SR class fallback, as for C-STORE (:mod:`dicom_node.scu`): an SR refused with FailureReason
+0x0122 (SOP class not supported) is re-encoded as the next class its content fits
+(Comprehensive 3D SR -> Comprehensive SR -> Enhanced SR, with a UID derived from the
+original's) and posted again in the same delivery; the row records the class and UID stored.
+
 Secrets: the password (basic) or token (bearer) is read at each request from the
 environment variable or file the destination names (:class:`dicom_node.settings.DicomWebSettings`);
 it is never logged, never stored in the index and never part of an error message.
@@ -37,6 +42,8 @@ it is never logged, never stored in the index and never part of an error message
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import logging
 import os
@@ -52,7 +59,14 @@ import httpx
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.scu import OutgoingObject, StoreOutcome
+from dicom_node.scu import (
+    STATUS_SOP_CLASS_NOT_SUPPORTED,
+    OutgoingObject,
+    Recoder,
+    StoreOutcome,
+    allowed_sr_classes,
+    no_recoding,
+)
 from dicom_node.settings import DicomWebSettings
 
 log = logging.getLogger(__name__)
@@ -350,10 +364,14 @@ class StowClient:
     ----------
     timeout_s:
         Connect, read, write and pool timeout of one request (``delivery.stow_timeout_s``).
+    recoder:
+        Re-encodes an SR for a fallback class (the node's: :func:`dicom_node.delivery.sr_recoder`);
+        :func:`dicom_node.scu.no_recoding` disables the fallback.
     """
 
-    def __init__(self, timeout_s: float = 60.0) -> None:
+    def __init__(self, timeout_s: float = 60.0, recoder: Recoder = no_recoding) -> None:
         self.timeout_s = timeout_s
+        self.recoder = recoder
 
     def send(self, destination: StowDestination, objects: Sequence[OutgoingObject]) -> list[StoreOutcome]:
         """Send ``objects`` to ``destination``; one outcome per object, in order.
@@ -384,7 +402,9 @@ class StowClient:
             else:
                 with client:
                     for study_uid, group in by_study.items():
-                        outcomes = self._post(client, destination, study_uid, [part for _, part in group])
+                        parts = [part for _, part in group]
+                        outcomes = self._post(client, destination, study_uid, parts)
+                        outcomes = self._fall_back(client, destination, parts, outcomes)
                         results.update((position, outcome) for (position, _), outcome in zip(group, outcomes, strict=True))
         return [results[position] for position in range(len(objects))]
 
@@ -423,6 +443,38 @@ class StowClient:
                     f"{o.sop_instance_uid} {o.error}" for o in outcomes if not o.ok)[:1000])
         return outcomes
 
+    def _fall_back(
+        self, client: httpx.Client, destination: StowDestination, parts: Sequence[_Part], outcomes: list[StoreOutcome]
+    ) -> list[StoreOutcome]:
+        """Outcomes after re-sending each SR refused as "SOP class not supported" in the next class it fits."""
+        final = list(outcomes)
+        for position, (part, outcome) in enumerate(zip(parts, outcomes, strict=True)):
+            if outcome.ok or outcome.status != STATUS_SOP_CLASS_NOT_SUPPORTED:
+                continue
+            try:
+                dataset = dcmread(part.obj.path)
+            except (OSError, InvalidDicomError):
+                continue
+            for sop_class in allowed_sr_classes(dataset)[1:]:
+                try:
+                    recoded = self.recoder(dataset, sop_class)
+                except ValueError as exc:
+                    final[position] = dataclasses.replace(outcome, error=f"{outcome.error}; cannot send as {sop_class}: {exc}")
+                    break
+                uid = str(recoded.SOPInstanceUID)
+                (result,) = self._post(client, destination, part.study_uid, [
+                    _Part(OutgoingObject(part.obj.path, uid, sop_class), _file_bytes(recoded), part.study_uid)])
+                final[position] = dataclasses.replace(result, sop_instance_uid=part.obj.sop_instance_uid)
+                if result.ok:
+                    log.info("SR %s sent to %s as %s %s (archive refused %s)", part.obj.sop_instance_uid,
+                             destination.name, sop_class, uid, part.obj.sop_class_uid)
+                    final[position] = dataclasses.replace(final[position], sent_sop_class_uid=sop_class,
+                                                          sent_sop_instance_uid=uid)
+                    break
+                if result.status != STATUS_SOP_CLASS_NOT_SUPPORTED:
+                    break
+        return final
+
     @staticmethod
     def _warn_about_transport(destination: StowDestination) -> None:
         service = destination.service
@@ -431,6 +483,13 @@ class StowClient:
                         "not authenticated", destination.name)
         if service.url.startswith("http://") and service.auth in ("basic", "bearer"):
             log.warning("STOW-RS to %s: %s credentials sent over plain HTTP", destination.name, service.auth)
+
+
+def _file_bytes(dataset: Dataset) -> bytes:
+    """A re-encoded SR as a PS3.10 file (strict: an invalid file meta raises)."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def _safe_error(exc: BaseException) -> str:

@@ -32,14 +32,16 @@ import torch
 import yaml
 
 from dicom_node.bootstrap import Node, build_node
+from dicom_node.delivery import sr_recoder
 from dicom_node.cli import main
 from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
 from dicom_node.lifecycle import StudyState
 from dicom_node.outbox import Outbox, ResultFile, RoutingContext, SenderByKind, StudyDelivery
-from dicom_node.scu import OutgoingObject, StoreScu
+from dicom_node.scu import COMPREHENSIVE_SR, OutgoingObject, StoreScu
 from dicom_node.settings import DicomWebSettings, SettingsError, load_settings
 from dicom_node.stow import StowClient, StowDestination, interpret_response, multipart_body, parse_response_body
 from dicom_node.worker import Analyst
+from reports.uids import UIDFactory
 from tests.archives import make_sc, make_sr
 from tests.conftest import SettingsFactory, wait_study_state
 from tests.factory import Study, write_ct_stroke_study
@@ -318,14 +320,17 @@ def _native_item(sop_class: str, sop_uid: str, reason: int | None = None) -> str
 
 class _ScriptedStowArchive(ThreadingHTTPServer):
     """A loopback HTTP server answering STOW-RS as PS3.18 10.5.3 allows but Orthanc never does:
-    401 unless the bearer token matches, else 202 (Native DICOM Model XML) storing the SR and
-    refusing every other instance with 0xA900. It parses each request's multipart body for real."""
+    401 unless the bearer token matches, else 202 (Native DICOM Model XML) with the FailureReason
+    ``refusals`` gives an instance's SOP class (stored when it gives none). It parses each
+    request's multipart body for real."""
 
     token = "tok-" + "7" * 12
 
-    def __init__(self) -> None:
+    def __init__(self, refusals: dict[str, int]) -> None:
         super().__init__(("127.0.0.1", 0), _ScriptedHandler)
+        self.refusals = refusals
         self.requests: list[tuple[str, str, list[str]]] = []  # (path, content type, part types)
+        self.classes: list[list[str]] = []  # the SOP classes of each authorised request's parts
 
     @property
     def url(self) -> str:
@@ -350,12 +355,12 @@ class _ScriptedHandler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         stored, failed = [], []
-        for part in parts:
-            dataset = pydicom.dcmread(io.BytesIO(part.get_payload(decode=True)))
-            if str(dataset.SOPClassUID) == SR_CLASS:
-                stored.append(_native_item(str(dataset.SOPClassUID), str(dataset.SOPInstanceUID)))
-            else:
-                failed.append(_native_item(str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), 0xA900))
+        datasets = [pydicom.dcmread(io.BytesIO(part.get_payload(decode=True))) for part in parts]
+        self.server.classes.append([str(ds.SOPClassUID) for ds in datasets])
+        for dataset in datasets:
+            reason = self.server.refusals.get(str(dataset.SOPClassUID))
+            item = _native_item(str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), reason)
+            (stored if reason is None else failed).append(item)
         answer = ('<?xml version="1.0" encoding="utf-8"?><NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/'
                   'NativeDICOM"><DicomAttribute tag="00081198" vr="SQ">' + "".join(failed) + '</DicomAttribute>'
                   '<DicomAttribute tag="00081199" vr="SQ">' + "".join(stored) + "</DicomAttribute></NativeDicomModel>")
@@ -367,24 +372,26 @@ class _ScriptedHandler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
 
-def test_partial_answer_records_each_instance_and_dead_letters_the_refused_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    archive = _ScriptedStowArchive()
+@pytest.fixture
+def scripted_outbox(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[_ScriptedStowArchive, Outbox, list[dt.datetime]]]:
+    """The scripted archive (refusals from the test's parameter), an outbox on a fresh SQLite index
+    with one SR and one capture of study 2.25.77 queued for it, and the outbox's clock."""
+    archive = _ScriptedStowArchive(request.param)
     thread = threading.Thread(target=archive.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
+    settings = load_settings(environ={}, overrides={
+        "storage": {"data_dir": str(tmp_path / "data")},
+        "delivery": {"retry_initial_s": 10, "retry_max_s": 40, "deadline_s": 300},
+    })
+    engine = build_engine(settings)
     try:
-        settings = load_settings(environ={}, overrides={
-            "storage": {"data_dir": str(tmp_path / "data")},
-            "delivery": {"retry_initial_s": 10, "retry_max_s": 40, "deadline_s": 300},
-        })
-        engine = build_engine(settings)
         upgrade_to_head(engine)
         service = DicomWebSettings(url=archive.url, auth="bearer", secret_env="FPE_TEST_STOW_TOKEN")
         clock = [dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)]
+        stow = StowClient(10.0, recoder=sr_recoder(UIDFactory(None)))
         outbox = Outbox(build_session_factory(engine), settings.delivery, settings.storage.data_dir,
-                        SenderByKind(StoreScu("FPENODE"), StowClient(10.0)),
-                        lambda: [StowDestination("web", service)], clock=lambda: clock[0])
+                        SenderByKind(StoreScu("FPENODE"), stow), lambda: [StowDestination("web", service)],
+                        clock=lambda: clock[0])
         folder = settings.storage.results_dir / "2.25.77"
         folder.mkdir(parents=True)
         sr, sc = make_sr(folder / "sr.dcm", "2.25.77"), make_sc(folder / "sc.dcm", "2.25.77", "2.25.78")
@@ -392,29 +399,53 @@ def test_partial_answer_records_each_instance_and_dead_letters_the_refused_at_on
             ResultFile(folder / "sr.dcm", "2.25.77", str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID), SR_CLASS, "sr"),
             ResultFile(folder / "sc.dcm", "2.25.77", "2.25.78", str(sc.SOPInstanceUID), SC_CLASS, "sc"),
         ], RoutingContext(), demonstration=False)
-
-        monkeypatch.setenv("FPE_TEST_STOW_TOKEN", "stale-token")
-        first = outbox.run_once()
-        assert (first.failed, first.dead) == (2, 0)  # 401: retried with the backoff
-        assert {(r.state, r.last_http_status) for r in outbox.rows()} == {("failed", 401)}
-
-        monkeypatch.setenv("FPE_TEST_STOW_TOKEN", archive.token)  # read at each delivery: no registry change
-        clock[0] += dt.timedelta(seconds=11)
-        second = outbox.run_once()
-        assert (second.sent, second.dead) == (1, 1)
-        assert second.settled == {"2.25.77": StudyDelivery.PARTLY_DELIVERED}
-        by_kind = {row.kind: row for row in outbox.rows()}
-        assert (by_kind["sr"].state, by_kind["sr"].last_http_status, by_kind["sr"].last_status) == ("sent", 202, 0)
-        refused = by_kind["sc"]
-        assert (refused.state, refused.attempts, refused.last_status) == ("dead", 2, 0xA900)
-        assert refused.last_error == "STOW-RS FailureReason 0xA900 (data set does not match SOP class) (HTTP 202 Accepted)"
-        path, content_type, part_types = archive.requests[-1]
-        assert path == "/wado/studies" and content_type.startswith('multipart/related; type="application/dicom"')
-        assert part_types == ["application/dicom", "application/dicom"]
-        engine.dispose()
+        yield archive, outbox, clock
     finally:
+        engine.dispose()
         archive.shutdown()
         archive.server_close()
+
+
+@pytest.mark.parametrize("scripted_outbox", [{SC_CLASS: 0xA900}], indirect=True)
+def test_partial_answer_records_each_instance_and_dead_letters_the_refused_at_once(
+    scripted_outbox: tuple[_ScriptedStowArchive, Outbox, list[dt.datetime]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive, outbox, clock = scripted_outbox
+    monkeypatch.setenv("FPE_TEST_STOW_TOKEN", "stale-token")
+    first = outbox.run_once()
+    assert (first.failed, first.dead) == (2, 0)  # 401: retried with the backoff
+    assert {(r.state, r.last_http_status) for r in outbox.rows()} == {("failed", 401)}
+
+    monkeypatch.setenv("FPE_TEST_STOW_TOKEN", archive.token)  # read at each delivery: no registry change
+    clock[0] += dt.timedelta(seconds=11)
+    second = outbox.run_once()
+    assert (second.sent, second.dead) == (1, 1)
+    assert second.settled == {"2.25.77": StudyDelivery.PARTLY_DELIVERED}
+    by_kind = {row.kind: row for row in outbox.rows()}
+    assert (by_kind["sr"].state, by_kind["sr"].last_http_status, by_kind["sr"].last_status) == ("sent", 202, 0)
+    refused = by_kind["sc"]
+    assert (refused.state, refused.attempts, refused.last_status) == ("dead", 2, 0xA900)
+    assert refused.last_error == "STOW-RS FailureReason 0xA900 (data set does not match SOP class) (HTTP 202 Accepted)"
+    path, content_type, part_types = archive.requests[-1]
+    assert path == "/wado/studies" and content_type.startswith('multipart/related; type="application/dicom"')
+    assert part_types == ["application/dicom", "application/dicom"]
+
+
+@pytest.mark.parametrize("scripted_outbox", [{SR_CLASS: 0x0122}], indirect=True)
+def test_sr_refused_as_3d_is_stored_as_comprehensive_sr(
+    scripted_outbox: tuple[_ScriptedStowArchive, Outbox, list[dt.datetime]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SR class fallback of the C-STORE SCU, by STOW-RS: 0x0122 for Comprehensive 3D SR, then
+    the same content as Comprehensive SR with a UID derived from the original's."""
+    archive, outbox, _ = scripted_outbox
+    monkeypatch.setenv("FPE_TEST_STOW_TOKEN", archive.token)
+    report = outbox.run_once()
+    assert (report.sent, report.failed, report.dead) == (2, 0, 0)
+    assert report.settled == {"2.25.77": StudyDelivery.DELIVERED}
+    assert archive.classes == [[SR_CLASS, SC_CLASS], [COMPREHENSIVE_SR]]
+    sr_row = next(row for row in outbox.rows() if row.kind == "sr")
+    assert sr_row.sent_sop_class_uid == COMPREHENSIVE_SR
+    assert sr_row.sent_sop_instance_uid not in (None, sr_row.sop_instance_uid)
 
 
 def test_dicomweb_peers_are_checked_and_secrets_never_inline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
