@@ -48,11 +48,13 @@ import json
 import logging
 import os
 import ssl
+import stat
 import uuid
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -161,8 +163,19 @@ def read_secret(service: DicomWebSettings) -> str | None:
             raise SecretError(f"secret file {service.secret_file} unreadable ({type(exc).__name__})") from None
         if not lines or not lines[0].strip():
             raise SecretError(f"secret file {service.secret_file} is empty")
+        _warn_if_shared(service.secret_file)
         return lines[0].strip()
     return None
+
+
+def _warn_if_shared(path: Path) -> None:
+    """A WARNING when a secret file is readable or writable by group or others (as ssh does for keys)."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning("secret file %s is open to other users (mode %04o): chmod 600 it", path, mode)
 
 
 def ssl_context(service: DicomWebSettings) -> ssl.SSLContext:

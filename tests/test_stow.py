@@ -37,6 +37,7 @@ from dicom_node.cli import main
 from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
 from dicom_node.lifecycle import StudyState
 from dicom_node.outbox import Outbox, ResultFile, RoutingContext, SenderByKind, StudyDelivery
+from dicom_node.peers import PeerRegistry
 from dicom_node.scu import COMPREHENSIVE_SR, OutgoingObject, StoreScu
 from dicom_node.settings import DicomWebSettings, SettingsError, load_settings
 from dicom_node.stow import StowClient, StowDestination, interpret_response, multipart_body, parse_response_body
@@ -234,15 +235,17 @@ def test_results_arrive_by_stow_rs_with_basic_auth(
     assert PASSWORD not in shown.out + shown.err
     assert any("credentials sent over plain HTTP" in line for line in node_records.lines)
     assert not any(PASSWORD in line for line in node_records.lines)
+    assert not any("open to other users" in line for line in node_records.lines)  # mode 600
 
 
 def test_wrong_password_is_dead_lettered_after_the_retries(
     stow_node: Any, orthanc: AuthenticatedOrthanc, data_dir: Path, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], node_records: _Records,
 ) -> None:
     site = _site_file(tmp_path, data_dir)
     secret = tmp_path / "wrong.secret"
     secret.write_text("not-the-password\n", encoding="utf-8")
+    secret.chmod(0o644)
     _register(site, orthanc, secret)
     node = stow_node(retry_initial_s=0.4, retry_max_s=0.8, deadline_s=2.5)
     study, sop_uids = _analysed_and_queued(node, tmp_path)
@@ -262,6 +265,7 @@ def test_wrong_password_is_dead_lettered_after_the_retries(
     assert {(row.state, row.last_http_status, row.last_error) for row in rows} == {
         ("dead", 401, "STOW-RS HTTP 401 Unauthorized")}
     assert all(row.attempts >= 2 for row in rows)  # retried with the backoff before the dead letter
+    assert any("open to other users (mode 0644)" in line for line in node_records.lines)
 
 
 def test_per_instance_failure_reasons_are_read_from_the_archive(orthanc: AuthenticatedOrthanc, tmp_path: Path) -> None:
@@ -464,3 +468,31 @@ def test_dicomweb_peers_are_checked_and_secrets_never_inline(tmp_path: Path, cap
         assert code == 1 and message in capsys.readouterr().err, options
     with pytest.raises(SettingsError, match="dicomweb section"):
         load_settings(environ={}, overrides={"peers": [{"name": "web", "kind": "dicomweb", "roles": ["destination"]}]})
+
+    # a dicomweb peer of the site file is seeded at start-up; export and import keep where its
+    # token is read, never a value
+    seeded = load_settings(environ={}, overrides={"storage": {"data_dir": str(tmp_path / "data")}, "peers": [
+        {"name": "web", "kind": "dicomweb", "roles": ["destination"], "dicomweb": {
+            "url": "https://pacs.example.org/dicom-web/", "auth": "bearer", "secret_env": "PACS_TOKEN",
+            "ca_bundle": "/etc/fpe-node/ca.pem"}}]})
+    engine = build_engine(seeded)
+    try:
+        upgrade_to_head(engine)
+        registry = PeerRegistry(build_session_factory(engine))
+        assert registry.seed(seeded.peers) == 1 and registry.seed(seeded.peers) == 0  # unchanged: no new audit row
+        peer = registry.get("web")
+        assert peer is not None and peer.kind == "dicomweb" and peer.dicomweb == seeded.peers[0].dicomweb
+        assert peer.dicomweb.url == "https://pacs.example.org/dicom-web"
+    finally:
+        engine.dispose()
+    exported = tmp_path / "peers.yaml"
+    assert main(["--config", str(site), "peers", "export", str(exported)]) == 0
+    (tmp_path / "other").mkdir()
+    other = _site_file(tmp_path / "other", tmp_path / "other" / "data")
+    assert main(["--config", str(other), "peers", "import", str(exported)]) == 0
+    capsys.readouterr()
+    assert main(["--config", str(other), "peers", "list", "--json"]) == 0
+    (imported,) = json.loads(capsys.readouterr().out)
+    assert imported["kind"] == "dicomweb" and imported["dicomweb"] == {
+        "url": "https://pacs.example.org/dicom-web", "auth": "bearer", "secret_env": "PACS_TOKEN",
+        "ca_bundle": "/etc/fpe-node/ca.pem"}
