@@ -7,6 +7,10 @@ go through the outbox to a destination registered with ``fpe-node peers add --ki
 (the password in a file). The test finds them through QIDO-RS and retrieves the SR by WADO-RS.
 With a wrong password the archive answers 401 at each retry and the rows end as dead letters,
 shown by ``fpe-node studies`` with the reason.
+
+What Orthanc cannot be made to answer (a partial 202 in XML, a permanent FailureReason, 0x0122
+for an SR class, bearer tokens, TLS with client certificates) comes from a small loopback HTTP
+server that parses each multipart request for real and answers as PS3.18 10.5.3 allows.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import datetime as dt
 import email.parser
 import email.policy
 import io
+import ipaddress
 import json
 import logging
+import ssl
 import threading
 import urllib.error
 import urllib.request
@@ -328,7 +334,8 @@ class _ScriptedStowArchive(ThreadingHTTPServer):
     ``refusals`` gives an instance's SOP class (stored when it gives none). It parses each
     request's multipart body for real."""
 
-    token = "tok-" + "7" * 12
+    token: str | None = "tok-" + "7" * 12
+    scheme = "http"
 
     def __init__(self, refusals: dict[str, int]) -> None:
         super().__init__(("127.0.0.1", 0), _ScriptedHandler)
@@ -338,7 +345,12 @@ class _ScriptedStowArchive(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/wado"
+        return f"{self.scheme}://127.0.0.1:{self.server_address[1]}/wado"
+
+    def serve_tls(self, context: ssl.SSLContext) -> None:
+        """Answer over TLS (handshakes, client certificates and all, as ``context`` says); no token."""
+        self.socket = context.wrap_socket(self.socket, server_side=True)
+        self.scheme, self.token = "https", None
 
 
 class _ScriptedHandler(BaseHTTPRequestHandler):
@@ -353,7 +365,7 @@ class _ScriptedHandler(BaseHTTPRequestHandler):
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
         parts = list(message.iter_parts())
         self.server.requests.append((self.path, self.headers["Content-Type"], [p.get_content_type() for p in parts]))
-        if self.headers.get("Authorization") != f"Bearer {self.server.token}":
+        if self.server.token is not None and self.headers.get("Authorization") != f"Bearer {self.server.token}":
             self.send_response(401)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -496,3 +508,79 @@ def test_dicomweb_peers_are_checked_and_secrets_never_inline(tmp_path: Path, cap
     assert imported["kind"] == "dicomweb" and imported["dicomweb"] == {
         "url": "https://pacs.example.org/dicom-web", "auth": "bearer", "secret_env": "PACS_TOKEN",
         "ca_bundle": "/etc/fpe-node/ca.pem"}
+
+
+# --- TLS: server verification, its opt-out, client-certificate authentication ------------------
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate it signed (PEM files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    files: dict[str, Path] = {}
+
+    def issue(name: str, subject: str, issuer: tuple[Any, Any] | None, *, ca: bool = False,
+              usage: Any = None, ip: str | None = None) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        issuer_cert, issuer_key = issuer if issuer is not None else (None, key)
+        builder = (x509.CertificateBuilder().subject_name(subject_name)
+                   .issuer_name(subject_name if issuer_cert is None else issuer_cert.subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if usage is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if ip is not None:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
+                                            critical=False)
+        certificate = builder.sign(issuer_key, hashes.SHA256())
+        (folder / f"{name}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        (folder / f"{name}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        files[name], files[f"{name}_key"] = folder / f"{name}.pem", folder / f"{name}.key"
+        return certificate, key
+
+    ca = issue("ca", "fpe-node test CA", None, ca=True)
+    issue("server", "127.0.0.1", ca, usage=ExtendedKeyUsageOID.SERVER_AUTH, ip="127.0.0.1")
+    issue("client", "fpe-node", ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    return files
+
+
+def test_tls_verification_and_client_certificates(tmp_path: Path, node_records: _Records) -> None:
+    pem = _certificates(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pem["ca"]))
+    server_context.load_cert_chain(str(pem["server"]), str(pem["server_key"]))
+    server_context.verify_mode = ssl.CERT_REQUIRED  # the archive authenticates the node by its certificate
+    archive = _ScriptedStowArchive({})
+    archive.serve_tls(server_context)
+    thread = threading.Thread(target=archive.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    sr = make_sr(tmp_path / "sr.dcm", "2.25.91")
+    objects = [OutgoingObject(tmp_path / "sr.dcm", str(sr.SOPInstanceUID), SR_CLASS)]
+    client_auth = {"auth": "client-certificate", "client_cert": pem["client"], "client_key": pem["client_key"]}
+
+    def send(**service: Any) -> Any:
+        (outcome,) = StowClient(10.0).send(StowDestination("tls-web", DicomWebSettings(url=archive.url, **service)),
+                                           objects)
+        return outcome
+
+    try:
+        assert send(ca_bundle=pem["ca"], **client_auth).ok  # verified with the site's CA, certificate accepted
+        untrusted = send(**client_auth)  # the system's CAs do not know the test CA
+        assert not untrusted.ok and not untrusted.permanent and "CERTIFICATE_VERIFY_FAILED" in (untrusted.error or "")
+        assert not any("TLS verification is switched off" in line for line in node_records.lines)
+        assert send(verify_tls=False, **client_auth).ok  # the opt-out works, and says so
+        assert any("tls-web: TLS verification is switched off" in line for line in node_records.lines)
+        without_certificate = send(ca_bundle=pem["ca"])
+        assert not without_certificate.ok and without_certificate.http_status is None  # refused in the handshake
+        missing = send(ca_bundle=pem["ca"], auth="client-certificate", client_cert=tmp_path / "absent.pem")
+        assert not missing.ok and "not attempted" in (missing.error or "")
+        assert len(archive.requests) == 2  # only the two verified, authenticated sends reached the archive
+    finally:
+        archive.shutdown()
+        archive.server_close()
