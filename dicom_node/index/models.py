@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, true
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from dicom_node.index.base import UID, AETitle, Base, IntPK, Timestamp, utcnow
@@ -143,6 +143,10 @@ class Peer(Base):
     roles: Mapped[str] = mapped_column(String(64), default="source")
     """Comma-separated roles: ``source`` (may send to the node), ``destination`` (receives results)."""
     created_at: Mapped[Timestamp] = mapped_column(default=utcnow)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """DICOM over TLS (PS3.15 Annex B): a source must use the TLS listener, a destination is sent to over TLS."""
+    tls_verify: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    """Verify a TLS destination's certificate and host name (False: an explicit, logged opt-out)."""
 
     ae_titles: Mapped[list[PeerAETitle]] = relationship(
         back_populates="peer", cascade="all, delete-orphan", passive_deletes=True, order_by="PeerAETitle.id"
