@@ -32,6 +32,7 @@ from dicom_node.scp import AssociationTracker, Ingest, IngestListener, ListenerD
 from dicom_node.selector import build_selector
 from dicom_node.settings import Settings
 from dicom_node.storage import DiskGuard, FileStore
+from dicom_node.tls import server_context
 from dicom_node.worker import InferenceWorkers
 from inference.selection import Selector
 
@@ -99,6 +100,9 @@ def build_node(
 ) -> Node:
     """Create the data directory and index (migrated to head), seed peers, build the SCP.
 
+    TLS certificates and keys (``network.tls``, ``delivery.tls``) are checked first: a bad one
+    raises :class:`~dicom_node.settings.SettingsError` naming the field before anything is written.
+
     Parameters
     ----------
     settings:
@@ -109,6 +113,7 @@ def build_node(
         Decides whether a C-STORE may be written; default :class:`Retention`, which purges
         processed studies before refusing above ``retention.disk_high_watermark_pct``.
     """
+    tls_context = server_context(settings.network.tls) if settings.network.tls.enabled else None
     files = FileStore(settings.storage.data_dir, fsync=settings.storage.fsync)
     use_installation_secret(settings.storage.data_dir)  # created at first start
     leftovers = files.clean_tmp()
@@ -144,7 +149,7 @@ def build_node(
         dispatcher=dispatcher,
         tracker=AssociationTracker(),
     )
-    scp = StorageSCP(settings.network, ingest=ingest, registry=peers)
+    scp = StorageSCP(settings.network, ingest=ingest, registry=peers, tls_context=tls_context)
     delivery = build_delivery(settings, session_factory, lifecycle, destinations_from_registry(peers))
     workers = InferenceWorkers(settings, on_result=[delivery.on_result])
     return Node(

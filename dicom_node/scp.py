@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import queue
+import ssl
 import threading
 import time
 from collections import Counter
@@ -93,6 +94,7 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"  # PS3.4 Annex A
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE not recognised
 _REJECT_TRANSIENT = (0x02, 0x01, 0x01)  # rejected-transient, service-user, no reason given
+_REJECT_PERMANENT = (0x01, 0x01, 0x01)  # rejected-permanent, service-user, no reason given
 _REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
 
 # Threads writing and fsyncing temporary files while the C-STORE threads parse and hash.
@@ -459,8 +461,8 @@ def handle_association_request(
     event: Event, registry: PeerRegistry, tracker: AssociationTracker, settings: NetworkSettings, door: FrontDoor
 ) -> None:
     """EVT_REQUESTED: refuse a wrong called AE title, an unknown calling AE title (or a known one
-    from the wrong host), and a request over the association limits; then add contexts for
-    unknown storage SOP classes.
+    from the wrong host), a peer that must use TLS arriving on the plain port, and a request over
+    the association limits; then add contexts for unknown storage SOP classes.
 
     Every refusal is counted and logged with its reason (:class:`dicom_node.transport.RefusalLog`).
     Fails closed: if the registry cannot be read the request is rejected (transient).
@@ -486,6 +488,13 @@ def handle_association_request(
         _reject(assoc, _REJECT_CALLING_AE)
         return
     connection = cast(Connection | None, getattr(assoc, "connection", None))
+    if decision.peer is not None and decision.peer.tls and (connection is None or not connection.tls):
+        door.refusals.record(
+            Refusal.TLS_REQUIRED, address,
+            f"association from AE {calling_ae!r} rejected: peer {decision.peer.name} must use TLS (network.tls.port)",
+        )
+        _reject(assoc, _REJECT_PERMANENT)
+        return
     if connection is not None:
         peer_key = decision.peer.name if decision.peer is not None else calling_ae
         refusal = door.admit_association(connection, peer_key)
@@ -569,13 +578,17 @@ class StorageSCP:
         *,
         ingest: Ingest,
         registry: PeerRegistry,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
         self.registry = registry
+        self.tls_context = tls_context
+        """With a context the TLS listener runs on ``network.tls.port`` (:func:`dicom_node.tls.server_context`)."""
         self.ae = build_ae(settings)
         self.door = FrontDoor(settings)
         self._server: NodeAssociationServer | None = None
+        self._tls_server: NodeAssociationServer | None = None
 
     @property
     def refusals(self) -> Counter[str]:
@@ -594,27 +607,53 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, handle_closed, [tracker]),
         ]
 
-    def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
-        """Start listening in background threads; returns the bound address (port 0: any free)."""
-        address = (host or self.settings.host, self.settings.port if port is None else port)
+    def start(self, host: str | None = None, port: int | None = None, tls_port: int | None = None) -> tuple[str, int]:
+        """Start listening in background threads (port 0: any free).
+
+        The plain listener runs unless ``network.tls.plain_listener`` is off with TLS on; the TLS
+        listener runs on ``tls_port`` (default ``network.tls.port``) when there is a TLS context.
+        Both share one front door, so the association limits count them together.
+
+        Returns the plain listener's bound address, or the TLS listener's when it is the only one.
+        """
+        bind_host = host or self.settings.host
+        if self.tls_context is None or self.settings.tls.plain_listener:
+            self._server = self._listen((bind_host, self.settings.port if port is None else port), None)
+        if self.tls_context is not None:
+            tls_address = (bind_host, self.settings.tls.port if tls_port is None else tls_port)
+            self._tls_server = self._listen(tls_address, self.tls_context)
+        return self.address if self._server is not None else self.tls_address
+
+    def _listen(self, address: tuple[str, int], tls_context: ssl.SSLContext | None) -> NodeAssociationServer:
         server = cast(
             NodeAssociationServer,
-            self.ae.make_server(address, evt_handlers=self.handlers(), server_class=NodeAssociationServer, door=self.door),
+            self.ae.make_server(
+                address, evt_handlers=self.handlers(), server_class=NodeAssociationServer, door=self.door, tls_context=tls_context
+            ),
         )
         # As AE.start_server(block=False), with the node's server class.
-        threading.Thread(target=server.serve_forever, name="fpenode-acceptor", daemon=True).start()
+        name = "fpenode-acceptor" if tls_context is None else "fpenode-acceptor-tls"
+        threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
         self.ae._servers.append(server)
-        self._server = server
         bound = server.server_address
-        log.info("listening as %s on %s:%d", self.settings.ae_title, bound[0], bound[1])
-        return str(bound[0]), int(bound[1])
+        over = "" if tls_context is None else " over TLS"
+        log.info("listening as %s%s on %s:%d", self.settings.ae_title, over, bound[0], bound[1])
+        return server
 
     @property
     def address(self) -> tuple[str, int]:
-        """The bound (host, port)."""
+        """The plain listener's bound (host, port)."""
         if self._server is None:
-            raise RuntimeError("the SCP is not started")
+            raise RuntimeError("the plain listener is not started")
         host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def tls_address(self) -> tuple[str, int]:
+        """The TLS listener's bound (host, port)."""
+        if self._tls_server is None:
+            raise RuntimeError("the TLS listener is not started")
+        host, port = self._tls_server.server_address[:2]
         return str(host), int(port)
 
     def stop(self, grace_s: float = 10.0) -> None:
@@ -623,16 +662,18 @@ class StorageSCP:
         Open associations get ``grace_s`` to end on their own; after that new C-STOREs are
         refused (0xA700), stores being handled finish, and the rest are aborted.
         """
-        if self._server is None:
+        servers = [server for server in (self._server, self._tls_server) if server is not None]
+        if not servers:
             return
-        self._server.shutdown()
+        for server in servers:
+            server.shutdown()
         self._wait(lambda: not self._server_associations(), grace_s)
         self.ingest.draining = True
         self._wait(lambda: self.ingest.in_flight == 0, 60.0)
         self.ae.shutdown()
         self.ingest.close()
         self.ingest.dispatcher.drain()
-        self._server = None
+        self._server = self._tls_server = None
         log.info("stopped")
 
     def _server_associations(self) -> Sequence[Association]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -155,12 +156,27 @@ def server_context(tls: NetworkTLSSettings) -> ssl.SSLContext:
     return context
 
 
-@dataclass(frozen=True)
 class ClientContexts:
-    """Contexts for sending: ``verified`` checks the chain and host name; ``unverified`` does not."""
+    """Contexts for sending: :attr:`verified` checks the chain and host name; :attr:`unverified` does not.
 
-    verified: ssl.SSLContext
-    unverified: ssl.SSLContext
+    Built by :func:`client_contexts`; the system trust store (used when no CA bundle is set)
+    is loaded at the first use, so a node without TLS destinations never pays for it.
+    """
+
+    def __init__(self, verified: ssl.SSLContext, unverified: ssl.SSLContext, *, system_trust: bool) -> None:
+        self._verified = verified
+        self.unverified = unverified
+        self._system_trust = system_trust
+        self._lock = threading.Lock()
+
+    @property
+    def verified(self) -> ssl.SSLContext:
+        """The verifying context (server certificate chain and host name, PS3.15 B)."""
+        with self._lock:
+            if self._system_trust:
+                self._verified.load_default_certs(ssl.Purpose.SERVER_AUTH)
+                self._system_trust = False
+        return self._verified
 
 
 def _client_pair(settings: Settings) -> tuple[CertificatePair, str] | None:
@@ -186,24 +202,22 @@ def client_contexts(settings: Settings) -> ClientContexts:
         Naming the field whose file is bad.
     """
     sending = settings.delivery.tls
+    pair = _client_pair(settings)
     contexts = []
-    for verify in (True, False):
+    for _ in range(2):
         context = _base_context(ssl.PROTOCOL_TLS_CLIENT, sending.minimum_version)
-        pair = _client_pair(settings)
         if pair is not None:
             _load_pair(context, *pair)
-        if verify:
-            if sending.ca_bundle is not None:
-                _load_ca(context, sending.ca_bundle, "delivery.tls.ca_bundle")
-            elif settings.network.tls.ca_bundle is not None:
-                _load_ca(context, settings.network.tls.ca_bundle, "network.tls.ca_bundle")
-            else:
-                context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-        else:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
         contexts.append(context)
-    return ClientContexts(verified=contexts[0], unverified=contexts[1])
+    verified, unverified = contexts
+    ca_bundle, field = sending.ca_bundle, "delivery.tls.ca_bundle"
+    if ca_bundle is None:
+        ca_bundle, field = settings.network.tls.ca_bundle, "network.tls.ca_bundle"
+    if ca_bundle is not None:
+        _load_ca(verified, ca_bundle, field)
+    unverified.check_hostname = False
+    unverified.verify_mode = ssl.CERT_NONE
+    return ClientContexts(verified, unverified, system_trust=ca_bundle is None)
 
 
 HandshakeFailure = Literal["certificate", "no_certificate", "not_tls", "timeout", "handshake"]
