@@ -602,6 +602,8 @@ class NodeRequestHandler(RequestHandler):
         remaining = connection.accepted_at + self.server.door.settings.associate_rq_timeout_s - time.monotonic()
         tls_socket: ssl.SSLSocket | None = None
         try:
+            # CPython bounds the whole do_handshake by one deadline from this timeout (not per
+            # read), so a client dripping its ClientHello byte by byte is cut off in time too.
             raw.settimeout(max(remaining, 0.001))
             tls_socket = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
             tls_socket.do_handshake()

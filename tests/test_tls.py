@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +95,16 @@ def _wait_count(node: Node, reason: str, at_least: int, timeout_s: float = 15.0)
     while node.scp.refusals[reason] < at_least and time.monotonic() < deadline:
         time.sleep(0.05)
     return node.scp.refusals[reason]
+
+
+def _drip(sock: socket.socket, data: bytes, every_s: float) -> None:
+    """Send ``data`` one byte every ``every_s`` seconds until the other side closes."""
+    for byte in data:
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            return
+        time.sleep(every_s)
 
 
 def _series_counts(node: Node) -> dict[str, int]:
@@ -181,11 +192,19 @@ def test_storescu_over_tls_is_indexed_and_bad_clients_are_refused_with_the_reaso
     assert _wait_count(tls_node, "tls_certificate", 2) == 2
     assert any("unable to get local issuer certificate" in line for line in _refusal_logs(caplog, "tls_certificate"))
 
-    # A silent connection on the TLS port does not hold up other senders; it is closed at the deadline.
-    with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as silent:
+    # A silent connection and one dripping a ClientHello a byte at a time do not hold up other
+    # senders; both are closed at the deadline (2 s from connecting), however slowly they drip.
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32)
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as silent, \
+            socket.create_connection(("127.0.0.1", tls_port), timeout=10) as dripping:
+        opened = time.monotonic()
+        drip = threading.Thread(target=_drip, args=(dripping, hello, 0.2), daemon=True)
+        drip.start()
         more = dcmtk.storescu(tls_port, rest, extra=_tls_args(pki.client, pki.ca), timeout_s=120)
         assert more.returncode == 0, more.stderr
-        assert _wait_count(tls_node, "tls_timeout", 1) == 1
+        assert _wait_count(tls_node, "tls_timeout", 2) == 2
+        drip.join(10)
+        assert not drip.is_alive() and time.monotonic() - opened < 2.0 + 3.0  # ended by the node, not by the drip
         silent.settimeout(5)
         assert silent.recv(1) == b""  # closed by the node
     assert list(_series_counts(tls_node).values()) == [len(first) + len(rest)]

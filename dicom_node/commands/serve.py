@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     host, port = node.start(args.host, args.port)
     # One parseable line for supervisors and tests: the bound port (useful with --port 0).
     log.info("fpe-node serving AE %s on %s port %d", settings.network.ae_title, host, port)
-    if node.scp.tls_context is not None:
+    if node.scp.tls_context is not None and node.scp.tls_address != (host, port):
         tls_host, tls_port = node.scp.tls_address
         log.info("fpe-node serving AE %s over TLS on %s port %d", settings.network.ae_title, tls_host, tls_port)
     try:
