@@ -480,6 +480,18 @@ class PeerSettings(BaseModel):
         return self
 
 
+class ConsoleSettings(BaseModel):
+    """The web console, REST API, health and metrics endpoints (``dicom_node.web``), served by ``fpe-node serve``."""
+
+    model_config = _frozen()
+
+    enabled: bool = Field(True, description="Serve the console and REST API next to the SCP.")
+    host: str = Field(
+        "127.0.0.1", description="Address the console listens on (loopback by default; put it behind a TLS proxy to open it)."
+    )
+    port: int = Field(8470, ge=0, le=65535, description="TCP port of the console and REST API (0: any free port).")
+
+
 class LoggingSettings(BaseModel):
     """Console logging of `fpe-node serve`."""
 
@@ -509,6 +521,7 @@ class Settings(BaseSettings):
     reports: ReportSettings = ReportSettings()
     delivery: DeliverySettings = DeliverySettings()
     peers: tuple[PeerSettings, ...] = ()
+    console: ConsoleSettings = ConsoleSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod
