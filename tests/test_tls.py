@@ -2,7 +2,8 @@
 
 Certificates are made in the test (:mod:`tests.certs`). Receiving: DCMTK ``storescu +tls`` sends
 the real CT to the node's TLS listener; a sender without a client certificate, with an expired
-or untrusted one, plain DICOM on the TLS port and a silent connection are refused with the
+or untrusted one, one that does not trust the node, plain DICOM on the TLS port and a silent or
+dripping connection are refused with the
 reason logged, while the node keeps serving. A source flagged ``tls`` is rejected on the plain
 port. Sending: the outbox delivers results to DCMTK ``storescp +tls`` (which requires the node's
 client certificate) with verification on, and fails, logged and retried, against an archive
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import signal
 import socket
 import threading
 import time
@@ -153,6 +155,7 @@ def test_bad_certificate_key_or_password_stops_start_up_naming_the_field(
     monkeypatch.setenv("FPENODE_NETWORK__TLS__PRIVATE_KEY_PASSWORD", "Wrong-Pw-7")
     assert main(["config", "check"]) == 2
     assert "network.tls.private_key_password: wrong password" in capsys.readouterr().err
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # serve's handlers stay out of pytest
     assert main(["serve"]) == 2  # before anything listens or is written
     assert "network.tls.private_key_password: wrong password" in capsys.readouterr().err
     assert not (tmp_path / "d" / "index.sqlite3").exists()
@@ -181,6 +184,8 @@ def test_storescu_over_tls_is_indexed_and_bad_clients_are_refused_with_the_reaso
         "tls_no_certificate": (["+tla", "+cf", str(pki.ca)], "no client certificate"),
         "tls_certificate": (_tls_args(pki.expired, pki.ca), "certificate verification failed: certificate has expired"),
         "tls_not_tls": ([], "not a TLS client hello"),
+        # A sender that does not trust the node's certificate ends the handshake with an alert.
+        "tls_handshake": (_tls_args(pki.client, pki.rogue_ca), "the peer ended the handshake: tlsv1 alert unknown ca"),
     }
     for reason, (extra, why) in refused.items():
         result = dcmtk.storescu(tls_port, first[:1], extra=extra, timeout_s=60)
