@@ -3,9 +3,8 @@
 Certificates are made in the test (:mod:`tests.certs`). Receiving: DCMTK ``storescu +tls`` sends
 the real CT to the node's TLS listener; a sender without a client certificate, with an expired
 or untrusted one, one that does not trust the node, plain DICOM on the TLS port and a silent or
-dripping connection are refused with the
-reason logged, while the node keeps serving. A source flagged ``tls`` is rejected on the plain
-port. Sending: the outbox delivers results to DCMTK ``storescp +tls`` (which requires the node's
+dripping connection are refused with the reason logged, while the node keeps serving. A source
+flagged ``tls`` is rejected on the plain port. Sending: the outbox delivers results to DCMTK ``storescp +tls`` (which requires the node's
 client certificate) with verification on, and fails, logged and retried, against an archive
 whose certificate is untrusted or names another host, unless verification is switched off.
 """
