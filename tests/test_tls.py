@@ -234,6 +234,21 @@ def test_a_source_flagged_tls_is_rejected_on_the_plain_port(
     assert echo.returncode == 0, echo.stderr
 
 
+def test_peers_echo_reaches_a_tls_peer_over_tls(
+    tls_node: Node, pki: PKI, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    # The node itself as a TLS destination: `peers echo` presents the site certificate and checks the node's.
+    _, tls_port = tls_node.scp.tls_address
+    tls_node.peers.add(PeerInfo("SELF", ("FPENODE",), "127.0.0.1", tls_port, ("destination",), tls=True), actor="test")
+    settings = tls_node.settings
+    monkeypatch.setenv("FPENODE_STORAGE__DATA_DIR", str(settings.storage.data_dir))
+    for name in ("certificate", "private_key", "ca_bundle"):
+        monkeypatch.setenv(f"FPENODE_NETWORK__TLS__{name.upper()}", str(getattr(settings.network.tls, name)))
+    assert main(["peers", "echo", "SELF", "--timeout", "10"]) == 0
+    assert "C-ECHO status 0x0000" in capsys.readouterr().out
+    assert tls_node.scp.refusals == {}
+
+
 def test_tls_only_node_does_not_listen_in_plain(make_settings: SettingsFactory, pki: PKI) -> None:
     built = build_node(make_settings(network=_tls_network(pki, plain_listener=False, client_certificates="optional")))
     host, port = built.start()
