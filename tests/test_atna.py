@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -131,9 +132,10 @@ class Collector:
 class TcpSyslogListener(Collector):
     """RFC 6587 octet-counting TCP syslog receiver that can be stopped and started on its port."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
         super().__init__()
         self.port = port
+        self.tls = tls
         self._server: socket.socket | None = None
         self._clients: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
@@ -180,6 +182,12 @@ class TcpSyslogListener(Collector):
             self._spawn(self._read, client)
 
     def _read(self, client: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                client = self.tls.wrap_socket(client, server_side=True)
+            except (OSError, ssl.SSLError):
+                return  # the node refused our certificate (a test that expects it)
+            self._clients.append(client)
         buffer = b""
         while True:
             try:
@@ -435,3 +443,72 @@ def test_results_sent_to_an_archive_are_audited(make_settings: Callable[..., Any
     assert [(p.get("UserID"), p.get("UserIsRequestor")) for p in participants] == [("FPENODE", "true"), (archive.ae_title, "false")]
     classes = {s.get("UID"): s.get("NumberOfInstances") for s in message.root.iter("SOPClass")}
     assert sum(int(n or 0) for n in classes.values()) == 2
+
+
+# --- TLS (RFC 5425): the collector's certificate is checked ------------------------------------------
+
+
+def _certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a collector certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, key.pem)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def build(subject: str, issuer: x509.Name | None, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey,
+              ca: bool) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        builder = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_cert = build("fpe-node test CA", None, ca_key, ca_key, True)
+    cert = build("collector", ca_cert.subject, key, ca_key, False)
+    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths
+
+
+def test_tls_collector_certificate_is_checked(make_settings: Callable[..., Any], tmp_path: Path) -> None:
+    ca, cert, key = _certificates(tmp_path)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    listener = TcpSyslogListener(free_port(), tls=server)
+    listener.start()
+    try:
+        untrusted = make_settings(audit={**_audit_settings(listener.port, "tls"), "ca_file": str(cert)})
+        engine = build_engine(untrusted)
+        upgrade_to_head(engine)
+        sessions = build_session_factory(engine)
+        audit.record(sessions, actor="fpe-node peers add (ops)", action="peer.add", detail={"name": "TLSPEER"})
+        with pytest.raises(ssl.SSLCertVerificationError):
+            AuditExporter(untrusted.audit, AuditContext.from_settings(untrusted), sessions).run_pass()
+        assert AuditExporter(untrusted.audit, AuditContext.from_settings(untrusted), sessions).delivered_through == 0
+
+        trusted = make_settings(audit={**_audit_settings(listener.port, "tls"), "ca_file": str(ca)})
+        exporter = AuditExporter(trusted.audit, AuditContext.from_settings(trusted), sessions)
+        assert exporter.run_pass() == 1
+        message = listener.wait_for(_has_objects({"TLSPEER"}), "the message over TLS")[0]
+        assert (message.event_id, message.msgid) == ("110113", "DICOM+RFC3881")
+        exporter.stop()
+        assert exporter.delivered_through == 1  # confirmed: the connection was still open
+        engine.dispose()
+    finally:
+        listener.stop()
