@@ -512,3 +512,11 @@ def test_tls_collector_certificate_is_checked(make_settings: Callable[..., Any],
         engine.dispose()
     finally:
         listener.stop()
+
+
+def test_conformance_statement_lists_every_audit_action() -> None:
+    text = (REPO_ROOT / "docs" / "conformance.md").read_text(encoding="utf-8")
+    section = text.split("## 7b. Audit trail", 1)[1].split("\n## ", 1)[0]
+    for action, spec in EVENTS.items():
+        assert f"`{action}`" in section, action
+        assert spec.event_id.value in section and (spec.type_code is None or spec.type_code.value in section), action
