@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import errno
 import ipaddress
 import json
 import logging
@@ -44,6 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sqlalchemy import func
 from sqlalchemy import select as sql_select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -552,8 +554,13 @@ class UdpTransport:
         self._address = address
 
     def send(self, message: bytes) -> None:
-        """Send one datagram (a message over the path's limit is refused by the kernel: OSError)."""
-        self._socket.sendto(message, self._address)
+        """Send one datagram; one larger than UDP can carry is dropped and logged (RFC 5426 section 3.2)."""
+        try:
+            self._socket.sendto(message, self._address)
+        except OSError as exc:
+            if exc.errno != errno.EMSGSIZE:
+                raise
+            log.error("audit message of %d bytes is too large for UDP and was dropped; use tcp or tls", len(message))
 
     def peer_closed(self) -> bool:
         """UDP has no connection."""
@@ -770,6 +777,13 @@ class AuditExporter:
         with self._sessions() as session:
             row = session.get(AuditExportCursor, CURSOR_NAME)
             return 0 if row is None else int(row.last_id)
+
+    def backlog(self) -> int:
+        """Audit rows not yet delivered (after the durable cursor), e.g. for a metric or an alert."""
+        cursor = self.delivered_through
+        with self._sessions() as session:
+            count = session.scalar(sql_select(func.count()).select_from(AuditEntry).where(AuditEntry.id > cursor))
+        return int(count or 0)
 
     def _confirm_or_rewind(self) -> None:
         """A connection still open confirms what was written to it; a closed one rewinds to the cursor."""

@@ -36,7 +36,7 @@ from dicom_node.scu import Destination, ScuTimeouts, StoreScu
 from dicom_node.settings import load_settings
 from tests.archives import SC_STORAGE, StorescpArchive, free_port, make_sc, make_sr
 from tests.conftest import REPO_ROOT, ServeProcess
-from tests.peers import DCMTK, tiny_ct
+from tests.peers import DCMTK, drop_postgres_schema, fresh_postgres_schema, postgres_base_url, tiny_ct
 
 PATIENT_IDS = ("ATNAPAT001", "ATNAPAT002")
 PATIENT_NAMES = ("AUDIT^ALICE", "AUDIT^BOB")
@@ -520,3 +520,53 @@ def test_conformance_statement_lists_every_audit_action() -> None:
     for action, spec in EVENTS.items():
         assert f"`{action}`" in section, action
         assert spec.event_id.value in section and (spec.type_code is None or spec.type_code.value in section), action
+
+
+# --- at least once: a node that dies before a send was confirmed; ids committed out of order ------------
+
+
+def test_a_node_killed_before_confirmation_sends_again(make_settings: Callable[..., Any], tcp_listener: TcpSyslogListener) -> None:
+    settings = make_settings(audit=_audit_settings(tcp_listener.port, "tcp"))
+    engine = build_engine(settings)
+    upgrade_to_head(engine)
+    sessions = build_session_factory(engine)
+    names = [f"KILLED-{n}" for n in range(3)]
+    for name in names:
+        audit.record(sessions, actor="fpe-node peers add (ops)", action="peer.add", detail={"name": name})
+    first = AuditExporter(settings.audit, AuditContext.from_settings(settings), sessions)
+    assert first.run_pass() == 3
+    tcp_listener.wait_for(_has_objects(set(names)), "the first sending")
+    assert first.delivered_through == 0 and first.backlog() == 3  # written, not yet confirmed
+    # The process dies here (no stop, no confirmation); the next start sends the rows again.
+    second = AuditExporter(settings.audit, AuditContext.from_settings(settings), sessions)
+    assert second.run_pass() == 3
+    messages = tcp_listener.wait_for(lambda ms: len(ms) == 6, "every row a second time")
+    assert sorted(i for m in messages for i in m.object_ids()) == sorted(names * 2)
+    assert second.run_pass() == 0 and second.delivered_through == 3 and second.backlog() == 0  # confirmed now
+    engine.dispose()
+
+
+def test_an_id_committed_late_is_not_skipped(tmp_path: Path, tcp_listener: TcpSyslogListener) -> None:
+    """PostgreSQL hands out ids before commit: a row with a higher id can be visible first."""
+    base = postgres_base_url()
+    url, schema = fresh_postgres_schema(base)
+    try:
+        settings = load_settings(environ={}, overrides={
+            "storage": {"data_dir": str(tmp_path / "data")}, "index": {"url": url},
+            "audit": _audit_settings(tcp_listener.port, "tcp"),
+        })
+        engine = build_engine(settings)
+        upgrade_to_head(engine)
+        sessions = build_session_factory(engine)
+        exporter = AuditExporter(settings.audit, AuditContext.from_settings(settings), sessions)
+        with write_session(sessions) as slow:
+            audit.add_entry(slow, actor="admin", action="peer.add", detail={"name": "LATE"})
+            slow.flush()  # id taken, not committed
+            audit.record(sessions, actor="admin", action="peer.add", detail={"name": "EARLY"})
+            assert exporter.run_pass() == 0  # EARLY is visible, but the id before it is not: wait
+        assert exporter.run_pass() == 2
+        messages = tcp_listener.wait_for(lambda ms: len(ms) == 2, "both rows")
+        assert [m.object_ids()[0] for m in messages] == ["LATE", "EARLY"]
+        engine.dispose()
+    finally:
+        drop_postgres_schema(base, schema)
