@@ -62,6 +62,7 @@ MSGID = "DICOM+RFC3881"  # PS3.15 A.6 and A.7
 PRI = 10 * 8 + 5  # facility 10 (security/authorization), severity 5 (notice): "<85>"
 CURSOR_NAME = "syslog"
 _BATCH = 200
+_BACKLOG_PAUSE_S = 0.05  # between full batches: a backlog drains at once, not one batch per poll
 _GAP_GRACE_S = 10.0
 """An id missing in the audit table (a transaction still open, or rolled back after taking a
 PostgreSQL sequence value) holds the export back this long before it is skipped."""
@@ -580,19 +581,15 @@ class StreamTransport:
         self._socket = sock
 
     @classmethod
-    def connect(cls, settings: AuditSettings) -> StreamTransport:
-        """Open a TCP or TLS connection to the collector (TLS 1.2 or later, certificate checked)."""
+    def connect(cls, settings: AuditSettings, tls: ssl.SSLContext | None = None) -> StreamTransport:
+        """Open a TCP connection to the collector, wrapped in ``tls`` when given (RFC 5425)."""
         assert settings.host is not None
         raw = socket.create_connection((settings.host, settings.collector_port), timeout=settings.timeout_s)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if settings.transport != "tls":
+        if tls is None:
             return cls(raw)
-        context = ssl.create_default_context(cafile=None if settings.ca_file is None else str(settings.ca_file))
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if settings.cert_file is not None and settings.key_file is not None:
-            context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
         try:
-            return cls(context.wrap_socket(raw, server_hostname=settings.host))
+            return cls(tls.wrap_socket(raw, server_hostname=settings.host))
         except BaseException:
             raw.close()
             raise
@@ -633,12 +630,41 @@ class StreamTransport:
             pass
 
 
-def connect(settings: AuditSettings) -> Transport:
-    """A transport to the configured collector."""
-    assert settings.host is not None
+class AuditConfigError(ValueError):
+    """The audit settings name files that cannot be used (start-up stops, naming the field)."""
+
+
+def tls_context(settings: AuditSettings) -> ssl.SSLContext:
+    """The client TLS context (PS3.15 A.6: TLS 1.2 or later; the collector's certificate and host
+    name checked against ``ca_file`` or the system's CAs; ``cert_file``/``key_file`` for node
+    authentication).
+
+    Raises
+    ------
+    AuditConfigError
+        Naming the field whose file is missing or unreadable.
+    """
+    try:
+        context = ssl.create_default_context(cafile=None if settings.ca_file is None else str(settings.ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise AuditConfigError(f"audit.ca_file: {settings.ca_file}: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.cert_file is not None and settings.key_file is not None:
+        try:
+            context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise AuditConfigError(f"audit.cert_file / audit.key_file: {settings.cert_file}: {exc}") from None
+    return context
+
+
+def connector_for(settings: AuditSettings) -> Callable[[], Transport]:
+    """Opens transports to the configured collector; the TLS context is built (and checked) now."""
+    host = settings.host
+    assert host is not None
     if settings.transport == "udp":
-        return UdpTransport(settings.host, settings.collector_port)
-    return StreamTransport.connect(settings)
+        return lambda: UdpTransport(host, settings.collector_port)
+    tls = tls_context(settings) if settings.transport == "tls" else None
+    return lambda: StreamTransport.connect(settings, tls)
 
 
 # --- the exporter ------------------------------------------------------------------------------
@@ -655,8 +681,11 @@ class AuditExporter:
         The node as the messages name it.
     session_factory:
         The index's session factory (rows and the durable cursor).
-    connector:
-        Opens a transport (default :func:`connect`; tests pass their own).
+
+    Raises
+    ------
+    AuditConfigError
+        When the TLS files cannot be used (at construction, so start-up stops).
     """
 
     def __init__(
@@ -664,13 +693,11 @@ class AuditExporter:
         settings: AuditSettings,
         context: AuditContext,
         session_factory: sessionmaker[Session],
-        *,
-        connector: Callable[[AuditSettings], Transport] = connect,
     ) -> None:
         self.settings = settings
         self.context = context
         self._sessions = session_factory
-        self._connector = connector
+        self._connector = connector_for(settings)
         self._transport: Transport | None = None
         self._confirmed: int | None = None  # the durable cursor
         self._sent_through = 0  # last id written to the current connection
@@ -717,7 +744,7 @@ class AuditExporter:
         delay = 0.0
         while not self._stop.wait(delay):
             try:
-                self.run_pass()
+                sent = self.run_pass()
             except (OSError, ssl.SSLError) as exc:
                 self._failures += 1
                 delay = self._backoff_s()
@@ -733,7 +760,7 @@ class AuditExporter:
             if self._failures:
                 log.info("audit collector reachable again")
             self._failures = 0
-            delay = self.settings.poll_interval_s
+            delay = _BACKLOG_PAUSE_S if sent >= _BATCH else self.settings.poll_interval_s
 
     def _backoff_s(self) -> float:
         exponent = min(self._failures - 1, 30)
@@ -800,7 +827,7 @@ class AuditExporter:
 
     def _connected(self) -> Transport:
         if self._transport is None:
-            self._transport = self._connector(self.settings)
+            self._transport = self._connector()
         return self._transport
 
     def _drop(self) -> None:

@@ -27,7 +27,7 @@ import pytest
 from pydicom import Dataset
 
 from dicom_node import audit
-from dicom_node.atna import EVENTS, AuditContext, AuditExporter
+from dicom_node.atna import EVENTS, AuditConfigError, AuditContext, AuditExporter, build_exporter
 from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head, write_session
 from dicom_node.index.models import AuditEntry
 from dicom_node.outbox import Outbox, ResultFile, RoutingContext
@@ -487,6 +487,9 @@ def _certificates(folder: Path) -> tuple[Path, Path, Path]:
 
 
 def test_tls_collector_certificate_is_checked(make_settings: Callable[..., Any], tmp_path: Path) -> None:
+    missing = make_settings(audit={**_audit_settings(free_port(), "tls"), "ca_file": str(tmp_path / "no-ca.pem")})
+    with pytest.raises(AuditConfigError, match="audit.ca_file"):
+        build_exporter(missing, build_session_factory(build_engine(missing)))  # start-up stops, naming the field
     ca, cert, key = _certificates(tmp_path)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert, key)
