@@ -17,7 +17,24 @@ names the node itself writes and the details each carries (JSON in ``AuditEntry.
 Patient identifiers never enter a row: a patient appears only as its tag
 (:func:`patient_tag`, the keyed hash the node's logs and ``fpe-node explain`` use).
 Other writers (peers: :mod:`dicom_node.peers`; users, sessions, settings, queries: the web
-API) add rows of their own actions; :data:`dicom_node.atna.EVENTS` maps every action.
+API) add rows of their own actions; :data:`dicom_node.atna.EVENTS` maps every action. Their
+messages read these detail keys when present (all optional):
+
+``user`` (or ``username``)
+    The person's login name (default: the OS user in an actor ``"<command> (<user>)"``, else
+    the actor).
+``address``
+    The client's IP address or host name (NetworkAccessPointID; A.5.3.12 requires it for logins).
+``outcome``
+    ``"failure"`` / ``"denied"`` / ``"error"`` mark a failed attempt (EventOutcomeIndicator 4).
+``reason``
+    Why a login failed (EventOutcomeDescription; never the password).
+``path``, ``query``
+    ``api.query``: the request path and its query string (ParticipantObjectQuery).
+``name`` / ``key``
+    The subject of a change: the user, token or peer name, the settings key.
+
+Keys naming passwords, secrets, tokens' hashes or keys are never sent.
 """
 
 from __future__ import annotations
