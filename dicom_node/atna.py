@@ -727,9 +727,10 @@ class AuditExporter:
         What is not confirmed by then is sent again at the next start (at least once).
         """
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        if self._thread is None:
+            return
+        self._thread.join(timeout_s)
+        self._thread = None
         if self._failures == 0:
             try:
                 if self.run_pass():

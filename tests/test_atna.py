@@ -510,7 +510,7 @@ def test_tls_collector_certificate_is_checked(make_settings: Callable[..., Any],
         assert exporter.run_pass() == 1
         message = listener.wait_for(_has_objects({"TLSPEER"}), "the message over TLS")[0]
         assert (message.event_id, message.msgid) == ("110113", "DICOM+RFC3881")
-        exporter.stop()
+        assert exporter.run_pass() == 0
         assert exporter.delivered_through == 1  # confirmed: the connection was still open
         engine.dispose()
     finally:
