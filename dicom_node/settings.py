@@ -415,6 +415,18 @@ class AuditSettings(BaseModel):
         return 6514 if self.transport == "tls" else 514
 
 
+class ConsoleSettings(BaseModel):
+    """The web console, REST API, health and metrics endpoints (``dicom_node.web``), served by ``fpe-node serve``."""
+
+    model_config = _frozen()
+
+    enabled: bool = Field(True, description="Serve the console and REST API next to the SCP.")
+    host: str = Field(
+        "127.0.0.1", description="Address the console listens on (loopback by default; put it behind a TLS proxy to open it)."
+    )
+    port: int = Field(8470, ge=0, le=65535, description="TCP port of the console and REST API (0: any free port).")
+
+
 class LoggingSettings(BaseModel):
     """Console logging of `fpe-node serve`."""
 
@@ -444,6 +456,7 @@ class Settings(BaseSettings):
     reports: ReportSettings = ReportSettings()
     delivery: DeliverySettings = DeliverySettings()
     peers: tuple[PeerSettings, ...] = ()
+    console: ConsoleSettings = ConsoleSettings()
     logging: LoggingSettings = LoggingSettings()
     audit: AuditSettings = AuditSettings()
 
