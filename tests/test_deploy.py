@@ -36,6 +36,7 @@ def test_production_example_loads_with_the_node_settings() -> None:
     assert str(settings.storage.data_dir) == "/var/lib/fpe-node"
     assert settings.network.port > 1024  # the unit grants no CAP_NET_BIND_SERVICE
     assert settings.inference.checkpoint is not None and settings.delivery.allow_demonstration_results is False
+    assert settings.console.enabled and settings.console.host == "127.0.0.1"  # plain HTTP, behind the TLS proxy
 
 
 def _unit() -> configparser.ConfigParser:
@@ -106,4 +107,7 @@ def test_containerfile_pins_cpu_torch_and_keeps_model_and_data_outside() -> None
         assert f'"{path}"' in volumes.group(1), f"{path} is not a volume"
     user = re.findall(r"^USER (\S+)", recipe, re.MULTILINE)
     assert user and user[-1] not in {"root", "0"}
-    assert re.search(r"^HEALTHCHECK .*?/health/live", recipe, re.MULTILINE | re.DOTALL)
+    health = re.search(r"^HEALTHCHECK .*?http://127\.0\.0\.1:(\d+)/health/live", recipe, re.MULTILINE | re.DOTALL)
+    assert health and int(health.group(1)) == settings.console.port, "the health check must ask the console's port"
+    exposed = re.search(r"^EXPOSE (.+)$", recipe, re.MULTILINE)
+    assert exposed and {str(settings.network.port), str(settings.console.port)} <= set(exposed.group(1).split())
