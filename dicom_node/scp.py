@@ -50,6 +50,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.audit import INSTANCES_RECEIVED, StudyTally, instances_received_detail, patient_tag
+from dicom_node.audit import record as audit_record
 from dicom_node.index import repository
 from dicom_node.index.db import run_write
 from dicom_node.index.repository import FileFacts, RecordOutcome
@@ -182,22 +184,36 @@ class ListenerDispatcher:
 
 
 @dataclass
-class _AssociationState:
+class AssociationState:
+    """What one association did: its peer, the series it stored into, per study what it carried."""
+
     peer: PeerInfo | None
+    calling_ae: str = ""
+    called_ae: str = ""
+    address: str = ""
     series_uids: set[str] = field(default_factory=set)
+    studies: dict[str, StudyTally] = field(default_factory=dict)
+    """Per Study Instance UID: SOP classes and counts, new / replaced / duplicates (audit)."""
 
 
 class AssociationTracker:
-    """Per-association state: the accepted peer and the series it stored into."""
+    """Per-association state: the accepted peer, the series it stored into, what it stored."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._states: dict[int, _AssociationState] = {}
+        self._states: dict[int, AssociationState] = {}
 
     def open(self, assoc: Association, peer: PeerInfo | None) -> None:
-        """Remember an accepted association's peer."""
+        """Remember an accepted association's peer and its requestor."""
+        primitive = assoc.requestor.primitive
+        state = AssociationState(
+            peer,
+            calling_ae=str(getattr(primitive, "calling_ae_title", assoc.requestor.ae_title)).strip(),
+            called_ae=str(getattr(primitive, "called_ae_title", assoc.acceptor.ae_title)).strip(),
+            address=str(assoc.requestor.address),
+        )
         with self._lock:
-            self._states[id(assoc)] = _AssociationState(peer)
+            self._states[id(assoc)] = state
 
     def peer(self, assoc: Association) -> PeerInfo | None:
         """The peer of an association (None if unknown)."""
@@ -208,14 +224,31 @@ class AssociationTracker:
     def add_series(self, assoc: Association, series_uid: str) -> None:
         """Note that an association stored into a series."""
         with self._lock:
-            state = self._states.setdefault(id(assoc), _AssociationState(None))
+            state = self._states.setdefault(id(assoc), AssociationState(None))
             state.series_uids.add(series_uid)
 
-    def close(self, assoc: Association) -> set[str]:
-        """Forget an association; returns the series it stored into."""
+    def note_instance(self, assoc: Association, header: InstanceHeader, outcome: str) -> None:
+        """Count an instance the association stored: ``outcome`` is new, replaced or duplicate."""
+        with self._lock:
+            state = self._states.setdefault(id(assoc), AssociationState(None))
+            tally = state.studies.get(header.study_uid)
+            if tally is None:
+                tally = state.studies[header.study_uid] = StudyTally(
+                    patient_tag(header.patient_id, header.issuer_of_patient_id)
+                )
+            tally.sop_classes[header.sop_class_uid] += 1
+            if outcome == "replaced":
+                tally.replaced += 1
+            elif outcome == "duplicate":
+                tally.duplicates += 1
+            else:
+                tally.new += 1
+
+    def close(self, assoc: Association) -> AssociationState:
+        """Forget an association; returns what it did (empty when it was not tracked)."""
         with self._lock:
             state = self._states.pop(id(assoc), None)
-        return set() if state is None else state.series_uids
+        return AssociationState(None) if state is None else state
 
 
 class _UIDLocks:
@@ -325,6 +358,8 @@ class Ingest:
             raise
         size = len(meta) + len(dataset_bytes)
         stored = self._persist(header, tmp_path, size, digest, transfer_syntax, calling_ae)
+        outcome = "duplicate" if stored is None else "replaced" if stored.replaced else "new"
+        self.tracker.note_instance(assoc, header, outcome)
         if stored is not None:
             self.tracker.add_series(assoc, header.series_uid)
             self.dispatcher.instance_stored(stored)
@@ -540,16 +575,43 @@ def _reject(assoc: Association, reason: tuple[int, int, int]) -> None:
     assoc.kill()
 
 
-def handle_released(event: Event, tracker: AssociationTracker, dispatcher: ListenerDispatcher) -> None:
-    """EVT_RELEASED: tell listeners which series the sender finished with."""
-    series_uids = tracker.close(event.assoc)
-    if series_uids:
-        dispatcher.association_released(series_uids)
+def handle_released(
+    event: Event, tracker: AssociationTracker, dispatcher: ListenerDispatcher, sessions: sessionmaker[Session]
+) -> None:
+    """EVT_RELEASED: tell listeners which series the sender finished with; audit what it stored."""
+    state = tracker.close(event.assoc)
+    if state.series_uids:
+        dispatcher.association_released(state.series_uids)
+    audit_association(sessions, state, aborted=False)
 
 
-def handle_closed(event: Event, tracker: AssociationTracker) -> None:
-    """EVT_ABORTED / EVT_CONN_CLOSE: forget the association (an abort does not shorten waits)."""
-    tracker.close(event.assoc)
+def handle_closed(event: Event, tracker: AssociationTracker, sessions: sessionmaker[Session]) -> None:
+    """EVT_ABORTED / EVT_CONN_CLOSE: forget the association (an abort does not shorten waits).
+
+    Instances it stored before the abort are acknowledged and kept, so they are audited too
+    (outcome ``aborted``); after a release the tracker no longer holds the association.
+    """
+    state = tracker.close(event.assoc)
+    audit_association(sessions, state, aborted=True)
+
+
+def audit_association(sessions: sessionmaker[Session], state: AssociationState, *, aborted: bool) -> None:
+    """Write the ``dicom.instances_received`` row of an association that stored instances.
+
+    One row per association (:mod:`dicom_node.audit`); a failed write is logged, never raised
+    into the network thread.
+    """
+    if not state.studies:
+        return
+    detail = instances_received_detail(
+        calling_ae=state.calling_ae,
+        called_ae=state.called_ae,
+        address=state.address,
+        peer=None if state.peer is None else state.peer.name,
+        studies=state.studies,
+        aborted=aborted,
+    )
+    audit_record(sessions, actor=f"{state.calling_ae}@{state.address}", action=INSTANCES_RECEIVED, detail=detail)
 
 
 def build_ae(settings: NetworkSettings) -> AE:
@@ -598,13 +660,14 @@ class StorageSCP:
     def handlers(self) -> list[Any]:
         """pynetdicom event bindings, dependencies passed as extra arguments."""
         tracker = self.ingest.tracker
+        sessions = self.ingest.session_factory
         return [
             (evt.EVT_REQUESTED, handle_association_request, [self.registry, tracker, self.settings, self.door]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ingest]),
-            (evt.EVT_RELEASED, handle_released, [tracker, self.ingest.dispatcher]),
-            (evt.EVT_ABORTED, handle_closed, [tracker]),
-            (evt.EVT_CONN_CLOSE, handle_closed, [tracker]),
+            (evt.EVT_RELEASED, handle_released, [tracker, self.ingest.dispatcher, sessions]),
+            (evt.EVT_ABORTED, handle_closed, [tracker, sessions]),
+            (evt.EVT_CONN_CLOSE, handle_closed, [tracker, sessions]),
         ]
 
     def start(self, host: str | None = None, port: int | None = None, tls_port: int | None = None) -> tuple[str, int]:
@@ -639,6 +702,11 @@ class StorageSCP:
         over = "" if tls_context is None else " over TLS"
         log.info("listening as %s%s on %s:%d", self.settings.ae_title, over, bound[0], bound[1])
         return server
+
+    @property
+    def listening(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._server is not None
 
     @property
     def address(self) -> tuple[str, int]:

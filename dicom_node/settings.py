@@ -480,6 +480,60 @@ class PeerSettings(BaseModel):
         return self
 
 
+class AuditSettings(BaseModel):
+    """Audit messages (DICOM PS3.15 A.5) sent over syslog to a collector (see dicom_node.atna)."""
+
+    model_config = _frozen()
+
+    enabled: bool = Field(
+        False, description="Send every audit table entry as a PS3.15 A.5 audit message to the collector."
+    )
+    host: str | None = Field(None, description="Collector (audit record repository) host name or address.")
+    port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Collector port. Empty: 514 for udp and tcp (PS3.15 A.7), 6514 for tls (RFC 5425).",
+    )
+    transport: Literal["udp", "tcp", "tls"] = Field(
+        "tls",
+        description=(
+            "tls: RFC 5425 (PS3.15 A.6); tcp: RFC 6587 octet counting, no encryption; udp: RFC 5426 (PS3.15 A.7), "
+            "unacknowledged: a message lost on the way is not sent again."
+        ),
+    )
+    ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) the collector's certificate is checked against (tls). Empty: the system's."
+    )
+    cert_file: Path | None = Field(
+        None, description="The node's client certificate (PEM), for collectors that authenticate nodes (tls)."
+    )
+    key_file: Path | None = Field(None, description="Private key (PEM) of cert_file (tls).")
+    source_id: str | None = Field(
+        None, max_length=64, description="AuditSourceID of every message. Empty: network.ae_title@host name."
+    )
+    enterprise_site_id: str | None = Field(
+        None, max_length=64, description="AuditEnterpriseSiteID of every message (optional)."
+    )
+    retry_initial_s: float = Field(1.0, gt=0, description="First wait after the collector could not be reached; doubles.")
+    retry_max_s: float = Field(60.0, gt=0, description="Cap on that wait.")
+    poll_interval_s: float = Field(1.0, gt=0, description="How often the audit table is read for new entries.")
+    timeout_s: float = Field(10.0, gt=0, description="Connect and send timeout towards the collector.")
+
+    @model_validator(mode="after")
+    def _collector_named(self) -> "AuditSettings":
+        if self.enabled and not self.host:
+            raise ValueError("host is required when audit is enabled")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+    @property
+    def collector_port(self) -> int:
+        """The port in use: ``port``, or the transport's default."""
+        if self.port is not None:
+            return self.port
+        return 6514 if self.transport == "tls" else 514
+
+
 class ConsoleSettings(BaseModel):
     """The web console, REST API, health and metrics endpoints (``dicom_node.web``), served by ``fpe-node serve``."""
 
@@ -523,6 +577,7 @@ class Settings(BaseSettings):
     peers: tuple[PeerSettings, ...] = ()
     console: ConsoleSettings = ConsoleSettings()
     logging: LoggingSettings = LoggingSettings()
+    audit: AuditSettings = AuditSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -171,7 +171,12 @@ class PeerAETitle(Base):
 
 
 class AuditEntry(Base):
-    """An administrative change (peers, configuration) and who made it."""
+    """An audited event and who caused it: administrative changes (peers, users, settings), logins,
+    queries, instances received and results sent, node start and stop.
+
+    ``action`` names the event (``peer.add``, ``dicom.instances_received``, ...); the table of
+    actions and the PS3.15 A.5 message each becomes is :data:`dicom_node.atna.EVENTS`.
+    """
 
     __tablename__ = "audit_entry"
 
@@ -182,6 +187,17 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(Text, default=None)
     """JSON text describing the change."""
+
+
+class AuditExportCursor(Base):
+    """How far an exporter (``dicom_node.atna``) has delivered the audit table: the last entry id
+    a collector has taken. Advanced only after a send; one row per exporter ``name``."""
+
+    __tablename__ = "audit_export_cursor"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    last_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[Timestamp] = mapped_column(default=utcnow)
 
 
 class StudyEvent(Base):
