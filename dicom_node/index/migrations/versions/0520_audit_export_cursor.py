@@ -1,7 +1,7 @@
 """audit_export_cursor: how far the syslog audit exporter has delivered the audit table (dicom_node.atna)
 
 Revision ID: 0520_audit_export_cursor
-Revises: 0300_instance_quarantine
+Revises: 0500_peer_tls
 Create Date: 2026-12-02 00:45:00
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0520_audit_export_cursor"
-down_revision: str | None = "0300_instance_quarantine"
+down_revision: str | None = "0500_peer_tls"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
