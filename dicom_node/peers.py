@@ -5,7 +5,9 @@ another title than the one it queries or receives with), a host (or ``*`` for an
 port for its own SCP, and roles: ``source`` (may send studies) and/or ``destination`` (receives
 results). A destination's ``kind`` says how results reach it: ``dimse`` (C-STORE to its host and
 port) or ``dicomweb`` (STOW-RS to its DICOMweb base URL, :mod:`dicom_node.stow`; a DICOMweb-only
-destination needs no AE title). The registry lives in the index, so ``fpe-node peers add`` takes effect at the next
+destination needs no AE title). ``tls`` marks a peer that talks DICOM over TLS (PS3.15 Annex B): a source must
+associate through the TLS listener, a destination is sent to over TLS, its certificate checked
+unless ``tls_verify`` is off (an explicit opt-out, warned about at every association). The registry lives in the index, so ``fpe-node peers add`` takes effect at the next
 association without a restart; every change writes an :class:`~dicom_node.index.models.AuditEntry`.
 
 Association acceptance (PS3.8 section 7.1.1.3, A-ASSOCIATE-RJ "calling AE title not
@@ -55,6 +57,10 @@ class PeerInfo:
     host: str = ANY_HOST
     port: int | None = None
     roles: tuple[str, ...] = (ROLE_SOURCE,)
+    tls: bool = False
+    """Source: must associate over TLS; destination: results are sent over TLS."""
+    tls_verify: bool = True
+    """Destination over TLS: verify its certificate chain and host name (False: explicit opt-out)."""
     dicomweb: DicomWebSettings | None = None
     """The DICOMweb service when results go by STOW-RS (kind ``dicomweb``); ``None``: DIMSE."""
 
@@ -66,8 +72,10 @@ class PeerInfo:
     @classmethod
     def from_settings(cls, peer: PeerSettings) -> PeerInfo:
         """From a validated settings entry."""
-        return cls(name=peer.name, ae_titles=peer.ae_titles, host=peer.host, port=peer.port, roles=peer.roles,
-                   dicomweb=peer.dicomweb)
+        return cls(
+            name=peer.name, ae_titles=peer.ae_titles, host=peer.host, port=peer.port, roles=peer.roles,
+            tls=peer.tls, tls_verify=peer.tls_verify, dicomweb=peer.dicomweb,
+        )
 
     @classmethod
     def from_row(cls, row: Peer, dicomweb: PeerDicomWeb | None = None) -> PeerInfo:
@@ -78,6 +86,8 @@ class PeerInfo:
             host=row.host,
             port=row.port,
             roles=tuple(sorted(row.role_set)),
+            tls=bool(row.tls),
+            tls_verify=bool(row.tls_verify),
             dicomweb=None if dicomweb is None else _dicomweb_from_row(dicomweb),
         )
 
@@ -93,6 +103,8 @@ class PeerInfo:
             "host": self.host,
             "port": self.port,
             "roles": list(self.roles),
+            "tls": self.tls,
+            "tls_verify": self.tls_verify,
         }
         if self.dicomweb is not None:
             data["kind"] = KIND_DICOMWEB
@@ -284,6 +296,8 @@ class PeerRegistry:
         row.host = peer.host
         row.port = peer.port
         row.roles = ",".join(sorted(set(peer.roles)))
+        row.tls = peer.tls
+        row.tls_verify = peer.tls_verify
         session.flush()
         for title in peer.ae_titles:
             session.add(PeerAETitle(peer_pk=row.id, ae_title=title))

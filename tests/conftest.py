@@ -95,6 +95,7 @@ def settings_overrides(data_dir: Path, **sections: Any) -> dict[str, Any]:
     """Overrides for a test node: its data dir, a free port, the test peer, fast timers."""
     base: dict[str, Any] = {
         "network": {"port": free_port(), "host": "127.0.0.1"},
+        "console": {"port": 0},  # any free port; ServeProcess.console_url reads it from the log
         "storage": {"data_dir": str(data_dir)},
         "peers": [TEST_PEER],
         # No inference worker processes unless a test asks for them (they load torch and a model).
@@ -130,6 +131,7 @@ def node(make_settings: SettingsFactory) -> Iterator[Any]:
 
 
 _SERVING_RE = re.compile(r"serving AE \S+ on \S+ port (\d+)")
+_CONSOLE_RE = re.compile(r"fpe-node console on (http://\S+/)")
 
 
 @dataclass
@@ -180,6 +182,14 @@ class ServeProcess:
             self.process.kill()
             self.process.wait(30)
         self._close_log()
+
+    @property
+    def console_url(self) -> str:
+        """The console's base URL (``http://host:port/``) as the process logged it."""
+        matches = _CONSOLE_RE.findall(self.log_text())
+        if not matches:
+            raise AssertionError(f"fpe-node serve logged no console URL:\n{self.log_text()}")
+        return str(matches[-1])
 
     def log_text(self) -> str:
         """Everything the process logged so far."""

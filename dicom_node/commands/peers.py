@@ -8,6 +8,7 @@ recorded in the audit table with the command and the OS user::
         --role source --role destination
     fpe-node peers add PACS-WEB --kind dicomweb --url https://pacs.example.org/dicom-web --role destination \\
         --auth basic --username fpe-node --password-file /etc/fpe-node/pacs-web.secret
+    fpe-node peers add ARCHIVE --ae-title ARCHIVE --host archive.example.org --port 2762 --role destination --tls
     fpe-node peers remove PACS
     fpe-node peers echo PACS
     fpe-node peers import peers.yaml [--replace-all]
@@ -56,6 +57,15 @@ def register(subparsers: Any) -> None:
     add.add_argument(
         "--role", dest="roles", action="append", choices=("source", "destination"), help="source (default) and/or destination"
     )
+    add.add_argument(
+        "--tls", action="store_true",
+        help="DICOM over TLS: a source must use the TLS listener; a destination is sent to over TLS",
+    )
+    add.add_argument(
+        "--no-tls-verify", dest="tls_verify", action="store_false",
+        help="destination over TLS (DICOM or https): do not verify its certificate (explicit opt-out, warned at every "
+             "association or delivery)",
+    )
     add.add_argument("--replace", action="store_true", help="update the peer if the name exists")
     _add_dicomweb_options(add)
 
@@ -91,19 +101,18 @@ def _add_dicomweb_options(add: Any) -> None:
     web.add_argument("--client-cert", metavar="PEM", help="client certificate (client-certificate authentication)")
     web.add_argument("--client-key", metavar="PEM", help="its private key (default: in the certificate file)")
     web.add_argument("--ca-bundle", metavar="PEM", help="CA bundle verifying the server (default: the system's)")
-    web.add_argument("--no-verify-tls", dest="verify_tls", action="store_false",
-                     help="do not verify the server's certificate (warned at every delivery)")
 
 
 def _dicomweb_fields(args: argparse.Namespace) -> dict[str, Any]:
     """``kind`` and ``dicomweb`` of a peer from the ``peers add`` options (a password option only
-    with basic authentication, a token option only with bearer)."""
+    with basic authentication, a token option only with bearer); ``--no-tls-verify`` is the
+    DICOMweb service's ``verify_tls`` for a dicomweb peer, the DICOM TLS ``tls_verify`` otherwise."""
     if args.kind != "dicomweb":
         given = [name for name in ("url", "username", "password_env", "password_file", "token_env", "token_file",
                                    "client_cert", "client_key", "ca_bundle") if getattr(args, name) is not None]
-        if given or args.auth != "none" or not args.verify_tls:
+        if given or args.auth != "none":
             raise PeerError("DICOMweb options (--url, --auth, ...) need --kind dicomweb")
-        return {}
+        return {"tls_verify": args.tls_verify}
     if args.url is None:
         raise PeerError("--kind dicomweb needs --url")
     if (args.password_env or args.password_file) and args.auth != "basic":
@@ -114,7 +123,7 @@ def _dicomweb_fields(args: argparse.Namespace) -> dict[str, Any]:
         "url": args.url, "auth": args.auth, "username": args.username,
         "secret_env": args.password_env or args.token_env, "secret_file": args.password_file or args.token_file,
         "client_cert": args.client_cert, "client_key": args.client_key, "ca_bundle": args.ca_bundle,
-        "verify_tls": args.verify_tls,
+        "verify_tls": args.tls_verify,
     }
     return {"kind": "dicomweb", "dicomweb": {key: value for key, value in service.items() if value is not None}}
 
@@ -142,11 +151,13 @@ def _list(args: argparse.Namespace, settings: Settings, registry: PeerRegistry) 
     if not peers:
         print("no peers registered (every association is refused)")
         return 0
-    print(f"{'NAME':<20} {'AE TITLES':<36} {'HOST':<24} {'PORT':>5}  ROLES")
+    print(f"{'NAME':<20} {'AE TITLES':<36} {'HOST':<24} {'PORT':>5}  {'ROLES':<18}  TLS")
     for peer in peers:
         port = "" if peer.port is None else str(peer.port)
+        tls = ("yes" if peer.tls_verify else "yes, NOT verified") if peer.tls else "no"
         web = "" if peer.dicomweb is None else f"  {describe_dicomweb(peer.dicomweb)}"
-        print(f"{peer.name:<20} {','.join(peer.ae_titles):<36} {peer.host:<24} {port:>5}  {','.join(peer.roles)}{web}")
+        print(f"{peer.name:<20} {','.join(peer.ae_titles):<36} {peer.host:<24} {port:>5}  {','.join(peer.roles):<18}  {tls}"
+              f"{web}")
     return 0
 
 
@@ -158,6 +169,7 @@ def _add(args: argparse.Namespace, settings: Settings, registry: PeerRegistry) -
             "host": args.host,
             "port": args.port,
             "roles": args.roles or ["source"],
+            "tls": args.tls,
             **_dicomweb_fields(args),
         }
     )
@@ -187,7 +199,13 @@ def _echo(args: argparse.Namespace, settings: Settings, registry: PeerRegistry) 
     ae = AE(ae_title=settings.delivery.calling_ae_title or settings.network.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_titles[0])
+    tls_args = None
+    if peer.tls:
+        from dicom_node.tls import client_contexts
+
+        contexts = client_contexts(settings)
+        tls_args = (contexts.verified if peer.tls_verify else contexts.unverified, peer.host)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_titles[0], tls_args=tls_args)
     if not assoc.is_established:
         print(f"peer {peer.name}: association to {peer.host}:{peer.port} as {peer.ae_titles[0]} failed", file=sys.stderr)
         return 1

@@ -1,7 +1,7 @@
 """DICOMweb destinations: peer_dicomweb (STOW-RS service of a peer) and outbox_item.last_http_status
 
 Revision ID: 0510_peer_dicomweb
-Revises: 0300_instance_quarantine
+Revises: 0520_audit_export_cursor (written against 0300; chained after main's 0500 and 0520)
 Create Date: 2026-12-02 00:00:00
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0510_peer_dicomweb"
-down_revision: str | None = "0300_instance_quarantine"
+down_revision: str | None = "0520_audit_export_cursor"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

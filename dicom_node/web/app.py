@@ -1,0 +1,32 @@
+"""The FastAPI application of the node (REST API, console, health, metrics).
+
+FastAPI over Starlette: the REST resources are typed pydantic models, from which FastAPI
+generates the OpenAPI document served at ``/api/openapi.json`` (interactive docs at
+``/api/docs``); the settings already are pydantic models, so one validation library serves both.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from dicom_node import __version__
+from dicom_node.web.context import WebContext
+
+
+def create_app(context: WebContext) -> FastAPI:
+    """The application serving ``context``; its routers come from the ``dicom_node.web`` modules."""
+    from dicom_node.web import api, console, health
+
+    app = FastAPI(
+        title="fpe-node",
+        version=__version__,
+        description="REST API of fpe-node, a DICOM node predicting the first-pass effect. Research use only.",
+        docs_url="/api/docs",
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
+    app.state.context = context
+    app.include_router(health.router)
+    app.include_router(api.router)
+    app.include_router(console.router)
+    return app
