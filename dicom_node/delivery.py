@@ -121,6 +121,15 @@ def build_store_scu(settings: Settings, uids: UIDFactory, **options: Any) -> Sto
     )
 
 
+def build_stow_client(settings: Settings, uids: UIDFactory) -> StowClient:
+    """The node's STOW-RS client: its timeout, the SR fallback, and the CA bundle DICOM over TLS
+    uses (``delivery.tls.ca_bundle``, else ``network.tls.ca_bundle``) for destinations without one."""
+    return StowClient(
+        settings.delivery.stow_timeout_s, recoder=sr_recoder(uids),
+        default_ca_bundle=settings.delivery.tls.ca_bundle or settings.network.tls.ca_bundle,
+    )
+
+
 def report_builder(settings: Settings, uids: UIDFactory, context: ReportContext) -> Builder:
     """The default builder: the SR, then secondary captures and PDF as the settings say."""
 
@@ -508,7 +517,7 @@ def build_delivery(
     holder: dict[str, Delivery] = {}
     outbox = Outbox(
         session_factory, settings.delivery, settings.storage.data_dir,
-        SenderByKind(scu or build_store_scu(settings, uids), stow or StowClient(settings.delivery.stow_timeout_s, recoder=sr_recoder(uids))),
+        SenderByKind(scu or build_store_scu(settings, uids), stow or build_stow_client(settings, uids)),
         destinations,
         on_settled=lambda study_uid, outcome: holder["delivery"].on_settled(study_uid, outcome),
     )

@@ -469,7 +469,10 @@ class DicomWebSettings(BaseModel):
     secret_file: Path | None = Field(None, description="File holding the password or token (first line).")
     client_cert: Path | None = Field(None, description="PEM client certificate (client-certificate authentication).")
     client_key: Path | None = Field(None, description="PEM private key of the client certificate (empty: in client_cert).")
-    ca_bundle: Path | None = Field(None, description="PEM CA bundle that verifies the server (empty: the system's).")
+    ca_bundle: Path | None = Field(
+        None, description="PEM CA bundle that verifies the server. Empty: delivery.tls.ca_bundle, else "
+        "network.tls.ca_bundle, else the system's trust store."
+    )
     verify_tls: bool = Field(True, description="Verify the server's certificate and host name (off: warned at each delivery).")
 
     @field_validator("url")

@@ -178,10 +178,12 @@ def _warn_if_shared(path: Path) -> None:
         log.warning("secret file %s is open to other users (mode %04o): chmod 600 it", path, mode)
 
 
-def ssl_context(service: DicomWebSettings) -> ssl.SSLContext:
-    """The TLS context of ``service``: verification with its CA bundle (or the system's) unless
-    switched off, and its client certificate for client-certificate authentication."""
-    context = ssl.create_default_context(cafile=None if service.ca_bundle is None else str(service.ca_bundle))
+def ssl_context(service: DicomWebSettings, default_ca_bundle: Path | None = None) -> ssl.SSLContext:
+    """The TLS context of ``service``: verification with its CA bundle (else ``default_ca_bundle``,
+    else the system's trust store) unless switched off, and its client certificate for
+    client-certificate authentication."""
+    ca_bundle = service.ca_bundle or default_ca_bundle
+    context = ssl.create_default_context(cafile=None if ca_bundle is None else str(ca_bundle))
     context.minimum_version = ssl.TLSVersion.TLSv1_2  # PS3.18 6.1 / BCP 195: TLS 1.2 or later (Python's default too)
     if not service.verify_tls:
         context.check_hostname = False
@@ -380,11 +382,17 @@ class StowClient:
     recoder:
         Re-encodes an SR for a fallback class (the node's: :func:`dicom_node.delivery.sr_recoder`);
         :func:`dicom_node.scu.no_recoding` disables the fallback.
+    default_ca_bundle:
+        CA bundle for destinations without their own (the node's: ``delivery.tls.ca_bundle``, else
+        ``network.tls.ca_bundle``, as for DICOM over TLS); ``None``: the system's trust store.
     """
 
-    def __init__(self, timeout_s: float = 60.0, recoder: Recoder = no_recoding) -> None:
+    def __init__(
+        self, timeout_s: float = 60.0, recoder: Recoder = no_recoding, default_ca_bundle: Path | None = None
+    ) -> None:
         self.timeout_s = timeout_s
         self.recoder = recoder
+        self.default_ca_bundle = default_ca_bundle
 
     def send(self, destination: StowDestination, objects: Sequence[OutgoingObject]) -> list[StoreOutcome]:
         """Send ``objects`` to ``destination``; one outcome per object, in order.
@@ -429,7 +437,9 @@ class StowClient:
             auth = httpx.BasicAuth(service.username, secret)
         elif service.auth == "bearer" and secret is not None:
             headers["Authorization"] = f"Bearer {secret}"
-        verify: ssl.SSLContext | bool = ssl_context(service) if service.url.startswith("https://") else True
+        verify: ssl.SSLContext | bool = (
+            ssl_context(service, self.default_ca_bundle) if service.url.startswith("https://") else True
+        )
         # trust_env off: no proxy or .netrc credentials from the environment reach the archive.
         return httpx.Client(verify=verify, auth=auth, headers=headers, timeout=self.timeout_s,
                             follow_redirects=False, trust_env=False)

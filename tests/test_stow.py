@@ -564,13 +564,14 @@ def test_tls_verification_and_client_certificates(tmp_path: Path, node_records: 
     objects = [OutgoingObject(tmp_path / "sr.dcm", str(sr.SOPInstanceUID), SR_CLASS)]
     client_auth = {"auth": "client-certificate", "client_cert": pem["client"], "client_key": pem["client_key"]}
 
-    def send(**service: Any) -> Any:
-        (outcome,) = StowClient(10.0).send(StowDestination("tls-web", DicomWebSettings(url=archive.url, **service)),
-                                           objects)
+    def send(default_ca: Path | None = None, **service: Any) -> Any:
+        client = StowClient(10.0, default_ca_bundle=default_ca)
+        (outcome,) = client.send(StowDestination("tls-web", DicomWebSettings(url=archive.url, **service)), objects)
         return outcome
 
     try:
         assert send(ca_bundle=pem["ca"], **client_auth).ok  # verified with the site's CA, certificate accepted
+        assert send(default_ca=pem["ca"], **client_auth).ok  # the node's delivery.tls CA when the peer has none
         untrusted = send(**client_auth)  # the system's CAs do not know the test CA
         assert not untrusted.ok and not untrusted.permanent and "CERTIFICATE_VERIFY_FAILED" in (untrusted.error or "")
         assert not any("TLS verification is switched off" in line for line in node_records.lines)
@@ -580,7 +581,7 @@ def test_tls_verification_and_client_certificates(tmp_path: Path, node_records: 
         assert not without_certificate.ok and without_certificate.http_status is None  # refused in the handshake
         missing = send(ca_bundle=pem["ca"], auth="client-certificate", client_cert=tmp_path / "absent.pem")
         assert not missing.ok and "not attempted" in (missing.error or "")
-        assert len(archive.requests) == 2  # only the two verified, authenticated sends reached the archive
+        assert len(archive.requests) == 3  # only the verified, authenticated sends reached the archive
     finally:
         archive.shutdown()
         archive.server_close()

@@ -100,7 +100,8 @@ def _add_dicomweb_options(add: Any) -> None:
     secret.add_argument("--token-file", metavar="FILE", help="file holding the bearer token (first line; chmod 600)")
     web.add_argument("--client-cert", metavar="PEM", help="client certificate (client-certificate authentication)")
     web.add_argument("--client-key", metavar="PEM", help="its private key (default: in the certificate file)")
-    web.add_argument("--ca-bundle", metavar="PEM", help="CA bundle verifying the server (default: the system's)")
+    web.add_argument("--ca-bundle", metavar="PEM",
+                     help="CA bundle verifying the server (default: delivery.tls.ca_bundle, network.tls.ca_bundle, the system's)")
 
 
 def _dicomweb_fields(args: argparse.Namespace) -> dict[str, Any]:
