@@ -122,11 +122,13 @@ def build_store_scu(settings: Settings, uids: UIDFactory, **options: Any) -> Sto
 
 
 def build_stow_client(settings: Settings, uids: UIDFactory) -> StowClient:
-    """The node's STOW-RS client: its timeout, the SR fallback, and the CA bundle DICOM over TLS
-    uses (``delivery.tls.ca_bundle``, else ``network.tls.ca_bundle``) for destinations without one."""
+    """The node's STOW-RS client: its timeout, the SR fallback, and what DICOM over TLS uses when
+    sending: the CA bundle (``delivery.tls.ca_bundle``, else ``network.tls.ca_bundle``) for
+    destinations without one, and ``delivery.tls.minimum_version``."""
     return StowClient(
         settings.delivery.stow_timeout_s, recoder=sr_recoder(uids),
         default_ca_bundle=settings.delivery.tls.ca_bundle or settings.network.tls.ca_bundle,
+        minimum_tls_version=settings.delivery.tls.minimum_version,
     )
 
 

@@ -178,13 +178,16 @@ def _warn_if_shared(path: Path) -> None:
         log.warning("secret file %s is open to other users (mode %04o): chmod 600 it", path, mode)
 
 
-def ssl_context(service: DicomWebSettings, default_ca_bundle: Path | None = None) -> ssl.SSLContext:
+def ssl_context(
+    service: DicomWebSettings, default_ca_bundle: Path | None = None, minimum_version: str = "1.2"
+) -> ssl.SSLContext:
     """The TLS context of ``service``: verification with its CA bundle (else ``default_ca_bundle``,
     else the system's trust store) unless switched off, and its client certificate for
-    client-certificate authentication."""
+    client-certificate authentication; TLS ``minimum_version`` ("1.2" or "1.3") or later
+    (PS3.18 6.1 recommends 1.2 or later, BCP 195)."""
     ca_bundle = service.ca_bundle or default_ca_bundle
     context = ssl.create_default_context(cafile=None if ca_bundle is None else str(ca_bundle))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2  # PS3.18 6.1 / BCP 195: TLS 1.2 or later (Python's default too)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3 if minimum_version == "1.3" else ssl.TLSVersion.TLSv1_2
     if not service.verify_tls:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -385,14 +388,18 @@ class StowClient:
     default_ca_bundle:
         CA bundle for destinations without their own (the node's: ``delivery.tls.ca_bundle``, else
         ``network.tls.ca_bundle``, as for DICOM over TLS); ``None``: the system's trust store.
+    minimum_tls_version:
+        Lowest TLS version offered ("1.2" or "1.3"; the node's: ``delivery.tls.minimum_version``).
     """
 
     def __init__(
-        self, timeout_s: float = 60.0, recoder: Recoder = no_recoding, default_ca_bundle: Path | None = None
+        self, timeout_s: float = 60.0, recoder: Recoder = no_recoding, default_ca_bundle: Path | None = None,
+        minimum_tls_version: str = "1.2",
     ) -> None:
         self.timeout_s = timeout_s
         self.recoder = recoder
         self.default_ca_bundle = default_ca_bundle
+        self.minimum_tls_version = minimum_tls_version
 
     def send(self, destination: StowDestination, objects: Sequence[OutgoingObject]) -> list[StoreOutcome]:
         """Send ``objects`` to ``destination``; one outcome per object, in order.
@@ -438,7 +445,8 @@ class StowClient:
         elif service.auth == "bearer" and secret is not None:
             headers["Authorization"] = f"Bearer {secret}"
         verify: ssl.SSLContext | bool = (
-            ssl_context(service, self.default_ca_bundle) if service.url.startswith("https://") else True
+            ssl_context(service, self.default_ca_bundle, self.minimum_tls_version)
+            if service.url.startswith("https://") else True
         )
         # trust_env off: no proxy or .netrc credentials from the environment reach the archive.
         return httpx.Client(verify=verify, auth=auth, headers=headers, timeout=self.timeout_s,
