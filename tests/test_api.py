@@ -273,6 +273,8 @@ def test_cli_and_api_act_through_the_same_actions(api: Api, tmp_path: Path) -> N
         assert operator.post("/api/v1/studies/1.7.1/complete").status_code == 409
         assert operator.post("/api/v1/studies/9.9.9/complete").status_code == 404
         assert lifecycle.state_of("1.7.1") is S.QUEUED
+        waiting = operator.get("/api/v1/dashboard").json()["waiting"]
+        assert [(w["state"], w["why"]) for w in waiting if w["study_uid"] == "1.7.1"] == [("queued", "forced complete by operator")]
         detail = operator.get("/api/v1/studies/1.7.1").json()
         assert [e["state"] for e in detail["timeline"]] == ["complete", "queued"]
         assert detail["patient_name"] is None and detail["series_list"][0]["complete_at"] is not None
@@ -295,6 +297,9 @@ def test_cli_and_api_act_through_the_same_actions(api: Api, tmp_path: Path) -> N
             session.add(item)
             session.flush()
             item_id = item.id
+        dashboard = operator.get("/api/v1/dashboard").json()
+        assert dashboard["dead_letters"] == 1 and dashboard["failures_24h"] == 1 and dashboard["queue_depth"] == 0
+        assert [study["study_uid"] for study in dashboard["recent_failures"]] == ["1.7.1"]
         letters = operator.get("/api/v1/dead-letters").json()
         assert [(d["id"], d["study_state"]) for d in letters] == [(item_id, "dead_lettered")]
         assert operator.post(f"/api/v1/dead-letters/{item_id}/retry").status_code == 200
@@ -330,6 +335,7 @@ def test_no_response_carries_a_secret(api: Api) -> None:
             if method != "get":
                 continue
             response = admin.get(url)
+            assert response.status_code == (404 if "no-such-thing" in url else 200), (url, response.text)
             for secret in planted:
                 assert secret not in response.text, (url, secret[:12])
     with redirect_stdout(io.StringIO()) as printed:
