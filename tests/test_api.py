@@ -229,7 +229,7 @@ def test_lockout_after_repeated_failures(api: Api) -> None:
         assert _login(api, client, "mallory-target").status_code == 200
     failed = [e for e in api.audit("user.login_failed") if e["actor"] == "mallory-target"]
     assert len(failed) == 4 and {e["source"] for e in failed} == {"127.0.0.1"}
-    assert failed[0]["detail"] == {"reason": "account locked"}
+    assert failed[0]["detail"] == {"reason": "account locked", "address": "127.0.0.1"}  # address: for ATNA
 
 
 def test_admin_changes_peers_users_and_tokens_audited_with_the_source(api: Api) -> None:
@@ -318,7 +318,7 @@ def test_cli_and_api_act_through_the_same_actions(api: Api, tmp_path: Path) -> N
         assert answer.status_code == 200 and answer.json()["count"] == 1
     assert [e["source"] for e in api.audit("study.resend")] == ["127.0.0.1", "local"]
     retried = api.audit("dead_letter.retry")
-    assert retried[0]["detail"] == {"destination": "PACS", "id": item_id, "study_uid": "1.7.1"}
+    assert retried[0]["detail"] == {"destination": "PACS", "id": item_id, "study_uid": "1.7.1", "address": "127.0.0.1"}
     assert retried[0]["actor"] == "operator" and retried[0]["source"] == "127.0.0.1"
 
 
@@ -356,5 +356,7 @@ def test_patient_name_only_when_asked_and_audited_never_logged(api: Api, tmp_pat
         listed = viewer.get("/api/v1/studies", params={"patient": "true", "limit": 1000}).json()
         assert [s["patient_name"] for s in listed if s["study_uid"] == "1.7.2"] == ["PLANTED^PATIENT"]
     queries = [e for e in api.audit("api.query") if e["actor"] == "viewer"]
-    assert len(queries) == 2 and queries[-1]["detail"] == {"studies": ["1.7.2"]}
+    assert len(queries) == 2 and queries[-1]["detail"] == {
+        "path": "/api/v1/studies/1.7.2", "query": "patient=true", "studies": ["1.7.2"], "address": "127.0.0.1"
+    }
     assert "PLANTED" not in api.served.log_text()
