@@ -62,7 +62,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     return 1
                 print(_dumps(detail) if args.json else format_detail(detail))
             else:
-                rows = study_rows(session, state=args.state, limit=args.limit or None, since=args.since, sender=args.sender)
+                rows = study_rows(session, state=args.state, limit=args.limit or None,
+                                  since=getattr(args, "since", None), sender=getattr(args, "sender", None))
                 print(_dumps(rows) if args.json else format_list(rows))
     finally:
         engine.dispose()
