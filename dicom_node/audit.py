@@ -35,6 +35,14 @@ messages read these detail keys when present (all optional):
     The subject of a change: the user, token or peer name, the settings key.
 
 Keys naming passwords, secrets, tokens' hashes or keys are never sent.
+
+The console, the REST API and the command line (:mod:`dicom_node.web.auth`,
+:mod:`dicom_node.actions`) write ``user.login``, ``user.login_failed``, ``user.logout``,
+``user.add``, ``user.change``, ``user.remove``, ``token.add``, ``token.remove``, ``api.query``
+and the actions ``study.complete``, ``study.rerun``, ``study.resend``, ``dead_letter.retry``,
+``dead_letter.drop``, ``node.suspend``, ``node.resume``, ``peer.echo``; each row's
+``source`` says from where (the client address, or :data:`LOCAL_SOURCE` for the node's shell),
+and a client address is also the detail's ``address``.
 """
 
 from __future__ import annotations
@@ -60,6 +68,19 @@ INSTANCES_RECEIVED = "dicom.instances_received"
 RESULTS_SENT = "dicom.results_sent"
 NODE_START = "node.start"
 NODE_STOP = "node.stop"
+
+LOCAL_SOURCE = "local"
+"""The ``source`` of a row written by a command on the node's own shell."""
+USER_LOGIN = "user.login"
+USER_LOGIN_FAILED = "user.login_failed"
+USER_LOGOUT = "user.logout"
+USER_ADD = "user.add"
+USER_CHANGE = "user.change"
+USER_REMOVE = "user.remove"
+TOKEN_ADD = "token.add"
+TOKEN_REMOVE = "token.remove"
+SETTINGS_CHANGE = "settings.change"
+API_QUERY = "api.query"
 
 
 def patient_tag(patient_id: str, issuer: str = "") -> str:
@@ -93,9 +114,20 @@ class StudyTally:
         }
 
 
-def add_entry(session: Session, *, actor: str, action: str, detail: Mapping[str, Any] | None = None) -> None:
-    """Add one audit row to ``session`` (committed with the caller's unit of work)."""
-    session.add(AuditEntry(actor=actor[:128], action=action, detail=None if detail is None else json.dumps(detail)))
+def add_entry(
+    session: Session, *, actor: str, action: str, detail: Mapping[str, Any] | None = None, source: str | None = None
+) -> None:
+    """Add one audit row to ``session`` (committed with the caller's unit of work).
+
+    ``source`` is from where (a client address, or :data:`LOCAL_SOURCE`); a client address is
+    also put in the detail as ``address``, which the ATNA messages carry (PS3.15 A.5.3.12).
+    """
+    if source is not None and source != LOCAL_SOURCE:
+        detail = {**(detail or {}), "address": source}
+    session.add(AuditEntry(
+        actor=actor[:128], action=action, source=None if source is None else source[:255],
+        detail=None if detail is None else json.dumps(detail, default=str),
+    ))
 
 
 def record(factory: sessionmaker[Session], *, actor: str, action: str, detail: Mapping[str, Any] | None = None) -> bool:

@@ -15,6 +15,7 @@ The object is built once by the entry point and passed down; nothing re-reads it
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -626,6 +627,17 @@ class ConsoleSettings(BaseModel):
         "127.0.0.1", description="Address the console listens on (loopback by default; put it behind a TLS proxy to open it)."
     )
     port: int = Field(8470, ge=0, le=65535, description="TCP port of the console and REST API (0: any free port).")
+    secure_cookie: bool = Field(
+        False,
+        description="Mark the session cookie Secure (sent over HTTPS only): set it when the console is behind a TLS proxy.",
+    )
+    session_idle_min: float = Field(30.0, gt=0, description="A console session ends after this many minutes without a request.")
+    session_max_h: float = Field(12.0, gt=0, description="A console session ends this many hours after the login, used or not.")
+    lockout_failures: int = Field(
+        5, ge=1, description="Failed logins in a row after which an account is locked (`lockout_min` minutes)."
+    )
+    lockout_min: float = Field(15.0, gt=0, description="Minutes an account stays locked after `lockout_failures` failed logins.")
+    password_min_length: int = Field(10, ge=8, le=128, description="Shortest password `fpe-node users add/passwd` and the API accept.")
 
 
 class LoggingSettings(BaseModel):
@@ -722,6 +734,32 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SettingsError(f"config file {path} must hold a mapping at top level")
     return data
+
+
+_SECRET_KEY = re.compile(r"(password|secret|token|api_key|private_key)$", re.IGNORECASE)
+
+
+def redacted(value: Any) -> Any:
+    """JSON data with secrets hidden: URL passwords and the values of secret-named keys become ``***``."""
+    if isinstance(value, dict):
+        return {
+            key: "***" if _SECRET_KEY.search(str(key)) and item not in (None, "") and not _masked(item) else redacted(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [redacted(item) for item in value]
+    return redact_url(value) if isinstance(value, str) else value
+
+
+def _masked(value: Any) -> bool:
+    """Already hidden: pydantic shows a ``SecretStr`` as ``**********``."""
+    return isinstance(value, str) and set(value) == {"*"}
+
+
+def shown_settings(settings: Settings) -> dict[str, Any]:
+    """The effective settings as JSON data without secrets (``fpe-node config show``, ``GET /api/v1/settings``)."""
+    shown: dict[str, Any] = redacted(json.loads(settings.model_dump_json()))
+    return shown
 
 
 def format_validation_error(exc: ValidationError) -> str:

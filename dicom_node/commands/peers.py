@@ -186,45 +186,17 @@ def _remove(args: argparse.Namespace, settings: Settings, registry: PeerRegistry
 
 
 def _echo(args: argparse.Namespace, settings: Settings, registry: PeerRegistry) -> int:
-    from pynetdicom import AE
+    from dicom_node.actions import ActionError, echo_peer
+    from dicom_node.audit import LOCAL_SOURCE
+    from dicom_node.web.context import WebContext
 
-    from dicom_node.scp import VERIFICATION_SOP_CLASS
-
-    peer = registry.get(args.name)
-    if peer is None:
-        raise PeerError(f"no peer named {args.name!r}")
-    if peer.dicomweb is not None:
-        return _query_dicomweb(peer.name, peer.dicomweb, args.timeout)
-    if peer.port is None or peer.host == "*":
-        raise PeerError(f"peer {peer.name} has no host and port to echo")
-    ae = AE(ae_title=settings.delivery.calling_ae_title or settings.network.ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
-    ae.add_requested_context(VERIFICATION_SOP_CLASS)
-    tls_args = None
-    if peer.tls:
-        from dicom_node.tls import client_contexts
-
-        contexts = client_contexts(settings)
-        tls_args = (contexts.verified if peer.tls_verify else contexts.unverified, peer.host)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_titles[0], tls_args=tls_args)
-    if not assoc.is_established:
-        print(f"peer {peer.name}: association to {peer.host}:{peer.port} as {peer.ae_titles[0]} failed", file=sys.stderr)
-        return 1
     try:
-        response = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    status = int(response.Status) if "Status" in response else -1
-    print(f"peer {peer.name}: C-ECHO status 0x{status:04X}" if status >= 0 else f"peer {peer.name}: no C-ECHO response")
-    return 0 if status == 0 else 1
-
-
-def _query_dicomweb(name: str, service: Any, timeout_s: float) -> int:
-    from dicom_node.stow import StowDestination, probe
-
-    status, text = probe(StowDestination(name, service), timeout_s)
-    print(f"peer {name}: {text}", file=sys.stdout if status == 200 else sys.stderr)
-    return 0 if status == 200 else 1
+        result = echo_peer(WebContext(settings, registry.session_factory), args.name, actor=actor_for("fpe-node peers echo"),
+                           source=LOCAL_SOURCE, timeout_s=args.timeout)
+    except ActionError as exc:
+        raise PeerError(exc.message) from None
+    print(result.message, file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
 
 
 def _import(args: argparse.Namespace, settings: Settings, registry: PeerRegistry) -> int:

@@ -198,7 +198,8 @@ class AuditEntry(Base):
     queries, instances received and results sent, node start and stop.
 
     ``action`` names the event (``peer.add``, ``dicom.instances_received``, ...); the table of
-    actions and the PS3.15 A.5 message each becomes is :data:`dicom_node.atna.EVENTS`.
+    actions and the PS3.15 A.5 message each becomes is :data:`dicom_node.atna.EVENTS`; ``source``
+    says from where.
     """
 
     __tablename__ = "audit_entry"
@@ -206,10 +207,13 @@ class AuditEntry(Base):
     id: Mapped[IntPK]
     at: Mapped[Timestamp] = mapped_column(default=utcnow, index=True)
     actor: Mapped[str] = mapped_column(String(128))
-    """``<command> (<OS user>)``, e.g. ``fpe-node peers add (alice)``, or ``startup``."""
+    """``<command> (<OS user>)``, e.g. ``fpe-node peers add (alice)``, ``startup``, or the console/API user name."""
     action: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(Text, default=None)
     """JSON text describing the change."""
+    source: Mapped[str | None] = mapped_column(String(255), default=None)
+    """From where: the client address of a console or REST request, ``local`` for a command run on
+    the node's shell; NULL for entries written before migration 0400."""
 
 
 class AuditExportCursor(Base):
