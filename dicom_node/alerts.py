@@ -47,6 +47,7 @@ from typing import Any, Protocol
 
 import httpx
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import __version__
@@ -57,7 +58,7 @@ from dicom_node.index.db import write_session
 from dicom_node.index.models import Patient, Study, StudyEvent
 from dicom_node.index.outbox import OutboxItem, OutboxState
 from dicom_node.lifecycle import INTERRUPTED_REASON, StudyState
-from dicom_node.settings import AlertSettings, EmailChannelSettings, Settings, WebhookChannelSettings
+from dicom_node.settings import AlertSettings, EmailChannelSettings, Settings, WebhookChannelSettings, redact_webhook_url
 from dicom_node.worker import INTERNAL_ERROR_REASON
 
 log = logging.getLogger(__name__)
@@ -164,10 +165,14 @@ class WebhookChannel:
 
     def send(self, alert: Alert, node_ae: str) -> None:
         """One attempt."""
-        response = httpx.post(
-            self.settings.url, json=webhook_payload(alert, self.settings.template, node_ae),
-            timeout=self.settings.timeout_s, follow_redirects=False,
-        )
+        try:
+            response = httpx.post(
+                self.settings.url, json=webhook_payload(alert, self.settings.template, node_ae),
+                timeout=self.settings.timeout_s, follow_redirects=False,
+            )
+        except httpx.HTTPError as exc:  # its message may quote the URL, whose path is the webhook's secret
+            secret = self.settings.url
+            raise ChannelError(f"{type(exc).__name__}: {str(exc).replace(secret, redact_webhook_url(secret))}") from exc
         if not 200 <= response.status_code < 300:
             raise ChannelError(f"HTTP {response.status_code}")
 
@@ -387,7 +392,9 @@ class Alerts:
         """:meth:`evaluate`, logging instead of raising (a scheduler job)."""
         try:
             self.evaluate()
-        except Exception:  # noqa: BLE001 - an unreachable index must not end the job; logged with traceback
+        except OperationalError as exc:  # the index is unreachable: /health/ready says so; try again next time
+            log.warning("alert evaluation skipped: index unavailable (%s)", type(exc.orig).__name__)
+        except Exception:  # noqa: BLE001 - a failing rule must not end the job; logged with traceback
             log.exception("alert evaluation failed")
 
     def evaluate(self) -> list[SentAlert]:

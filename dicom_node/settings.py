@@ -378,7 +378,7 @@ ALERT_RULES: tuple[AlertRule, ...] = ("dead_letter", "analysis_failed", "disk_hi
 """Alert rules of :mod:`dicom_node.alerts`."""
 
 
-def _redact_webhook_url(url: str) -> str:
+def redact_webhook_url(url: str) -> str:
     """``scheme://host/***``: a webhook URL's path and query often carry its secret (Slack, Teams)."""
     head, sep, rest = url.partition("://")
     return f"{head}{sep}{rest.split('/', 1)[0].rsplit('@', 1)[-1]}/***" if sep else "***"
@@ -400,12 +400,12 @@ class WebhookChannelSettings(BaseModel):
 
     @field_serializer("url", when_used="json")
     def _url_redacted(self, url: str) -> str:
-        return _redact_webhook_url(url)
+        return redact_webhook_url(url)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         """``repr`` without the URL's secret part."""
         for name, value in super().__repr_args__():
-            yield name, _redact_webhook_url(value) if name == "url" else value
+            yield name, redact_webhook_url(value) if name == "url" else value
 
 
 class EmailChannelSettings(BaseModel):

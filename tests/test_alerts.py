@@ -141,7 +141,7 @@ def _by(node: Node, rule: str, channel: str) -> list[alerts.SentAlert]:
     return [record for record in _records(node) if record.rule == rule and record.channel == channel]
 
 
-def _fail_analysis(node: Node, study_uid: str) -> None:
+def _fail_analysis(node: Node, study_uid: str, *, deliver: bool = True) -> None:
     """What the worker does for a run that raised: the analysis row, ``not_analysed``, the results."""
     job = node.lifecycle.claim_next("test-worker")
     assert job is not None and job.study_uid == study_uid
@@ -149,7 +149,8 @@ def _fail_analysis(node: Node, study_uid: str) -> None:
     with write_session(node.session_factory) as session:
         record_analysis(session, job.study_pk, StudyState.NOT_ANALYSED.value, result_summary(result), job_id=job.job_id)
     node.lifecycle.finish(study_uid, StudyState.NOT_ANALYSED, result.reason)
-    assert node.delivery.on_result(study_uid, result).sending
+    if deliver:
+        assert node.delivery.on_result(study_uid, result).sending
 
 
 def _send_study(node: Node) -> str:
@@ -247,6 +248,29 @@ def test_disk_above_watermark_alerts_with_a_teams_card(
     assert [r.outcome for r in records][-1] == "sent" and {r.outcome for r in records[:-1]} == {"suppressed"}
     (card,) = server.bodies("/teams")  # later evaluations were rate-limited
     assert card["@type"] == "MessageCard" and "high watermark" in card["title"]
+
+
+def test_patient_id_only_when_allowed_and_never_the_name(
+    make_settings: SettingsFactory, webhook: tuple[WebhookServer, str]
+) -> None:
+    server, base_url = webhook
+    server.fail_first = 0
+    settings = make_settings(
+        completion={"series_quiet_s": 0.3, "study_timeout_s": 0.6},
+        alerts={"check_interval_s": 0.3, "rules": ["analysis_failed"], "include_patient_data": True,
+                "webhooks": [{"name": "ops", "url": f"{base_url}/json"}]},
+    )
+    node = build_node(settings)
+    node.start("127.0.0.1", 0)
+    try:
+        study_uid = _send_study(node)
+        _fail_analysis(node, study_uid, deliver=False)
+        _wait(lambda: bool(server.bodies("/json")), "analysis_failed alert")
+    finally:
+        node.stop(grace_s=1.0)
+    (body,) = server.bodies("/json")
+    assert study_uid in body["text"] and f"patient ID {PLANTED_ID}" in body["text"] and "accession ACC1" in body["text"]
+    assert "Plantedname" not in json.dumps(body) and "Zelda" not in json.dumps(body)
 
 
 def test_alert_table_matches_its_migration(node: Node) -> None:
