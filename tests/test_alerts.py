@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -299,3 +300,21 @@ def _tables_named(diff_item: Any) -> set[str]:
         if isinstance(part, tuple) and len(part) > 2 and isinstance(part[2], str):
             names.add(part[2])
     return names
+
+
+def test_config_show_never_prints_alert_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli import main
+    from dicom_node.settings import load_settings
+
+    site = tmp_path / "site.yaml"
+    site.write_text(json.dumps({"alerts": {
+        "webhooks": [{"name": "slack", "url": "https://hooks.example.org/services/T000/B000/XSECRETX", "template": "slack"}],
+        "emails": [{"name": "mail", "host": "smtp.example.org", "port": 587, "starttls": True, "username": "fpe",
+                    "password": "pw-SECRET-pw", "sender": "fpe@example.org", "recipients": ["pacs@example.org"]}],
+    }}))
+    assert main(["--config", str(site), "config", "show"]) == 0
+    shown = capsys.readouterr().out
+    assert "https://hooks.example.org/***" in shown and "smtp.example.org" in shown
+    settings = load_settings(site, environ={})
+    for text in (shown, repr(settings)):
+        assert "XSECRETX" not in text and "pw-SECRET-pw" not in text
