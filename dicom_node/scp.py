@@ -455,6 +455,7 @@ def handle_store(event: Event, ingest: Ingest) -> int:
 
 
 def _store_status(event: Event, ingest: Ingest) -> int:
+    """The status of one C-STORE: refusals named by their code, unexpected errors logged (0xC211)."""
     try:
         return int(ingest.store(event))
     except (StoreError, HeaderError) as exc:
