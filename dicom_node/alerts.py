@@ -198,7 +198,8 @@ class EmailChannel:
         message.set_content(f"{alert.text}\n\nrule: {alert.rule}\nseverity: {alert.severity}\n")
         with smtplib.SMTP(config.host, config.port, timeout=config.timeout_s) as smtp:
             if config.starttls:
-                smtp.starttls(context=ssl.create_default_context())
+                cafile = str(config.ca_file) if config.ca_file is not None else None
+                smtp.starttls(context=ssl.create_default_context(cafile=cafile))
             if config.username:
                 password = config.password.get_secret_value() if config.password is not None else ""
                 smtp.login(config.username, password)

@@ -417,6 +417,9 @@ class EmailChannelSettings(BaseModel):
     host: str = Field(..., min_length=1, description="SMTP server.")
     port: int = Field(25, ge=1, le=65535, description="SMTP port (587 with starttls is usual).")
     starttls: bool = Field(False, description="Upgrade the connection with STARTTLS before logging in or sending.")
+    ca_file: Path | None = Field(
+        None, description="PEM CA certificates that verify the server's STARTTLS certificate (empty: the system's)."
+    )
     username: str | None = Field(None, description="SMTP login user (empty: no login).")
     password: SecretStr | None = Field(None, description="SMTP login password (never printed).")
     sender: str = Field(..., min_length=3, description="From address.")
@@ -436,7 +439,7 @@ class AlertSettings(BaseModel):
     )
     webhooks: tuple[WebhookChannelSettings, ...] = Field((), description="Webhook channels (name, url, template, timeout_s).")
     emails: tuple[EmailChannelSettings, ...] = Field(
-        (), description="E-mail channels (name, host, port, starttls, username, password, sender, recipients, timeout_s)."
+        (), description="E-mail channels (name, host, port, starttls, ca_file, username, password, sender, recipients, timeout_s)."
     )
     rate_limit_s: float = Field(
         900.0, ge=0, description="At most one alert per rule and channel this often; later ones are recorded as suppressed."

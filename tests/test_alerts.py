@@ -11,6 +11,7 @@ alert record.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
@@ -318,3 +319,78 @@ def test_config_show_never_prints_alert_secrets(tmp_path: Path, capsys: pytest.C
     settings = load_settings(site, environ={})
     for text in (shown, repr(settings)):
         assert "XSECRETX" not in text and "pw-SECRET-pw" not in text
+
+
+def _ca_and_server_cert(folder: Path) -> tuple[Path, Path, Path]:
+    """A test CA and a server certificate for 127.0.0.1 it signed (PEM files: CA, certificate, key)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("fpe-node test CA")).issuer_name(name("fpe-node test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def test_email_over_starttls_verified_with_the_site_ca(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    import ssl
+
+    ca, cert, key = _ca_and_server_cert(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    mailbox = Mailbox()
+    port = free_port()
+
+    def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        mailbox.logins.append(data.login.decode())
+        return AuthResult(success=data.password == b"s3cret")
+
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port, tls_context=server_tls, require_starttls=True,
+                            authenticator=authenticate, auth_require_tls=True)
+    controller.start()
+    channel = {"name": "tls", "host": "127.0.0.1", "port": port, "starttls": True, "username": "alerts",
+               "password": "s3cret", "sender": "fpe-node@example.org", "recipients": ["pacs@example.org"]}
+    seen: list[alerts.SentAlert] = []
+    try:
+        for ca_file, outcome in ((None, "failed"), (str(ca), "sent")):  # the system's CAs do not know the test CA
+            settings = make_settings(
+                retention={"disk_high_watermark_pct": 0.01, "disk_low_watermark_pct": 0.01},
+                alerts={"rules": ["disk_high"], "retry_attempts": 1, "rate_limit_s": 0,
+                        "emails": [{**channel, "ca_file": ca_file}]},
+            )
+            node = build_node(settings)
+            try:
+                assert node.alerts is not None
+                (record,) = node.alerts.evaluate()
+            finally:
+                node.stop(grace_s=1.0)
+            assert record.outcome == outcome, record
+            seen.append(record)
+    finally:
+        controller.stop()
+    assert "CERTIFICATE_VERIFY_FAILED" in (seen[0].error or "")
+    (message,) = mailbox.messages
+    assert b"high watermark" in message and mailbox.logins == ["alerts"]  # logged in only over TLS
