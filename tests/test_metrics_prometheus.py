@@ -5,7 +5,8 @@ exports, each described in docs/metrics.md.
 Prometheus (Debian package ``prometheus``, deploy/debian-packages.sh) runs with a temporary
 configuration (scrape interval 1 s), storage folder and free port; the test asks its HTTP API
 (``/api/v1/query``) for the node's counters. The node analyses the study with the reduced
-checkpoint of :func:`tests.training_support.reduced_checkpoint` in one worker process.
+checkpoint of :func:`tests.training_support.reduced_checkpoint` in one worker process and sends
+its results to a DCMTK storescp.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.archives import free_port
-from tests.conftest import REPO_ROOT, ServeProcess
+from tests.archives import StorescpArchive, free_port
+from tests.conftest import REPO_ROOT, TEST_PEER, ServeProcess
 from tests.factory import write_ct_stroke_study
 from tests.peers import DCMTK
 from tests.training_support import reduced_checkpoint
@@ -133,21 +134,30 @@ def test_prometheus_scrapes_the_node_after_a_study_went_through(
         tmp_path / "study", rows=48, study_date=now.strftime("%Y%m%d"), study_time=now.strftime("%H%M%S"),
         with_dose_report=False, with_reformats=False, with_localizer=False, with_thick=False, with_mips=False,
     )
+    archive = StorescpArchive(tmp_path / "archive")
+    archive.start()
+    destination = {"name": "ARCHIVE", "ae_titles": ["ARCHIVE"], "host": "127.0.0.1", "port": archive.port,
+                   "roles": ["destination"]}
     served = serve_process(
         inference={"checkpoint": str(checkpoint), "device": "cpu", "torch_threads": 1, "workers": 1},
         completion={"series_quiet_s": 0.5, "study_timeout_s": 30.0},
+        peers=[TEST_PEER, destination],
     )
     target = served.console_url.removeprefix("http://").rstrip("/")
     prometheus = prometheus_for(target)
-    sent = dcmtk.storescu(served.port, study.paths())
-    assert sent.returncode == 0, sent.stderr
+    stored = dcmtk.storescu(served.port, study.paths())
+    assert stored.returncode == 0, stored.stderr
     files = len(study.paths())
 
-    _until(lambda: prometheus.value('fpenode_analyses_total{outcome="analysed"}') == 1, "the analysis in Prometheus")
+    try:
+        _until(lambda: prometheus.value('fpenode_studies{state="delivered"}') == 1, "the delivered study in Prometheus")
+    finally:
+        archive.stop()
+    assert prometheus.value('fpenode_analyses_total{outcome="analysed"}') == 1
     assert prometheus.value('up{job="fpe-node"}') == 1
     assert prometheus.value('fpenode_instances_received_total{status="success"}') == files
     assert prometheus.value("fpenode_associations_accepted_total") >= 1
-    assert prometheus.value('fpenode_studies{state="analysed"}') == 1
+    assert prometheus.value('fpenode_studies{state="analysed"}') == 0
     assert prometheus.value('fpenode_studies{state="received"}') == 0
     assert prometheus.value('fpenode_analyses_total{outcome="analysed", pipeline="CT"}') == 1
     assert prometheus.value(f'fpenode_score_count{{model_name="{MODEL_NAME}", model_version="1"}}') == 1
@@ -157,6 +167,12 @@ def test_prometheus_scrapes_the_node_after_a_study_went_through(
     assert prometheus.value('fpenode_analysis_stage_seconds_sum{stage="infer"}') > 0
     assert prometheus.value("sum(fpenode_completion_wait_seconds_count)") == 1
     assert prometheus.value(f'fpenode_model_info{{name="{MODEL_NAME}", demonstration="false"}}') == 1
+    assert prometheus.value('fpenode_time_to_result_seconds_count{state="delivered"}') == 1
+    sent = archive.received_files()
+    assert prometheus.value('fpenode_outbox_items{destination="ARCHIVE", state="sent"}') == len(sent) > 0
+    assert prometheus.value('fpenode_delivery_attempts_total{destination="ARCHIVE", result="sent"}') == len(sent)
+    assert prometheus.value('fpenode_outbox_depth{destination="ARCHIVE"}') == 0
+    assert prometheus.value('fpenode_dead_letters{destination="ARCHIVE"}') == 0
     assert prometheus.value("fpenode_workers_model_loaded") == 1
     ready = httpx.get(served.console_url + "health/ready", timeout=10)
     assert ready.status_code == 200, ready.text
