@@ -231,12 +231,34 @@ def _listed(lines: Sequence[str]) -> str:
     return "\n".join(shown)
 
 
-def _new_events(session: Session, after_id: int, settled_before: dt.datetime) -> list[tuple[StudyEvent, Study]]:
+_ALERTED_STATES = (*_DEAD_STATES, StudyState.REPORT_FAILED.value, StudyState.NOT_ANALYSED.value)
+
+
+def _new_events(session: Session, after_id: int, settled_before: dt.datetime) -> tuple[int, list[tuple[StudyEvent, Study]]]:
+    """The highest settled event id past ``after_id``, and the transitions among them into a state a rule watches.
+
+    A note (:meth:`dicom_node.lifecycle.Lifecycle.note`) repeats the study's current state; an entry
+    is a transition when the study's entry before it had another state.
+    """
+    last = session.scalar(
+        select(func.max(StudyEvent.id)).where(StudyEvent.id > after_id, StudyEvent.at <= settled_before)
+    )
+    if last is None:
+        return after_id, []
     rows = session.execute(
         select(StudyEvent, Study).join(Study, Study.id == StudyEvent.study_pk)
-        .where(StudyEvent.id > after_id, StudyEvent.at <= settled_before).order_by(StudyEvent.id)
+        .where(StudyEvent.id > after_id, StudyEvent.id <= last, StudyEvent.state.in_(_ALERTED_STATES))
+        .order_by(StudyEvent.id)
     ).all()
-    return [(event, study) for event, study in rows]
+    transitions = []
+    for event, study in rows:
+        before = session.scalar(
+            select(StudyEvent.state).where(StudyEvent.study_pk == event.study_pk, StudyEvent.id < event.id)
+            .order_by(StudyEvent.id.desc()).limit(1)
+        )
+        if before != event.state:
+            transitions.append((event, study))
+    return int(last), transitions
 
 
 def dead_letter_alert(session: Session, events: Sequence[tuple[StudyEvent, Study]], include_patient_data: bool) -> Alert | None:
@@ -404,8 +426,7 @@ class Alerts:
         enabled = set(self.settings.rules)
         fired: list[Alert | None] = []
         with self._sessions() as session:
-            events = _new_events(session, self._cursor, now - dt.timedelta(seconds=SETTLE_S))
-            cursor = events[-1][0].id if events else self._cursor
+            cursor, events = _new_events(session, self._cursor, now - dt.timedelta(seconds=SETTLE_S))
             patient_data = self.settings.include_patient_data
             if "dead_letter" in enabled:
                 fired.append(_with_cursor(dead_letter_alert(session, events, patient_data), cursor))

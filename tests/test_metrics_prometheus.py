@@ -244,3 +244,61 @@ def test_dashboard_and_rules_use_only_exported_metrics_each_documented(node: Any
     assert {"fpenode_score_bucket", "fpenode_decisions_total", "fpenode_time_to_result_seconds_bucket"} <= used
     documented = METRICS_DOC.read_text()
     assert [name for name in sorted(families) if f"`{name}" not in documented] == []
+
+
+# -- timeline-derived metrics ------------------------------------------------------------------
+
+
+def test_timeline_metrics_count_each_transition_once(make_settings: Any) -> None:
+    """Completion waits and time to result: one per arrival or re-opening; notes repeating a state
+    and a re-send of the same results are not counted again; a second scrape counts nothing twice."""
+    from dicom_node.bootstrap import build_node
+    from dicom_node.lifecycle import StudyState
+    from dicom_node.metrics import build_registry
+    from dicom_node.status import Status
+    from tests.peers import send_datasets, tiny_ct
+
+    # completion's own timers far away: the test moves the study itself, as completion and the worker do
+    node = build_node(make_settings(completion={"series_quiet_s": 600, "study_timeout_s": 600}))
+    node.start("127.0.0.1", 0)
+    try:
+        registry = build_registry(node.settings, node.session_factory, node)
+        ds = tiny_ct()
+        assert send_datasets(node.scp.address[1], [ds]) == [Status.SUCCESS]
+        uid, lifecycle = str(ds.StudyInstanceUID), node.lifecycle
+
+        def through(*states: StudyState) -> None:
+            for state in states:
+                lifecycle.transition(uid, state, f"to {state.value}")
+
+        def sample(name: str, **labels: str) -> float | None:
+            return registry.get_sample_value(name, labels)
+
+        lifecycle.note(uid, "a series went quiet")  # a note in received: the cycle still starts at arrival
+        assert lifecycle.enqueue(uid, "1 usable series complete")
+        job = lifecycle.claim_next("test-worker")
+        assert job is not None
+        lifecycle.finish(uid, StudyState.ANALYSED, "score 0.5")
+        through(StudyState.REPORTING, StudyState.DELIVERED)
+        lifecycle.note(uid, "results re-sent on request")  # a note in delivered
+        through(StudyState.REPORTING, StudyState.DELIVERED)  # a re-send
+        for _scrape in range(2):
+            assert sample("fpenode_completion_wait_seconds_count", trigger="ready") == 1
+            assert sample("fpenode_time_to_result_seconds_count", state="delivered") == 1
+            assert sample("fpenode_studies", state="delivered") == 1
+            assert sample("fpenode_instances_received_total", status="success") == 1
+            assert sample("fpenode_associations_accepted_total") == 1
+
+        assert lifecycle.reopen(uid, "a usable series arrived") is not None  # a new cycle
+        assert lifecycle.enqueue(uid, "study timeout (600 s after its last instance)")
+        assert lifecycle.claim_next("test-worker") is not None
+        lifecycle.finish(uid, StudyState.ANALYSED, "score 0.6")
+        through(StudyState.REPORTING, StudyState.PARTLY_DELIVERED)
+        assert sample("fpenode_completion_wait_seconds_count", trigger="ready") == 1
+        assert sample("fpenode_completion_wait_seconds_count", trigger="timeout") == 1
+        assert sample("fpenode_time_to_result_seconds_count", state="partly_delivered") == 1
+        assert sample("fpenode_time_to_result_seconds_count", state="delivered") == 1
+        wait = sample("fpenode_completion_wait_seconds_sum", trigger="ready")
+        assert wait is not None and 0 <= wait < 60
+    finally:
+        node.stop(grace_s=1.0)
