@@ -19,8 +19,8 @@ Rules (``alerts.rules``):
 
 The event rules read the study timeline (``study_event`` rows, written by
 :mod:`dicom_node.lifecycle` in the transaction of each transition) past a cursor kept in the
-``alert`` table (:mod:`dicom_node.index.alert`), so a restart neither repeats nor misses an
-alert. Events younger than :data:`SETTLE_S` are left for the next evaluation: an event id taken
+index (``alert_cursor``, :mod:`dicom_node.index.alert`), so a restart neither repeats nor misses
+an alert. Events younger than :data:`SETTLE_S` are left for the next evaluation: an event id taken
 by a transaction that commits later than a higher one is then still seen.
 
 Channels (``alerts.webhooks``, ``alerts.emails``): a JSON POST (payload templates ``json``,
@@ -51,7 +51,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import __version__
-from dicom_node.index.alert import AlertRecord
+from dicom_node.index.alert import AlertCursor, AlertRecord
 from dicom_node.index.analysis import Analysis
 from dicom_node.index.base import utcnow
 from dicom_node.index.db import write_session
@@ -71,6 +71,9 @@ FAILED_ANALYSIS_PREFIXES = (INTERNAL_ERROR_REASON, INTERRUPTED_REASON)
 
 MAX_LISTED = 10
 """Studies named in one alert; the rest are counted."""
+
+CURSOR_SOURCE = "study_event"
+"""``alert_cursor.source`` of the event rules' position in the study timeline."""
 
 NO_CHANNEL = "none"
 """``channel`` of an alert recorded while no channel is configured (outcome ``not_sent``)."""
@@ -395,12 +398,22 @@ class Alerts:
         self._cursor = self._initial_cursor()
 
     def _initial_cursor(self) -> int:
-        """Where the event rules go on: the last recorded alert's cursor, else the newest event now."""
-        with self._sessions() as session:
-            recorded = session.scalar(select(func.max(AlertRecord.cursor)))
-            if recorded is not None:
-                return int(recorded)
-            return int(session.scalar(select(func.max(StudyEvent.id))) or 0)
+        """Where the event rules go on: the stored cursor; at the very first start, the newest event now."""
+        with write_session(self._sessions) as session:
+            stored = session.get(AlertCursor, CURSOR_SOURCE)
+            if stored is not None:
+                return int(stored.position)
+            position = int(session.scalar(select(func.max(StudyEvent.id))) or 0)
+            session.add(AlertCursor(source=CURSOR_SOURCE, position=position))
+            return position
+
+    def _store_cursor(self, position: int) -> None:
+        with write_session(self._sessions) as session:
+            stored = session.get(AlertCursor, CURSOR_SOURCE)
+            if stored is None:
+                session.add(AlertCursor(source=CURSOR_SOURCE, position=position))
+            elif position > stored.position:
+                stored.position, stored.updated_at = position, self._clock()
 
     def start(self, scheduler: Any) -> None:
         """Evaluate every ``alerts.check_interval_s`` on the node's APScheduler (nothing when disabled)."""
@@ -437,7 +450,9 @@ class Alerts:
         if "disk_high" in enabled:
             fired.append(disk_high_alert(self._disk_used_pct(), self.watermark_pct))
         records = [record for alert in fired if alert is not None for record in self._dispatch(alert)]
-        self._cursor = cursor
+        if cursor != self._cursor:  # after the alerts are recorded: a crash in between repeats, never loses one
+            self._store_cursor(cursor)
+            self._cursor = cursor
         self.evaluations += 1
         return records
 

@@ -275,6 +275,40 @@ def test_patient_id_only_when_allowed_and_never_the_name(
     assert "Plantedname" not in json.dumps(body) and "Zelda" not in json.dumps(body)
 
 
+def test_a_restart_neither_misses_nor_repeats_an_alert(
+    make_settings: SettingsFactory, webhook: tuple[WebhookServer, str]
+) -> None:
+    """A failure the stopped node never evaluated is alerted after the restart, once."""
+    server, base_url = webhook
+    server.fail_first = 0
+    settings = make_settings(
+        completion={"series_quiet_s": 0.3, "study_timeout_s": 0.6},
+        alerts={"check_interval_s": 3600, "rules": ["analysis_failed"], "rate_limit_s": 0,
+                "webhooks": [{"name": "ops", "url": f"{base_url}/json"}]},
+    )
+    node = build_node(settings)
+    node.start("127.0.0.1", 0)
+    try:
+        study_uid = _send_study(node)
+        _fail_analysis(node, study_uid, deliver=False)
+    finally:
+        node.stop(grace_s=1.0)  # before any evaluation
+    assert server.requests == []
+    for _restart in range(2):
+        restarted = build_node(settings)
+        try:
+            assert restarted.alerts is not None
+            deadline = time.monotonic() + DEADLINE_S  # the event settles for alerts.SETTLE_S first
+            while not server.requests and time.monotonic() < deadline:
+                restarted.alerts.evaluate()
+                time.sleep(0.2)
+            assert restarted.alerts.evaluate() == []
+        finally:
+            restarted.stop(grace_s=1.0)
+    (body,) = server.bodies("/json")
+    assert body["rule"] == "analysis_failed" and study_uid in body["text"]
+
+
 def test_alert_table_matches_its_migration(node: Node) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
@@ -283,9 +317,9 @@ def test_alert_table_matches_its_migration(node: Node) -> None:
 
     with node.session_factory() as session:
         connection = session.connection()
-        assert "alert" in inspect(connection).get_table_names()
+        assert {"alert", "alert_cursor"} <= set(inspect(connection).get_table_names())
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
-    assert [item for item in diff if "alert" in _tables_named(item)] == []
+    assert [item for item in diff if {"alert", "alert_cursor"} & _tables_named(item)] == []
 
 
 def _tables_named(diff_item: Any) -> set[str]:
