@@ -36,6 +36,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.index.alert import AlertRecord
@@ -157,7 +159,7 @@ class NodeCollector(Collector):
             try:
                 with self._sessions() as session:
                     index_metrics = list(self._index_metrics(session))
-            except Exception as exc:  # noqa: BLE001 - a scrape must answer while the index is down; logged
+            except (DBAPIError, SQLAlchemyTimeoutError) as exc:  # a scrape answers while the index is down
                 log.warning("metrics: index unavailable (%s)", type(exc).__name__)
                 index_metrics = []
             yield _gauge("index_up", "1 when the scrape could read the index, else 0.", value=1.0 if index_metrics else 0.0)

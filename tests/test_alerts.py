@@ -38,7 +38,7 @@ from inference.predictor import result_summary
 from inference.result import NotAnalysed
 from tests.archives import free_port
 from tests.conftest import TEST_PEER, SettingsFactory, wait_study_state
-from tests.peers import send_datasets, tiny_ct
+from tests.peers import drop_postgres_schema, fresh_postgres_schema, postgres_base_url, send_datasets, tiny_ct
 
 PLANTED_NAME = "Plantedname^Zelda"
 PLANTED_ID = "PLANTED-ID-4711"
@@ -275,13 +275,24 @@ def test_patient_id_only_when_allowed_and_never_the_name(
     assert "Plantedname" not in json.dumps(body) and "Zelda" not in json.dumps(body)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_section(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The index of a test node: the default SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return {}
+    url, schema = fresh_postgres_schema(postgres_base_url())
+    request.addfinalizer(lambda: drop_postgres_schema(postgres_base_url(), schema))
+    return {"url": url}
+
+
 def test_a_restart_neither_misses_nor_repeats_an_alert(
-    make_settings: SettingsFactory, webhook: tuple[WebhookServer, str]
+    make_settings: SettingsFactory, webhook: tuple[WebhookServer, str], index_section: dict[str, Any]
 ) -> None:
     """A failure the stopped node never evaluated is alerted after the restart, once."""
     server, base_url = webhook
     server.fail_first = 0
     settings = make_settings(
+        index=index_section,
         completion={"series_quiet_s": 0.3, "study_timeout_s": 0.6},
         alerts={"check_interval_s": 3600, "rules": ["analysis_failed"], "rate_limit_s": 0,
                 "webhooks": [{"name": "ops", "url": f"{base_url}/json"}]},
