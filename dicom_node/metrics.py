@@ -428,12 +428,14 @@ def _labelled_gauge(name: str, documentation: str, label: str, values: dict[str,
 
 
 def scp_listening(node: Any) -> bool:
-    """True while the node's SCP has a server accepting associations."""
-    try:
-        node.scp.address  # noqa: B018 - raises once the SCP is stopped
-    except RuntimeError:
-        return False
-    return True
+    """True while the node's SCP accepts associations on its plain or its TLS listener."""
+    for listener in ("address", "tls_address"):  # each raises RuntimeError while that listener is not started
+        try:
+            getattr(node.scp, listener)
+        except (RuntimeError, AttributeError):
+            continue
+        return True
+    return False
 
 
 def build_registry(
