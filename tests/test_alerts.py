@@ -11,7 +11,6 @@ alert record.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import threading
 import time
@@ -366,46 +365,15 @@ def test_config_show_never_prints_alert_secrets(tmp_path: Path, capsys: pytest.C
         assert "XSECRETX" not in text and "pw-SECRET-pw" not in text
 
 
-def _ca_and_server_cert(folder: Path) -> tuple[Path, Path, Path]:
-    """A test CA and a server certificate for 127.0.0.1 it signed (PEM files: CA, certificate, key)."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.timezone.utc)
-
-    def name(common: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("fpe-node test CA")).issuer_name(name("fpe-node test CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
-
-
 def test_email_over_starttls_verified_with_the_site_ca(make_settings: SettingsFactory, tmp_path: Path) -> None:
     import ssl
 
-    ca, cert, key = _ca_and_server_cert(tmp_path)
+    from tests.certs import make_authority, issue
+
+    authority = make_authority(tmp_path, "Site CA")
+    ca, server = authority.cert_path, issue(authority, tmp_path, "smtp server")
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(cert, key)
+    server_tls.load_cert_chain(server.cert, server.key)
     mailbox = Mailbox()
     port = free_port()
 

@@ -160,3 +160,24 @@ def test_ready_names_a_disk_above_the_watermark(make_settings: SettingsFactory) 
     finally:
         node.stop(grace_s=1.0)
     assert client.get("/health/ready").json()["checks"]["scp"] == {"ok": False, "detail": "not listening"}
+
+
+def test_ready_counts_a_tls_only_listener(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from dicom_node.bootstrap import build_node
+    from dicom_node.web.app import create_app
+    from dicom_node.web.context import WebContext
+    from tests.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    tls = {"enabled": True, "port": free_port(), "plain_listener": False, "certificate": str(pki.server.cert),
+           "private_key": str(pki.server.key), "ca_bundle": str(pki.ca), "client_certificates": "optional"}
+    node = build_node(make_settings(network={"tls": tls}))
+    node.start()
+    try:
+        client = TestClient(create_app(WebContext(node.settings, node.session_factory, node)))
+        assert client.get("/health/ready").json()["checks"]["scp"] == {"ok": True, "detail": "listening"}
+        assert "fpenode_scp_listening 1.0" in client.get("/metrics").text
+    finally:
+        node.stop(grace_s=1.0)
