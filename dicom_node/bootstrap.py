@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
+from dicom_node.alerts import Alerts
 from dicom_node.atna import AuditExporter, build_exporter
 from dicom_node.completion import Completion, SelectionReadiness
 from dicom_node.delivery import Delivery, build_delivery, destinations_from_registry
@@ -61,6 +62,7 @@ class Node:
     workers: InferenceWorkers
     selector: Selector  # completion's; the worker builds the same one (dicom_node.selector.build_selector)
     exporter: AuditExporter | None = None  # audit messages to the syslog collector (audit.enabled)
+    alerts: Alerts | None = None  # rules evaluated on the scheduler (dicom_node.alerts)
 
     def add_listener(self, listener: IngestListener) -> None:
         """Follow arrivals with ``listener`` (call before :meth:`start`; e.g. needing the session factory)."""
@@ -173,9 +175,11 @@ def build_node(
     scp = StorageSCP(settings.network, ingest=ingest, registry=peers, tls_context=tls_context)
     delivery = build_delivery(settings, session_factory, lifecycle, destinations_from_registry(peers))
     workers = InferenceWorkers(settings, on_result=[delivery.on_result])
+    alerts = Alerts(settings, session_factory, retention.used_pct)
+    alerts.start(scheduler)
     return Node(
         settings, engine, session_factory, files, peers, dispatcher, scp, scheduler, lifecycle, completion, retention,
-        delivery, workers, readiness.selector, build_exporter(settings, session_factory),
+        delivery, workers, readiness.selector, build_exporter(settings, session_factory), alerts,
     )
 
 
