@@ -1,7 +1,7 @@
 """alert, alert_cursor: alerts sent, failed or suppressed, and how far the rules read (dicom_node.alerts)
 
 Revision ID: 0410_alert
-Revises: 0520_audit_export_cursor
+Revises: 0400_users
 Create Date: 2026-12-02 00:00:00
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0410_alert"
-down_revision: str | None = "0520_audit_export_cursor"
+down_revision: str | None = "0400_users"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
