@@ -1,0 +1,324 @@
+"""The web console in a real browser: what an administrator, an operator and a viewer rely on.
+
+One ``fpe-node serve`` (SCP, completion, an inference worker with the reduced checkpoint,
+delivery) runs for the module, with a DCMTK ``storescp`` as its archive destination and short
+retry settings; Debian's headless Chromium, driven by Playwright exactly as the viewer tests do
+(``tests/viewer.py``), uses the console as a person would:
+
+* an admin (created with ``fpe-node users add``) logs in (a wrong password is refused without
+  saying which field was wrong), adds a peer and C-ECHOes it: a DCMTK ``storescp`` answers, a
+  port with nobody listening does not, and the page says so;
+* a study sent by DCMTK ``storescu`` appears on the studies page and reaches ``delivered``;
+  its page shows the series, timeline, analysis and delivery;
+* with the archive down, a resend dead-letters the result; once the archive is back, the dead
+  letter is retried from the dead-letter page and the SR arrives in the archive;
+* a viewer sees the pages and the patient's name, its action buttons are disabled, and the
+  server refuses the same POSTs (403) and changes nothing.
+
+Patient names and IDs never appear in a URL the browser asked for nor in the node's log.
+The dashboard's screenshot goes to ``test-output/console/dashboard.png`` (or
+``$FPENODE_TEST_OUTPUT/console``); the README shows a copy (docs/images/console-dashboard.png).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.archives import StorescpArchive, free_port
+from tests.conftest import NODE_AE, REPO_ROOT, TEST_PEER, ServeProcess, settings_overrides
+from tests.factory import Patient, Study, write_ct_stroke_study
+from tests.peers import DCMTK
+from tests.training_support import reduced_checkpoint
+from tests.viewer import CHROMIUM, chromium_page
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("console"), pytest.mark.timeout(420)]
+
+SCREENSHOTS = Path(os.environ.get("FPENODE_TEST_OUTPUT", REPO_ROOT / "test-output")) / "console"
+PATIENT = Patient(name="PLANTED^CONSOLE", patient_id="PLANT4711", issuer="FAKE-HOSPITAL", birth_date="19470203")
+PASSWORDS = {"admin": "admin pass phrase 1", "viewer": "viewer pass phrase 2"}
+RESULT_TIMEOUT_S = 240.0
+PAGE_TIMEOUT_MS = 15_000
+
+
+@dataclass
+class ConsoleNode:
+    """The served node, its archive and the study sent to it."""
+
+    serve: ServeProcess
+    archive: StorescpArchive
+    config: Path
+    study: Study
+    urls: list[str] = field(default_factory=list)  # every URL a browser page of this module asked for
+
+    @property
+    def url(self) -> str:
+        return self.serve.console_url
+
+
+def _cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("FPENODE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node", "--config", str(config), *args],
+        cwd=REPO_ROOT, env=environ, input=stdin, capture_output=True, text=True, timeout=120,
+    )
+
+
+def _add_user(config: Path, name: str, role: str) -> None:
+    done = _cli(config, "users", "add", name, "--role", role, "--password-stdin", stdin=PASSWORDS[name] + "\n")
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="module")
+def console_node(tmp_path_factory: pytest.TempPathFactory, dcmtk: DCMTK) -> Iterator[ConsoleNode]:
+    if not CHROMIUM.exists():
+        raise AssertionError(f"{CHROMIUM} is missing (Debian package chromium; .ci/run installs it)")
+    root = tmp_path_factory.mktemp("console")
+    checkpoint = reduced_checkpoint(root / "model.pt", name="res25-console-test")
+    archive = StorescpArchive(root / "archive", ae_title="ARCHIVE")
+    archive.start()
+    sections = settings_overrides(
+        root / "node",
+        network={"ae_title": NODE_AE, "host": "127.0.0.1", "port": free_port()},
+        storage={"data_dir": str(root / "node"), "fsync": False},
+        completion={"series_quiet_s": 1.0, "study_timeout_s": 30.0},
+        inference={"checkpoint": str(checkpoint), "device": "cpu", "torch_threads": 1, "workers": 1},
+        # One result object (the SR) per study; a result not stored 4 s after it was queued is dead.
+        reports={"secondary_capture": False},
+        delivery={"retry_initial_s": 0.5, "retry_max_s": 1.0, "deadline_s": 4.0, "scan_interval_s": 0.5},
+        peers=[
+            TEST_PEER,
+            {"name": "archive", "ae_titles": ["ARCHIVE"], "host": "127.0.0.1", "port": archive.port,
+             "roles": ["destination"]},
+        ],
+    )
+    (root / "node").mkdir()
+    config = root / "site.yaml"
+    config.write_text(yaml.safe_dump(sections))
+    for name in ("admin", "viewer"):
+        _add_user(config, name, name)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("FPENODE_")}
+    serve = ServeProcess(config=config, log_path=root / "serve.log", env=environ).start()
+    try:
+        acquired = dt.datetime.now() - dt.timedelta(minutes=5)
+        study = write_ct_stroke_study(
+            root / "study", patient=PATIENT, rows=48, thin_slices=30, with_thick=False, with_reformats=False,
+            with_mips=False, with_dose_report=False, cta_slices=40, seed=21,
+            study_date=acquired.strftime("%Y%m%d"), study_time=acquired.strftime("%H%M%S"),
+        )
+        sent = dcmtk.storescu(serve.port, [study.directory], called=NODE_AE)
+        assert sent.returncode == 0, sent.stderr[-2000:]
+        node = ConsoleNode(serve=serve, archive=archive, config=config, study=study)
+        yield node
+        for url in node.urls:
+            assert PATIENT.name not in url and PATIENT.patient_id not in url, url
+        log_text = serve.log_text()
+        assert PATIENT.name not in log_text and PATIENT.patient_id not in log_text
+    finally:
+        if serve.process is not None and serve.process.poll() is None:
+            serve.terminate()
+        archive.stop()
+
+
+@pytest.fixture
+def browser_page(console_node: ConsoleNode) -> Iterator[Any]:
+    """A fresh browser context (no cookies) recording every URL it asks for; confirm dialogs accepted."""
+    with chromium_page(width=1280, height=800) as page:
+        page.set_default_timeout(PAGE_TIMEOUT_MS)
+        page.on("request", lambda request: console_node.urls.append(request.url))
+        page.on("dialog", lambda dialog: dialog.accept())
+        yield page
+
+
+def _log_in(page: Any, node: ConsoleNode, name: str, *, start: str = "") -> None:
+    page.goto(node.url + start)
+    page.wait_for_url("**/login**")
+    page.fill("input[name=username]", name)
+    page.fill("input[name=password]", PASSWORDS[name])
+    page.click("button[type=submit]")
+    page.wait_for_selector(".who")
+    assert name in page.inner_text(".who")
+
+
+def _reload_until(page: Any, url: str, found: Callable[[str], bool], timeout_s: float, what: str) -> str:
+    """Open ``url`` again every second until ``found(page text)``; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        page.goto(url)
+        text = page.inner_text("main")
+        if found(text):
+            return text
+        time.sleep(1.0)
+    raise AssertionError(f"{what} not shown after {timeout_s} s; page:\n{text[-2000:]}")
+
+
+def _flash(page: Any) -> str:
+    return str(page.inner_text(".flash"))
+
+
+def test_admin_logs_in_adds_a_peer_and_echoes_it(console_node: ConsoleNode, browser_page: Any, tmp_path: Path) -> None:
+    page, node = browser_page, console_node
+    # Not logged in: every page leads to the login form; a wrong password says nothing about which field.
+    page.goto(node.url + "peers")
+    page.wait_for_url("**/login?next=/peers")
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", "not the password")
+    page.click("button[type=submit]")
+    refused = page.inner_text(".flash.error")
+    assert "user name or password" in refused
+    page.fill("input[name=username]", "nobody")
+    page.fill("input[name=password]", "not the password")
+    page.click("button[type=submit]")
+    assert page.inner_text(".flash.error") == refused
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", PASSWORDS["admin"])
+    page.click("button[type=submit]")
+    page.wait_for_url("**/peers")
+
+    with StorescpArchive(tmp_path / "echo", ae_title="ECHOSCP") as echo_scp:
+        form = page.locator("form#add-peer")
+        form.locator("input[name=name]").fill("echo-peer")
+        form.locator("input[name=ae_titles]").fill("ECHOSCP")
+        form.locator("input[name=host]").fill("127.0.0.1")
+        form.locator("input[name=port]").fill(str(echo_scp.port))
+        form.locator("input[name=roles][value=destination]").check()
+        form.locator("button[type=submit]").click()
+        assert "echo-peer added" in _flash(page)
+        row = page.locator("tr", has_text="echo-peer")
+        assert "ECHOSCP" in row.inner_text() and str(echo_scp.port) in row.inner_text()
+        row.get_by_role("button", name="C-ECHO").click()
+        assert "C-ECHO echo-peer: success" in _flash(page)
+
+        # The same peer moved to a port where nobody listens: the echo fails, and the page says so.
+        page.locator("tr", has_text="echo-peer").get_by_role("link", name="Change").click()
+        form = page.locator("form#change-peer")
+        form.locator("input[name=port]").fill(str(free_port()))
+        form.locator("button[type=submit]").click()
+        assert "echo-peer changed" in _flash(page)
+        page.locator("tr", has_text="echo-peer").get_by_role("button", name="C-ECHO").click()
+        assert "C-ECHO echo-peer: failed" in _flash(page)
+
+    page.locator("tr", has_text="echo-peer").get_by_role("button", name="Remove").click()
+    assert "echo-peer removed" in _flash(page)
+    assert "echo-peer" not in page.inner_text("table#peers")
+    listed = _cli(node.config, "peers", "list")
+    assert "echo-peer" not in listed.stdout and "archive" in listed.stdout
+
+
+def test_study_is_delivered_and_a_dead_letter_is_retried_from_the_page(
+    console_node: ConsoleNode, browser_page: Any
+) -> None:
+    page, node = browser_page, console_node
+    study_uid = node.study.study_uid
+    _log_in(page, node, "admin", start="studies")
+
+    # The study sent by storescu appears, and reaches `delivered` (the list refreshes on reload).
+    _reload_until(page, node.url + "studies", lambda text: study_uid in text, 60.0, "the study")
+    row_text = _reload_until(
+        page, node.url + "studies",
+        lambda text: any(study_uid in line and "delivered" in line for line in text.splitlines()),
+        RESULT_TIMEOUT_S, "the study delivered",
+    )
+    assert PATIENT.name.replace("^", " ") in row_text or PATIENT.name in row_text
+    sr_uids = set(node.archive.store_requests())
+    assert sr_uids, "the archive received nothing"
+
+    # The study page: series, timeline, analysis, delivery to the archive.
+    page.get_by_role("link", name=study_uid).click()
+    page.wait_for_url(f"**/studies/{study_uid}")
+    text = page.inner_text("main")
+    for heading in ("Series", "Timeline", "Analyses", "Deliveries"):
+        assert page.get_by_role("heading", name=heading).count() == 1, heading
+    assert "archive" in page.inner_text("#deliveries") and "sent" in page.inner_text("#deliveries")
+    assert "delivered" in page.inner_text("#timeline")
+    assert node.study.role("ncct").series_uid in text
+
+    # Archive down: a resend from the page dead-letters the SR once its 4 s deadline passes.
+    node.archive.stop()
+    requests_before = len(node.archive.store_requests())
+    page.get_by_role("button", name="Resend results").click()
+    assert "resend" in _flash(page).lower()
+    dead = _reload_until(page, node.url + "dead-letters", lambda text: study_uid in text, 60.0, "the dead letter")
+    assert "archive" in dead
+    _reload_until(
+        page, node.url + f"studies/{study_uid}", lambda text: "dead lettered" in text or "dead_lettered" in text, 30.0,
+        "the study dead-lettered",
+    )
+
+    # Archive back: retry from the dead-letter page; the SR arrives and the study is delivered again.
+    node.archive.start()
+    page.goto(node.url + "dead-letters")
+    page.locator("tr", has_text=study_uid).first.get_by_role("button", name="Retry").click()
+    assert "retry" in _flash(page).lower()
+    deadline = time.monotonic() + 60.0
+    while len(node.archive.store_requests()) <= requests_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert set(node.archive.store_requests()[requests_before:]) & sr_uids, "the retried SR did not arrive"
+    _reload_until(page, node.url + "dead-letters", lambda text: study_uid not in text, 30.0, "the dead letter gone")
+    _reload_until(
+        page, node.url + f"studies/{study_uid}",
+        lambda text: "delivered" in page.inner_text("#state"), 30.0, "the study delivered again",
+    )
+
+    # The dashboard, as the README shows it.
+    page.goto(node.url)
+    dashboard = page.inner_text("main")
+    for what in ("Arrived", "Waiting", "Delivered", "Failures", "Disk", "Queue", "Worker", "Model"):
+        assert what.lower() in dashboard.lower(), what
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
+
+
+def test_viewer_sees_the_pages_but_the_server_refuses_its_actions(console_node: ConsoleNode, browser_page: Any) -> None:
+    page, node = browser_page, console_node
+    study_uid = node.study.study_uid
+    _log_in(page, node, "viewer")
+    assert page.locator("nav.main a", has_text="Users").count() == 0
+    _reload_until(page, node.url + "studies", lambda text: study_uid in text, 60.0, "the study")
+    assert PATIENT.patient_id in page.inner_text("main")
+
+    page.goto(node.url + f"studies/{study_uid}")
+    for name in ("Force complete", "Re-run analysis", "Resend results"):
+        assert page.get_by_role("button", name=name).is_disabled(), name
+    page.goto(node.url)
+    for button in page.locator("main form button").all():
+        assert button.is_disabled(), button.inner_text()
+    page.goto(node.url + "peers")
+    assert page.locator("form#add-peer").count() == 0
+    assert "archive" in page.inner_text("table#peers")
+    page.goto(node.url + "dead-letters")
+    page.goto(node.url + "alerts")
+    assert page.goto(node.url + "users").status == 403
+
+    # The same requests a button would make, with the viewer's session and CSRF token: refused.
+    token = page.locator("meta[name=csrf-token]").get_attribute("content")
+    assert token
+    refused = {
+        f"studies/{study_uid}/resend": {},
+        f"studies/{study_uid}/rerun": {},
+        f"studies/{study_uid}/complete": {},
+        "dead-letters/1/retry": {},
+        "dead-letters/1/drop": {},
+        "suspend": {"what": "delivery"},
+        "peers": {"name": "sneaky", "ae_titles": "SNEAKY", "host": "127.0.0.1", "port": "104", "roles": "destination"},
+        "peers/archive/remove": {},
+        "users": {"name": "sneaky", "role": "admin", "password": "x" * 16},
+    }
+    for path, fields in refused.items():
+        response = page.request.post(node.url + path, form={"csrf_token": token, **fields}, max_redirects=0)
+        assert response.status == 403, (path, response.status)
+    listed = _cli(node.config, "peers", "list")
+    assert "sneaky" not in listed.stdout and "archive" in listed.stdout
+    page.goto(node.url)
+    assert "suspended" not in page.inner_text("#suspension").lower()
