@@ -371,6 +371,17 @@ class ConsoleSettings(BaseModel):
         "127.0.0.1", description="Address the console listens on (loopback by default; put it behind a TLS proxy to open it)."
     )
     port: int = Field(8470, ge=0, le=65535, description="TCP port of the console and REST API (0: any free port).")
+    secure_cookie: bool = Field(
+        False,
+        description="Mark the session cookie Secure (sent over HTTPS only): set it when the console is behind a TLS proxy.",
+    )
+    session_idle_min: float = Field(30.0, gt=0, description="A console session ends after this many minutes without a request.")
+    session_max_h: float = Field(12.0, gt=0, description="A console session ends this many hours after the login, used or not.")
+    lockout_failures: int = Field(
+        5, ge=1, description="Failed logins in a row after which an account is locked (`lockout_min` minutes)."
+    )
+    lockout_min: float = Field(15.0, gt=0, description="Minutes an account stays locked after `lockout_failures` failed logins.")
+    password_min_length: int = Field(10, ge=8, le=128, description="Shortest password `fpe-node users add/passwd` and the API accept.")
 
 
 class LoggingSettings(BaseModel):

@@ -167,17 +167,20 @@ class PeerAETitle(Base):
 
 
 class AuditEntry(Base):
-    """An administrative change (peers, configuration) and who made it."""
+    """An administrative change (peers, users, configuration, actions) or a login: who, what, when, from where."""
 
     __tablename__ = "audit_entry"
 
     id: Mapped[IntPK]
     at: Mapped[Timestamp] = mapped_column(default=utcnow, index=True)
     actor: Mapped[str] = mapped_column(String(128))
-    """``<command> (<OS user>)``, e.g. ``fpe-node peers add (alice)``, or ``startup``."""
+    """``<command> (<OS user>)``, e.g. ``fpe-node peers add (alice)``, ``startup``, or the console/API user name."""
     action: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(Text, default=None)
     """JSON text describing the change."""
+    source: Mapped[str | None] = mapped_column(String(255), default=None)
+    """From where: the client address of a console or REST request, ``local`` for a command run on
+    the node's shell; NULL for entries written before migration 0400."""
 
 
 class StudyEvent(Base):
