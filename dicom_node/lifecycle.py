@@ -346,6 +346,8 @@ class Lifecycle:
         One conditional ``UPDATE`` claims the row (``FOR UPDATE SKIP LOCKED`` on PostgreSQL,
         the database write lock on SQLite): two workers never claim the same study.
         """
+        if analysis_suspended(self._sessions):
+            return None  # suspended node-wide (dicom_node.actions.suspend): jobs wait in the queue
         token = f"{(worker or worker_name())[:40]}:{uuid.uuid4().hex[:16]}"
         now = utcnow()
         cutoff = now - self._live_window
@@ -426,6 +428,19 @@ class Lifecycle:
         if any(counts.values()):
             log.info("pending work rebuilt from the index: %s", counts)
         return counts
+
+
+def analysis_suspended(session_factory: sessionmaker[Session]) -> bool:
+    """True while analysis is suspended node-wide (a ``node_suspension`` row, :mod:`dicom_node.actions`)."""
+    from dicom_node.index.users import Suspension
+
+    with session_factory() as session:
+        return session.get(Suspension, "analysis") is not None
+
+
+def enqueue_in(session: Session, study_uid: str, reason: str, *, rerun: bool = False) -> bool:
+    """:meth:`Lifecycle.enqueue` in the caller's transaction (an action and its audit entry commit together)."""
+    return _enqueue(session, study_uid, reason, rerun=rerun)
 
 
 def _open_job(session: Session, study_pk: int) -> AnalysisJob | None:

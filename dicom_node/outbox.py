@@ -211,6 +211,8 @@ class RunReport:
     failed: int = 0
     dead: int = 0
     settled: dict[str, StudyDelivery] = field(default_factory=dict)
+    suspended: bool = False
+    """Delivery is suspended node-wide (:func:`dicom_node.actions.suspend`): nothing was tried."""
 
 
 def _to_row(item: OutboxItem) -> DeliveryRow:
@@ -418,6 +420,9 @@ class Outbox:
         """Attempt every due row once, one association per destination; update the rows."""
         with self._pass_lock:
             report = RunReport()
+            if self.suspended():
+                report.suspended = True
+                return report
             now = self.clock()
             due = self._due(now)
             if not due:
@@ -433,6 +438,13 @@ class Outbox:
                 touched.update(item.study_uid for item in items)
             self._settle(touched, report)
             return report
+
+    def suspended(self) -> bool:
+        """True while delivery is suspended node-wide (a ``node_suspension`` row): rows wait, deadlines run."""
+        from dicom_node.index.users import Suspension
+
+        with self._sessions() as session:
+            return session.get(Suspension, "delivery") is not None
 
     def _due(self, now: dt.datetime) -> list[OutboxItem]:
         with self._sessions() as session:
@@ -551,8 +563,8 @@ class OutboxRunner:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.outbox.run_once()
-                sleep_s = self._sleep_s()
+                report = self.outbox.run_once()
+                sleep_s = self.scan_interval_s if report.suspended else self._sleep_s()
             except Exception:  # noqa: BLE001 - the runner must outlive a bad pass; logged with traceback
                 log.exception("outbox pass failed; retrying in %.1f s", self.scan_interval_s)
                 sleep_s = self.scan_interval_s

@@ -153,6 +153,11 @@ class PeerRegistry:
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self._factory = session_factory
 
+    @property
+    def session_factory(self) -> sessionmaker[Session]:
+        """The index the registry lives in."""
+        return self._factory
+
     # -- reading -------------------------------------------------------------------------
     def list_peers(self) -> list[PeerInfo]:
         """Every peer, by name."""
@@ -185,7 +190,7 @@ class PeerRegistry:
         return Authorization(peer, "registered peer")
 
     # -- changes (audited) ------------------------------------------------------------
-    def add(self, peer: PeerInfo, *, actor: str, replace: bool = False) -> None:
+    def add(self, peer: PeerInfo, *, actor: str, replace: bool = False, source: str | None = None) -> None:
         """Register a peer; with ``replace`` an existing peer of that name is updated.
 
         Raises
@@ -194,9 +199,9 @@ class PeerRegistry:
             If the name exists (without ``replace``) or an AE title belongs to another peer.
         """
         with write_session(self._factory) as session:
-            self._upsert(session, peer, actor=actor, replace=replace)
+            self._upsert(session, peer, actor=actor, replace=replace, source=source)
 
-    def remove(self, name: str, *, actor: str) -> None:
+    def remove(self, name: str, *, actor: str, source: str | None = None) -> None:
         """Remove a peer and its AE titles.
 
         Raises
@@ -210,7 +215,7 @@ class PeerRegistry:
                 raise PeerError(f"no peer named {name!r}")
             detail = PeerInfo.from_row(row).as_dict()
             session.delete(row)
-            session.add(AuditEntry(actor=actor, action="peer.remove", detail=json.dumps(detail)))
+            session.add(AuditEntry(actor=actor, action="peer.remove", detail=json.dumps(detail), source=source))
         log.info("peer %s removed by %s", name, actor)
 
     def import_peers(self, peers: Sequence[PeerInfo], *, actor: str, replace_all: bool = False) -> int:
@@ -235,17 +240,18 @@ class PeerRegistry:
         """Create or update the peers named in the settings (start-up); others are kept."""
         return self.import_peers([PeerInfo.from_settings(p) for p in peers], actor=actor)
 
-    def audit(self, *, actor: str, action: str, detail: dict[str, Any] | None = None) -> None:
+    def audit(self, *, actor: str, action: str, detail: dict[str, Any] | None = None, source: str | None = None) -> None:
         """Record an administrative action that is not a peer change (e.g. an echo)."""
         with write_session(self._factory) as session:
-            session.add(AuditEntry(actor=actor, action=action, detail=None if detail is None else json.dumps(detail)))
+            session.add(AuditEntry(actor=actor, action=action, detail=None if detail is None else json.dumps(detail),
+                                   source=source))
 
     def audit_entries(self, limit: int = 100) -> list[AuditEntry]:
         """The newest audit entries first."""
         with self._factory() as session:
             return list(session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)))
 
-    def _upsert(self, session: Session, peer: PeerInfo, *, actor: str, replace: bool) -> int:
+    def _upsert(self, session: Session, peer: PeerInfo, *, actor: str, replace: bool, source: str | None = None) -> int:
         row = self._row(session, peer.name)
         if row is not None and not replace:
             raise PeerError(f"a peer named {peer.name!r} exists (use --replace to update it)")
@@ -265,7 +271,7 @@ class PeerRegistry:
         session.flush()
         for title in peer.ae_titles:
             session.add(PeerAETitle(peer_pk=row.id, ae_title=title))
-        session.add(AuditEntry(actor=actor, action=action, detail=json.dumps(peer.as_dict())))
+        session.add(AuditEntry(actor=actor, action=action, detail=json.dumps(peer.as_dict()), source=source))
         session.flush()
         log.info("%s %s by %s", action, peer.name, actor)
         return 1

@@ -15,6 +15,7 @@ The object is built once by the entry point and passed down; nothing re-reads it
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -477,6 +478,27 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SettingsError(f"config file {path} must hold a mapping at top level")
     return data
+
+
+_SECRET_KEY = re.compile(r"(password|secret|token|api_key|private_key)$", re.IGNORECASE)
+
+
+def redacted(value: Any) -> Any:
+    """JSON data with secrets hidden: URL passwords and the values of secret-named keys become ``***``."""
+    if isinstance(value, dict):
+        return {
+            key: "***" if _SECRET_KEY.search(str(key)) and item not in (None, "") else redacted(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [redacted(item) for item in value]
+    return redact_url(value) if isinstance(value, str) else value
+
+
+def shown_settings(settings: Settings) -> dict[str, Any]:
+    """The effective settings as JSON data without secrets (``fpe-node config show``, ``GET /api/v1/settings``)."""
+    shown: dict[str, Any] = redacted(json.loads(settings.model_dump_json()))
+    return shown
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -2,7 +2,7 @@
 
 * ``fpe-node --config site.yaml config check`` validates a site file (with the environment's
   ``FPENODE_*`` overrides) before a restart; a bad value is named and the exit code is 2.
-* ``fpe-node config show`` prints the effective settings as YAML.
+* ``fpe-node config show`` prints the effective settings as YAML, secrets as ``***``.
 * ``fpe-node config reference`` prints every field with its type, default and description
   (the source of ``docs/configuration.md``).
 """
@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from dicom_node.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings
+from dicom_node.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings, shown_settings
 
 
 def register(subparsers: Any) -> None:
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "check":
         print("settings are valid")
     elif args.action == "show":
-        print(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False), end="")
+        print(yaml.safe_dump(shown_settings(settings), sort_keys=False), end="")
     else:
         print(reference_markdown(), end="")
     return 0

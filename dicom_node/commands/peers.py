@@ -116,29 +116,17 @@ def _remove(args: argparse.Namespace, settings: Settings, registry: PeerRegistry
 
 
 def _echo(args: argparse.Namespace, settings: Settings, registry: PeerRegistry) -> int:
-    from pynetdicom import AE
+    from dicom_node.actions import ActionError, echo_peer
+    from dicom_node.audit import LOCAL_SOURCE
+    from dicom_node.web.context import WebContext
 
-    from dicom_node.scp import VERIFICATION_SOP_CLASS
-
-    peer = registry.get(args.name)
-    if peer is None:
-        raise PeerError(f"no peer named {args.name!r}")
-    if peer.port is None or peer.host == "*":
-        raise PeerError(f"peer {peer.name} has no host and port to echo")
-    ae = AE(ae_title=settings.delivery.calling_ae_title or settings.network.ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
-    ae.add_requested_context(VERIFICATION_SOP_CLASS)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_titles[0])
-    if not assoc.is_established:
-        print(f"peer {peer.name}: association to {peer.host}:{peer.port} as {peer.ae_titles[0]} failed", file=sys.stderr)
-        return 1
     try:
-        response = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    status = int(response.Status) if "Status" in response else -1
-    print(f"peer {peer.name}: C-ECHO status 0x{status:04X}" if status >= 0 else f"peer {peer.name}: no C-ECHO response")
-    return 0 if status == 0 else 1
+        result = echo_peer(WebContext(settings, registry.session_factory), args.name, actor=actor_for("fpe-node peers echo"),
+                           source=LOCAL_SOURCE, timeout_s=args.timeout)
+    except ActionError as exc:
+        raise PeerError(exc.message) from None
+    print(result.message, file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
 
 
 def _import(args: argparse.Namespace, settings: Settings, registry: PeerRegistry) -> int:

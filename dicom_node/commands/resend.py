@@ -32,35 +32,23 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Re-queue; exit 0 when rows (or a lost study's analysis) were re-queued, 1 when there was nothing to re-queue."""
-    from dicom_node.delivery import destinations_from_registry, requeue_study
+    """Re-queue through :func:`dicom_node.actions.resend_results` (the REST API's code too); exit 0
+    when rows (or a lost study's analysis) were re-queued, 1 when there was nothing to re-queue."""
+    from dicom_node.actions import ActionError, resend_results
+    from dicom_node.audit import LOCAL_SOURCE
     from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
-    from dicom_node.lifecycle import Lifecycle
-    from dicom_node.outbox import Outbox
-    from dicom_node.peers import PeerRegistry
-    from dicom_node.recovery import recover_study
-    from dicom_node.scu import StoreScu
+    from dicom_node.peers import actor_for
+    from dicom_node.web.context import WebContext
 
     engine = build_engine(settings)
     try:
         upgrade_to_head(engine)
-        sessions = build_session_factory(engine)
-        outbox = Outbox(
-            sessions, settings.delivery, settings.storage.data_dir,
-            StoreScu(settings.delivery.calling_ae_title or settings.network.ae_title),
-            destinations_from_registry(PeerRegistry(sessions)),
-        )
-        # results lost before the outbox (latest analysis never queued): re-run, else re-send the rows
-        recovered = recover_study(sessions, Lifecycle(sessions, settings.completion), settings, args.study, by="resend")
-        lost = recovered is not None and recovered.action == "requeue"
-        count = 0 if lost else requeue_study(outbox, args.study)
+        context = WebContext(settings, build_session_factory(engine))
+        result = resend_results(context, args.study, actor=actor_for("fpe-node resend"), source=LOCAL_SOURCE)
+    except ActionError as exc:
+        print(exc.message)
+        return 1
     finally:
         engine.dispose()
-    if recovered is not None and lost:
-        print(f"study {args.study}: {recovered.why}; its analysis is queued again and the node sends the results")
-        return 0
-    if count == 0:
-        print(f"nothing to resend for study {args.study} (no results queued, or held demonstration results)")
-        return 1
-    print(f"{count} result objects of study {args.study} queued again")
+    print(result.message)
     return 0

@@ -24,10 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dicom_node.lifecycle import as_utc
 from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,154 +66,48 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-# -- queries ---------------------------------------------------------------------------------
+# -- queries (the read model the REST API and the console use too) ----------------------------
+
+_PATIENT_FIELDS = {"patient_name", "patient_id"}  # never shown on the command line
 
 
 def study_rows(
     session: Session, *, state: str | None = None, limit: int | None = 50, study_uid: str | None = None
 ) -> list[Row]:
-    """One row per study (or only ``study_uid``), latest arrival first."""
-    from dicom_node.index.models import Series, Study
+    """One row per study (or only ``study_uid``), latest arrival first (:func:`dicom_node.web.queries.list_studies`)."""
+    from dicom_node.web.queries import list_studies
 
-    series_count = (
-        select(func.count(Series.id)).where(Series.study_pk == Study.id).correlate(Study).scalar_subquery()
-    )
-    instance_count = (
-        select(func.coalesce(func.sum(Series.instance_count), 0))
-        .where(Series.study_pk == Study.id)
-        .correlate(Study)
-        .scalar_subquery()
-    )
-    query = select(Study, series_count.label("series"), instance_count.label("instances")).order_by(
-        Study.last_received_at.desc(), Study.id.desc()
-    )
-    if state:
-        query = query.where(Study.state == state)
-    if study_uid:
-        query = query.where(Study.study_uid == study_uid)
-    if limit:
-        query = query.limit(limit)
-    dead = _dead_letters_by_study(session)
-    failures = _report_failures_by_study(session)
     return [
-        {
-            "study_uid": study.study_uid,
-            "state": study.state,
-            "state_reason": study.state_reason,
-            "accession": study.accession,
-            "description": study.description,
-            "modalities": study.modalities,
-            "acquired_at": study.acquired_at,
-            "first_received_at": _utc(study.first_received_at),
-            "last_received_at": _utc(study.last_received_at),
-            "calling_ae": study.calling_ae,
-            "series": series,
-            "instances": instances,
-            "dead_letters": dead.get(study.study_uid, 0),
-            "report_failures": failures.get(study.study_uid, 0),
-        }
-        for study, series, instances in session.execute(query)
+        study.model_dump(exclude=_PATIENT_FIELDS)
+        for study in list_studies(session, state=state, limit=limit, study_uid=study_uid)
     ]
 
 
 def study_detail(session: Session, study_uid: str) -> Row | None:
-    """Everything ``--study`` shows, or ``None`` when the study is unknown."""
-    from dicom_node.index.models import Series, Study, StudyEvent
+    """Everything ``--study`` shows (:func:`dicom_node.web.queries.study_detail`), or ``None`` when
+    the study is unknown."""
+    from dicom_node.web.queries import study_detail as query_detail
 
-    study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
-    if study is None:
+    found = query_detail(session, study_uid)
+    if found is None:
         return None
-    (summary,) = study_rows(session, study_uid=study_uid, limit=None)
-    series = session.execute(select(Series).where(Series.study_pk == study.id).order_by(Series.number, Series.id))
-    events = session.execute(select(StudyEvent).where(StudyEvent.study_pk == study.id).order_by(StudyEvent.id))
-    detail: Row = dict(summary)
-    detail["series_list"] = [
-        {
-            "series_uid": s.series_uid,
-            "number": s.number,
-            "modality": s.modality,
-            "description": s.description,
-            "manufacturer": s.manufacturer,
-            "instances": s.instance_count,
-            "last_received_at": _utc(s.last_received_at),
-            "complete_at": _utc(s.complete_at),
-        }
-        for s in series.scalars()
-    ]
-    detail["timeline"] = [{"at": _utc(e.at), "state": e.state, "detail": e.detail} for e in events.scalars()]
-    detail["sections"] = {}
+    detail: Row = found.model_dump(
+        exclude=_PATIENT_FIELDS | {"jobs", "deliveries", "quarantined", "analyses", "dead_letter_list"}
+    )
+    detail["sections"] = {
+        "analysis jobs": [job.model_dump() for job in found.jobs],
+        "deliveries": [delivery.model_dump() for delivery in found.deliveries],
+        "quarantined instances": [item.model_dump() for item in found.quarantined],
+    }
     for section in DETAIL_SECTIONS:
         title, rows = section(session, study_uid)
         detail["sections"][title] = rows
     return detail
 
 
-def _jobs_section(session: Session, study_uid: str) -> tuple[str, list[Row]]:
-    """The study's analysis jobs (queue entries), oldest first."""
-    from dicom_node.index.jobs import AnalysisJob
-    from dicom_node.index.models import Study
-
-    jobs = session.execute(
-        select(AnalysisJob).join(Study, Study.id == AnalysisJob.study_pk)
-        .where(Study.study_uid == study_uid).order_by(AnalysisJob.id)
-    ).scalars()
-    return "analysis jobs", [
-        {
-            "state": job.state,
-            "reason": job.reason,
-            "enqueued_at": _utc(job.enqueued_at),
-            "claimed_at": _utc(job.claimed_at),
-            "attempts": job.attempts,
-            "outcome": job.outcome,
-        }
-        for job in jobs
-    ]
-
-
-def _deliveries_section(session: Session, study_uid: str) -> tuple[str, list[Row]]:
-    """Each result object per destination, dead letters included (``dicom_node.outbox``)."""
-    from dicom_node.outbox import delivery_rows
-
-    return "deliveries", [_plain(row) for row in delivery_rows(session, study_uid)]
-
-
-def _quarantine_section(session: Session, study_uid: str) -> tuple[str, list[Row]]:
-    """Instances kept but left out of every case, with the reason (``dicom_node.quarantine``)."""
-    from dicom_node.index.models import Instance, Series, Study
-
-    rows = session.execute(
-        select(Instance.sop_instance_uid, Series.series_uid, Instance.quarantine_reason)
-        .join(Series, Series.id == Instance.series_pk).join(Study, Study.id == Series.study_pk)
-        .where(Study.study_uid == study_uid, Instance.quarantine_reason.is_not(None)).order_by(Instance.id)
-    ).all()
-    return "quarantined instances", [
-        {"sop_instance_uid": sop_uid, "series_uid": series_uid, "reason": reason} for sop_uid, series_uid, reason in rows
-    ]
-
-
-def _dead_letters_by_study(session: Session) -> dict[str, int]:
-    from dicom_node.outbox import delivery_rows
-
-    counts: dict[str, int] = {}
-    for row in delivery_rows(session, states=["dead"]):
-        counts[row.study_uid] = counts.get(row.study_uid, 0) + 1
-    return counts
-
-
-def _report_failures_by_study(session: Session) -> dict[str, int]:
-    """Times each study went to ``report_failed`` (its timeline), by Study Instance UID."""
-    from dicom_node.index.models import Study, StudyEvent
-    from dicom_node.lifecycle import StudyState
-
-    rows = session.execute(
-        select(Study.study_uid, func.count(StudyEvent.id)).join(StudyEvent, StudyEvent.study_pk == Study.id)
-        .where(StudyEvent.state == StudyState.REPORT_FAILED.value).group_by(Study.study_uid)
-    )
-    return {study_uid: int(count) for study_uid, count in rows}
-
-
-DETAIL_SECTIONS: tuple[DetailSection, ...] = (_jobs_section, _deliveries_section, _quarantine_section)
-"""Sections of ``fpe-node studies --study`` after series and timeline, in order."""
+DETAIL_SECTIONS: tuple[DetailSection, ...] = ()
+"""Extra sections of ``fpe-node studies --study`` after series, timeline, analysis jobs,
+deliveries and quarantined instances, in order."""
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -232,11 +124,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dt.datetime):  # naive: acquired_at, the scanner's local time
         return value.isoformat(timespec="seconds")
     return value
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    """Index timestamps are UTC; SQLite hands them back without zone."""
-    return None if value is None else as_utc(value)
 
 
 def _dumps(value: Any) -> str:
