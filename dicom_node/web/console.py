@@ -21,22 +21,30 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request, status
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
 
-from dicom_node import __version__
-from dicom_node.web import auth
+from dicom_node import __version__, actions
+from dicom_node.lifecycle import StudyState
+from dicom_node.peers import PeerError, PeerInfo, PeerRegistry, validate_peer
+from dicom_node.web import auth, queries
 from dicom_node.web.context import WebContext
 from dicom_node.web.deps import Principal, Role, current_principal, require
+from dicom_node.web.models import StudySummary
 
 log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=StudySummary)
 
 router = APIRouter(include_in_schema=False)
 
@@ -221,8 +229,8 @@ def _registry(request: Request) -> PeerRegistry:
 
 
 def _actor(principal: Principal) -> str:
-    """The audit actor of a console change."""
-    return f"console ({principal.name})"
+    """The audit actor of a console change (the user; the audit row's source says from where)."""
+    return principal.name
 
 
 def _peer_from_form(name: str, ae_titles: str, host: str, port: str, roles: list[str]) -> PeerInfo:
@@ -277,7 +285,7 @@ def add_peer(
     """Register a peer (:meth:`PeerRegistry.add`, audited)."""
     try:
         peer = _peer_from_form(name, ae_titles, host, port, roles)
-        _registry(request).add(peer, actor=_actor(principal))
+        _registry(request).add(peer, actor=_actor(principal), source=client_address(request))
     except PeerError as exc:
         return back_to("/peers", str(exc), error=True)
     return back_to("/peers", f"peer {peer.name} added")
@@ -298,7 +306,10 @@ def change_peer(
     if registry.get(name) is None:
         return back_to("/peers", f"no peer named {name!r}", error=True)
     try:
-        registry.add(_peer_from_form(name, ae_titles, host, port, roles), actor=_actor(principal), replace=True)
+        registry.add(
+            _peer_from_form(name, ae_titles, host, port, roles), actor=_actor(principal), replace=True,
+            source=client_address(request),
+        )
     except PeerError as exc:
         return back_to(f"/peers/{quote(name)}", str(exc), error=True)
     return back_to("/peers", f"peer {name} changed")
@@ -308,10 +319,21 @@ def change_peer(
 def remove_peer(request: Request, name: str, principal: Principal = Depends(require(Role.admin))) -> Response:
     """Remove a peer (:meth:`PeerRegistry.remove`, audited)."""
     try:
-        _registry(request).remove(name, actor=_actor(principal))
+        _registry(request).remove(name, actor=_actor(principal), source=client_address(request))
     except PeerError as exc:
         return back_to("/peers", str(exc), error=True)
     return back_to("/peers", f"peer {name} removed")
+
+
+@router.post("/peers/{name}/echo")
+def echo_peer(request: Request, name: str, principal: Principal = Depends(require(Role.operator))) -> Response:
+    """C-ECHO a peer (:func:`dicom_node.actions.echo_peer`, audited) and show the answer."""
+    try:
+        result = actions.echo_peer(web_context(request), name, actor=_actor(principal), source=client_address(request))
+    except actions.ActionError as exc:
+        return back_to("/peers", exc.message, error=True)
+    outcome = "success" if result.ok else "failed"
+    return back_to("/peers", f"C-ECHO {result.peer}: {outcome} ({result.message})", error=not result.ok)
 
 
 # -- users ----------------------------------------------------------------------------------------
@@ -378,3 +400,161 @@ def remove_user(request: Request, name: str, principal: Principal = Depends(requ
     except auth.UserError as exc:
         return back_to("/users", str(exc), error=True)
     return back_to("/users", f"user {name} removed")
+
+
+# -- dashboard, studies, dead letters, alerts -------------------------------------------------------
+
+STUDY_ACTIONS = {
+    "complete": (actions.force_complete, "Force complete"),
+    "rerun": (actions.rerun_analysis, "Re-run analysis"),
+    "resend": (actions.resend_results, "Resend results"),
+}
+"""The study page's buttons: route suffix -> (action, label)."""
+
+DEAD_LETTER_ACTIONS = {"retry": actions.retry_dead_letter, "drop": actions.drop_dead_letter}
+
+
+def _with_patients(request: Request, session: Session, studies: list[S]) -> list[S]:
+    """``studies`` with patient name and ID filled in, for the logged-in roles allowed to see them
+    (every console role: the console is for the PACS team; never in URLs nor logs)."""
+    return queries.fill_patient(session, web_context(request).settings.storage.data_dir, studies)
+
+
+@router.get("/", response_class=HTMLResponse)
+def dashboard_page(request: Request) -> Response:
+    """What arrived, what waits and why, what was delivered and what failed (24 h); disk, queues,
+    workers, model; the node-wide suspension flags with their buttons."""
+    principal = page_principal(request)
+    if principal is None:
+        return to_login(request)
+    context = web_context(request)
+    board = queries.dashboard(context)
+    with context.session_factory() as session:
+        failures = _with_patients(request, session, list(board.recent_failures))
+    return render(request, "dashboard.html", principal, title="Dashboard", current="/", board=board, failures=failures,
+                  suspendable=actions.SUSPENDABLE, refresh_s=30)
+
+
+def _parse_day(text: str | None) -> dt.datetime | None:
+    """The start (UTC) of a ``YYYY-MM-DD`` day from the filter form, ``None`` for empty or bad input."""
+    if not text:
+        return None
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+
+
+@router.get("/studies", response_class=HTMLResponse)
+def studies_page(
+    request: Request, state: str = "", since: str = "", sender: str = "", limit: int = 50
+) -> Response:
+    """Studies, latest arrival first, filtered by state, arrival day and sender."""
+    principal = page_principal(request)
+    if principal is None:
+        return to_login(request)
+    limit = min(max(limit, 1), 1000)
+    states = [value.value for value in StudyState]
+    with web_context(request).session_factory() as session:
+        studies = queries.list_studies(
+            session, state=state if state in states else None, since=_parse_day(since), sender=sender.strip() or None,
+            limit=limit,
+        )
+        studies = _with_patients(request, session, studies)
+    filters = {"state": state, "since": since if _parse_day(since) else "", "sender": sender, "limit": limit}
+    return render(request, "studies.html", principal, title="Studies", current="/studies", studies=studies,
+                  states=states, filters=filters)
+
+
+@router.get("/studies/{study_uid}", response_class=HTMLResponse)
+def study_page(request: Request, study_uid: str) -> Response:
+    """One study: series, timeline, analyses, jobs, deliveries, dead letters and the action buttons."""
+    principal = page_principal(request)
+    if principal is None:
+        return to_login(request)
+    with web_context(request).session_factory() as session:
+        detail = queries.study_detail(session, study_uid)
+        if detail is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "study not in the index")
+        (detail,) = _with_patients(request, session, [detail])
+    return render(request, "study.html", principal, title=f"Study {study_uid}", current="/studies", study=detail,
+                  study_actions=STUDY_ACTIONS)
+
+
+@router.post("/studies/{study_uid}/{what}")
+def study_action(
+    request: Request, study_uid: str, what: str, principal: Principal = Depends(require(Role.operator))
+) -> Response:
+    """Force complete, re-run or resend (:mod:`dicom_node.actions`, audited) and go back to the study."""
+    if what not in STUDY_ACTIONS:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study action {what!r}")
+    action, _ = STUDY_ACTIONS[what]
+    page = f"/studies/{quote(study_uid)}"
+    try:
+        result = action(web_context(request), study_uid, actor=principal.name, source=client_address(request))
+    except actions.ActionError as exc:
+        return back_to(page, exc.message, error=True)
+    return back_to(page, result.message)
+
+
+@router.get("/dead-letters", response_class=HTMLResponse)
+def dead_letters_page(request: Request) -> Response:
+    """Result objects not stored before their deadline, with retry and drop buttons."""
+    principal = page_principal(request)
+    if principal is None:
+        return to_login(request)
+    with web_context(request).session_factory() as session:
+        letters = queries.dead_letters(session)
+    return render(request, "dead_letters.html", principal, title="Dead letters", current="/dead-letters",
+                  letters=letters)
+
+
+@router.post("/dead-letters/{item_id}/{what}")
+def dead_letter_action(
+    request: Request, item_id: int, what: str, principal: Principal = Depends(require(Role.operator)),
+    back: str = Form("/dead-letters"),
+) -> Response:
+    """Retry or drop one dead letter (:mod:`dicom_node.actions`, audited)."""
+    if what not in DEAD_LETTER_ACTIONS:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dead-letter action {what!r}")
+    page = local_path(back, "/dead-letters")
+    try:
+        result = DEAD_LETTER_ACTIONS[what](web_context(request), item_id, actor=principal.name, source=client_address(request))
+    except actions.ActionError as exc:
+        return back_to(page, exc.message, error=True)
+    return back_to(page, result.message)
+
+
+@router.post("/suspend")
+def suspend(request: Request, principal: Principal = Depends(require(Role.operator)), what: str = Form("")) -> Response:
+    """Suspend analysis or delivery node-wide (:func:`dicom_node.actions.suspend`)."""
+    return _suspension(request, principal, what, actions.suspend)
+
+
+@router.post("/resume")
+def resume(request: Request, principal: Principal = Depends(require(Role.operator)), what: str = Form("")) -> Response:
+    """Resume analysis or delivery node-wide (:func:`dicom_node.actions.resume`)."""
+    return _suspension(request, principal, what, actions.resume)
+
+
+def _suspension(request: Request, principal: Principal, what: str, action: Callable[..., actions.ActionResult]) -> Response:
+    if what not in actions.SUSPENDABLE:
+        return back_to("/", f"cannot suspend or resume {what!r} (analysis or delivery)", error=True)
+    try:
+        result = action(web_context(request), what, actor=principal.name, source=client_address(request))
+    except actions.ActionError as exc:
+        return back_to("/", exc.message, error=True)
+    return back_to("/", result.message)
+
+
+@router.get("/alerts", response_class=HTMLResponse)
+def alerts_page(request: Request) -> Response:
+    """The alerts the node sent (or failed to send), newest first (:func:`dicom_node.alerts.recent`)."""
+    principal = page_principal(request)
+    if principal is None:
+        return to_login(request)
+    from dicom_node import alerts
+
+    with web_context(request).session_factory() as session:
+        recent = alerts.recent(session, 200)
+    return render(request, "alerts.html", principal, title="Alerts", current="/alerts", alerts=recent)
