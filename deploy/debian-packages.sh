@@ -5,7 +5,7 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 pkgs=("$@")
 if [ ${#pkgs[@]} -eq 0 ]; then
-  pkgs=(dcmtk dicom3tools orthanc orthanc-dicomweb libpixelmed-java default-jre-headless postgresql chromium)
+  pkgs=(dcmtk dicom3tools orthanc orthanc-dicomweb libpixelmed-java default-jre-headless postgresql chromium prometheus)
 fi
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

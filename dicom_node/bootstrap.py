@@ -19,6 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.alerts import Alerts
 from dicom_node.completion import Completion, SelectionReadiness
 from dicom_node.delivery import Delivery, build_delivery, destinations_from_registry
 from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
@@ -56,6 +57,7 @@ class Node:
     delivery: Delivery
     workers: InferenceWorkers
     selector: Selector  # completion's; the worker builds the same one (dicom_node.selector.build_selector)
+    alerts: Alerts | None = None  # rules evaluated on the scheduler (dicom_node.alerts)
 
     def add_listener(self, listener: IngestListener) -> None:
         """Follow arrivals with ``listener`` (call before :meth:`start`; e.g. needing the session factory)."""
@@ -147,9 +149,11 @@ def build_node(
     scp = StorageSCP(settings.network, ingest=ingest, registry=peers)
     delivery = build_delivery(settings, session_factory, lifecycle, destinations_from_registry(peers))
     workers = InferenceWorkers(settings, on_result=[delivery.on_result])
+    alerts = Alerts(settings, session_factory, retention.used_pct)
+    alerts.start(scheduler)
     return Node(
         settings, engine, session_factory, files, peers, dispatcher, scp, scheduler, lifecycle, completion, retention,
-        delivery, workers, readiness.selector,
+        delivery, workers, readiness.selector, alerts,
     )
 
 

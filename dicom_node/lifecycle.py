@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2
 """Times a worker may take a study before an interruption counts as a failure."""
 
+INTERRUPTED_REASON = "analysis interrupted"
+"""Start of the ``not_analysed`` reason of a study interrupted :data:`MAX_ATTEMPTS` times (alerts match it)."""
+
 
 class StudyState(str, enum.Enum):
     """States of a study in the node (stored as their string value in ``study.state``)."""
@@ -502,7 +505,7 @@ def _rebuild_one(session: Session, study_uid: str, state: StudyState) -> str:
     if attempts >= MAX_ATTEMPTS:
         transition(
             session, study_uid, S.NOT_ANALYSED,
-            f"analysis interrupted {attempts} times (node stopped or crashed); not retried",
+            f"{INTERRUPTED_REASON} {attempts} times (node stopped or crashed); not retried",
             expected={S.ANALYSING},
         )
         return "failed"

@@ -38,7 +38,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -307,6 +307,8 @@ class Outbox:
         self.on_settled = on_settled
         self.rules = rules if rules is not None else load_routing_rules(delivery.routing_rules)
         self._pass_lock = threading.Lock()
+        self.attempts: Counter[tuple[str, str]] = Counter()
+        """Delivery attempts made by this process, by (destination, ``sent`` | ``failed``) (``/metrics``)."""
 
     # -- queueing -----------------------------------------------------------------------
 
@@ -478,6 +480,7 @@ class Outbox:
     def _apply(self, row: OutboxItem, outcome: StoreOutcome, now: dt.datetime, report: RunReport) -> None:
         report.attempted += 1
         row.attempts += 1
+        self.attempts[(row.destination, "sent" if outcome.ok else "failed")] += 1
         row.last_try_at = now
         row.updated_at = now
         row.last_status = outcome.status

@@ -191,11 +191,14 @@ class AssociationTracker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._states: dict[int, _AssociationState] = {}
+        self.accepted = 0
+        """Associations accepted since start (``/metrics``)."""
 
     def open(self, assoc: Association, peer: PeerInfo | None) -> None:
         """Remember an accepted association's peer."""
         with self._lock:
             self._states[id(assoc)] = _AssociationState(peer)
+            self.accepted += 1
 
     def peer(self, assoc: Association) -> PeerInfo | None:
         """The peer of an association (None if unknown)."""
@@ -267,6 +270,20 @@ class Ingest:
         self._in_flight_lock = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=_WRITER_THREADS, thread_name_prefix="fpenode-write")
         self._keys = repository.KeyCache()
+        self._statuses: Counter[str] = Counter()
+        self._statuses_lock = threading.Lock()
+
+    def count_status(self, status: int) -> None:
+        """Count one answered C-STORE by its status (``/metrics``)."""
+        name = Status(status).name.lower() if status in Status._value2member_map_ else f"0x{status:04x}"
+        with self._statuses_lock:
+            self._statuses[name] += 1
+
+    @property
+    def statuses(self) -> Counter[str]:
+        """C-STOREs answered since start, by status name (``success``, ``out_of_resources``, ...)."""
+        with self._statuses_lock:
+            return Counter(self._statuses)
 
     def close(self) -> None:
         """Stop the file-writing threads (after the last C-STORE has been answered)."""
@@ -431,7 +448,13 @@ class Ingest:
 
 # -- event handlers (dependencies passed as extra arguments) ------------------------------
 def handle_store(event: Event, ingest: Ingest) -> int:
-    """EVT_C_STORE: answer only once the instance is on disk and indexed."""
+    """EVT_C_STORE: answer only once the instance is on disk and indexed; the status is counted."""
+    status = _store_status(event, ingest)
+    ingest.count_status(status)
+    return status
+
+
+def _store_status(event: Event, ingest: Ingest) -> int:
     try:
         return int(ingest.store(event))
     except (StoreError, HeaderError) as exc:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from config import DEFAULT_SETTINGS
@@ -385,6 +385,86 @@ class ConsoleSettings(BaseModel):
     password_min_length: int = Field(10, ge=8, le=128, description="Shortest password `fpe-node users add/passwd` and the API accept.")
 
 
+AlertRule = Literal["dead_letter", "analysis_failed", "disk_high", "no_analysis"]
+ALERT_RULES: tuple[AlertRule, ...] = ("dead_letter", "analysis_failed", "disk_high", "no_analysis")
+"""Alert rules of :mod:`dicom_node.alerts`."""
+
+
+def _redact_webhook_url(url: str) -> str:
+    """``scheme://host/***``: a webhook URL's path and query often carry its secret (Slack, Teams)."""
+    head, sep, rest = url.partition("://")
+    return f"{head}{sep}{rest.split('/', 1)[0].rsplit('@', 1)[-1]}/***" if sep else "***"
+
+
+class WebhookChannelSettings(BaseModel):
+    """An alert channel posting JSON to a URL."""
+
+    model_config = _frozen()
+
+    name: str = Field(..., min_length=1, max_length=64, description="Name of the channel (shown in the alert log).")
+    url: str = Field(
+        ..., pattern=r"^https?://", description="URL the alert is POSTed to; shown as scheme://host/*** in `config show`."
+    )
+    template: Literal["json", "slack", "teams"] = Field(
+        "json", description="Payload: json (the alert's fields), slack (Slack incoming webhook), teams (MessageCard)."
+    )
+    timeout_s: float = Field(5.0, gt=0, description="Connect and read timeout of one attempt.")
+
+    @field_serializer("url", when_used="json")
+    def _url_redacted(self, url: str) -> str:
+        return _redact_webhook_url(url)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """``repr`` without the URL's secret part."""
+        for name, value in super().__repr_args__():
+            yield name, _redact_webhook_url(value) if name == "url" else value
+
+
+class EmailChannelSettings(BaseModel):
+    """An alert channel sending e-mail over SMTP."""
+
+    model_config = _frozen()
+
+    name: str = Field(..., min_length=1, max_length=64, description="Name of the channel (shown in the alert log).")
+    host: str = Field(..., min_length=1, description="SMTP server.")
+    port: int = Field(25, ge=1, le=65535, description="SMTP port (587 with starttls is usual).")
+    starttls: bool = Field(False, description="Upgrade the connection with STARTTLS before logging in or sending.")
+    username: str | None = Field(None, description="SMTP login user (empty: no login).")
+    password: SecretStr | None = Field(None, description="SMTP login password (never printed).")
+    sender: str = Field(..., min_length=3, description="From address.")
+    recipients: tuple[str, ...] = Field(..., min_length=1, description="To addresses.")
+    timeout_s: float = Field(10.0, gt=0, description="Connection timeout of one attempt.")
+
+
+class AlertSettings(BaseModel):
+    """Alerts on dead letters, failed analyses, a full disk and stalled analysis (see dicom_node.alerts)."""
+
+    model_config = _frozen()
+
+    enabled: bool = Field(True, description="Evaluate the alert rules (nothing is sent without a channel).")
+    check_interval_s: float = Field(60.0, gt=0, description="How often the rules are evaluated.")
+    rules: tuple[AlertRule, ...] = Field(
+        ALERT_RULES, description="Rules evaluated: dead_letter, analysis_failed, disk_high, no_analysis."
+    )
+    webhooks: tuple[WebhookChannelSettings, ...] = Field((), description="Webhook channels (name, url, template, timeout_s).")
+    emails: tuple[EmailChannelSettings, ...] = Field(
+        (), description="E-mail channels (name, host, port, starttls, username, password, sender, recipients, timeout_s)."
+    )
+    rate_limit_s: float = Field(
+        900.0, ge=0, description="At most one alert per rule and channel this often; later ones are recorded as suppressed."
+    )
+    retry_attempts: int = Field(3, ge=1, le=10, description="Attempts to send one alert on one channel.")
+    retry_initial_s: float = Field(2.0, ge=0, description="Delay before the second attempt; doubles for each further one.")
+    no_analysis_after_s: float = Field(
+        3600.0, gt=0,
+        description="no_analysis fires when studies whose last instance is older than this still wait and no study was "
+        "analysed for this long.",
+    )
+    include_patient_data: bool = Field(
+        False, description="Add Patient ID and Accession Number to alerts (off: UIDs only, no patient data)."
+    )
+
+
 class LoggingSettings(BaseModel):
     """Console logging of `fpe-node serve`."""
 
@@ -415,6 +495,7 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = DeliverySettings()
     peers: tuple[PeerSettings, ...] = ()
     console: ConsoleSettings = ConsoleSettings()
+    alerts: AlertSettings = AlertSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod

@@ -59,6 +59,8 @@ from inference.result import NotAnalysed, Prediction
 log = logging.getLogger(__name__)
 
 Result = Prediction | NotAnalysed
+INTERNAL_ERROR_REASON = "internal error during analysis"
+"""Start of the ``not_analysed`` reason of a run that raised (alerts match it)."""
 ResultCallback = Callable[[str, Result], object]  # the return value is ignored
 
 
@@ -163,7 +165,7 @@ class Analyst:
             outcome = self._analyse(job)
         except Exception as exc:  # noqa: BLE001 - one bad study must not stop the worker; logged with traceback
             log.exception("analysis of study %s failed", job.study_uid)
-            reason = f"internal error during analysis ({type(exc).__name__}); see the node's log"
+            reason = f"{INTERNAL_ERROR_REASON} ({type(exc).__name__}); see the node's log"
             outcome = self._finish(job, StudyState.NOT_ANALYSED, NotAnalysed(reason), None)
         log.info(
             "study %s: %s in %.1f s", job.study_uid, outcome.state.value, time.perf_counter() - started
@@ -229,8 +231,23 @@ def _prediction_detail(result: Result) -> str | None:
 # --------------------------------------------------------------------------- processes
 
 
-def _worker_main(settings: Settings, stop: EventType, results: Any, poll_s: float) -> None:
-    """Body of one worker process: build the :class:`Analyst` once, then claim jobs until told to stop."""
+def model_identity(predictor: Predictor) -> dict[str, Any]:
+    """What a worker serves, as it reports it to the node: the model card's name, version, weights digest."""
+    card = predictor.card
+    return {
+        "name": card.name, "version": card.version, "weights_sha256": card.weights_sha256,
+        "demonstration": bool(card.demonstration),
+    }
+
+
+def _worker_main(
+    settings: Settings, stop: EventType, results: Any, poll_s: float, loaded: Any = None, number: int = 0
+) -> None:
+    """Body of one worker process: build the :class:`Analyst` once, then claim jobs until told to stop.
+
+    Once the model is loaded, ``(number, identity)`` goes to the ``loaded`` queue
+    (:meth:`InferenceWorkers.loaded_models`, read by ``/health/ready`` and ``/metrics``).
+    """
     from dicom_node.logs import configure
 
     configure(settings.logging.level)
@@ -239,6 +256,8 @@ def _worker_main(settings: Settings, stop: EventType, results: Any, poll_s: floa
     use_installation_secret(settings.storage.data_dir)  # a spawned process: key its log hashes too
     analyst = Analyst(settings)
     log.info("inference worker ready (model %s %s)", analyst.predictor.card.name, analyst.predictor.card.version)
+    if loaded is not None:
+        loaded.put((number, model_identity(analyst.predictor)))
     while not stop.is_set():
         outcome = analyst.run_next()
         if outcome is None:
@@ -269,10 +288,13 @@ class InferenceWorkers:
         context = multiprocessing.get_context("spawn")
         self._stop = context.Event()
         self._results: Any = context.Queue()
+        self._loaded_queue: Any = context.Queue()
+        self._loaded: dict[int, dict[str, Any]] = {}
+        self._loaded_lock = threading.Lock()
         self._processes = [
             context.Process(
                 target=_worker_main,
-                args=(settings, self._stop, self._results, poll_s),
+                args=(settings, self._stop, self._results, poll_s, self._loaded_queue, number),
                 name=f"fpe-inference-{number}",
                 daemon=True,
             )
@@ -293,6 +315,28 @@ class InferenceWorkers:
     def alive(self) -> int:
         """Number of worker processes running."""
         return sum(process.is_alive() for process in self._processes)
+
+    @property
+    def configured(self) -> int:
+        """Number of worker processes the settings ask for."""
+        return len(self._processes)
+
+    def loaded_models(self) -> dict[int, dict[str, Any]]:
+        """Model identity (:func:`model_identity`) of each running worker that has loaded its model, by number.
+
+        A worker reports once, after building its :class:`Analyst`; a worker that died is left out.
+        """
+        with self._loaded_lock:
+            while True:
+                try:
+                    number, identity = self._loaded_queue.get_nowait()
+                except (queue.Empty, OSError, ValueError):  # empty, or closed at shutdown
+                    break
+                self._loaded[int(number)] = dict(identity)
+            return {
+                number: identity for number, identity in self._loaded.items()
+                if self._processes[number].is_alive()
+            }
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Ask the workers to stop after their current study; terminate any still running after ``timeout_s``."""
