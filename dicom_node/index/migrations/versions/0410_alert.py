@@ -1,7 +1,7 @@
 """alert: alerts sent, failed or suppressed (dicom_node.alerts)
 
 Revision ID: 0410_alert
-Revises: 0300_instance_quarantine
+Revises: 0400_users
 Create Date: 2026-12-02 00:00:00
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0410_alert"
-down_revision: str | None = "0300_instance_quarantine"
+down_revision: str | None = "0400_users"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
