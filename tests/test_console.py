@@ -35,12 +35,17 @@ from typing import Any
 import pytest
 import yaml
 
+from dicom_node.index.db import build_engine, build_session_factory
+from dicom_node.peers import PeerRegistry
+from dicom_node.settings import load_settings
+from dicom_node.web import auth
+from dicom_node.web.context import WebContext
 from tests.archives import StorescpArchive, free_port
 from tests.conftest import NODE_AE, REPO_ROOT, TEST_PEER, ServeProcess, settings_overrides
 from tests.factory import Patient, Study, write_ct_stroke_study
 from tests.peers import DCMTK
 from tests.training_support import reduced_checkpoint
-from tests.viewer import CHROMIUM, chromium_page
+from tests.viewer import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("console"), pytest.mark.timeout(420)]
 
@@ -59,6 +64,7 @@ class ConsoleNode:
     archive: StorescpArchive
     config: Path
     study: Study
+    registry: PeerRegistry  # the node's peer registry, read from its index
     urls: list[str] = field(default_factory=list)  # every URL a browser page of this module asked for
 
     @property
@@ -105,20 +111,25 @@ def console_node(tmp_path_factory: pytest.TempPathFactory, dcmtk: DCMTK) -> Iter
     (root / "node").mkdir()
     config = root / "site.yaml"
     config.write_text(yaml.safe_dump(sections))
-    for name in ("admin", "viewer"):
-        _add_user(config, name, name)
+    # The first admin as a site creates it; the viewer through the same function, in-process (cheaper).
+    _add_user(config, "admin", "admin")
+    settings = load_settings(config, environ={})
+    engine = build_engine(settings)
+    context = WebContext(settings, build_session_factory(engine))
+    auth.add_user(context, "viewer", "viewer", PASSWORDS["viewer"], actor="test", source="test")
     environ = {k: v for k, v in os.environ.items() if not k.startswith("FPENODE_")}
     serve = ServeProcess(config=config, log_path=root / "serve.log", env=environ).start()
     try:
         acquired = dt.datetime.now() - dt.timedelta(minutes=5)
         study = write_ct_stroke_study(
-            root / "study", patient=PATIENT, rows=48, thin_slices=30, with_thick=False, with_reformats=False,
-            with_mips=False, with_dose_report=False, cta_slices=40, seed=21,
+            root / "study", patient=PATIENT, rows=48, thin_slices=40, with_thick=False, with_reformats=False,
+            with_mips=False, with_dose_report=False, cta_slices=50, seed=21,
             study_date=acquired.strftime("%Y%m%d"), study_time=acquired.strftime("%H%M%S"),
         )
         sent = dcmtk.storescu(serve.port, study.paths(), called=NODE_AE, env={"TCP_NODELAY": "1"})
         assert sent.returncode == 0, sent.stderr[-2000:]
-        node = ConsoleNode(serve=serve, archive=archive, config=config, study=study)
+        node = ConsoleNode(serve=serve, archive=archive, config=config, study=study,
+                           registry=PeerRegistry(context.session_factory))
         yield node
         for url in node.urls:
             assert PATIENT.name not in url and PATIENT.patient_id not in url, url
@@ -128,16 +139,35 @@ def console_node(tmp_path_factory: pytest.TempPathFactory, dcmtk: DCMTK) -> Iter
         if serve.process is not None and serve.process.poll() is None:
             serve.terminate()
         archive.stop()
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's headless Chromium, launched as tests/viewer.py does, once for the module."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield launched
+        finally:
+            launched.close()
 
 
 @pytest.fixture
-def browser_page(console_node: ConsoleNode) -> Iterator[Any]:
-    """A fresh browser context (no cookies) recording every URL it asks for; confirm dialogs accepted."""
-    with chromium_page(width=1280, height=800) as page:
+def browser_page(console_node: ConsoleNode, browser: Any) -> Iterator[Any]:
+    """A page in a fresh browser context (no cookies) at 1280 x 800, recording every URL it asks for;
+    confirm dialogs are accepted."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        page = context.new_page()
         page.set_default_timeout(PAGE_TIMEOUT_MS)
         page.on("request", lambda request: console_node.urls.append(request.url))
         page.on("dialog", lambda dialog: dialog.accept())
         yield page
+    finally:
+        context.close()
 
 
 def _log_in(page: Any, node: ConsoleNode, name: str, *, start: str = "") -> None:
@@ -150,17 +180,19 @@ def _log_in(page: Any, node: ConsoleNode, name: str, *, start: str = "") -> None
     assert name in page.inner_text(".who")
 
 
-def _reload_until(page: Any, url: str, found: Callable[[str], bool], timeout_s: float, what: str) -> str:
-    """Open ``url`` again every second until ``found(page text)``; fail naming ``what`` after ``timeout_s``."""
+def _reload_until(page: Any, url: str, selector: str, found: Callable[[str], bool], timeout_s: float, what: str) -> str:
+    """Open ``url`` again every second until ``found`` holds for the text of ``selector`` (``""`` when it
+    is not on the page); fail naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     text = ""
     while time.monotonic() < deadline:
         page.goto(url)
-        text = page.inner_text("main")
+        located = page.locator(selector)
+        text = located.first.inner_text() if located.count() else ""
         if found(text):
             return text
         time.sleep(1.0)
-    raise AssertionError(f"{what} not shown after {timeout_s} s; page:\n{text[-2000:]}")
+    raise AssertionError(f"{what} not shown after {timeout_s} s; {selector}:\n{text[-2000:]}\npage:\n{page.inner_text('main')[-2000:]}")
 
 
 def _flash(page: Any) -> str:
@@ -192,7 +224,9 @@ def test_admin_logs_in_adds_a_peer_and_echoes_it(console_node: ConsoleNode, brow
         form.locator("input[name=ae_titles]").fill("ECHOSCP")
         form.locator("input[name=host]").fill("127.0.0.1")
         form.locator("input[name=port]").fill(str(echo_scp.port))
-        form.locator("input[name=roles][value=destination]").check()
+        # A source (a modality or PACS that sends and answers C-ECHO): as a destination it would
+        # also get the other test's results while it exists.
+        assert form.locator("input[name=roles][value=source]").is_checked()
         form.locator("button[type=submit]").click()
         assert "echo-peer added" in _flash(page)
         row = page.locator("tr", has_text="echo-peer")
@@ -212,8 +246,7 @@ def test_admin_logs_in_adds_a_peer_and_echoes_it(console_node: ConsoleNode, brow
     page.locator("tr", has_text="echo-peer").get_by_role("button", name="Remove").click()
     assert "echo-peer removed" in _flash(page)
     assert "echo-peer" not in page.inner_text("table#peers")
-    listed = _cli(node.config, "peers", "list")
-    assert "echo-peer" not in listed.stdout and "archive" in listed.stdout
+    assert {peer.name for peer in node.registry.list_peers()} == {"archive", "TESTSCU"}
 
 
 def test_study_is_delivered_and_a_dead_letter_is_retried_from_the_page(
@@ -224,13 +257,12 @@ def test_study_is_delivered_and_a_dead_letter_is_retried_from_the_page(
     _log_in(page, node, "admin", start="studies")
 
     # The study sent by storescu appears, and reaches `delivered` (the list refreshes on reload).
-    _reload_until(page, node.url + "studies", lambda text: study_uid in text, 60.0, "the study")
-    row_text = _reload_until(
-        page, node.url + "studies",
-        lambda text: any(study_uid in line and "delivered" in line for line in text.splitlines()),
-        RESULT_TIMEOUT_S, "the study delivered",
-    )
-    assert PATIENT.name.replace("^", " ") in row_text or PATIENT.name in row_text
+    row = f"#studies tr:has(a:text-is('{study_uid}'))"
+    _reload_until(page, node.url + "studies", row, bool, 60.0, "the study")
+    _reload_until(page, node.url + "studies", f"{row} td.study-state .state", lambda text: text == "delivered",
+                  RESULT_TIMEOUT_S, "the study delivered")
+    row_text = page.locator(row).inner_text()
+    assert PATIENT.name in row_text and PATIENT.patient_id in row_text
     sr_uids = set(node.archive.store_requests())
     assert sr_uids, "the archive received nothing"
 
@@ -242,19 +274,22 @@ def test_study_is_delivered_and_a_dead_letter_is_retried_from_the_page(
         assert page.get_by_role("heading", name=heading).count() == 1, heading
     assert "archive" in page.inner_text("#deliveries") and "sent" in page.inner_text("#deliveries")
     assert "delivered" in page.inner_text("#timeline")
+    assert page.locator("#analyses .state").first.inner_text() == "analysed", page.inner_text("#analyses")
+    assert "FPE likely" in page.inner_text("#analyses") or "FPE unlikely" in page.inner_text("#analyses")
     assert node.study.role("ncct").series_uid in text
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "study.png"), full_page=True)
 
     # Archive down: a resend from the page dead-letters the SR once its 4 s deadline passes.
     node.archive.stop()
     requests_before = len(node.archive.store_requests())
     page.get_by_role("button", name="Resend results").click()
     assert "queued again" in _flash(page)
-    dead = _reload_until(page, node.url + "dead-letters", lambda text: study_uid in text, 60.0, "the dead letter")
-    assert "archive" in dead
-    _reload_until(
-        page, node.url + f"studies/{study_uid}", lambda text: "dead lettered" in text or "dead_lettered" in text, 30.0,
-        "the study dead-lettered",
-    )
+    dead = _reload_until(page, node.url + "dead-letters", "#dead-letters tbody", lambda text: study_uid in text, 60.0,
+                         "the dead letter")
+    assert "archive" in dead and "SR" in dead
+    _reload_until(page, node.url + f"studies/{study_uid}", "#state .state", lambda text: text == "dead lettered", 30.0,
+                  "the study dead-lettered")
 
     # Archive back: retry from the dead-letter page; the SR arrives and the study is delivered again.
     node.archive.start()
@@ -265,18 +300,17 @@ def test_study_is_delivered_and_a_dead_letter_is_retried_from_the_page(
     while len(node.archive.store_requests()) <= requests_before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert set(node.archive.store_requests()[requests_before:]) & sr_uids, "the retried SR did not arrive"
-    _reload_until(page, node.url + "dead-letters", lambda text: study_uid not in text, 30.0, "the dead letter gone")
-    _reload_until(
-        page, node.url + f"studies/{study_uid}",
-        lambda text: "delivered" in page.inner_text("#state"), 30.0, "the study delivered again",
-    )
+    _reload_until(page, node.url + "dead-letters", "#dead-letters tbody", lambda text: study_uid not in text, 30.0,
+                  "the dead letter gone")
+    _reload_until(page, node.url + f"studies/{study_uid}", "#state .state", lambda text: text == "delivered", 30.0,
+                  "the study delivered again")
 
     # The dashboard, as the README shows it.
     page.goto(node.url)
     dashboard = page.inner_text("main")
     for what in ("Arrived", "Waiting", "Delivered", "Failures", "Disk", "Queue", "Worker", "Model"):
         assert what.lower() in dashboard.lower(), what
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    assert study_uid in page.inner_text("#studies")
     page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
 
 
@@ -285,8 +319,8 @@ def test_viewer_sees_the_pages_but_the_server_refuses_its_actions(console_node: 
     study_uid = node.study.study_uid
     _log_in(page, node, "viewer")
     assert page.locator("nav.main a", has_text="Users").count() == 0
-    _reload_until(page, node.url + "studies", lambda text: study_uid in text, 60.0, "the study")
-    assert PATIENT.patient_id in page.inner_text("main")
+    row = _reload_until(page, node.url + "studies", f"#studies tr:has(a:text-is('{study_uid}'))", bool, 60.0, "the study")
+    assert PATIENT.name in row and PATIENT.patient_id in row
 
     page.goto(node.url + f"studies/{study_uid}")
     for name in ("Force complete", "Re-run analysis", "Resend results"):
@@ -318,7 +352,6 @@ def test_viewer_sees_the_pages_but_the_server_refuses_its_actions(console_node: 
     for path, fields in refused.items():
         response = page.request.post(node.url + path, form={"csrf_token": token, **fields}, max_redirects=0)
         assert response.status == 403, (path, response.status)
-    listed = _cli(node.config, "peers", "list")
-    assert "sneaky" not in listed.stdout and "archive" in listed.stdout
+    assert {peer.name for peer in node.registry.list_peers()} == {"archive", "TESTSCU"}
     page.goto(node.url)
     assert "suspended" not in page.inner_text("#suspension").lower()

@@ -64,6 +64,9 @@ NAV: tuple[tuple[str, str, Role], ...] = (
     ("/users", "Users", Role.admin),
 )
 
+QUIET_STATES = frozenset({StudyState.DELIVERED.value, StudyState.ANALYSED.value})
+"""States whose reason only repeats the state ("delivery delivered"): pages show the reason of the others."""
+
 # Pages carry patient data and CSRF tokens: never cached, never framed, scripts only from here.
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
@@ -157,6 +160,7 @@ def render(
         "node_ae": context.settings.network.ae_title,
         "can_operate": principal is not None and principal.role >= Role.operator,
         "is_admin": principal is not None and principal.role >= Role.admin,
+        "quiet_states": QUIET_STATES,
         **values,
     }
     response = TEMPLATES.TemplateResponse(request, template, page_values)
@@ -199,14 +203,13 @@ def login(
     """
     context = web_context(request)
     try:
-        principal, token = auth.login(context, username, password, client_address(request))
+        _, token = auth.login(context, username, password, client_address(request))
     except auth.LoginRefused:
         page = render(request, "login.html", None, title="Log in", next=local_path(next), error=LOGIN_REFUSED, username=username)
         page.status_code = status.HTTP_401_UNAUTHORIZED
         return page
     response = RedirectResponse(local_path(next), status.HTTP_303_SEE_OTHER)
     auth.set_session_cookie(response, token, context.settings)
-    log.info("console: %s logged in from %s", principal.role.name, client_address(request))
     return response
 
 
@@ -411,6 +414,9 @@ STUDY_ACTIONS = {
 }
 """The study page's buttons: route suffix -> (action, label)."""
 
+DASHBOARD_LATEST = 10
+"""Studies listed under "Latest arrivals" on the dashboard."""
+
 DEAD_LETTER_ACTIONS = {"retry": actions.retry_dead_letter, "drop": actions.drop_dead_letter}
 
 
@@ -431,8 +437,9 @@ def dashboard_page(request: Request) -> Response:
     board = queries.dashboard(context)
     with context.session_factory() as session:
         failures = _with_patients(request, session, list(board.recent_failures))
+        latest = _with_patients(request, session, queries.list_studies(session, limit=DASHBOARD_LATEST))
     return render(request, "dashboard.html", principal, title="Dashboard", current="/", board=board, failures=failures,
-                  suspendable=actions.SUSPENDABLE, refresh_s=30)
+                  latest=latest, suspendable=actions.SUSPENDABLE, refresh_s=30)
 
 
 def _parse_day(text: str | None) -> dt.datetime | None:
