@@ -347,6 +347,7 @@ def test_viewer_sees_the_pages_but_the_server_refuses_its_actions(console_node: 
         "suspend": {"what": "delivery"},
         "peers": {"name": "sneaky", "ae_titles": "SNEAKY", "host": "127.0.0.1", "port": "104", "roles": "destination"},
         "peers/archive/remove": {},
+        "peers/archive/echo": {},
         "users": {"name": "sneaky", "role": "admin", "password": "x" * 16},
     }
     for path, fields in refused.items():

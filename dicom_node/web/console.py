@@ -254,7 +254,7 @@ def _peer_from_form(name: str, ae_titles: str, host: str, port: str, roles: list
 
 @router.get("/peers", response_class=HTMLResponse)
 def peers_page(request: Request) -> Response:
-    """Every peer; admins get the add/change/remove forms, operators the C-ECHO buttons."""
+    """Every peer; admins get the add/change/remove forms and the C-ECHO buttons (as in the REST API)."""
     principal = page_principal(request)
     if principal is None:
         return to_login(request)
@@ -329,7 +329,7 @@ def remove_peer(request: Request, name: str, principal: Principal = Depends(requ
 
 
 @router.post("/peers/{name}/echo")
-def echo_peer(request: Request, name: str, principal: Principal = Depends(require(Role.operator))) -> Response:
+def echo_peer(request: Request, name: str, principal: Principal = Depends(require(Role.admin))) -> Response:
     """C-ECHO a peer (:func:`dicom_node.actions.echo_peer`, audited) and show the answer."""
     try:
         result = actions.echo_peer(web_context(request), name, actor=_actor(principal), source=client_address(request))
