@@ -131,8 +131,10 @@ def console_node(tmp_path_factory: pytest.TempPathFactory, dcmtk: DCMTK) -> Iter
         node = ConsoleNode(serve=serve, archive=archive, config=config, study=study,
                            registry=PeerRegistry(context.session_factory))
         yield node
+        assert node.urls
         for url in node.urls:
             assert PATIENT.name not in url and PATIENT.patient_id not in url, url
+            assert url.startswith(node.url), f"the console fetched {url} from elsewhere (no CDN at run time)"
         log_text = serve.log_text()
         assert PATIENT.name not in log_text and PATIENT.patient_id not in log_text
     finally:
@@ -248,6 +250,11 @@ def test_admin_logs_in_adds_a_peer_and_echoes_it(console_node: ConsoleNode, brow
     assert "echo-peer" not in page.inner_text("table#peers")
     assert {peer.name for peer in node.registry.list_peers()} == {"archive", "TESTSCU"}
 
+    page.get_by_role("button", name="Log out").click()
+    page.wait_for_url("**/login")
+    page.goto(node.url + "peers")
+    page.wait_for_url("**/login?next=/peers")
+
 
 def test_study_is_delivered_and_a_dead_letter_is_retried_from_the_page(
     console_node: ConsoleNode, browser_page: Any
@@ -334,6 +341,8 @@ def test_viewer_sees_the_pages_but_the_server_refuses_its_actions(console_node: 
     page.goto(node.url + "dead-letters")
     page.goto(node.url + "alerts")
     assert page.goto(node.url + "users").status == 403
+    assert page.goto(node.url + "studies/1.2.3.4").status == 404
+    assert "not in the index" in page.inner_text("main")
 
     # The same requests a button would make, with the viewer's session and CSRF token: refused.
     token = page.locator("meta[name=csrf-token]").get_attribute("content")

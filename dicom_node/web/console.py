@@ -170,6 +170,13 @@ def render(
     return response
 
 
+def not_found(request: Request, principal: Principal, text: str) -> HTMLResponse:
+    """A 404 page saying what is missing."""
+    page = render(request, "message.html", principal, title="Not found", text=text)
+    page.status_code = status.HTTP_404_NOT_FOUND
+    return page
+
+
 @router.get("/static/{name}")
 def static_file(name: str) -> FileResponse:
     """The console's stylesheet and script (shipped with the package; no CDN)."""
@@ -270,7 +277,7 @@ def peer_page(request: Request, name: str) -> Response:
         return to_login(request)
     peer = _registry(request).get(name)
     if peer is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no peer named {name!r}")
+        return not_found(request, principal, f"No peer named {name!r}.")
     return render(request, "peers.html", principal, title=f"Peer {name}", current="/peers",
                   peers=_registry(request).list_peers(), editing=peer)
 
@@ -482,7 +489,7 @@ def study_page(request: Request, study_uid: str) -> Response:
     with web_context(request).session_factory() as session:
         detail = queries.study_detail(session, study_uid)
         if detail is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "study not in the index")
+            return not_found(request, principal, f"Study {study_uid} is not in the index (never received, or purged).")
         (detail,) = _with_patients(request, session, [detail])
     return render(request, "study.html", principal, title=f"Study {study_uid}", current="/studies", study=detail,
                   study_actions=STUDY_ACTIONS)
