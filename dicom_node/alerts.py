@@ -19,8 +19,8 @@ Rules (``alerts.rules``):
 
 The event rules read the study timeline (``study_event`` rows, written by
 :mod:`dicom_node.lifecycle` in the transaction of each transition) past a cursor kept in the
-``alert`` table (:mod:`dicom_node.index.alert`), so a restart neither repeats nor misses an
-alert. Events younger than :data:`SETTLE_S` are left for the next evaluation: an event id taken
+index (``alert_cursor``, :mod:`dicom_node.index.alert`), so a restart neither repeats nor misses
+an alert. Events younger than :data:`SETTLE_S` are left for the next evaluation: an event id taken
 by a transaction that commits later than a higher one is then still seen.
 
 Channels (``alerts.webhooks``, ``alerts.emails``): a JSON POST (payload templates ``json``,
@@ -47,17 +47,18 @@ from typing import Any, Protocol
 
 import httpx
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import __version__
-from dicom_node.index.alert import AlertRecord
+from dicom_node.index.alert import AlertCursor, AlertRecord
 from dicom_node.index.analysis import Analysis
 from dicom_node.index.base import utcnow
 from dicom_node.index.db import write_session
 from dicom_node.index.models import Patient, Study, StudyEvent
 from dicom_node.index.outbox import OutboxItem, OutboxState
 from dicom_node.lifecycle import INTERRUPTED_REASON, StudyState
-from dicom_node.settings import AlertSettings, EmailChannelSettings, Settings, WebhookChannelSettings
+from dicom_node.settings import AlertSettings, EmailChannelSettings, Settings, WebhookChannelSettings, redact_webhook_url
 from dicom_node.worker import INTERNAL_ERROR_REASON
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ FAILED_ANALYSIS_PREFIXES = (INTERNAL_ERROR_REASON, INTERRUPTED_REASON)
 
 MAX_LISTED = 10
 """Studies named in one alert; the rest are counted."""
+
+CURSOR_SOURCE = "study_event"
+"""``alert_cursor.source`` of the event rules' position in the study timeline."""
 
 NO_CHANNEL = "none"
 """``channel`` of an alert recorded while no channel is configured (outcome ``not_sent``)."""
@@ -164,10 +168,14 @@ class WebhookChannel:
 
     def send(self, alert: Alert, node_ae: str) -> None:
         """One attempt."""
-        response = httpx.post(
-            self.settings.url, json=webhook_payload(alert, self.settings.template, node_ae),
-            timeout=self.settings.timeout_s, follow_redirects=False,
-        )
+        try:
+            response = httpx.post(
+                self.settings.url, json=webhook_payload(alert, self.settings.template, node_ae),
+                timeout=self.settings.timeout_s, follow_redirects=False,
+            )
+        except httpx.HTTPError as exc:  # its message may quote the URL, whose path is the webhook's secret
+            secret = self.settings.url
+            raise ChannelError(f"{type(exc).__name__}: {str(exc).replace(secret, redact_webhook_url(secret))}") from exc
         if not 200 <= response.status_code < 300:
             raise ChannelError(f"HTTP {response.status_code}")
 
@@ -193,7 +201,8 @@ class EmailChannel:
         message.set_content(f"{alert.text}\n\nrule: {alert.rule}\nseverity: {alert.severity}\n")
         with smtplib.SMTP(config.host, config.port, timeout=config.timeout_s) as smtp:
             if config.starttls:
-                smtp.starttls(context=ssl.create_default_context())
+                cafile = str(config.ca_file) if config.ca_file is not None else None
+                smtp.starttls(context=ssl.create_default_context(cafile=cafile))
             if config.username:
                 password = config.password.get_secret_value() if config.password is not None else ""
                 smtp.login(config.username, password)
@@ -225,12 +234,34 @@ def _listed(lines: Sequence[str]) -> str:
     return "\n".join(shown)
 
 
-def _new_events(session: Session, after_id: int, settled_before: dt.datetime) -> list[tuple[StudyEvent, Study]]:
+_ALERTED_STATES = (*_DEAD_STATES, StudyState.REPORT_FAILED.value, StudyState.NOT_ANALYSED.value)
+
+
+def _new_events(session: Session, after_id: int, settled_before: dt.datetime) -> tuple[int, list[tuple[StudyEvent, Study]]]:
+    """The highest settled event id past ``after_id``, and the transitions among them into a state a rule watches.
+
+    A note (:meth:`dicom_node.lifecycle.Lifecycle.note`) repeats the study's current state; an entry
+    is a transition when the study's entry before it had another state.
+    """
+    last = session.scalar(
+        select(func.max(StudyEvent.id)).where(StudyEvent.id > after_id, StudyEvent.at <= settled_before)
+    )
+    if last is None:
+        return after_id, []
     rows = session.execute(
         select(StudyEvent, Study).join(Study, Study.id == StudyEvent.study_pk)
-        .where(StudyEvent.id > after_id, StudyEvent.at <= settled_before).order_by(StudyEvent.id)
+        .where(StudyEvent.id > after_id, StudyEvent.id <= last, StudyEvent.state.in_(_ALERTED_STATES))
+        .order_by(StudyEvent.id)
     ).all()
-    return [(event, study) for event, study in rows]
+    transitions = []
+    for event, study in rows:
+        before = session.scalar(
+            select(StudyEvent.state).where(StudyEvent.study_pk == event.study_pk, StudyEvent.id < event.id)
+            .order_by(StudyEvent.id.desc()).limit(1)
+        )
+        if before != event.state:
+            transitions.append((event, study))
+    return int(last), transitions
 
 
 def dead_letter_alert(session: Session, events: Sequence[tuple[StudyEvent, Study]], include_patient_data: bool) -> Alert | None:
@@ -367,12 +398,22 @@ class Alerts:
         self._cursor = self._initial_cursor()
 
     def _initial_cursor(self) -> int:
-        """Where the event rules go on: the last recorded alert's cursor, else the newest event now."""
-        with self._sessions() as session:
-            recorded = session.scalar(select(func.max(AlertRecord.cursor)))
-            if recorded is not None:
-                return int(recorded)
-            return int(session.scalar(select(func.max(StudyEvent.id))) or 0)
+        """Where the event rules go on: the stored cursor; at the very first start, the newest event now."""
+        with write_session(self._sessions) as session:
+            stored = session.get(AlertCursor, CURSOR_SOURCE)
+            if stored is not None:
+                return int(stored.position)
+            position = int(session.scalar(select(func.max(StudyEvent.id))) or 0)
+            session.add(AlertCursor(source=CURSOR_SOURCE, position=position))
+            return position
+
+    def _store_cursor(self, position: int) -> None:
+        with write_session(self._sessions) as session:
+            stored = session.get(AlertCursor, CURSOR_SOURCE)
+            if stored is None:
+                session.add(AlertCursor(source=CURSOR_SOURCE, position=position))
+            elif position > stored.position:
+                stored.position, stored.updated_at = position, self._clock()
 
     def start(self, scheduler: Any) -> None:
         """Evaluate every ``alerts.check_interval_s`` on the node's APScheduler (nothing when disabled)."""
@@ -387,7 +428,9 @@ class Alerts:
         """:meth:`evaluate`, logging instead of raising (a scheduler job)."""
         try:
             self.evaluate()
-        except Exception:  # noqa: BLE001 - an unreachable index must not end the job; logged with traceback
+        except OperationalError as exc:  # the index is unreachable: /health/ready says so; try again next time
+            log.warning("alert evaluation skipped: index unavailable (%s)", type(exc.orig).__name__)
+        except Exception:  # noqa: BLE001 - a failing rule must not end the job; logged with traceback
             log.exception("alert evaluation failed")
 
     def evaluate(self) -> list[SentAlert]:
@@ -396,8 +439,7 @@ class Alerts:
         enabled = set(self.settings.rules)
         fired: list[Alert | None] = []
         with self._sessions() as session:
-            events = _new_events(session, self._cursor, now - dt.timedelta(seconds=SETTLE_S))
-            cursor = events[-1][0].id if events else self._cursor
+            cursor, events = _new_events(session, self._cursor, now - dt.timedelta(seconds=SETTLE_S))
             patient_data = self.settings.include_patient_data
             if "dead_letter" in enabled:
                 fired.append(_with_cursor(dead_letter_alert(session, events, patient_data), cursor))
@@ -408,7 +450,9 @@ class Alerts:
         if "disk_high" in enabled:
             fired.append(disk_high_alert(self._disk_used_pct(), self.watermark_pct))
         records = [record for alert in fired if alert is not None for record in self._dispatch(alert)]
-        self._cursor = cursor
+        if cursor != self._cursor:  # after the alerts are recorded: a crash in between repeats, never loses one
+            self._store_cursor(cursor)
+            self._cursor = cursor
         self.evaluations += 1
         return records
 

@@ -5,7 +5,8 @@ Reading order of a study's path: :mod:`dicom_node.scp` (association, C-STORE) ->
 :mod:`dicom_node.completion` (timers on the node's APScheduler) -> :mod:`dicom_node.lifecycle`
 (queue) -> :mod:`dicom_node.worker` (inference in worker processes) -> :mod:`dicom_node.delivery`
 (SR and captures built, outbox, :mod:`dicom_node.scu`). :mod:`dicom_node.retention` purges on
-the same scheduler and guards the disk.
+the same scheduler and guards the disk. :mod:`dicom_node.atna` sends the audit table to a syslog
+collector.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import audit
 from dicom_node.alerts import Alerts
+from dicom_node.atna import AuditExporter, build_exporter
 from dicom_node.completion import Completion, SelectionReadiness
 from dicom_node.delivery import Delivery, build_delivery, destinations_from_registry
 from dicom_node.index.db import build_engine, build_session_factory, upgrade_to_head
 from dicom_node.lifecycle import Lifecycle
 from dicom_node.logs import use_installation_secret
-from dicom_node.peers import PeerRegistry
+from dicom_node.peers import PeerRegistry, actor_for
 from dicom_node.quarantine import QuarantineCheck, reconcile_orphans
 from dicom_node.recovery import recover_lost_results
 from dicom_node.retention import Retention
@@ -33,6 +36,7 @@ from dicom_node.scp import AssociationTracker, Ingest, IngestListener, ListenerD
 from dicom_node.selector import build_selector
 from dicom_node.settings import Settings
 from dicom_node.storage import DiskGuard, FileStore
+from dicom_node.tls import server_context
 from dicom_node.worker import InferenceWorkers
 from inference.selection import Selector
 
@@ -57,6 +61,7 @@ class Node:
     delivery: Delivery
     workers: InferenceWorkers
     selector: Selector  # completion's; the worker builds the same one (dicom_node.selector.build_selector)
+    exporter: AuditExporter | None = None  # audit messages to the syslog collector (audit.enabled)
     alerts: Alerts | None = None  # rules evaluated on the scheduler (dicom_node.alerts)
 
     def add_listener(self, listener: IngestListener) -> None:
@@ -77,10 +82,20 @@ class Node:
         self.completion.start()
         self.delivery.start()
         self.workers.start()
-        return self.scp.start(host, port)
+        bound = self.scp.start(host, port)
+        audit.record(
+            self.session_factory, actor=actor_for("fpe-node"), action=audit.NODE_START,
+            detail=audit.node_detail(self.settings.network.ae_title, *bound),
+        )
+        if self.exporter is not None:
+            self.exporter.start()
+        return bound
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """Finish in-flight stores, stop workers, sending, listeners and timers, release the database."""
+        """Finish in-flight stores, stop workers, sending, listeners and timers, audit the stop
+        (sent to the collector if it is up), release the database."""
+        started = self.scp.listening
+        address = self.scp.address if started else (self.settings.network.host, self.settings.network.port)
         self.scp.stop(grace_s)
         self.workers.stop()
         self.delivery.stop()
@@ -90,6 +105,13 @@ class Node:
             # and a completion job that schedules its next check would wait on that lock for
             # ever. Jobs are idempotent and rebuilt from the index at the next start.
             self.scheduler.shutdown(wait=False)
+        if started:
+            audit.record(
+                self.session_factory, actor=actor_for("fpe-node"), action=audit.NODE_STOP,
+                detail=audit.node_detail(self.settings.network.ae_title, *address),
+            )
+        if self.exporter is not None:
+            self.exporter.stop()
         self.engine.dispose()
 
 
@@ -101,6 +123,9 @@ def build_node(
 ) -> Node:
     """Create the data directory and index (migrated to head), seed peers, build the SCP.
 
+    TLS certificates and keys (``network.tls``, ``delivery.tls``) are checked first: a bad one
+    raises :class:`~dicom_node.settings.SettingsError` naming the field before anything is written.
+
     Parameters
     ----------
     settings:
@@ -111,6 +136,7 @@ def build_node(
         Decides whether a C-STORE may be written; default :class:`Retention`, which purges
         processed studies before refusing above ``retention.disk_high_watermark_pct``.
     """
+    tls_context = server_context(settings.network.tls) if settings.network.tls.enabled else None
     files = FileStore(settings.storage.data_dir, fsync=settings.storage.fsync)
     use_installation_secret(settings.storage.data_dir)  # created at first start
     leftovers = files.clean_tmp()
@@ -146,14 +172,14 @@ def build_node(
         dispatcher=dispatcher,
         tracker=AssociationTracker(),
     )
-    scp = StorageSCP(settings.network, ingest=ingest, registry=peers)
+    scp = StorageSCP(settings.network, ingest=ingest, registry=peers, tls_context=tls_context)
     delivery = build_delivery(settings, session_factory, lifecycle, destinations_from_registry(peers))
     workers = InferenceWorkers(settings, on_result=[delivery.on_result])
     alerts = Alerts(settings, session_factory, retention.used_pct)
     alerts.start(scheduler)
     return Node(
         settings, engine, session_factory, files, peers, dispatcher, scp, scheduler, lifecycle, completion, retention,
-        delivery, workers, readiness.selector, alerts,
+        delivery, workers, readiness.selector, build_exporter(settings, session_factory), alerts,
     )
 
 

@@ -50,6 +50,7 @@ from dicom_node.index.outbox import OutboxItem, OutboxState
 from dicom_node.lifecycle import Lifecycle, StudyState, TransitionError, transition
 from dicom_node.outbox import DeliveryRow, Outbox, OutboxRunner, ResultFile, ResultKind, RoutingContext, StudyDelivery
 from dicom_node.scu import Destination, ScuTimeouts, StoreScu
+from dicom_node.tls import client_contexts
 from dicom_node.settings import Settings
 from dicom_node.storage import FileStore
 from inference.result import NotAnalysed, Prediction, SourceInstance
@@ -104,6 +105,7 @@ def build_store_scu(settings: Settings, uids: UIDFactory, **options: Any) -> Sto
         ScuTimeouts(acse_s=timeout, dimse_s=timeout, network_s=timeout, connect_s=min(timeout, 10.0)),
         max_pdu=settings.network.max_pdu,
         recoder=sr_recoder(uids),
+        tls=client_contexts(settings),
         **options,
     )
 
@@ -461,7 +463,9 @@ def destinations_from_registry(registry: Any) -> Callable[[], list[Destination]]
             if peer.port is None or not peer.ae_titles:
                 log.warning("destination %s has no port or AE title: skipped", peer.name)
                 continue
-            found.append(Destination(peer.name, peer.ae_titles[0], peer.host, int(peer.port)))
+            found.append(
+                Destination(peer.name, peer.ae_titles[0], peer.host, int(peer.port), tls=peer.tls, tls_verify=peer.tls_verify)
+            )
         return found
 
     return destinations

@@ -36,6 +36,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.index.alert import AlertRecord
@@ -157,7 +159,7 @@ class NodeCollector(Collector):
             try:
                 with self._sessions() as session:
                     index_metrics = list(self._index_metrics(session))
-            except Exception as exc:  # noqa: BLE001 - a scrape must answer while the index is down; logged
+            except (DBAPIError, SQLAlchemyTimeoutError) as exc:  # a scrape answers while the index is down
                 log.warning("metrics: index unavailable (%s)", type(exc).__name__)
                 index_metrics = []
             yield _gauge("index_up", "1 when the scrape could read the index, else 0.", value=1.0 if index_metrics else 0.0)
@@ -342,14 +344,14 @@ class NodeCollector(Collector):
         timelines = _timelines(session, sorted({row.study_pk for row in todo}))
         for row in todo:
             cycle = _cycle_of(timelines.get(row.study_pk, []), row.id)
-            if cycle is None:
+            if cycle is None or cycle.previous == row.state:  # a note repeating the state, not a transition
                 continue
-            started, earlier_states = cycle
-            seconds = max(0.0, (_aware(row.at) - started).total_seconds())
+            seconds = max(0.0, (_aware(row.at) - cycle.started).total_seconds())
             if row.state == StudyState.COMPLETE.value:
-                trigger = "timeout" if (row.detail or "").startswith("study timeout") else "ready"
-                self._tallies.waits.observe((trigger,), seconds)
-            elif not earlier_states & set(_RESULT_STATES):  # a re-send of the same cycle is not a new result
+                if StudyState.COMPLETE.value not in cycle.entered:
+                    trigger = "timeout" if (row.detail or "").startswith("study timeout") else "ready"
+                    self._tallies.waits.observe((trigger,), seconds)
+            elif not cycle.entered & set(_RESULT_STATES):  # a re-send of the same cycle is not a new result
                 self._tallies.results.observe((row.state,), seconds)
 
 
@@ -357,32 +359,49 @@ _TimelineRow = tuple[int, str, dt.datetime]
 
 
 def _timelines(session: Session, study_pks: Sequence[int], chunk: int = 500) -> dict[int, list[_TimelineRow]]:
-    """``received`` and result events of the studies, in id order (one query per ``chunk`` studies)."""
-    states = (StudyState.RECEIVED.value, *_RESULT_STATES)
+    """Every timeline entry of the studies, in id order (one query per ``chunk`` studies)."""
     timelines: dict[int, list[_TimelineRow]] = {}
     for first in range(0, len(study_pks), chunk):
         rows = session.execute(
             select(StudyEvent.study_pk, StudyEvent.id, StudyEvent.state, StudyEvent.at)
-            .where(StudyEvent.study_pk.in_(study_pks[first:first + chunk]), StudyEvent.state.in_(states))
-            .order_by(StudyEvent.id)
+            .where(StudyEvent.study_pk.in_(study_pks[first:first + chunk])).order_by(StudyEvent.id)
         ).all()
         for study_pk, event_id, state, at in rows:
             timelines.setdefault(study_pk, []).append((event_id, state, _aware(at)))
     return timelines
 
 
-def _cycle_of(timeline: Sequence[_TimelineRow], event_id: int) -> tuple[dt.datetime, set[str]] | None:
-    """When the study last (re-)entered ``received`` before ``event_id``, and the result states since then."""
+@dataclass(frozen=True)
+class _Cycle:
+    """Where a timeline stood before one of its entries."""
+
+    started: dt.datetime
+    """When the study last entered ``received`` (arrival or re-opening)."""
+    entered: frozenset[str]
+    """States entered since then."""
+    previous: str | None
+    """State of the entry just before."""
+
+
+def _cycle_of(timeline: Sequence[_TimelineRow], event_id: int) -> _Cycle | None:
+    """The cycle ``event_id`` belongs to; ``None`` when no arrival precedes it.
+
+    Notes (:meth:`dicom_node.lifecycle.Lifecycle.note`) repeat the current state; only an entry
+    whose state differs from the one before is a transition.
+    """
     started: dt.datetime | None = None
-    since: set[str] = set()
+    entered: set[str] = set()
+    previous: str | None = None
     for row_id, state, at in timeline:
         if row_id >= event_id:
             break
-        if state == StudyState.RECEIVED.value:
-            started, since = at, set()
-        else:
-            since.add(state)
-    return None if started is None else (started, since)
+        if state != previous:
+            if state == StudyState.RECEIVED.value:
+                started, entered = at, set()
+            else:
+                entered.add(state)
+        previous = state
+    return None if started is None else _Cycle(started, frozenset(entered), previous)
 
 
 def _timings(text: str | None) -> dict[str, float]:
@@ -409,12 +428,14 @@ def _labelled_gauge(name: str, documentation: str, label: str, values: dict[str,
 
 
 def scp_listening(node: Any) -> bool:
-    """True while the node's SCP has a server accepting associations."""
-    try:
-        node.scp.address  # noqa: B018 - raises once the SCP is stopped
-    except RuntimeError:
-        return False
-    return True
+    """True while the node's SCP accepts associations on its plain or its TLS listener."""
+    for listener in ("address", "tls_address"):  # each raises RuntimeError while that listener is not started
+        try:
+            getattr(node.scp, listener)
+        except (RuntimeError, AttributeError):
+            continue
+        return True
+    return False
 
 
 def build_registry(

@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.audit import RESULTS_SENT, add_entry, results_sent_detail
 from dicom_node.index.base import utcnow
 from dicom_node.index.db import write_session
 from dicom_node.index.outbox import OPEN_STATES, OutboxItem, OutboxState
@@ -436,7 +437,7 @@ class Outbox:
             touched: set[str] = set()
             for name, items in by_destination.items():
                 outcomes = self._send(known.get(name), name, items)
-                self._record(items, outcomes, report)
+                self._record(items, outcomes, report, known.get(name))
                 touched.update(item.study_uid for item in items)
             self._settle(touched, report)
             return report
@@ -468,14 +469,35 @@ class Outbox:
         ]
         return self.sender.send(destination, objects)
 
-    def _record(self, items: list[OutboxItem], outcomes: list[StoreOutcome], report: RunReport) -> None:
+    def _record(
+        self, items: list[OutboxItem], outcomes: list[StoreOutcome], report: RunReport, destination: Destination | None
+    ) -> None:
+        """Update the rows; objects the archive stored are audited in the same transaction."""
         now = self.clock()
+        sent: list[tuple[str, str]] = []
         with write_session(self._sessions) as session:
             for item, outcome in zip(items, outcomes, strict=True):
                 row = session.get(OutboxItem, item.id)
                 if row is None or row.state not in OPEN_STATES:
                     continue  # re-queued or removed meanwhile
                 self._apply(row, outcome, now, report)
+                if outcome.ok:
+                    sent.append((row.study_uid, row.sent_sop_class_uid or row.sop_class_uid))
+            if sent:
+                self._audit_sent(session, items[0].destination, destination, sent)
+
+    @staticmethod
+    def _audit_sent(session: Session, name: str, destination: Destination | None, sent: list[tuple[str, str]]) -> None:
+        """One ``dicom.results_sent`` audit row for what one destination stored (dicom_node.audit)."""
+        detail = results_sent_detail(
+            session,
+            destination=name,
+            ae_title=None if destination is None else destination.ae_title,
+            host=None if destination is None else destination.host,
+            port=None if destination is None else destination.port,
+            sent=sent,
+        )
+        add_entry(session, actor="fpe-node delivery", action=RESULTS_SENT, detail=detail)
 
     def _apply(self, row: OutboxItem, outcome: StoreOutcome, now: dt.datetime, report: RunReport) -> None:
         report.attempted += 1

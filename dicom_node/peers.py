@@ -3,7 +3,9 @@
 A peer is one remote system with a unique name, one or more AE titles (a PACS often sends from
 another title than the one it queries or receives with), a host (or ``*`` for any address), a
 port for its own SCP, and roles: ``source`` (may send studies) and/or ``destination`` (receives
-results). The registry lives in the index, so ``fpe-node peers add`` takes effect at the next
+results). ``tls`` marks a peer that talks DICOM over TLS (PS3.15 Annex B): a source must
+associate through the TLS listener, a destination is sent to over TLS, its certificate checked
+unless ``tls_verify`` is off (an explicit opt-out, warned about at every association). The registry lives in the index, so ``fpe-node peers add`` takes effect at the next
 association without a restart; every change writes an :class:`~dicom_node.index.models.AuditEntry`.
 
 Association acceptance (PS3.8 section 7.1.1.3, A-ASSOCIATE-RJ "calling AE title not
@@ -51,11 +53,18 @@ class PeerInfo:
     host: str = ANY_HOST
     port: int | None = None
     roles: tuple[str, ...] = (ROLE_SOURCE,)
+    tls: bool = False
+    """Source: must associate over TLS; destination: results are sent over TLS."""
+    tls_verify: bool = True
+    """Destination over TLS: verify its certificate chain and host name (False: explicit opt-out)."""
 
     @classmethod
     def from_settings(cls, peer: PeerSettings) -> PeerInfo:
         """From a validated settings entry."""
-        return cls(name=peer.name, ae_titles=peer.ae_titles, host=peer.host, port=peer.port, roles=peer.roles)
+        return cls(
+            name=peer.name, ae_titles=peer.ae_titles, host=peer.host, port=peer.port, roles=peer.roles,
+            tls=peer.tls, tls_verify=peer.tls_verify,
+        )
 
     @classmethod
     def from_row(cls, row: Peer) -> PeerInfo:
@@ -66,6 +75,8 @@ class PeerInfo:
             host=row.host,
             port=row.port,
             roles=tuple(sorted(row.role_set)),
+            tls=bool(row.tls),
+            tls_verify=bool(row.tls_verify),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -76,6 +87,8 @@ class PeerInfo:
             "host": self.host,
             "port": self.port,
             "roles": list(self.roles),
+            "tls": self.tls,
+            "tls_verify": self.tls_verify,
         }
 
 
@@ -268,6 +281,8 @@ class PeerRegistry:
         row.host = peer.host
         row.port = peer.port
         row.roles = ",".join(sorted(set(peer.roles)))
+        row.tls = peer.tls
+        row.tls_verify = peer.tls_verify
         session.flush()
         for title in peer.ae_titles:
             session.add(PeerAETitle(peer_pk=row.id, ae_title=title))

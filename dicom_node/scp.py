@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import queue
+import ssl
 import threading
 import time
 from collections import Counter
@@ -49,6 +50,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.audit import INSTANCES_RECEIVED, StudyTally, instances_received_detail, patient_tag
+from dicom_node.audit import record as audit_record
 from dicom_node.index import repository
 from dicom_node.index.db import run_write
 from dicom_node.index.repository import FileFacts, RecordOutcome
@@ -93,6 +96,7 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"  # PS3.4 Annex A
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE not recognised
 _REJECT_TRANSIENT = (0x02, 0x01, 0x01)  # rejected-transient, service-user, no reason given
+_REJECT_PERMANENT = (0x01, 0x01, 0x01)  # rejected-permanent, service-user, no reason given
 _REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
 
 # Threads writing and fsyncing temporary files while the C-STORE threads parse and hash.
@@ -180,24 +184,38 @@ class ListenerDispatcher:
 
 
 @dataclass
-class _AssociationState:
+class AssociationState:
+    """What one association did: its peer, the series it stored into, per study what it carried."""
+
     peer: PeerInfo | None
+    calling_ae: str = ""
+    called_ae: str = ""
+    address: str = ""
     series_uids: set[str] = field(default_factory=set)
+    studies: dict[str, StudyTally] = field(default_factory=dict)
+    """Per Study Instance UID: SOP classes and counts, new / replaced / duplicates (audit)."""
 
 
 class AssociationTracker:
-    """Per-association state: the accepted peer and the series it stored into."""
+    """Per-association state: the accepted peer, the series it stored into, what it stored."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._states: dict[int, _AssociationState] = {}
+        self._states: dict[int, AssociationState] = {}
         self.accepted = 0
         """Associations accepted since start (``/metrics``)."""
 
     def open(self, assoc: Association, peer: PeerInfo | None) -> None:
-        """Remember an accepted association's peer."""
+        """Remember an accepted association's peer and its requestor."""
+        primitive = assoc.requestor.primitive
+        state = AssociationState(
+            peer,
+            calling_ae=str(getattr(primitive, "calling_ae_title", assoc.requestor.ae_title)).strip(),
+            called_ae=str(getattr(primitive, "called_ae_title", assoc.acceptor.ae_title)).strip(),
+            address=str(assoc.requestor.address),
+        )
         with self._lock:
-            self._states[id(assoc)] = _AssociationState(peer)
+            self._states[id(assoc)] = state
             self.accepted += 1
 
     def peer(self, assoc: Association) -> PeerInfo | None:
@@ -209,14 +227,31 @@ class AssociationTracker:
     def add_series(self, assoc: Association, series_uid: str) -> None:
         """Note that an association stored into a series."""
         with self._lock:
-            state = self._states.setdefault(id(assoc), _AssociationState(None))
+            state = self._states.setdefault(id(assoc), AssociationState(None))
             state.series_uids.add(series_uid)
 
-    def close(self, assoc: Association) -> set[str]:
-        """Forget an association; returns the series it stored into."""
+    def note_instance(self, assoc: Association, header: InstanceHeader, outcome: str) -> None:
+        """Count an instance the association stored: ``outcome`` is new, replaced or duplicate."""
+        with self._lock:
+            state = self._states.setdefault(id(assoc), AssociationState(None))
+            tally = state.studies.get(header.study_uid)
+            if tally is None:
+                tally = state.studies[header.study_uid] = StudyTally(
+                    patient_tag(header.patient_id, header.issuer_of_patient_id)
+                )
+            tally.sop_classes[header.sop_class_uid] += 1
+            if outcome == "replaced":
+                tally.replaced += 1
+            elif outcome == "duplicate":
+                tally.duplicates += 1
+            else:
+                tally.new += 1
+
+    def close(self, assoc: Association) -> AssociationState:
+        """Forget an association; returns what it did (empty when it was not tracked)."""
         with self._lock:
             state = self._states.pop(id(assoc), None)
-        return set() if state is None else state.series_uids
+        return AssociationState(None) if state is None else state
 
 
 class _UIDLocks:
@@ -340,6 +375,8 @@ class Ingest:
             raise
         size = len(meta) + len(dataset_bytes)
         stored = self._persist(header, tmp_path, size, digest, transfer_syntax, calling_ae)
+        outcome = "duplicate" if stored is None else "replaced" if stored.replaced else "new"
+        self.tracker.note_instance(assoc, header, outcome)
         if stored is not None:
             self.tracker.add_series(assoc, header.series_uid)
             self.dispatcher.instance_stored(stored)
@@ -455,6 +492,7 @@ def handle_store(event: Event, ingest: Ingest) -> int:
 
 
 def _store_status(event: Event, ingest: Ingest) -> int:
+    """The status of one C-STORE: refusals named by their code, unexpected errors logged (0xC211)."""
     try:
         return int(ingest.store(event))
     except (StoreError, HeaderError) as exc:
@@ -482,8 +520,8 @@ def handle_association_request(
     event: Event, registry: PeerRegistry, tracker: AssociationTracker, settings: NetworkSettings, door: FrontDoor
 ) -> None:
     """EVT_REQUESTED: refuse a wrong called AE title, an unknown calling AE title (or a known one
-    from the wrong host), and a request over the association limits; then add contexts for
-    unknown storage SOP classes.
+    from the wrong host), a peer that must use TLS arriving on the plain port, and a request over
+    the association limits; then add contexts for unknown storage SOP classes.
 
     Every refusal is counted and logged with its reason (:class:`dicom_node.transport.RefusalLog`).
     Fails closed: if the registry cannot be read the request is rejected (transient).
@@ -509,6 +547,13 @@ def handle_association_request(
         _reject(assoc, _REJECT_CALLING_AE)
         return
     connection = cast(Connection | None, getattr(assoc, "connection", None))
+    if decision.peer is not None and decision.peer.tls and (connection is None or not connection.tls):
+        door.refusals.record(
+            Refusal.TLS_REQUIRED, address,
+            f"association from AE {calling_ae!r} rejected: peer {decision.peer.name} must use TLS (network.tls.port)",
+        )
+        _reject(assoc, _REJECT_PERMANENT)
+        return
     if connection is not None:
         peer_key = decision.peer.name if decision.peer is not None else calling_ae
         refusal = door.admit_association(connection, peer_key)
@@ -554,16 +599,43 @@ def _reject(assoc: Association, reason: tuple[int, int, int]) -> None:
     assoc.kill()
 
 
-def handle_released(event: Event, tracker: AssociationTracker, dispatcher: ListenerDispatcher) -> None:
-    """EVT_RELEASED: tell listeners which series the sender finished with."""
-    series_uids = tracker.close(event.assoc)
-    if series_uids:
-        dispatcher.association_released(series_uids)
+def handle_released(
+    event: Event, tracker: AssociationTracker, dispatcher: ListenerDispatcher, sessions: sessionmaker[Session]
+) -> None:
+    """EVT_RELEASED: tell listeners which series the sender finished with; audit what it stored."""
+    state = tracker.close(event.assoc)
+    if state.series_uids:
+        dispatcher.association_released(state.series_uids)
+    audit_association(sessions, state, aborted=False)
 
 
-def handle_closed(event: Event, tracker: AssociationTracker) -> None:
-    """EVT_ABORTED / EVT_CONN_CLOSE: forget the association (an abort does not shorten waits)."""
-    tracker.close(event.assoc)
+def handle_closed(event: Event, tracker: AssociationTracker, sessions: sessionmaker[Session]) -> None:
+    """EVT_ABORTED / EVT_CONN_CLOSE: forget the association (an abort does not shorten waits).
+
+    Instances it stored before the abort are acknowledged and kept, so they are audited too
+    (outcome ``aborted``); after a release the tracker no longer holds the association.
+    """
+    state = tracker.close(event.assoc)
+    audit_association(sessions, state, aborted=True)
+
+
+def audit_association(sessions: sessionmaker[Session], state: AssociationState, *, aborted: bool) -> None:
+    """Write the ``dicom.instances_received`` row of an association that stored instances.
+
+    One row per association (:mod:`dicom_node.audit`); a failed write is logged, never raised
+    into the network thread.
+    """
+    if not state.studies:
+        return
+    detail = instances_received_detail(
+        calling_ae=state.calling_ae,
+        called_ae=state.called_ae,
+        address=state.address,
+        peer=None if state.peer is None else state.peer.name,
+        studies=state.studies,
+        aborted=aborted,
+    )
+    audit_record(sessions, actor=f"{state.calling_ae}@{state.address}", action=INSTANCES_RECEIVED, detail=detail)
 
 
 def build_ae(settings: NetworkSettings) -> AE:
@@ -592,13 +664,17 @@ class StorageSCP:
         *,
         ingest: Ingest,
         registry: PeerRegistry,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
         self.registry = registry
+        self.tls_context = tls_context
+        """With a context the TLS listener runs on ``network.tls.port`` (:func:`dicom_node.tls.server_context`)."""
         self.ae = build_ae(settings)
         self.door = FrontDoor(settings)
         self._server: NodeAssociationServer | None = None
+        self._tls_server: NodeAssociationServer | None = None
 
     @property
     def refusals(self) -> Counter[str]:
@@ -608,36 +684,68 @@ class StorageSCP:
     def handlers(self) -> list[Any]:
         """pynetdicom event bindings, dependencies passed as extra arguments."""
         tracker = self.ingest.tracker
+        sessions = self.ingest.session_factory
         return [
             (evt.EVT_REQUESTED, handle_association_request, [self.registry, tracker, self.settings, self.door]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ingest]),
-            (evt.EVT_RELEASED, handle_released, [tracker, self.ingest.dispatcher]),
-            (evt.EVT_ABORTED, handle_closed, [tracker]),
-            (evt.EVT_CONN_CLOSE, handle_closed, [tracker]),
+            (evt.EVT_RELEASED, handle_released, [tracker, self.ingest.dispatcher, sessions]),
+            (evt.EVT_ABORTED, handle_closed, [tracker, sessions]),
+            (evt.EVT_CONN_CLOSE, handle_closed, [tracker, sessions]),
         ]
 
-    def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
-        """Start listening in background threads; returns the bound address (port 0: any free)."""
-        address = (host or self.settings.host, self.settings.port if port is None else port)
+    def start(self, host: str | None = None, port: int | None = None, tls_port: int | None = None) -> tuple[str, int]:
+        """Start listening in background threads (port 0: any free).
+
+        The plain listener runs unless ``network.tls.plain_listener`` is off with TLS on; the TLS
+        listener runs on ``tls_port`` (default ``network.tls.port``) when there is a TLS context.
+        Both share one front door, so the association limits count them together.
+
+        Returns the plain listener's bound address, or the TLS listener's when it is the only one.
+        """
+        bind_host = host or self.settings.host
+        if self.tls_context is None or self.settings.tls.plain_listener:
+            self._server = self._listen((bind_host, self.settings.port if port is None else port), None)
+        if self.tls_context is not None:
+            tls_address = (bind_host, self.settings.tls.port if tls_port is None else tls_port)
+            self._tls_server = self._listen(tls_address, self.tls_context)
+        return self.address if self._server is not None else self.tls_address
+
+    def _listen(self, address: tuple[str, int], tls_context: ssl.SSLContext | None) -> NodeAssociationServer:
         server = cast(
             NodeAssociationServer,
-            self.ae.make_server(address, evt_handlers=self.handlers(), server_class=NodeAssociationServer, door=self.door),
+            self.ae.make_server(
+                address, evt_handlers=self.handlers(), server_class=NodeAssociationServer, door=self.door, tls_context=tls_context
+            ),
         )
         # As AE.start_server(block=False), with the node's server class.
-        threading.Thread(target=server.serve_forever, name="fpenode-acceptor", daemon=True).start()
+        name = "fpenode-acceptor" if tls_context is None else "fpenode-acceptor-tls"
+        threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
         self.ae._servers.append(server)
-        self._server = server
         bound = server.server_address
-        log.info("listening as %s on %s:%d", self.settings.ae_title, bound[0], bound[1])
-        return str(bound[0]), int(bound[1])
+        over = "" if tls_context is None else " over TLS"
+        log.info("listening as %s%s on %s:%d", self.settings.ae_title, over, bound[0], bound[1])
+        return server
+
+    @property
+    def listening(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._server is not None
 
     @property
     def address(self) -> tuple[str, int]:
-        """The bound (host, port)."""
+        """The plain listener's bound (host, port)."""
         if self._server is None:
-            raise RuntimeError("the SCP is not started")
+            raise RuntimeError("the plain listener is not started")
         host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def tls_address(self) -> tuple[str, int]:
+        """The TLS listener's bound (host, port)."""
+        if self._tls_server is None:
+            raise RuntimeError("the TLS listener is not started")
+        host, port = self._tls_server.server_address[:2]
         return str(host), int(port)
 
     def stop(self, grace_s: float = 10.0) -> None:
@@ -646,16 +754,18 @@ class StorageSCP:
         Open associations get ``grace_s`` to end on their own; after that new C-STOREs are
         refused (0xA700), stores being handled finish, and the rest are aborted.
         """
-        if self._server is None:
+        servers = [server for server in (self._server, self._tls_server) if server is not None]
+        if not servers:
             return
-        self._server.shutdown()
+        for server in servers:
+            server.shutdown()
         self._wait(lambda: not self._server_associations(), grace_s)
         self.ingest.draining = True
         self._wait(lambda: self.ingest.in_flight == 0, 60.0)
         self.ae.shutdown()
         self.ingest.close()
         self.ingest.dispatcher.drain()
-        self._server = None
+        self._server = self._tls_server = None
         log.info("stopped")
 
     def _server_associations(self) -> Sequence[Association]:

@@ -22,11 +22,18 @@ A refused presentation context, a refused or aborted association and any status 
 Success or Warning (PS3.4 Annex B.2.3, PS3.7 Annex C) is a failure, never "sent". Warning
 statuses (0xB000, 0xB006, 0xB007: stored with coercion or elements discarded) count as stored
 and are recorded.
+
+A destination flagged ``tls`` is reached over TLS (PS3.15 Annex B, :mod:`dicom_node.tls`): its
+certificate chain is verified against the site CA and its host name against the registered host,
+unless its ``tls_verify`` is off (warned about at every association). A failed handshake is a
+failed association whose error says why (OpenSSL's reason).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +45,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
+
+from dicom_node.tls import ClientContexts, handshake_failure
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,10 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: bool = False
+    """Send over TLS (PS3.15 Annex B)."""
+    tls_verify: bool = True
+    """Verify the destination's certificate chain and host name (False: explicit opt-out)."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +237,9 @@ class StoreScu:
         Called with each object's outcome as soon as it is known (progress, timing).
     recoder:
         Re-encodes an SR for a fallback class; :func:`no_recoding` disables the fallback.
+    tls:
+        Contexts for destinations flagged ``tls`` (:func:`dicom_node.tls.client_contexts`); without
+        them such a destination fails (never sent to in plain).
     """
 
     def __init__(
@@ -233,8 +249,10 @@ class StoreScu:
         max_pdu: int = 4_194_304,
         after_each: Callable[[StoreOutcome], None] | None = None,
         recoder: Recoder = no_recoding,
+        tls: ClientContexts | None = None,
     ) -> None:
         self.calling_ae_title = calling_ae_title
+        self.tls = tls
         self.timeouts = timeouts or ScuTimeouts()
         self.max_pdu = max_pdu
         self.after_each = after_each
@@ -263,10 +281,20 @@ class StoreScu:
         datasets = [ds for _, ds, _ in loaded if ds is not None]
         if not datasets:
             return [StoreOutcome(o.sop_instance_uid, False, error=err) for o, _, err in loaded]
+        try:
+            tls_args = self._tls_args(destination)
+        except ValueError as exc:
+            log.warning("delivery to %s: %s", destination.name, exc)
+            return [StoreOutcome(o.sop_instance_uid, False, error=err or str(exc)) for o, _, err in loaded]
         ae = self._build_ae(requested_contexts(datasets))
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, max_pdu=self.max_pdu)
+        assoc = ae.associate(
+            destination.host, destination.port, ae_title=destination.ae_title, max_pdu=self.max_pdu, tls_args=tls_args
+        )
         if not assoc.is_established:
             reason = "association rejected" if assoc.is_rejected else "association failed or aborted"
+            if tls_args is not None and not assoc.is_rejected:
+                why = tls_handshake_error(tls_args[0], destination.host, destination.port, self.timeouts.connect_s)
+                reason = reason if why is None else f"TLS handshake failed: {why}"
             log.warning("delivery to %s (%s@%s:%d): %s", destination.name, destination.ae_title,
                         destination.host, destination.port, reason)
             return [StoreOutcome(o.sop_instance_uid, False, error=err or reason) for o, _, err in loaded]
@@ -284,6 +312,20 @@ class StoreScu:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def _tls_args(self, destination: Destination) -> tuple[ssl.SSLContext, str] | None:
+        """pynetdicom's ``tls_args`` for ``destination``: (context, host name to verify), or None for plain."""
+        if not destination.tls:
+            return None
+        if self.tls is None:
+            raise ValueError("destination is flagged tls but the node has no TLS client context")
+        if not destination.tls_verify:
+            log.warning(
+                "delivery to %s (%s:%d) over TLS WITHOUT certificate verification (peer tls_verify is off)",
+                destination.name, destination.host, destination.port,
+            )
+            return self.tls.unverified, destination.host
+        return self.tls.verified, destination.host
 
     def _store_one(
         self, assoc: Association, destination: Destination, obj: OutgoingObject, dataset: Dataset
@@ -321,3 +363,24 @@ class StoreScu:
         if not last.ok:
             log.warning("delivery of %s to %s failed: %s", obj.sop_instance_uid, destination.name, last.error)
         return last
+
+
+def tls_handshake_error(context: ssl.SSLContext, host: str, port: int, timeout_s: float) -> str | None:
+    """Why a TLS handshake with ``host:port`` fails (None when it succeeds).
+
+    pynetdicom reports a failed TLS association only as failed; the node tries the handshake once
+    more on its own, after a failure, so the outbox error and the log say why (e.g. an untrusted
+    or expired certificate, a host name the certificate does not name).
+    """
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError as exc:
+        return f"cannot connect: {exc.strerror or exc}"
+    try:
+        with context.wrap_socket(raw, server_hostname=host) as tls_socket:
+            tls_socket.settimeout(timeout_s)
+            return None
+    except (OSError, ValueError) as exc:
+        return handshake_failure(exc)[1]
+    finally:
+        raw.close()

@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from config import DEFAULT_SETTINGS
@@ -71,6 +80,60 @@ def validate_ae_title(value: str) -> str:
 
 def _frozen() -> ConfigDict:
     return ConfigDict(frozen=True, extra="forbid")
+
+
+TLSVersion = Literal["1.2", "1.3"]
+"""Lowest TLS version negotiated; TLS 1.0 and 1.1 never are (PS3.15 B.10 and later profiles, RFC 8996)."""
+
+
+class NetworkTLSSettings(BaseModel):
+    """DICOM over TLS, receiving: the secure transport listener (PS3.15 Annex B, PS3.8 section 7.1).
+
+    The certificate, key and CA bundle are read and checked at start-up (``fpe-node serve`` and
+    ``fpe-node config check``); a file that cannot be read, a wrong password or a key that is not the
+    certificate's stops start-up with a message naming the field (:mod:`dicom_node.tls`).
+    """
+
+    model_config = _frozen()
+
+    enabled: bool = Field(False, description="Listen for DICOM over TLS on `port` (PS3.15 Annex B secure transport).")
+    port: int = Field(2762, ge=1, le=65535, description="TCP port of the TLS listener (2762: the registered dicom-tls port).")
+    plain_listener: bool = Field(
+        True, description="Also listen without TLS on network.port; false: TLS only ('instead of' the plain port)."
+    )
+    certificate: Path | None = Field(
+        None, description="The node's certificate (PEM), followed by any intermediate CA certificates; needed when enabled."
+    )
+    private_key: Path | None = Field(None, description="The certificate's private key (PEM, may be encrypted); needed when enabled.")
+    private_key_password: SecretStr | None = Field(
+        None, description="Password of an encrypted private_key (a secret: shown as `**********`; best set in the environment)."
+    )
+    ca_bundle: Path | None = Field(
+        None,
+        description="CA certificates (PEM) that client certificates must chain to; needed unless client_certificates is none.",
+    )
+    client_certificates: Literal["none", "optional", "required"] = Field(
+        "required",
+        description=(
+            "Client certificates: required (a sender without a valid one is refused at the handshake), optional "
+            "(checked when sent), none (not asked for)."
+        ),
+    )
+    minimum_version: TLSVersion = Field("1.2", description="Lowest TLS version accepted (1.2 or 1.3).")
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> "NetworkTLSSettings":
+        if not self.enabled:
+            return self
+        missing = [name for name in ("certificate", "private_key") if getattr(self, name) is None]
+        if self.client_certificates != "none" and self.ca_bundle is None:
+            missing.append("ca_bundle")
+        if missing:
+            raise ValueError(
+                "TLS is enabled but " + ", ".join(f"network.tls.{name}" for name in missing) + " is not set"
+                + (" (client_certificates needs a CA bundle; or set it to none)" if "ca_bundle" in missing else "")
+            )
+        return self
 
 
 class NetworkSettings(BaseModel):
@@ -151,7 +214,17 @@ class NetworkSettings(BaseModel):
         ),
     )
 
+    tls: NetworkTLSSettings = NetworkTLSSettings()
+
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: validate_ae_title(v)))
+
+    @model_validator(mode="after")
+    def _some_listener(self) -> "NetworkSettings":
+        if not self.tls.plain_listener and not self.tls.enabled:
+            raise ValueError("network.tls.plain_listener is false but TLS is not enabled: the node would not listen at all")
+        if self.tls.enabled and self.tls.plain_listener and self.tls.port == self.port:
+            raise ValueError(f"network.tls.port and network.port are both {self.port}")
+        return self
 
 
 class StorageSettings(BaseModel):
@@ -315,6 +388,38 @@ class ReportSettings(BaseModel):
     institution_name: str | None = Field(None, description="InstitutionName written in results (optional).")
 
 
+class DeliveryTLSSettings(BaseModel):
+    """DICOM over TLS, sending: to destinations flagged ``tls`` in the peer registry (PS3.15 Annex B)."""
+
+    model_config = _frozen()
+
+    ca_bundle: Path | None = Field(
+        None,
+        description=(
+            "CA certificates (PEM) a destination's server certificate must chain to. Empty: network.tls.ca_bundle, "
+            "or the system's trust store when that is empty too."
+        ),
+    )
+    certificate: Path | None = Field(
+        None,
+        description=(
+            "Client certificate (PEM) the node presents to archives that ask for one. Empty: network.tls.certificate "
+            "(with its key and password) when set, else none."
+        ),
+    )
+    private_key: Path | None = Field(None, description="Private key of `certificate` (PEM, may be encrypted).")
+    private_key_password: SecretStr | None = Field(
+        None, description="Password of an encrypted private_key (a secret: shown as `**********`)."
+    )
+    minimum_version: TLSVersion = Field("1.2", description="Lowest TLS version offered to destinations (1.2 or 1.3).")
+
+    @model_validator(mode="after")
+    def _key_with_certificate(self) -> "DeliveryTLSSettings":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("delivery.tls.certificate and delivery.tls.private_key are set together")
+        return self
+
+
 class DeliverySettings(BaseModel):
     """Sending results back (see dicom_node.outbox)."""
 
@@ -332,6 +437,7 @@ class DeliverySettings(BaseModel):
     )
     scan_interval_s: float = Field(2.0, gt=0, description="How often the outbox looks for due items when not woken.")
     association_timeout_s: float = Field(30.0, gt=0, description="ACSE, DIMSE and network timeout when sending.")
+    tls: DeliveryTLSSettings = DeliveryTLSSettings()
 
     @field_validator("calling_ae_title")
     @classmethod
@@ -349,6 +455,19 @@ class PeerSettings(BaseModel):
     host: str = Field("*", description="Host or IP address; '*' accepts any host.")
     port: int | None = Field(None, ge=1, le=65535, description="Port of its SCP (needed for destinations and echo).")
     roles: tuple[Literal["source", "destination"], ...] = Field(("source",), min_length=1)
+    tls: bool = Field(
+        False,
+        description=(
+            "Source: must use TLS (a plain association from it is rejected); destination: results are sent over TLS."
+        ),
+    )
+    tls_verify: bool = Field(
+        True,
+        description=(
+            "Destination over TLS: verify its certificate and host name against delivery.tls.ca_bundle; false is an "
+            "explicit opt-out, logged as a warning at every association."
+        ),
+    )
 
     @field_validator("ae_titles")
     @classmethod
@@ -360,6 +479,60 @@ class PeerSettings(BaseModel):
         if "destination" in self.roles and (self.port is None or self.host == "*"):
             raise ValueError("a destination needs a host (not '*') and a port")
         return self
+
+
+class AuditSettings(BaseModel):
+    """Audit messages (DICOM PS3.15 A.5) sent over syslog to a collector (see dicom_node.atna)."""
+
+    model_config = _frozen()
+
+    enabled: bool = Field(
+        False, description="Send every audit table entry as a PS3.15 A.5 audit message to the collector."
+    )
+    host: str | None = Field(None, description="Collector (audit record repository) host name or address.")
+    port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Collector port. Empty: 514 for udp and tcp (PS3.15 A.7), 6514 for tls (RFC 5425).",
+    )
+    transport: Literal["udp", "tcp", "tls"] = Field(
+        "tls",
+        description=(
+            "tls: RFC 5425 (PS3.15 A.6); tcp: RFC 6587 octet counting, no encryption; udp: RFC 5426 (PS3.15 A.7), "
+            "unacknowledged: a message lost on the way is not sent again."
+        ),
+    )
+    ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) the collector's certificate is checked against (tls). Empty: the system's."
+    )
+    cert_file: Path | None = Field(
+        None, description="The node's client certificate (PEM), for collectors that authenticate nodes (tls)."
+    )
+    key_file: Path | None = Field(None, description="Private key (PEM) of cert_file (tls).")
+    source_id: str | None = Field(
+        None, max_length=64, description="AuditSourceID of every message. Empty: network.ae_title@host name."
+    )
+    enterprise_site_id: str | None = Field(
+        None, max_length=64, description="AuditEnterpriseSiteID of every message (optional)."
+    )
+    retry_initial_s: float = Field(1.0, gt=0, description="First wait after the collector could not be reached; doubles.")
+    retry_max_s: float = Field(60.0, gt=0, description="Cap on that wait.")
+    poll_interval_s: float = Field(1.0, gt=0, description="How often the audit table is read for new entries.")
+    timeout_s: float = Field(10.0, gt=0, description="Connect and send timeout towards the collector.")
+
+    @model_validator(mode="after")
+    def _collector_named(self) -> "AuditSettings":
+        if self.enabled and not self.host:
+            raise ValueError("host is required when audit is enabled")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+    @property
+    def collector_port(self) -> int:
+        """The port in use: ``port``, or the transport's default."""
+        if self.port is not None:
+            return self.port
+        return 6514 if self.transport == "tls" else 514
 
 
 class ConsoleSettings(BaseModel):
@@ -390,7 +563,7 @@ ALERT_RULES: tuple[AlertRule, ...] = ("dead_letter", "analysis_failed", "disk_hi
 """Alert rules of :mod:`dicom_node.alerts`."""
 
 
-def _redact_webhook_url(url: str) -> str:
+def redact_webhook_url(url: str) -> str:
     """``scheme://host/***``: a webhook URL's path and query often carry its secret (Slack, Teams)."""
     head, sep, rest = url.partition("://")
     return f"{head}{sep}{rest.split('/', 1)[0].rsplit('@', 1)[-1]}/***" if sep else "***"
@@ -412,12 +585,12 @@ class WebhookChannelSettings(BaseModel):
 
     @field_serializer("url", when_used="json")
     def _url_redacted(self, url: str) -> str:
-        return _redact_webhook_url(url)
+        return redact_webhook_url(url)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         """``repr`` without the URL's secret part."""
         for name, value in super().__repr_args__():
-            yield name, _redact_webhook_url(value) if name == "url" else value
+            yield name, redact_webhook_url(value) if name == "url" else value
 
 
 class EmailChannelSettings(BaseModel):
@@ -429,6 +602,9 @@ class EmailChannelSettings(BaseModel):
     host: str = Field(..., min_length=1, description="SMTP server.")
     port: int = Field(25, ge=1, le=65535, description="SMTP port (587 with starttls is usual).")
     starttls: bool = Field(False, description="Upgrade the connection with STARTTLS before logging in or sending.")
+    ca_file: Path | None = Field(
+        None, description="PEM CA certificates that verify the server's STARTTLS certificate (empty: the system's)."
+    )
     username: str | None = Field(None, description="SMTP login user (empty: no login).")
     password: SecretStr | None = Field(None, description="SMTP login password (never printed).")
     sender: str = Field(..., min_length=3, description="From address.")
@@ -448,7 +624,7 @@ class AlertSettings(BaseModel):
     )
     webhooks: tuple[WebhookChannelSettings, ...] = Field((), description="Webhook channels (name, url, template, timeout_s).")
     emails: tuple[EmailChannelSettings, ...] = Field(
-        (), description="E-mail channels (name, host, port, starttls, username, password, sender, recipients, timeout_s)."
+        (), description="E-mail channels (name, host, port, starttls, ca_file, username, password, sender, recipients, timeout_s)."
     )
     rate_limit_s: float = Field(
         900.0, ge=0, description="At most one alert per rule and channel this often; later ones are recorded as suppressed."
@@ -497,6 +673,7 @@ class Settings(BaseSettings):
     console: ConsoleSettings = ConsoleSettings()
     alerts: AlertSettings = AlertSettings()
     logging: LoggingSettings = LoggingSettings()
+    audit: AuditSettings = AuditSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -588,7 +765,8 @@ def format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         field = ".".join(str(part) for part in err["loc"]) or "(top level)"
         got = err.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {redact_url(repr(got))})"
+        secret = any("password" in str(part) for part in err["loc"])
+        shown = "" if isinstance(got, dict) or secret else f" (got {redact_url(repr(got))})"
         lines.append(f"{field}: {err['msg']}{shown}")
     return "invalid settings:\n  " + "\n  ".join(lines)
 

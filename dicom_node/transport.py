@@ -10,6 +10,11 @@ declares, and assembles a data set of any size. This module puts a front door be
   are counted apart from the association slots, so they can never use those up.
 * **A deadline for the A-ASSOCIATE-RQ** (``associate_rq_timeout_s``): the ACSE/ARTIM timer of
   a new connection runs on it until the request has been read whole (PS3.8 section 9.1.5).
+* **TLS** (the secure transport listener, PS3.15 Annex B): the handshake runs on the
+  connection's own thread after admission, never on the accepting thread (pynetdicom's own
+  ``ssl_context`` would block every other sender behind a silent client), and must end within
+  the same ``associate_rq_timeout_s``; a failed one (no or an untrusted or expired client
+  certificate, plain DICOM on the TLS port) is refused and logged with OpenSSL's reason.
 * **Association slots** (:meth:`FrontDoor.admit_association`, called from the EVT_REQUESTED
   handler in :mod:`dicom_node.scp`): at most ``max_associations`` established or negotiating
   associations, at most ``max_associations_per_peer`` of one peer.
@@ -34,6 +39,7 @@ from __future__ import annotations
 import gc
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -55,6 +61,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from dicom_node.settings import NetworkSettings
 from dicom_node.sop_classes import is_unknown_storage_class
+from dicom_node.tls import handshake_failure
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +109,29 @@ class Refusal(str, Enum):
     ASSOCIATION_LIMIT = "association_limit"
     PEER_LIMIT = "peer_limit"
     UNKNOWN_SOP_CLASS = "unknown_sop_class"
+    TLS_HANDSHAKE = "tls_handshake"
+    TLS_CERTIFICATE = "tls_certificate"
+    TLS_NO_CERTIFICATE = "tls_no_certificate"
+    TLS_NOT_TLS = "tls_not_tls"
+    TLS_TIMEOUT = "tls_timeout"
+    TLS_REQUIRED = "tls_required"
+
+
+_HANDSHAKE_REFUSALS = {
+    "certificate": Refusal.TLS_CERTIFICATE,
+    "no_certificate": Refusal.TLS_NO_CERTIFICATE,
+    "not_tls": Refusal.TLS_NOT_TLS,
+    "timeout": Refusal.TLS_TIMEOUT,
+    "handshake": Refusal.TLS_HANDSHAKE,
+}
 
 
 class RefusalLog:
     """Counts refusals by reason and logs them, rate-limited per reason and source address."""
 
-    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S) -> None:
+    def __init__(self, interval_s: float | None = None) -> None:
         self.counts: Counter[str] = Counter()
-        self._interval_s = interval_s
+        self._interval_s = REFUSAL_LOG_INTERVAL_S if interval_s is None else interval_s
         self._lock = threading.Lock()
         self._last: dict[tuple[str, str], tuple[float, int]] = {}
 
@@ -172,6 +194,10 @@ class Connection:
     pending: bool = True
     peer_key: str | None = None
     closed: bool = False
+    tls: bool = False
+    """True when the connection came through the TLS listener and its handshake succeeded."""
+    tls_peer: str | None = None
+    """The client certificate's subject (RFC 4514 text) when one was presented and verified."""
 
     def request_received(self) -> None:
         """The A-ASSOCIATE-RQ has been read whole: no longer a pending connection."""
@@ -183,7 +209,7 @@ class Connection:
 
 
 class FrontDoor:
-    """Admission state and limits shared by every connection of one listener."""
+    """Admission state and limits shared by every connection of the node's listeners (plain and TLS)."""
 
     def __init__(self, settings: NetworkSettings) -> None:
         self.settings = settings
@@ -542,14 +568,70 @@ class NodeAssociation(Association):
         super()._serve_request(msg, context_id)
 
 
+def _certificate_subject(sock: ssl.SSLSocket) -> str | None:
+    """The verified client certificate's subject as ``CN=...,O=...`` (None when none was sent)."""
+    certificate = sock.getpeercert()
+    if not certificate:
+        return None
+    subject = cast(tuple[tuple[tuple[str, str], ...], ...], certificate.get("subject", ()))
+    return ",".join(f"{key}={value}" for rdn in subject for key, value in rdn) or None
+
+
 class NodeRequestHandler(RequestHandler):
     """Creates a :class:`NodeAssociation` on a :class:`GuardedSocket` for each admitted connection."""
 
     server: NodeAssociationServer
+    _connection: Connection
+
+    def handle(self) -> None:
+        """Take the admitted connection, complete its TLS handshake (TLS listener), then associate."""
+        self._connection = self.server.take_connection(self.request)
+        if self.server.tls_context is not None and not self._tls_handshake():
+            return
+        super().handle()
+
+    def _tls_handshake(self) -> bool:
+        """Server-side TLS handshake within ``associate_rq_timeout_s`` of the accept (PS3.15 B).
+
+        On success ``self.request`` becomes the TLS socket; on failure the refusal is counted and
+        logged with its reason, the connection closed and its slot released.
+        """
+        connection = self._connection
+        context = cast(ssl.SSLContext, self.server.tls_context)
+        raw = cast(socket.socket, self.request)
+        remaining = connection.accepted_at + self.server.door.settings.associate_rq_timeout_s - time.monotonic()
+        tls_socket: ssl.SSLSocket | None = None
+        try:
+            # CPython bounds the whole do_handshake by one deadline from this timeout (not per
+            # read), so a client dripping its ClientHello byte by byte is cut off in time too.
+            raw.settimeout(max(remaining, 0.001))
+            tls_socket = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            tls_socket.do_handshake()
+        except (OSError, ValueError) as exc:
+            kind, why = handshake_failure(exc)
+            self.server.door.refusals.record(
+                _HANDSHAKE_REFUSALS[kind], connection.address, f"TLS handshake failed: {why}; connection closed"
+            )
+            connection.close()  # the slot first: the peer sees the close after it is free again
+            for sock in (tls_socket, raw):
+                if sock is not None:
+                    try:
+                        sock.close()
+                    except OSError:
+                        pass
+            return False
+        connection.tls = True
+        connection.tls_peer = _certificate_subject(tls_socket)
+        log.debug(
+            "TLS from %s: %s %s, client certificate %s",
+            connection.address, tls_socket.version(), (tls_socket.cipher() or ("?",))[0], connection.tls_peer or "none",
+        )
+        self.request = tls_socket
+        return True
 
     def _create_association(self) -> Association:
         """As pynetdicom's own, with the node's association and socket classes (pynetdicom 2.x/3.x)."""
-        connection = self.server.take_connection(self.request)
+        connection = self._connection
         assoc = NodeAssociation(self.ae, MODE_ACCEPTOR)
         assoc.connection = connection
         assoc._server = self.server
@@ -586,8 +668,10 @@ class NodeAssociationServer(ThreadedAssociationServer):
     request_queue_size = 256
     """listen() backlog: socketserver's default of 5 drops a legitimate SYN behind a burst."""
 
-    def __init__(self, *args: Any, door: FrontDoor, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, door: FrontDoor, tls_context: ssl.SSLContext | None = None, **kwargs: Any) -> None:
         self.door = door
+        self.tls_context = tls_context
+        """The TLS listener's context; the handshake runs in :meth:`NodeRequestHandler.handle`."""
         self._admitted: dict[int, Connection] = {}
         self._admitted_lock = threading.Lock()
         self._collected_at = time.monotonic()

@@ -28,6 +28,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,23 @@ def _storescp_config(sop_classes: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class StorescpTLS:
+    """``storescp +tls``: its certificate and key, and the CA its clients' certificates must chain to."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
 class StorescpArchive:
     """DCMTK ``storescp`` as an archive that can be stopped and restarted on the same port.
 
@@ -155,12 +173,19 @@ class StorescpArchive:
         with any transfer syntax when ``None``.
     """
 
-    def __init__(self, workdir: Path, ae_title: str = "ARCHIVE", sop_classes: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        ae_title: str = "ARCHIVE",
+        sop_classes: Sequence[str] | None = None,
+        tls: StorescpTLS | None = None,
+    ) -> None:
         if not STORESCP.exists():
             raise RuntimeError(f"{STORESCP} is missing (Debian package dcmtk)")
         self.workdir = workdir
         self.ae_title = ae_title
         self.sop_classes = tuple(sop_classes) if sop_classes is not None else None
+        self.tls = tls
         self.port = free_port()
         self.host = "127.0.0.1"
         self.store_dir = workdir / "received"
@@ -176,13 +201,19 @@ class StorescpArchive:
             config = self.workdir / "storescp.cfg"
             config.write_text(_storescp_config(self.sop_classes), encoding="ascii")
             cmd += ["-xf", str(config), "Restricted"]
+        if self.tls is not None:
+            # DCMTK's default profile is BCP 195 non-downgrading; -rc: a client certificate is required.
+            cmd += ["+tls", str(self.tls.key), str(self.tls.cert), "+cf", str(self.tls.ca), "-rc"]
         return [*cmd, str(self.port)]
 
     def start(self) -> None:
         """Start and wait until it answers C-ECHO."""
         if self.running:
             return
-        ready = (lambda: echo(self.host, self.port, self.ae_title), "storescp")
+        if self.tls is None:
+            ready = (lambda: echo(self.host, self.port, self.ae_title), "storescp")
+        else:  # a TLS archive only answers a client it trusts: ready once it accepts connections
+            ready = (lambda: _accepts(self.host, self.port), "storescp +tls")
         self._proc = _launch(self._command(), self.log_path, self.workdir, [ready])
 
     def stop(self) -> None:

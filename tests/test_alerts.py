@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,7 +37,7 @@ from inference.predictor import result_summary
 from inference.result import NotAnalysed
 from tests.archives import free_port
 from tests.conftest import TEST_PEER, SettingsFactory, wait_study_state
-from tests.peers import send_datasets, tiny_ct
+from tests.peers import drop_postgres_schema, fresh_postgres_schema, postgres_base_url, send_datasets, tiny_ct
 
 PLANTED_NAME = "Plantedname^Zelda"
 PLANTED_ID = "PLANTED-ID-4711"
@@ -141,7 +142,7 @@ def _by(node: Node, rule: str, channel: str) -> list[alerts.SentAlert]:
     return [record for record in _records(node) if record.rule == rule and record.channel == channel]
 
 
-def _fail_analysis(node: Node, study_uid: str) -> None:
+def _fail_analysis(node: Node, study_uid: str, *, deliver: bool = True) -> None:
     """What the worker does for a run that raised: the analysis row, ``not_analysed``, the results."""
     job = node.lifecycle.claim_next("test-worker")
     assert job is not None and job.study_uid == study_uid
@@ -149,7 +150,8 @@ def _fail_analysis(node: Node, study_uid: str) -> None:
     with write_session(node.session_factory) as session:
         record_analysis(session, job.study_pk, StudyState.NOT_ANALYSED.value, result_summary(result), job_id=job.job_id)
     node.lifecycle.finish(study_uid, StudyState.NOT_ANALYSED, result.reason)
-    assert node.delivery.on_result(study_uid, result).sending
+    if deliver:
+        assert node.delivery.on_result(study_uid, result).sending
 
 
 def _send_study(node: Node) -> str:
@@ -249,6 +251,74 @@ def test_disk_above_watermark_alerts_with_a_teams_card(
     assert card["@type"] == "MessageCard" and "high watermark" in card["title"]
 
 
+def test_patient_id_only_when_allowed_and_never_the_name(
+    make_settings: SettingsFactory, webhook: tuple[WebhookServer, str]
+) -> None:
+    server, base_url = webhook
+    server.fail_first = 0
+    settings = make_settings(
+        completion={"series_quiet_s": 0.3, "study_timeout_s": 0.6},
+        alerts={"check_interval_s": 0.3, "rules": ["analysis_failed"], "include_patient_data": True,
+                "webhooks": [{"name": "ops", "url": f"{base_url}/json"}]},
+    )
+    node = build_node(settings)
+    node.start("127.0.0.1", 0)
+    try:
+        study_uid = _send_study(node)
+        _fail_analysis(node, study_uid, deliver=False)
+        _wait(lambda: bool(server.bodies("/json")), "analysis_failed alert")
+    finally:
+        node.stop(grace_s=1.0)
+    (body,) = server.bodies("/json")
+    assert study_uid in body["text"] and f"patient ID {PLANTED_ID}" in body["text"] and "accession ACC1" in body["text"]
+    assert "Plantedname" not in json.dumps(body) and "Zelda" not in json.dumps(body)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_section(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The index of a test node: the default SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return {}
+    url, schema = fresh_postgres_schema(postgres_base_url())
+    request.addfinalizer(lambda: drop_postgres_schema(postgres_base_url(), schema))
+    return {"url": url}
+
+
+def test_a_restart_neither_misses_nor_repeats_an_alert(
+    make_settings: SettingsFactory, webhook: tuple[WebhookServer, str], index_section: dict[str, Any]
+) -> None:
+    """A failure the stopped node never evaluated is alerted after the restart, once."""
+    server, base_url = webhook
+    server.fail_first = 0
+    settings = make_settings(
+        index=index_section,
+        completion={"series_quiet_s": 0.3, "study_timeout_s": 0.6},
+        alerts={"check_interval_s": 3600, "rules": ["analysis_failed"], "rate_limit_s": 0,
+                "webhooks": [{"name": "ops", "url": f"{base_url}/json"}]},
+    )
+    node = build_node(settings)
+    node.start("127.0.0.1", 0)
+    try:
+        study_uid = _send_study(node)
+        _fail_analysis(node, study_uid, deliver=False)
+    finally:
+        node.stop(grace_s=1.0)  # before any evaluation
+    assert server.requests == []
+    for _restart in range(2):
+        restarted = build_node(settings)
+        try:
+            assert restarted.alerts is not None
+            deadline = time.monotonic() + DEADLINE_S  # the event settles for alerts.SETTLE_S first
+            while not server.requests and time.monotonic() < deadline:
+                restarted.alerts.evaluate()
+                time.sleep(0.2)
+            assert restarted.alerts.evaluate() == []
+        finally:
+            restarted.stop(grace_s=1.0)
+    (body,) = server.bodies("/json")
+    assert body["rule"] == "analysis_failed" and study_uid in body["text"]
+
+
 def test_alert_table_matches_its_migration(node: Node) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
@@ -257,9 +327,9 @@ def test_alert_table_matches_its_migration(node: Node) -> None:
 
     with node.session_factory() as session:
         connection = session.connection()
-        assert "alert" in inspect(connection).get_table_names()
+        assert {"alert", "alert_cursor"} <= set(inspect(connection).get_table_names())
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
-    assert [item for item in diff if "alert" in _tables_named(item)] == []
+    assert [item for item in diff if {"alert", "alert_cursor"} & _tables_named(item)] == []
 
 
 def _tables_named(diff_item: Any) -> set[str]:
@@ -275,3 +345,65 @@ def _tables_named(diff_item: Any) -> set[str]:
         if isinstance(part, tuple) and len(part) > 2 and isinstance(part[2], str):
             names.add(part[2])
     return names
+
+
+def test_config_show_never_prints_alert_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli import main
+    from dicom_node.settings import load_settings
+
+    site = tmp_path / "site.yaml"
+    site.write_text(json.dumps({"alerts": {
+        "webhooks": [{"name": "slack", "url": "https://hooks.example.org/services/T000/B000/XSECRETX", "template": "slack"}],
+        "emails": [{"name": "mail", "host": "smtp.example.org", "port": 587, "starttls": True, "username": "fpe",
+                    "password": "pw-SECRET-pw", "sender": "fpe@example.org", "recipients": ["pacs@example.org"]}],
+    }}))
+    assert main(["--config", str(site), "config", "show"]) == 0
+    shown = capsys.readouterr().out
+    assert "https://hooks.example.org/***" in shown and "smtp.example.org" in shown
+    settings = load_settings(site, environ={})
+    for text in (shown, repr(settings)):
+        assert "XSECRETX" not in text and "pw-SECRET-pw" not in text
+
+
+def test_email_over_starttls_verified_with_the_site_ca(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    import ssl
+
+    from tests.certs import make_authority, issue
+
+    authority = make_authority(tmp_path, "Site CA")
+    ca, server = authority.cert_path, issue(authority, tmp_path, "smtp server")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(server.cert, server.key)
+    mailbox = Mailbox()
+    port = free_port()
+
+    def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        mailbox.logins.append(data.login.decode())
+        return AuthResult(success=data.password == b"s3cret")
+
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port, tls_context=server_tls, require_starttls=True,
+                            authenticator=authenticate, auth_require_tls=True)
+    controller.start()
+    channel = {"name": "tls", "host": "127.0.0.1", "port": port, "starttls": True, "username": "alerts",
+               "password": "s3cret", "sender": "fpe-node@example.org", "recipients": ["pacs@example.org"]}
+    seen: list[alerts.SentAlert] = []
+    try:
+        for ca_file, outcome in ((None, "failed"), (str(ca), "sent")):  # the system's CAs do not know the test CA
+            settings = make_settings(
+                retention={"disk_high_watermark_pct": 0.01, "disk_low_watermark_pct": 0.01},
+                alerts={"rules": ["disk_high"], "retry_attempts": 1, "rate_limit_s": 0,
+                        "emails": [{**channel, "ca_file": ca_file}]},
+            )
+            node = build_node(settings)
+            try:
+                assert node.alerts is not None
+                (record,) = node.alerts.evaluate()
+            finally:
+                node.stop(grace_s=1.0)
+            assert record.outcome == outcome, record
+            seen.append(record)
+    finally:
+        controller.stop()
+    assert "CERTIFICATE_VERIFY_FAILED" in (seen[0].error or "")
+    (message,) = mailbox.messages
+    assert b"high watermark" in message and mailbox.logins == ["alerts"]  # logged in only over TLS

@@ -3,8 +3,9 @@ once it is back, answering quickly throughout.
 
 The shared PostgreSQL cluster is never touched: the test starts a throw-away cluster of the
 installed server (``initdb`` + ``pg_ctl`` from /usr/lib/postgresql/<version>/bin, as the
-``postgres`` user when run as root) in a temporary folder on a free port, points an
-``fpe-node serve`` at it, then stops and starts it.
+``postgres`` user when run as root) in a temporary folder on a free port, points a node at it
+(in-process, its console served by uvicorn over HTTP as ``fpe-node serve`` does), then stops and
+starts it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import httpx
 import pytest
 
 from tests.archives import free_port
-from tests.conftest import ServeProcess, SettingsFactory
+from tests.conftest import SettingsFactory
 
 PG_BIN_ROOT = Path("/usr/lib/postgresql")
 READY_WITHIN_S = 3.0  # the probe's index check is bounded by 2 s
@@ -86,16 +87,36 @@ def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
         cluster.remove()
 
 
-def _ready(served: ServeProcess) -> tuple[int, dict[str, Any], float]:
+@pytest.fixture
+def served_node(make_settings: SettingsFactory, throwaway_postgres: ThrowawayPostgres) -> Iterator[str]:
+    """The node on the throw-away cluster, with its console served over HTTP by uvicorn as ``fpe-node serve`` does;
+    yields the console's base URL."""
+    from dicom_node.bootstrap import build_node
+    from dicom_node.web.app import create_app
+    from dicom_node.web.context import WebContext
+    from dicom_node.web.server import WebServer
+
+    node = build_node(make_settings(index={"url": throwaway_postgres.url}))
+    node.start("127.0.0.1", 0)
+    web = WebServer(create_app(WebContext(node.settings, node.session_factory, node)), "127.0.0.1", 0)
+    try:
+        host, port = web.start()
+        yield f"http://{host}:{port}/"
+    finally:
+        web.stop()
+        node.stop(grace_s=1.0)
+
+
+def _ready(base_url: str) -> tuple[int, dict[str, Any], float]:
     started = time.monotonic()
-    response = httpx.get(served.console_url + "health/ready", timeout=10)
+    response = httpx.get(base_url + "health/ready", timeout=10)
     return response.status_code, response.json(), time.monotonic() - started
 
 
-def _until(served: ServeProcess, status: int) -> dict[str, Any]:
+def _until(base_url: str, status: int) -> dict[str, Any]:
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        code, body, took = _ready(served)
+        code, body, took = _ready(base_url)
         assert took < READY_WITHIN_S, f"/health/ready took {took:.1f} s"
         if code == status:
             return body
@@ -103,27 +124,23 @@ def _until(served: ServeProcess, status: int) -> dict[str, Any]:
     raise AssertionError(f"/health/ready did not answer {status} within {WAIT_S} s: {body}")
 
 
-def test_ready_follows_postgresql_stopped_and_back(
-    serve_process: Callable[..., ServeProcess], throwaway_postgres: ThrowawayPostgres
-) -> None:
-    served = serve_process(index={"url": throwaway_postgres.url})
-    body = _until(served, 200)
+def test_ready_follows_postgresql_stopped_and_back(served_node: str, throwaway_postgres: ThrowawayPostgres) -> None:
+    body = _until(served_node, 200)
     assert body["status"] == "ready" and body["failing"] == []
     assert set(body["checks"]) == {"index", "disk", "workers", "model", "scp"}
-    assert httpx.get(served.console_url + "health/live", timeout=10).json() == {"status": "ok"}
+    assert httpx.get(served_node + "health/live", timeout=10).json() == {"status": "ok"}
 
     throwaway_postgres.stop()
-    body = _until(served, 503)
+    body = _until(served_node, 503)
     assert body["failing"] == ["index"] and body["checks"]["index"]["ok"] is False
     assert body["checks"]["scp"]["ok"] is True
-    metrics = httpx.get(served.console_url + "metrics", timeout=10)
+    metrics = httpx.get(served_node + "metrics", timeout=10)
     assert metrics.status_code == 200 and "fpenode_index_up 0.0" in metrics.text
 
     throwaway_postgres.start()
-    body = _until(served, 200)
+    body = _until(served_node, 200)
     assert body["checks"]["index"] == {"ok": True, "detail": "reachable"}
-    assert "fpenode_index_up 1.0" in httpx.get(served.console_url + "metrics", timeout=10).text
-    assert served.terminate() == 0
+    assert "fpenode_index_up 1.0" in httpx.get(served_node + "metrics", timeout=10).text
 
 
 def test_ready_names_a_disk_above_the_watermark(make_settings: SettingsFactory) -> None:
@@ -143,3 +160,24 @@ def test_ready_names_a_disk_above_the_watermark(make_settings: SettingsFactory) 
     finally:
         node.stop(grace_s=1.0)
     assert client.get("/health/ready").json()["checks"]["scp"] == {"ok": False, "detail": "not listening"}
+
+
+def test_ready_counts_a_tls_only_listener(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from dicom_node.bootstrap import build_node
+    from dicom_node.web.app import create_app
+    from dicom_node.web.context import WebContext
+    from tests.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    tls = {"enabled": True, "port": free_port(), "plain_listener": False, "certificate": str(pki.server.cert),
+           "private_key": str(pki.server.key), "ca_bundle": str(pki.ca), "client_certificates": "optional"}
+    node = build_node(make_settings(network={"tls": tls}))
+    node.start()
+    try:
+        client = TestClient(create_app(WebContext(node.settings, node.session_factory, node)))
+        assert client.get("/health/ready").json()["checks"]["scp"] == {"ok": True, "detail": "listening"}
+        assert "fpenode_scp_listening 1.0" in client.get("/metrics").text
+    finally:
+        node.stop(grace_s=1.0)

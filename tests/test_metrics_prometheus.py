@@ -5,7 +5,8 @@ exports, each described in docs/metrics.md.
 Prometheus (Debian package ``prometheus``, deploy/debian-packages.sh) runs with a temporary
 configuration (scrape interval 1 s), storage folder and free port; the test asks its HTTP API
 (``/api/v1/query``) for the node's counters. The node analyses the study with the reduced
-checkpoint of :func:`tests.training_support.reduced_checkpoint` in one worker process.
+checkpoint of :func:`tests.training_support.reduced_checkpoint` in one worker process and sends
+its results to a DCMTK storescp.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.archives import free_port
-from tests.conftest import REPO_ROOT, ServeProcess
+from tests.archives import StorescpArchive, free_port
+from tests.conftest import REPO_ROOT, TEST_PEER, ServeProcess
 from tests.factory import write_ct_stroke_study
 from tests.peers import DCMTK
 from tests.training_support import reduced_checkpoint
@@ -133,21 +134,30 @@ def test_prometheus_scrapes_the_node_after_a_study_went_through(
         tmp_path / "study", rows=48, study_date=now.strftime("%Y%m%d"), study_time=now.strftime("%H%M%S"),
         with_dose_report=False, with_reformats=False, with_localizer=False, with_thick=False, with_mips=False,
     )
+    archive = StorescpArchive(tmp_path / "archive")
+    archive.start()
+    destination = {"name": "ARCHIVE", "ae_titles": ["ARCHIVE"], "host": "127.0.0.1", "port": archive.port,
+                   "roles": ["destination"]}
     served = serve_process(
         inference={"checkpoint": str(checkpoint), "device": "cpu", "torch_threads": 1, "workers": 1},
         completion={"series_quiet_s": 0.5, "study_timeout_s": 30.0},
+        peers=[TEST_PEER, destination],
     )
     target = served.console_url.removeprefix("http://").rstrip("/")
     prometheus = prometheus_for(target)
-    sent = dcmtk.storescu(served.port, study.paths())
-    assert sent.returncode == 0, sent.stderr
+    stored = dcmtk.storescu(served.port, study.paths())
+    assert stored.returncode == 0, stored.stderr
     files = len(study.paths())
 
-    _until(lambda: prometheus.value('fpenode_analyses_total{outcome="analysed"}') == 1, "the analysis in Prometheus")
+    try:
+        _until(lambda: prometheus.value('fpenode_studies{state="delivered"}') == 1, "the delivered study in Prometheus")
+    finally:
+        archive.stop()
+    assert prometheus.value('fpenode_analyses_total{outcome="analysed"}') == 1
     assert prometheus.value('up{job="fpe-node"}') == 1
     assert prometheus.value('fpenode_instances_received_total{status="success"}') == files
     assert prometheus.value("fpenode_associations_accepted_total") >= 1
-    assert prometheus.value('fpenode_studies{state="analysed"}') == 1
+    assert prometheus.value('fpenode_studies{state="analysed"}') == 0
     assert prometheus.value('fpenode_studies{state="received"}') == 0
     assert prometheus.value('fpenode_analyses_total{outcome="analysed", pipeline="CT"}') == 1
     assert prometheus.value(f'fpenode_score_count{{model_name="{MODEL_NAME}", model_version="1"}}') == 1
@@ -157,6 +167,12 @@ def test_prometheus_scrapes_the_node_after_a_study_went_through(
     assert prometheus.value('fpenode_analysis_stage_seconds_sum{stage="infer"}') > 0
     assert prometheus.value("sum(fpenode_completion_wait_seconds_count)") == 1
     assert prometheus.value(f'fpenode_model_info{{name="{MODEL_NAME}", demonstration="false"}}') == 1
+    assert prometheus.value('fpenode_time_to_result_seconds_count{state="delivered"}') == 1
+    sent = archive.received_files()
+    assert prometheus.value('fpenode_outbox_items{destination="ARCHIVE", state="sent"}') == len(sent) > 0
+    assert prometheus.value('fpenode_delivery_attempts_total{destination="ARCHIVE", result="sent"}') == len(sent)
+    assert prometheus.value('fpenode_outbox_depth{destination="ARCHIVE"}') == 0
+    assert prometheus.value('fpenode_dead_letters{destination="ARCHIVE"}') == 0
     assert prometheus.value("fpenode_workers_model_loaded") == 1
     ready = httpx.get(served.console_url + "health/ready", timeout=10)
     assert ready.status_code == 200, ready.text
@@ -228,3 +244,61 @@ def test_dashboard_and_rules_use_only_exported_metrics_each_documented(node: Any
     assert {"fpenode_score_bucket", "fpenode_decisions_total", "fpenode_time_to_result_seconds_bucket"} <= used
     documented = METRICS_DOC.read_text()
     assert [name for name in sorted(families) if f"`{name}" not in documented] == []
+
+
+# -- timeline-derived metrics ------------------------------------------------------------------
+
+
+def test_timeline_metrics_count_each_transition_once(make_settings: Any) -> None:
+    """Completion waits and time to result: one per arrival or re-opening; notes repeating a state
+    and a re-send of the same results are not counted again; a second scrape counts nothing twice."""
+    from dicom_node.bootstrap import build_node
+    from dicom_node.lifecycle import StudyState
+    from dicom_node.metrics import build_registry
+    from dicom_node.status import Status
+    from tests.peers import send_datasets, tiny_ct
+
+    # completion's own timers far away: the test moves the study itself, as completion and the worker do
+    node = build_node(make_settings(completion={"series_quiet_s": 600, "study_timeout_s": 600}))
+    node.start("127.0.0.1", 0)
+    try:
+        registry = build_registry(node.settings, node.session_factory, node)
+        ds = tiny_ct()
+        assert send_datasets(node.scp.address[1], [ds]) == [Status.SUCCESS]
+        uid, lifecycle = str(ds.StudyInstanceUID), node.lifecycle
+
+        def through(*states: StudyState) -> None:
+            for state in states:
+                lifecycle.transition(uid, state, f"to {state.value}")
+
+        def sample(name: str, **labels: str) -> float | None:
+            return registry.get_sample_value(name, labels)
+
+        lifecycle.note(uid, "a series went quiet")  # a note in received: the cycle still starts at arrival
+        assert lifecycle.enqueue(uid, "1 usable series complete")
+        job = lifecycle.claim_next("test-worker")
+        assert job is not None
+        lifecycle.finish(uid, StudyState.ANALYSED, "score 0.5")
+        through(StudyState.REPORTING, StudyState.DELIVERED)
+        lifecycle.note(uid, "results re-sent on request")  # a note in delivered
+        through(StudyState.REPORTING, StudyState.DELIVERED)  # a re-send
+        for _scrape in range(2):
+            assert sample("fpenode_completion_wait_seconds_count", trigger="ready") == 1
+            assert sample("fpenode_time_to_result_seconds_count", state="delivered") == 1
+            assert sample("fpenode_studies", state="delivered") == 1
+            assert sample("fpenode_instances_received_total", status="success") == 1
+            assert sample("fpenode_associations_accepted_total") == 1
+
+        assert lifecycle.reopen(uid, "a usable series arrived") is not None  # a new cycle
+        assert lifecycle.enqueue(uid, "study timeout (600 s after its last instance)")
+        assert lifecycle.claim_next("test-worker") is not None
+        lifecycle.finish(uid, StudyState.ANALYSED, "score 0.6")
+        through(StudyState.REPORTING, StudyState.PARTLY_DELIVERED)
+        assert sample("fpenode_completion_wait_seconds_count", trigger="ready") == 1
+        assert sample("fpenode_completion_wait_seconds_count", trigger="timeout") == 1
+        assert sample("fpenode_time_to_result_seconds_count", state="partly_delivered") == 1
+        assert sample("fpenode_time_to_result_seconds_count", state="delivered") == 1
+        wait = sample("fpenode_completion_wait_seconds_sum", trigger="ready")
+        assert wait is not None and 0 <= wait < 60
+    finally:
+        node.stop(grace_s=1.0)

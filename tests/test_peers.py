@@ -54,7 +54,7 @@ def test_add_list_remove_with_audit(peers_env: Path, capsys: pytest.CaptureFixtu
     assert _cli("list", "--json") == 0
     listed = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert listed == [{"name": "PACS", "ae_titles": ["PACS_STORE", "PACS_QR"], "host": "10.1.2.3", "port": 104,
-                       "roles": ["destination", "source"]}]
+                       "roles": ["destination", "source"], "tls": False, "tls_verify": True}]
     # An AE title belongs to one system only; a name exists once unless --replace.
     assert _cli("add", "OTHER", "--ae-title", "PACS_QR") == 1
     assert "already belongs to peer 'PACS'" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """``fpe-node config``: check, show and document the settings.
 
 * ``fpe-node --config site.yaml config check`` validates a site file (with the environment's
-  ``FPENODE_*`` overrides) before a restart; a bad value is named and the exit code is 2.
+  ``FPENODE_*`` overrides) before a restart, TLS certificates and keys included; a bad value
+  is named and the exit code is 2.
 * ``fpe-node config show`` prints the effective settings as YAML, secrets as ``***``.
 * ``fpe-node config reference`` prints every field with its type, default and description
   (the source of ``docs/configuration.md``).
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import typing
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
 
-from dicom_node.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings, shown_settings
+from dicom_node.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings, SettingsError, shown_settings
 
 
 def register(subparsers: Any) -> None:
@@ -30,6 +32,15 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Settings were loaded (and so validated) by the CLI before this runs."""
     if args.action == "check":
+        from dicom_node.tls import client_contexts, server_context
+
+        try:
+            if settings.network.tls.enabled:
+                server_context(settings.network.tls)
+            client_contexts(settings)
+        except SettingsError as exc:
+            print(f"fpe-node: {exc}", file=sys.stderr)
+            return 2
         print("settings are valid")
     elif args.action == "show":
         print(yaml.safe_dump(shown_settings(settings), sort_keys=False), end="")
@@ -40,7 +51,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _type_name(annotation: Any) -> str:
     text = str(annotation) if typing.get_origin(annotation) else getattr(annotation, "__name__", str(annotation))
-    return text.replace("typing.", "").replace("pathlib.", "").replace("NoneType", "None")
+    return text.replace("typing.", "").replace("pathlib.", "").replace("pydantic.types.", "").replace("NoneType", "None")
 
 
 def _default(value: Any) -> str:
@@ -49,6 +60,26 @@ def _default(value: Any) -> str:
     if value is None:
         return "empty"
     return f"`{json.dumps(value, default=str)}`"
+
+
+def _section_lines(path: tuple[str, ...], section_type: type[BaseModel]) -> list[str]:
+    """The table of one section (``network``), then its nested sections (``network.tls``)."""
+    doc = (section_type.__doc__ or "").strip().splitlines()[0]
+    lines = [f"## `{'.'.join(path)}`", "", doc, "", "| field | environment variable | type | default | meaning |",
+             "|---|---|---|---|---|"]
+    prefix = ENV_PREFIX + ENV_NESTED_DELIMITER.join(part.upper() for part in path) + ENV_NESTED_DELIMITER
+    nested: list[tuple[str, type[BaseModel]]] = []
+    for name, field in section_type.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            nested.append((name, annotation))
+            continue
+        meaning = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `{name}` | `{prefix}{name.upper()}` | {_type_name(field.annotation)} | {_default(field.default)} | {meaning} |")
+    lines.append("")
+    for name, annotation in nested:
+        lines += _section_lines((*path, name), annotation)
+    return lines
 
 
 def reference_markdown() -> str:
@@ -64,21 +95,14 @@ def reference_markdown() -> str:
     ]
     for section_name, section_field in Settings.model_fields.items():
         section_type = section_field.annotation
-        if not (isinstance(section_type, type) and issubclass(section_type, BaseModel)):
-            continue
-        doc = (section_type.__doc__ or "").strip().splitlines()[0]
-        lines += [f"## `{section_name}`", "", doc, "", "| field | environment variable | type | default | meaning |",
-                  "|---|---|---|---|---|"]
-        for name, field in section_type.model_fields.items():
-            env = f"`{ENV_PREFIX}{section_name.upper()}{ENV_NESTED_DELIMITER}{name.upper()}`"
-            meaning = (field.description or "").replace("|", "\\|")
-            lines.append(f"| `{name}` | {env} | {_type_name(field.annotation)} | {_default(field.default)} | {meaning} |")
-        lines.append("")
+        if isinstance(section_type, type) and issubclass(section_type, BaseModel):
+            lines += _section_lines((section_name,), section_type)
     lines += [
         "## `peers`",
         "",
         "Systems seeded into the peer registry at start-up (`name`, `ae_titles`, `host` or `*`, `port`,",
-        "`roles`: `source` and/or `destination`). Afterwards administrators manage them without a",
+        "`roles`: `source` and/or `destination`, `tls`: DICOM over TLS, `tls_verify`: check a TLS",
+        "destination's certificate). Afterwards administrators manage them without a",
         "restart with `fpe-node peers list|add|remove|echo|import|export`.",
         "",
     ]

@@ -6,6 +6,7 @@ recorded in the audit table with the command and the OS user::
     fpe-node peers list [--json]
     fpe-node peers add PACS --ae-title PACS_STORE --ae-title PACS_QR --host 10.0.0.5 --port 104 \\
         --role source --role destination
+    fpe-node peers add ARCHIVE --ae-title ARCHIVE --host archive.example.org --port 2762 --role destination --tls
     fpe-node peers remove PACS
     fpe-node peers echo PACS
     fpe-node peers import peers.yaml [--replace-all]
@@ -44,6 +45,14 @@ def register(subparsers: Any) -> None:
     add.add_argument("--port", type=int, help="port of its SCP (needed for destinations and echo)")
     add.add_argument(
         "--role", dest="roles", action="append", choices=("source", "destination"), help="source (default) and/or destination"
+    )
+    add.add_argument(
+        "--tls", action="store_true",
+        help="DICOM over TLS: a source must use the TLS listener; a destination is sent to over TLS",
+    )
+    add.add_argument(
+        "--no-tls-verify", dest="tls_verify", action="store_false",
+        help="destination over TLS: do not verify its certificate (explicit opt-out, warned at every association)",
     )
     add.add_argument("--replace", action="store_true", help="update the peer if the name exists")
 
@@ -87,10 +96,11 @@ def _list(args: argparse.Namespace, settings: Settings, registry: PeerRegistry) 
     if not peers:
         print("no peers registered (every association is refused)")
         return 0
-    print(f"{'NAME':<20} {'AE TITLES':<36} {'HOST':<24} {'PORT':>5}  ROLES")
+    print(f"{'NAME':<20} {'AE TITLES':<36} {'HOST':<24} {'PORT':>5}  {'ROLES':<18}  TLS")
     for peer in peers:
         port = "" if peer.port is None else str(peer.port)
-        print(f"{peer.name:<20} {','.join(peer.ae_titles):<36} {peer.host:<24} {port:>5}  {','.join(peer.roles)}")
+        tls = ("yes" if peer.tls_verify else "yes, NOT verified") if peer.tls else "no"
+        print(f"{peer.name:<20} {','.join(peer.ae_titles):<36} {peer.host:<24} {port:>5}  {','.join(peer.roles):<18}  {tls}")
     return 0
 
 
@@ -102,6 +112,8 @@ def _add(args: argparse.Namespace, settings: Settings, registry: PeerRegistry) -
             "host": args.host,
             "port": args.port,
             "roles": args.roles or ["source"],
+            "tls": args.tls,
+            "tls_verify": args.tls_verify,
         }
     )
     registry.add(peer, actor=actor_for("fpe-node peers add"), replace=args.replace)

@@ -13,7 +13,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-from dicom_node.settings import Settings
+from dicom_node.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    node = build_node(settings)
+    try:
+        node = build_node(settings)  # checks the TLS certificates and keys first
+    except SettingsError as exc:
+        log.error("%s", exc)
+        return 2
     host, port = node.start(args.host, args.port)
     web = None
     try:
@@ -49,6 +53,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             web = _start_console(settings, node)
         # One parseable line for supervisors and tests: the bound port (useful with --port 0).
         log.info("fpe-node serving AE %s on %s port %d", settings.network.ae_title, host, port)
+        if node.scp.tls_context is not None and node.scp.tls_address != (host, port):
+            tls_host, tls_port = node.scp.tls_address
+            log.info("fpe-node serving AE %s over TLS on %s port %d", settings.network.ae_title, tls_host, tls_port)
         while not stop.wait(0.5):
             pass
     finally:

@@ -1,9 +1,10 @@
 """The ``alert`` table: every alert the node sent, failed to send or suppressed (:mod:`dicom_node.alerts`).
 
 One row per alert and channel. ``cursor`` records how far the rule had read the index when the
-alert was made (the last study event id it covered), so a restarted node goes on from there
-instead of alerting twice or missing what happened while it was down. The text never holds
-patient data unless ``alerts.include_patient_data`` allowed it.
+alert was made (the last study event id it covered). The ``alert_cursor`` table keeps how far the
+event rules have read the study timeline, so a restarted node goes on from there instead of
+alerting twice or missing what happened while it was down. The text never holds patient data
+unless ``alerts.include_patient_data`` allowed it.
 """
 
 from __future__ import annotations
@@ -34,3 +35,14 @@ class AlertRecord(Base):
     text: Mapped[str] = mapped_column(Text)
     cursor: Mapped[int | None] = mapped_column(Integer, default=None)
     """Study events up to this id were covered (event-driven rules); NULL for state rules."""
+
+
+class AlertCursor(Base):
+    """How far the alert rules have read an append-only table (``study_event``)."""
+
+    __tablename__ = "alert_cursor"
+
+    source: Mapped[str] = mapped_column(String(32), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    """The highest id read."""
+    updated_at: Mapped[Timestamp] = mapped_column(default=utcnow)

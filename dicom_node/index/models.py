@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, true
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from dicom_node.index.base import UID, AETitle, Base, IntPK, Timestamp, utcnow
@@ -143,6 +143,10 @@ class Peer(Base):
     roles: Mapped[str] = mapped_column(String(64), default="source")
     """Comma-separated roles: ``source`` (may send to the node), ``destination`` (receives results)."""
     created_at: Mapped[Timestamp] = mapped_column(default=utcnow)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """DICOM over TLS (PS3.15 Annex B): a source must use the TLS listener, a destination is sent to over TLS."""
+    tls_verify: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    """Verify a TLS destination's certificate and host name (False: an explicit, logged opt-out)."""
 
     ae_titles: Mapped[list[PeerAETitle]] = relationship(
         back_populates="peer", cascade="all, delete-orphan", passive_deletes=True, order_by="PeerAETitle.id"
@@ -167,7 +171,13 @@ class PeerAETitle(Base):
 
 
 class AuditEntry(Base):
-    """An administrative change (peers, users, configuration, actions) or a login: who, what, when, from where."""
+    """An audited event and who caused it: administrative changes (peers, users, settings), logins,
+    queries, instances received and results sent, node start and stop.
+
+    ``action`` names the event (``peer.add``, ``dicom.instances_received``, ...); the table of
+    actions and the PS3.15 A.5 message each becomes is :data:`dicom_node.atna.EVENTS`; ``source``
+    says from where.
+    """
 
     __tablename__ = "audit_entry"
 
@@ -181,6 +191,17 @@ class AuditEntry(Base):
     source: Mapped[str | None] = mapped_column(String(255), default=None)
     """From where: the client address of a console or REST request, ``local`` for a command run on
     the node's shell; NULL for entries written before migration 0400."""
+
+
+class AuditExportCursor(Base):
+    """How far an exporter (``dicom_node.atna``) has delivered the audit table: the last entry id
+    a collector has taken. Advanced only after a send; one row per exporter ``name``."""
+
+    __tablename__ = "audit_export_cursor"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    last_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[Timestamp] = mapped_column(default=utcnow)
 
 
 class StudyEvent(Base):

@@ -1,7 +1,7 @@
 """Console and REST API: users, sessions, API tokens, node-wide suspensions, audit_entry.source
 
 Revision ID: 0400_users
-Revises: 0300_instance_quarantine
+Revises: 0520_audit_export_cursor (chained after main's head when main was merged in)
 Create Date: 2026-12-02 00:00:00
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0400_users"
-down_revision: str | None = "0300_instance_quarantine"
+down_revision: str | None = "0520_audit_export_cursor"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

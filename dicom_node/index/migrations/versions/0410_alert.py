@@ -1,4 +1,4 @@
-"""alert: alerts sent, failed or suppressed (dicom_node.alerts)
+"""alert, alert_cursor: alerts sent, failed or suppressed, and how far the rules read (dicom_node.alerts)
 
 Revision ID: 0410_alert
 Revises: 0400_users
@@ -35,9 +35,17 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_alert")),
     )
     op.create_index("ix_alert_rule_channel_at", "alert", ["rule", "channel", "at"], unique=False)
+    op.create_table(
+        "alert_cursor",
+        sa.Column("source", sa.String(length=32), nullable=False),
+        sa.Column("position", sa.Integer(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("source", name=op.f("pk_alert_cursor")),
+    )
 
 
 def downgrade() -> None:
     """Revert this revision."""
+    op.drop_table("alert_cursor")
     op.drop_index("ix_alert_rule_channel_at", table_name="alert")
     op.drop_table("alert")
