@@ -107,7 +107,7 @@ def force_complete(context: WebContext, study_uid: str, *, actor: str, source: s
             .execution_options(synchronize_session=False)
         )
         enqueue_in(session, study_uid, f"forced complete by {actor}")
-        audit.record(session, actor=actor, action="study.complete", source=source, detail={"study_uid": study_uid})
+        audit.add_entry(session, actor=actor, action="study.complete", source=source, detail={"study_uid": study_uid})
     return ActionResult(f"study {study_uid} forced complete and queued for analysis")
 
 
@@ -129,7 +129,7 @@ def rerun_analysis(context: WebContext, study_uid: str, *, actor: str, source: s
             raise ActionError(f"study {study_uid} cannot be re-run: {why}")
         if not enqueue_in(session, study_uid, f"re-run by {actor}", rerun=True):
             raise ActionError(f"study {study_uid} is already queued")
-        audit.record(session, actor=actor, action="study.rerun", source=source,
+        audit.add_entry(session, actor=actor, action="study.rerun", source=source,
                      detail={"study_uid": study_uid, "from": state.value})
     return ActionResult(f"study {study_uid} queued for analysis again")
 
@@ -169,7 +169,7 @@ def resend_results(context: WebContext, study_uid: str, *, actor: str, source: s
         result = ActionResult(f"{count} result objects of study {study_uid} queued again", count)
         _wake_delivery(context)
     with write_session(context.session_factory) as session:
-        audit.record(session, actor=actor, action="study.resend", source=source,
+        audit.add_entry(session, actor=actor, action="study.resend", source=source,
                      detail={"study_uid": study_uid, "objects": count, "analysis_requeued": count == 0})
     return result
 
@@ -234,7 +234,7 @@ def retry_dead_letter(context: WebContext, item_id: int, *, actor: str, source: 
                 transition(session, row.study_uid, StudyState.REPORTING, f"dead letter {item_id} retried by {actor}")
             except TransitionError as exc:
                 log.warning("study %s: dead letter retried without a state change: %s", row.study_uid, exc)
-        audit.record(session, actor=actor, action="dead_letter.retry", source=source,
+        audit.add_entry(session, actor=actor, action="dead_letter.retry", source=source,
                      detail={"id": item_id, "study_uid": row.study_uid, "destination": row.destination})
         message = f"{row.kind} {row.sop_instance_uid} queued again for {row.destination}"
     _wake_delivery(context)
@@ -256,7 +256,7 @@ def drop_dead_letter(context: WebContext, item_id: int, *, actor: str, source: s
             record_event(session, study.id, study.state,
                          f"dead letter {item_id} ({row.kind} for {row.destination}) dropped by {actor}")
         session.delete(row)
-        audit.record(session, actor=actor, action="dead_letter.drop", source=source, detail=detail)
+        audit.add_entry(session, actor=actor, action="dead_letter.drop", source=source, detail=detail)
     return ActionResult(f"dead letter {item_id} dropped")
 
 
@@ -277,7 +277,7 @@ def suspend(context: WebContext, what: Suspendable, *, actor: str, source: str) 
         if session.get(Suspension, what) is not None:
             return ActionResult(f"{what} is already suspended", 0)
         session.add(Suspension(what=what, since=utcnow(), actor=actor[:128]))
-        audit.record(session, actor=actor, action="node.suspend", source=source, detail={"what": what})
+        audit.add_entry(session, actor=actor, action="node.suspend", source=source, detail={"what": what})
     log.warning("%s suspended node-wide by %s", what, actor)
     return ActionResult(f"{what} suspended")
 
@@ -290,7 +290,7 @@ def resume(context: WebContext, what: Suspendable, *, actor: str, source: str) -
         if row is None:
             return ActionResult(f"{what} is not suspended", 0)
         session.delete(row)
-        audit.record(session, actor=actor, action="node.resume", source=source, detail={"what": what})
+        audit.add_entry(session, actor=actor, action="node.resume", source=source, detail={"what": what})
     log.warning("%s resumed by %s", what, actor)
     if what == "delivery":
         _wake_delivery(context)
@@ -317,7 +317,8 @@ class EchoResult:
 
 
 def echo_peer(context: WebContext, name: str, *, actor: str, source: str, timeout_s: float = 10.0) -> EchoResult:
-    """C-ECHO a registered peer's SCP (host, port and first AE title from the registry); audited ``peer.echo``.
+    """C-ECHO a registered peer's SCP (host, port, first AE title and TLS flags from the registry);
+    audited ``peer.echo``.
 
     Raises
     ------
@@ -341,7 +342,13 @@ def echo_peer(context: WebContext, name: str, *, actor: str, source: str, timeou
     ae = AE(ae_title=settings.delivery.calling_ae_title or settings.network.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_titles[0])
+    tls_args = None
+    if peer.tls:  # DICOM TLS (PS3.15 B.1) as the delivery uses it: the site's client contexts
+        from dicom_node.tls import client_contexts
+
+        contexts = client_contexts(settings)
+        tls_args = (contexts.verified if peer.tls_verify else contexts.unverified, peer.host)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_titles[0], tls_args=tls_args)
     status: int | None = None
     if not assoc.is_established:
         message = f"peer {peer.name}: association to {peer.host}:{peer.port} as {peer.ae_titles[0]} failed"

@@ -49,6 +49,7 @@ from dicom_node.index.base import utcnow
 from dicom_node.index.db import write_session
 from dicom_node.index.jobs import AnalysisJob
 from dicom_node.index.models import Study, StudyEvent
+from dicom_node.index.users import Suspension
 from dicom_node.settings import CompletionSettings
 
 log = logging.getLogger(__name__)
@@ -435,8 +436,6 @@ class Lifecycle:
 
 def analysis_suspended(session_factory: sessionmaker[Session]) -> bool:
     """True while analysis is suspended node-wide (a ``node_suspension`` row, :mod:`dicom_node.actions`)."""
-    from dicom_node.index.users import Suspension
-
     with session_factory() as session:
         return session.get(Suspension, "analysis") is not None
 

@@ -54,6 +54,7 @@ from dicom_node.audit import RESULTS_SENT, add_entry, results_sent_detail
 from dicom_node.index.base import utcnow
 from dicom_node.index.db import write_session
 from dicom_node.index.outbox import OPEN_STATES, OutboxItem, OutboxState
+from dicom_node.index.users import Suspension
 from dicom_node.scu import Destination, OutgoingObject, StoreOutcome
 from dicom_node.settings import DeliverySettings, validate_ae_title
 
@@ -444,8 +445,6 @@ class Outbox:
 
     def suspended(self) -> bool:
         """True while delivery is suspended node-wide (a ``node_suspension`` row): rows wait, deadlines run."""
-        from dicom_node.index.users import Suspension
-
         with self._sessions() as session:
             return session.get(Suspension, "delivery") is not None
 

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
+from dicom_node.audit import add_entry
 from dicom_node.index.db import write_session
 from dicom_node.index.models import AuditEntry, Peer, PeerAETitle
 from dicom_node.settings import PeerSettings, format_validation_error
@@ -228,7 +229,7 @@ class PeerRegistry:
                 raise PeerError(f"no peer named {name!r}")
             detail = PeerInfo.from_row(row).as_dict()
             session.delete(row)
-            session.add(AuditEntry(actor=actor, action="peer.remove", detail=json.dumps(detail), source=source))
+            add_entry(session, actor=actor, action="peer.remove", detail=detail, source=source)
         log.info("peer %s removed by %s", name, actor)
 
     def import_peers(self, peers: Sequence[PeerInfo], *, actor: str, replace_all: bool = False) -> int:
@@ -256,8 +257,7 @@ class PeerRegistry:
     def audit(self, *, actor: str, action: str, detail: dict[str, Any] | None = None, source: str | None = None) -> None:
         """Record an administrative action that is not a peer change (e.g. an echo)."""
         with write_session(self._factory) as session:
-            session.add(AuditEntry(actor=actor, action=action, detail=None if detail is None else json.dumps(detail),
-                                   source=source))
+            add_entry(session, actor=actor, action=action, detail=detail, source=source)
 
     def audit_entries(self, limit: int = 100) -> list[AuditEntry]:
         """The newest audit entries first."""
@@ -286,7 +286,7 @@ class PeerRegistry:
         session.flush()
         for title in peer.ae_titles:
             session.add(PeerAETitle(peer_pk=row.id, ae_title=title))
-        session.add(AuditEntry(actor=actor, action=action, detail=json.dumps(peer.as_dict()), source=source))
+        add_entry(session, actor=actor, action=action, detail=peer.as_dict(), source=source)
         session.flush()
         log.info("%s %s by %s", action, peer.name, actor)
         return 1

@@ -745,12 +745,17 @@ def redacted(value: Any) -> Any:
     """JSON data with secrets hidden: URL passwords and the values of secret-named keys become ``***``."""
     if isinstance(value, dict):
         return {
-            key: "***" if _SECRET_KEY.search(str(key)) and item not in (None, "") else redacted(item)
+            key: "***" if _SECRET_KEY.search(str(key)) and item not in (None, "") and not _masked(item) else redacted(item)
             for key, item in value.items()
         }
     if isinstance(value, list):
         return [redacted(item) for item in value]
     return redact_url(value) if isinstance(value, str) else value
+
+
+def _masked(value: Any) -> bool:
+    """Already hidden: pydantic shows a ``SecretStr`` as ``**********``."""
+    return isinstance(value, str) and set(value) == {"*"}
 
 
 def shown_settings(settings: Settings) -> dict[str, Any]:

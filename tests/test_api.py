@@ -32,7 +32,9 @@ from dicom_node.web import auth
 from dicom_node.web.context import WebContext
 from tests.conftest import ServeProcess, settings_overrides
 from tests.peers import drop_postgres_schema, fresh_postgres_schema, postgres_base_url
-from tests.studyindex import Index, add_instances
+from tests.factory import Patient as FakePatient
+from tests.factory import write_ct_series
+from tests.studyindex import Index, add_files, add_instances
 
 PASSWORD = "a long enough password"
 S = StudyState
@@ -200,6 +202,9 @@ def test_session_requests_need_the_csrf_token_bearer_requests_do_not(api: Api) -
         assert browser.get("/api/v1/suspended").json() == {"suspended": []}
         done = browser.post("/api/v1/suspend", json={"what": "delivery"}, headers={"X-CSRF-Token": csrf})
         assert done.status_code == 200 and done.json()["message"] == "delivery suspended"
+        # a console form carries the token in its csrf_token field instead of the header
+        assert browser.post("/api/v1/studies/9.9.9/complete", data={"other": "x"}).status_code == 403
+        assert browser.post("/api/v1/studies/9.9.9/complete", data={"csrf_token": csrf}).status_code == 404
         assert browser.delete("/api/v1/session").status_code == 403  # logout is a change too
         assert browser.delete("/api/v1/session", headers={"X-CSRF-Token": csrf}).status_code == 204
         assert browser.get("/api/v1/suspended").status_code == 401  # session ended
@@ -224,7 +229,7 @@ def test_lockout_after_repeated_failures(api: Api) -> None:
         assert _login(api, client, "mallory-target").status_code == 200
     failed = [e for e in api.audit("user.login_failed") if e["actor"] == "mallory-target"]
     assert len(failed) == 4 and {e["source"] for e in failed} == {"127.0.0.1"}
-    assert failed[0]["detail"] == {"reason": "account locked"}
+    assert failed[0]["detail"] == {"reason": "account locked", "address": "127.0.0.1"}  # address: for ATNA
 
 
 def test_admin_changes_peers_users_and_tokens_audited_with_the_source(api: Api) -> None:
@@ -268,6 +273,8 @@ def test_cli_and_api_act_through_the_same_actions(api: Api, tmp_path: Path) -> N
         assert operator.post("/api/v1/studies/1.7.1/complete").status_code == 409
         assert operator.post("/api/v1/studies/9.9.9/complete").status_code == 404
         assert lifecycle.state_of("1.7.1") is S.QUEUED
+        waiting = operator.get("/api/v1/dashboard").json()["waiting"]
+        assert [(w["state"], w["why"]) for w in waiting if w["study_uid"] == "1.7.1"] == [("queued", "forced complete by operator")]
         detail = operator.get("/api/v1/studies/1.7.1").json()
         assert [e["state"] for e in detail["timeline"]] == ["complete", "queued"]
         assert detail["patient_name"] is None and detail["series_list"][0]["complete_at"] is not None
@@ -290,6 +297,9 @@ def test_cli_and_api_act_through_the_same_actions(api: Api, tmp_path: Path) -> N
             session.add(item)
             session.flush()
             item_id = item.id
+        dashboard = operator.get("/api/v1/dashboard").json()
+        assert dashboard["dead_letters"] == 1 and dashboard["failures_24h"] == 1 and dashboard["queue_depth"] == 0
+        assert [study["study_uid"] for study in dashboard["recent_failures"]] == ["1.7.1"]
         letters = operator.get("/api/v1/dead-letters").json()
         assert [(d["id"], d["study_state"]) for d in letters] == [(item_id, "dead_lettered")]
         assert operator.post(f"/api/v1/dead-letters/{item_id}/retry").status_code == 200
@@ -308,7 +318,7 @@ def test_cli_and_api_act_through_the_same_actions(api: Api, tmp_path: Path) -> N
         assert answer.status_code == 200 and answer.json()["count"] == 1
     assert [e["source"] for e in api.audit("study.resend")] == ["127.0.0.1", "local"]
     retried = api.audit("dead_letter.retry")
-    assert retried[0]["detail"] == {"destination": "PACS", "id": item_id, "study_uid": "1.7.1"}
+    assert retried[0]["detail"] == {"destination": "PACS", "id": item_id, "study_uid": "1.7.1", "address": "127.0.0.1"}
     assert retried[0]["actor"] == "operator" and retried[0]["source"] == "127.0.0.1"
 
 
@@ -325,10 +335,28 @@ def test_no_response_carries_a_secret(api: Api) -> None:
             if method != "get":
                 continue
             response = admin.get(url)
+            assert response.status_code == (404 if "no-such-thing" in url else 200), (url, response.text)
             for secret in planted:
                 assert secret not in response.text, (url, secret[:12])
-    text = subprocess.run(
-        [sys.executable, "-m", "dicom_node", "--config", str(api.served.config), "config", "show"],
-        capture_output=True, text=True, timeout=60, env={k: v for k, v in os.environ.items() if not k.startswith("FPENODE_")},
-    ).stdout
+    with redirect_stdout(io.StringIO()) as printed:
+        assert main(["--config", str(api.served.config), "config", "show"]) == 0
+    text = printed.getvalue()
     assert ":***@" in text and f":{password.group(1)}@" not in text
+
+
+def test_patient_name_only_when_asked_and_audited_never_logged(api: Api, tmp_path: Path) -> None:
+    series = write_ct_series(tmp_path / "ct", patient=FakePatient(name="PLANTED^PATIENT", patient_id="PLANTED-ID"),
+                             study_uid="1.7.2", n_slices=2, rows=16)
+    add_files(api.index, "1.7.2", series.series_uid, series.paths)
+    with api.client("viewer") as viewer:
+        plain = viewer.get("/api/v1/studies/1.7.2")
+        assert plain.status_code == 200 and "PLANTED" not in plain.text
+        shown = viewer.get("/api/v1/studies/1.7.2", params={"patient": "true"}).json()
+        assert shown["patient_name"] == "PLANTED^PATIENT"
+        listed = viewer.get("/api/v1/studies", params={"patient": "true", "limit": 1000}).json()
+        assert [s["patient_name"] for s in listed if s["study_uid"] == "1.7.2"] == ["PLANTED^PATIENT"]
+    queries = [e for e in api.audit("api.query") if e["actor"] == "viewer"]
+    assert len(queries) == 2 and queries[-1]["detail"] == {
+        "path": "/api/v1/studies/1.7.2", "query": "patient=true", "studies": ["1.7.2"], "address": "127.0.0.1"
+    }
+    assert "PLANTED" not in api.served.log_text()

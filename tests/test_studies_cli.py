@@ -88,6 +88,12 @@ def test_text_detail_and_unknown_study(index: Index, tmp_path: Path, capsys: pyt
     assert "not in the index" in capsys.readouterr().out
     assert main(["--config", config, "studies", "--json", "--state", "received"]) == 0
     assert [row["study_uid"] for row in json.loads(capsys.readouterr().out)] == ["1.8.2"]
+    assert main(["--config", config, "studies", "--json", "--sender", "NOBODY"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["--config", config, "studies", "--json", "--since", "2999-01-01T00:00"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["--config", config, "studies", "--json", "--since", "2000-01-01T00:00+00:00"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
 
 
 def test_the_installed_command_runs(index: Index, tmp_path: Path) -> None:

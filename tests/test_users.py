@@ -161,3 +161,22 @@ def test_users_cli_reads_the_password_from_stdin_never_an_argument(
         assert auth.login(context, "admin", PASSWORD, "127.0.0.1")[0].role is Role.admin
     finally:
         engine.dispose()
+
+
+def test_sessions_end_when_idle_too_long_and_when_the_password_changes(context: WebContext) -> None:
+    import datetime as dt
+
+    from dicom_node.index.db import write_session
+    from dicom_node.index.users import WebSession
+
+    auth.add_user(context, "dave", "viewer", PASSWORD, actor="test", source="local")
+    _, idle = auth.login(context, "dave", PASSWORD, "192.0.2.9")
+    _, other = auth.login(context, "dave", PASSWORD, "192.0.2.9")
+    with write_session(context.session_factory) as session:  # the first one unused for 31 minutes (session_idle_min 30)
+        row = session.scalars(select(WebSession).order_by(WebSession.id)).first()
+        assert row is not None
+        row.last_seen_at = row.last_seen_at - dt.timedelta(minutes=31)
+    assert auth.authenticate_session(context, idle) is None
+    assert auth.authenticate_session(context, other) is not None
+    auth.change_user(context, "dave", password=PASSWORD + "!", actor="test", source="local")
+    assert auth.authenticate_session(context, other) is None

@@ -39,6 +39,9 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("studies", help="list received studies, their series, state and timeline")
     parser.add_argument("--study", metavar="UID", help="show one study: series, timeline, jobs, deliveries")
     parser.add_argument("--state", help="list only studies in this state (e.g. dead_lettered, report_failed, received)")
+    parser.add_argument("--since", type=_instant, metavar="TIME",
+                        help="list only studies whose latest instance arrived at or after TIME (ISO 8601; UTC if no zone)")
+    parser.add_argument("--sender", metavar="PEER", help="list only studies sent by this peer (name) or calling AE title")
     parser.add_argument("--limit", type=int, default=50, help="list at most this many studies (default 50; 0: all)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.set_defaults(func=run)
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     return 1
                 print(_dumps(detail) if args.json else format_detail(detail))
             else:
-                rows = study_rows(session, state=args.state, limit=args.limit or None)
+                rows = study_rows(session, state=args.state, limit=args.limit or None,
+                                  since=getattr(args, "since", None), sender=getattr(args, "sender", None))
                 print(_dumps(rows) if args.json else format_list(rows))
     finally:
         engine.dispose()
@@ -71,15 +75,30 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 _PATIENT_FIELDS = {"patient_name", "patient_id"}  # never shown on the command line
 
 
+def _instant(text: str) -> dt.datetime:
+    """An ISO 8601 time (``2026-12-01T08:00``); without a zone it is taken as UTC."""
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+
+
 def study_rows(
-    session: Session, *, state: str | None = None, limit: int | None = 50, study_uid: str | None = None
+    session: Session,
+    *,
+    state: str | None = None,
+    limit: int | None = 50,
+    study_uid: str | None = None,
+    since: dt.datetime | None = None,
+    sender: str | None = None,
 ) -> list[Row]:
     """One row per study (or only ``study_uid``), latest arrival first (:func:`dicom_node.web.queries.list_studies`)."""
     from dicom_node.web.queries import list_studies
 
     return [
         study.model_dump(exclude=_PATIENT_FIELDS)
-        for study in list_studies(session, state=state, limit=limit, study_uid=study_uid)
+        for study in list_studies(session, state=state, limit=limit, study_uid=study_uid, since=since, sender=sender)
     ]
 
 

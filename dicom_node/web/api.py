@@ -208,11 +208,13 @@ def close_session(request: Request, principal: Principal = Depends(viewer)) -> R
 # -- studies --------------------------------------------------------------------------------------------
 
 
-def _audit_patient_query(request: Request, principal: Principal, detail: dict[str, Any]) -> None:
+def _audit_patient_query(request: Request, principal: Principal, study_uids: list[str]) -> None:
+    """``api.query`` with the request path and query string (PS3.15 A.5.3.10), for answers naming patients."""
     from dicom_node.index.db import write_session
 
+    detail = {"path": request.url.path, "query": request.url.query, "studies": study_uids}
     with write_session(_context(request).session_factory) as session:
-        audit.record(session, actor=principal.name, action=audit.API_QUERY, source=_source(request), detail=detail)
+        audit.add_entry(session, actor=principal.name, action=audit.API_QUERY, source=_source(request), detail=detail)
 
 
 @router.get("/studies", response_model=list[StudySummary], tags=["studies"])
@@ -233,7 +235,7 @@ def get_studies(
         if patient:
             found = queries.fill_patient(session, context.settings.storage.data_dir, found)
     if patient:
-        _audit_patient_query(request, principal, {"studies": [s.study_uid for s in found]})
+        _audit_patient_query(request, principal, [s.study_uid for s in found])
     return found
 
 
@@ -253,7 +255,7 @@ def get_study(
         if patient:
             (detail,) = queries.fill_patient(session, context.settings.storage.data_dir, [detail])
     if patient:
-        _audit_patient_query(request, principal, {"studies": [study_uid]})
+        _audit_patient_query(request, principal, [study_uid])
     return detail
 
 

@@ -188,7 +188,7 @@ def login(context: WebContext, username: str, password: str, source: str) -> tup
                 user.failed_attempts = 0
                 cause += f"; locked for {console.lockout_min:g} min"
         if refusal is not None:
-            audit.record(session, actor=username[:64], action=audit.USER_LOGIN_FAILED, source=source,
+            audit.add_entry(session, actor=username[:64], action=audit.USER_LOGIN_FAILED, source=source,
                          detail={"reason": cause})
         else:
             assert user is not None
@@ -207,7 +207,7 @@ def login(context: WebContext, username: str, password: str, source: str) -> tup
                     source=source,
                 )
             )
-            audit.record(session, actor=user.name, action=audit.USER_LOGIN, source=source)
+            audit.add_entry(session, actor=user.name, action=audit.USER_LOGIN, source=source)
             principal = Principal(user.name, Role[user.role], "session")
     if refusal is not None:
         log.info("console login refused from %s: %s", source, cause)
@@ -224,7 +224,7 @@ def logout(context: WebContext, token: str, source: str | None = None) -> None:
         )
         if row is None:
             return
-        audit.record(session, actor=row.user.name, action=audit.USER_LOGOUT, source=source or row.source)
+        audit.add_entry(session, actor=row.user.name, action=audit.USER_LOGOUT, source=source or row.source)
         session.delete(row)
 
 
@@ -354,7 +354,7 @@ def add_user(context: WebContext, name: str, role: Role | str, password: str, *,
             raise UserError(f"a user named {name!r} exists")
         row = WebUser(name=name, role=role.name, password_hash=hash_password(password), failed_attempts=0)
         session.add(row)
-        audit.record(session, actor=actor, action=audit.USER_ADD, source=source, detail={"name": name, "role": role.name})
+        audit.add_entry(session, actor=actor, action=audit.USER_ADD, source=source, detail={"name": name, "role": role.name})
         session.flush()
         info = _user_info(row)
     log.info("user %s (%s) added by %s", name, role.name, actor)
@@ -412,7 +412,7 @@ def change_user(
         if end_sessions:
             session.execute(delete(WebSession).where(WebSession.user_pk == row.id))
         if changes:
-            audit.record(session, actor=actor, action=audit.USER_CHANGE, source=source, detail={"name": name, **changes})
+            audit.add_entry(session, actor=actor, action=audit.USER_CHANGE, source=source, detail={"name": name, **changes})
         info = _user_info(row)
     return info
 
@@ -424,7 +424,7 @@ def remove_user(context: WebContext, name: str, *, actor: str, source: str) -> N
         if row.role == Role.admin.name and _admins_left(session, without=name) == 0:
             raise UserError(f"{name!r} is the last admin; add another admin first")
         session.delete(row)
-        audit.record(session, actor=actor, action=audit.USER_REMOVE, source=source, detail={"name": name})
+        audit.add_entry(session, actor=actor, action=audit.USER_REMOVE, source=source, detail={"name": name})
     log.info("user %s removed by %s", name, actor)
 
 
@@ -477,7 +477,7 @@ def add_token(
         row.owner = user
         session.add(row)
         session.flush()
-        audit.record(session, actor=actor, action=audit.TOKEN_ADD, source=source,
+        audit.add_entry(session, actor=actor, action=audit.TOKEN_ADD, source=source,
                      detail={"id": row.id, "name": name, "owner": owner, "role": token_role.name})
         info = _token_info(row)
     log.info("API token %d (%s) of %s added by %s", info.id, name, owner, actor)
@@ -490,6 +490,6 @@ def remove_token(context: WebContext, token_id: int, *, actor: str, source: str)
         row = session.scalar(select(ApiToken).where(ApiToken.id == token_id).options(selectinload(ApiToken.owner)))
         if row is None:
             raise UserError(f"no API token {token_id}")
-        audit.record(session, actor=actor, action=audit.TOKEN_REMOVE, source=source,
+        audit.add_entry(session, actor=actor, action=audit.TOKEN_REMOVE, source=source,
                      detail={"id": token_id, "name": row.name, "owner": row.owner.name})
         session.delete(row)

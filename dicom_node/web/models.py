@@ -176,7 +176,7 @@ class Dashboard(_Model):
     delivered_24h: int = Field(description="Studies delivered in the last 24 h.")
     failures_24h: int = Field(description="Studies that failed (dead letters, report failures) in the last 24 h.")
     waiting: list[WaitingStudy]
-    recent_failures: list[StudySummary]
+    recent_failures: list[StudySummary] = Field(description="Studies that failed in the last 24 h (at most 20).")
     dead_letters: int = Field(description="Dead letters waiting for a retry or a drop.")
     queue_depth: int = Field(description="Studies queued for analysis.")
     outbox_depth: int = Field(description="Result objects waiting to be sent.")

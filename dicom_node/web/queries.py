@@ -320,10 +320,14 @@ def dashboard(context: WebContext) -> Dashboard:
             .order_by(Study.last_received_at.desc())
             .limit(100)
         ).all()
-        recent_failures = [
-            study for study in list_studies(session, since=day_ago - _DAY * 6, limit=200)
-            if StudyState(study.state) in FAILURE_STATES
-        ][:20]
+        failed_uids = session.scalars(
+            select(Study.study_uid).distinct()
+            .join(StudyEvent, StudyEvent.study_pk == Study.id)
+            .where(StudyEvent.at >= day_ago, StudyEvent.state.in_([s.value for s in FAILURE_STATES]),
+                   Study.state.in_([s.value for s in FAILURE_STATES]))
+            .limit(20)
+        ).all()
+        recent_failures = [study for uid in failed_uids for study in list_studies(session, study_uid=uid, limit=None)]
         dead = session.scalar(select(func.count(OutboxItem.id)).where(OutboxItem.state == OutboxState.DEAD.value)) or 0
         queue_depth = session.scalar(select(func.count(JobRow.id)).where(JobRow.state == "queued")) or 0
         outbox_depth = session.scalar(select(func.count(OutboxItem.id)).where(OutboxItem.state.in_(OPEN_STATES))) or 0
