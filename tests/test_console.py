@@ -7,11 +7,13 @@ retry settings; Debian's headless Chromium, driven by Playwright exactly as the 
 
 * an admin (created with ``fpe-node users add``) logs in (a wrong password is refused without
   saying which field was wrong), adds a peer and C-ECHOes it: a DCMTK ``storescp`` answers, a
-  port with nobody listening does not, and the page says so;
+  port with nobody listening does not, and the page says so; it adds and removes a user, and
+  logs out;
 * a study sent by DCMTK ``storescu`` appears on the studies page and reaches ``delivered``;
   its page shows the series, timeline, analysis and delivery;
 * with the archive down, a resend dead-letters the result; once the archive is back, the dead
-  letter is retried from the dead-letter page and the SR arrives in the archive;
+  letter is retried from the dead-letter page and the SR arrives in the archive; delivery is
+  suspended and resumed from the dashboard;
 * a viewer sees the pages and the patient's name, its action buttons are disabled, and the
   server refuses the same POSTs (403) and changes nothing.
 
@@ -201,7 +203,7 @@ def _flash(page: Any) -> str:
     return str(page.inner_text(".flash"))
 
 
-def test_admin_logs_in_adds_a_peer_and_echoes_it(console_node: ConsoleNode, browser_page: Any, tmp_path: Path) -> None:
+def test_admin_logs_in_manages_peers_with_c_echo_and_users(console_node: ConsoleNode, browser_page: Any, tmp_path: Path) -> None:
     page, node = browser_page, console_node
     # Not logged in: every page leads to the login form; a wrong password says nothing about which field.
     page.goto(node.url + "peers")
@@ -249,6 +251,19 @@ def test_admin_logs_in_adds_a_peer_and_echoes_it(console_node: ConsoleNode, brow
     assert "echo-peer removed" in _flash(page)
     assert "echo-peer" not in page.inner_text("table#peers")
     assert {peer.name for peer in node.registry.list_peers()} == {"archive", "TESTSCU"}
+
+    # Users: an operator added from the page can log in; removed, it is gone.
+    page.goto(node.url + "users")
+    form = page.locator("form#add-user")
+    form.locator("input[name=name]").fill("night-operator")
+    form.locator("select[name=role]").select_option("operator")
+    form.locator("input[name=password]").fill("night operator pass 3")
+    form.locator("button[type=submit]").click()
+    assert "night-operator added" in _flash(page)
+    assert "operator" in page.locator("#users tr", has_text="night-operator").inner_text()
+    page.locator("#users tr", has_text="night-operator").get_by_role("button", name="Remove").click()
+    assert "night-operator removed" in _flash(page)
+    assert "night-operator" not in page.inner_text("#users")
 
     page.get_by_role("button", name="Log out").click()
     page.wait_for_url("**/login")
@@ -312,7 +327,13 @@ def test_study_is_delivered_and_a_dead_letter_is_retried_from_the_page(
     _reload_until(page, node.url + f"studies/{study_uid}", "#state .state", lambda text: text == "delivered", 30.0,
                   "the study delivered again")
 
-    # The dashboard, as the README shows it.
+    # The dashboard, as the README shows it; delivery suspended node-wide and resumed from it.
+    page.goto(node.url)
+    page.get_by_role("button", name="Suspend delivery").click()
+    assert "delivery suspended" in _flash(page)
+    assert "suspended" in page.locator("#suspension div", has_text="Delivery").inner_text()
+    page.get_by_role("button", name="Resume delivery").click()
+    assert "delivery resumed" in _flash(page)
     page.goto(node.url)
     dashboard = page.inner_text("main")
     for what in ("Arrived", "Waiting", "Delivered", "Failures", "Disk", "Queue", "Worker", "Model"):
