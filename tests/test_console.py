@@ -217,6 +217,10 @@ def test_admin_logs_in_manages_peers_with_c_echo_and_users(console_node: Console
     page.fill("input[name=password]", "not the password")
     page.click("button[type=submit]")
     assert page.inner_text(".flash.error") == refused
+    # A login posted without the form's CSRF token (from another site) is refused, right password or not.
+    forged = page.request.post(node.url + "login", form={"username": "admin", "password": PASSWORDS["admin"]},
+                               max_redirects=0)
+    assert forged.status == 403 and "fpenode_session" not in forged.headers.get("set-cookie", "")
     page.fill("input[name=username]", "admin")
     page.fill("input[name=password]", PASSWORDS["admin"])
     page.click("button[type=submit]")

@@ -24,6 +24,7 @@ import binascii
 import datetime as dt
 import json
 import logging
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -191,32 +192,56 @@ def static_file(name: str) -> FileResponse:
 LOGIN_REFUSED = "Log-in refused: the user name or password is wrong, or the account is locked. Ask an administrator if this persists."
 
 
+LOGIN_CSRF_COOKIE = "fpenode_login_csrf"
+"""The login form's own CSRF token (double-submit cookie: there is no session yet to hold one)."""
+LOGIN_EXPIRED = "The login form expired; please log in again."
+
+
+def _login_page(request: Request, *, next_path: str, error: str | None, username: str = "", code: int = 200) -> HTMLResponse:
+    """The login form with its CSRF token (the one in the browser's cookie, or a new one set here)."""
+    known = request.cookies.get(LOGIN_CSRF_COOKIE)
+    token = known if known and len(known) >= 32 else secrets.token_urlsafe(32)
+    page = render(request, "login.html", None, title="Log in", next=next_path, error=error, username=username,
+                  csrf_token=token)
+    page.status_code = code
+    if token != known:
+        page.set_cookie(LOGIN_CSRF_COOKIE, token, max_age=3600, path="/login", httponly=True, samesite="strict",
+                        secure=web_context(request).settings.console.secure_cookie)
+    return page
+
+
 @router.get("/login", response_class=HTMLResponse)
 def login_form(request: Request, next: str = "/") -> Response:
     """The login form (straight to ``next`` when already logged in)."""
     if page_principal(request) is not None:
         return RedirectResponse(local_path(next), status.HTTP_303_SEE_OTHER)
-    return render(request, "login.html", None, title="Log in", next=local_path(next), error=None, username="")
+    return _login_page(request, next_path=local_path(next), error=None)
 
 
 @router.post("/login", response_class=HTMLResponse)
 def login(
-    request: Request, username: str = Form(""), password: str = Form(""), next: str = Form("/")
+    request: Request, username: str = Form(""), password: str = Form(""), next: str = Form("/"),
+    csrf_token: str = Form(""),
 ) -> Response:
     """Check the credentials (:func:`dicom_node.web.auth.login`), set the session cookie, go to ``next``.
 
     A refusal does not say whether the name or the password was wrong (nor whether the account
-    exists); :func:`auth.login` records it in the audit trail.
+    exists); :func:`auth.login` records it in the audit trail. The form must carry the token of
+    the login CSRF cookie (no other site can log a browser in to an account of its choosing).
     """
     context = web_context(request)
+    next_path = local_path(next)
+    if not auth.csrf_matches(request.cookies.get(LOGIN_CSRF_COOKIE, ""), csrf_token):
+        return _login_page(request, next_path=next_path, error=LOGIN_EXPIRED, username=username,
+                           code=status.HTTP_403_FORBIDDEN)
     try:
         _, token = auth.login(context, username, password, client_address(request))
     except auth.LoginRefused:
-        page = render(request, "login.html", None, title="Log in", next=local_path(next), error=LOGIN_REFUSED, username=username)
-        page.status_code = status.HTTP_401_UNAUTHORIZED
-        return page
-    response = RedirectResponse(local_path(next), status.HTTP_303_SEE_OTHER)
+        return _login_page(request, next_path=next_path, error=LOGIN_REFUSED, username=username,
+                           code=status.HTTP_401_UNAUTHORIZED)
+    response = RedirectResponse(next_path, status.HTTP_303_SEE_OTHER)
     auth.set_session_cookie(response, token, context.settings)
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
     return response
 
 
