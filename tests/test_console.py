@@ -353,6 +353,12 @@ def test_viewer_sees_the_pages_but_the_server_refuses_its_actions(console_node: 
     assert page.locator("nav.main a", has_text="Users").count() == 0
     row = _reload_until(page, node.url + "studies", f"#studies tr:has(a:text-is('{study_uid}'))", bool, 60.0, "the study")
     assert PATIENT.name in row and PATIENT.patient_id in row
+    # The filters: by state, by sender (AE title or peer name), by arrival day.
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    for query, listed in (("state=not_eligible", False), ("sender=STORESCU", True), ("sender=archive", False),
+                          (f"since={today}", True), ("since=2999-01-01", False)):
+        page.goto(node.url + "studies?" + query)
+        assert (study_uid in page.inner_text("#studies")) is listed, query
 
     page.goto(node.url + f"studies/{study_uid}")
     for name in ("Force complete", "Re-run analysis", "Resend results"):
