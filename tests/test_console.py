@@ -28,9 +28,11 @@ import datetime as dt
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from dicom_node.web.context import WebContext
 from tests.archives import StorescpArchive, free_port
 from tests.conftest import NODE_AE, REPO_ROOT, TEST_PEER, ServeProcess, settings_overrides
 from tests.factory import Patient, Study, write_ct_stroke_study
+from tests.test_alerts import WebhookServer
 from tests.peers import DCMTK
 from tests.training_support import reduced_checkpoint
 from tests.viewer import CHROMIUM, CHROMIUM_ARGS
@@ -95,6 +98,10 @@ def console_node(tmp_path_factory: pytest.TempPathFactory, dcmtk: DCMTK) -> Iter
     checkpoint = reduced_checkpoint(root / "model.pt", name="res25-console-test")
     archive = StorescpArchive(root / "archive", ae_title="ARCHIVE")
     archive.start()
+    # A webhook channel for the alerts page (the alert tests' recorder, answering 200 at once).
+    hook = WebhookServer(fail_first=0)
+    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), hook.handler())
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     sections = settings_overrides(
         root / "node",
         network={"ae_title": NODE_AE, "host": "127.0.0.1", "port": free_port()},
@@ -104,6 +111,8 @@ def console_node(tmp_path_factory: pytest.TempPathFactory, dcmtk: DCMTK) -> Iter
         # One result object (the SR) per study; a result not stored 4 s after it was queued is dead.
         reports={"secondary_capture": False},
         delivery={"retry_initial_s": 0.5, "retry_max_s": 1.0, "deadline_s": 4.0, "scan_interval_s": 0.5},
+        alerts={"check_interval_s": 1.0, "rules": ["dead_letter"],
+                "webhooks": [{"name": "ops-hook", "url": f"http://127.0.0.1:{httpd.server_address[1]}/hook"}]},
         peers=[
             TEST_PEER,
             {"name": "archive", "ae_titles": ["ARCHIVE"], "host": "127.0.0.1", "port": archive.port,
@@ -137,12 +146,15 @@ def console_node(tmp_path_factory: pytest.TempPathFactory, dcmtk: DCMTK) -> Iter
         for url in node.urls:
             assert PATIENT.name not in url and PATIENT.patient_id not in url, url
             assert url.startswith(node.url), f"the console fetched {url} from elsewhere (no CDN at run time)"
+        assert hook.requests and PATIENT.name not in repr(hook.requests) and PATIENT.patient_id not in repr(hook.requests)
         log_text = serve.log_text()
         assert PATIENT.name not in log_text and PATIENT.patient_id not in log_text
     finally:
         if serve.process is not None and serve.process.poll() is None:
             serve.terminate()
         archive.stop()
+        httpd.shutdown()
+        httpd.server_close()
         engine.dispose()
 
 
@@ -314,8 +326,14 @@ def test_study_is_delivered_and_a_dead_letter_is_retried_from_the_page(
     dead = _reload_until(page, node.url + "dead-letters", "#dead-letters tbody", lambda text: study_uid in text, 60.0,
                          "the dead letter")
     assert "archive" in dead and "SR" in dead
+    page.screenshot(path=str(SCREENSHOTS / "dead_letters.png"), full_page=True)
     _reload_until(page, node.url + f"studies/{study_uid}", "#state .state", lambda text: text == "dead lettered", 30.0,
                   "the study dead-lettered")
+    # ... and the alerts page shows the dead-letter alert the webhook received.
+    _reload_until(page, node.url + "alerts", "#alerts tbody",
+                  lambda text: "dead letter" in text and "webhook:ops-hook" in text and "sent" in text, 30.0,
+                  "the dead-letter alert")
+    page.screenshot(path=str(SCREENSHOTS / "alerts.png"), full_page=True)
 
     # Archive back: retry from the dead-letter page; the SR arrives and the study is delivered again.
     node.archive.start()
@@ -369,8 +387,9 @@ def test_viewer_sees_the_pages_but_the_server_refuses_its_actions(console_node: 
     page.goto(node.url + "peers")
     assert page.locator("form#add-peer").count() == 0
     assert "archive" in page.inner_text("table#peers")
-    page.goto(node.url + "dead-letters")
-    page.goto(node.url + "alerts")
+    for path in ("dead-letters", "alerts", "peers/archive"):
+        assert page.goto(node.url + path).status == 200, path
+    assert page.locator("form#change-peer").count() == 0
     assert page.goto(node.url + "users").status == 403
     assert page.goto(node.url + "studies/1.2.3.4").status == 404
     assert "not in the index" in page.inner_text("main")
