@@ -7,7 +7,10 @@ generates the OpenAPI document served at ``/api/openapi.json`` (interactive docs
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, status
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dicom_node import __version__
 from dicom_node.web.context import WebContext
@@ -29,4 +32,16 @@ def create_app(context: WebContext) -> FastAPI:
     app.include_router(health.router)
     app.include_router(api.router)
     app.include_router(console.router)
+    app.add_exception_handler(StarletteHTTPException, _console_login_redirect)  # type: ignore[arg-type]
     return app
+
+
+_MACHINE_PATHS = ("/api/", "/health/", "/metrics")
+
+
+async def _console_login_redirect(request: Request, exc: StarletteHTTPException) -> Response:
+    """A console form posted after its session ended (401) goes to the login form, like a page
+    asked for without a session; the REST API, probes and metrics keep their JSON answers."""
+    if exc.status_code == status.HTTP_401_UNAUTHORIZED and not request.url.path.startswith(_MACHINE_PATHS):
+        return RedirectResponse("/login", status.HTTP_303_SEE_OTHER)
+    return await http_exception_handler(request, exc)
