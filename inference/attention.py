@@ -20,16 +20,36 @@ forward returns the ``layer4`` maps with the logits and only the head is differe
 Mapping the map back onto the primary series' geometry belongs to ``inference.predictor``;
 :func:`peak` and :func:`hot_region_outline` work on any 3-D / 2-D array, so they can run on the
 map after it has been resampled onto the primary series.
+
+**On the source grid** (:func:`source_attention`, kept as ``Prediction.source_attention``): the
+map as a reader sees it over the primary series, one plane per acquired source image:
+
+- *smooth*: Grad-CAM is upsampled bicubically in-plane onto the model grid
+  (``combine(..., mode="bicubic")``, continuous first derivatives, no 7 x 7 blocks or kinks),
+  then each source pixel takes the trilinear interpolation of that grid at the pixel's patient
+  position, through the same geometry the preprocessing cropped with (the model grid lies in
+  the primary's patient space: identity transform). Source planes between model slices get the
+  linear blend of the two model slices around them; a gantry-tilted plane is sampled where it
+  lies, so its values follow the tilt;
+- *masked*: 0 outside the preprocessing brain mask (``PreprocessedCase.mask_image``, computed
+  at ``recipe.mask_spacing_mm``), smoothed by a Gaussian of one mask voxel and taken at 0.5 on
+  the source grid so its edge is a smooth line, not 2 mm steps. Source planes above or below
+  the brain are 0 for that reason (the model grid covers the mask with a margin, so no brain
+  pixel falls outside it);
+- *normalised*: divided by its maximum over all source planes of the case, so 1 is the
+  strongest attention in this case and 0.5 half of it: **relative attention within the case**,
+  not comparable between cases nor a probability.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
@@ -37,6 +57,7 @@ from torch import Tensor
 
 from inference.model.res25 import Res25, Res25Output
 from inference.model.runtime import autocast
+from inference.result import SourceInstance, SourcePlane
 
 if TYPE_CHECKING:  # the ensemble module imports the checkpoint module, which imports runtime
     from inference.model.ensemble import Res25Ensemble
@@ -157,11 +178,13 @@ def grad_cam_from_features(model: Res25 | Res25Ensemble, feature_maps: Tensor, b
     return detached, cam
 
 
-def combine(slice_weights: NDArray[np.floating], cam: NDArray[np.floating], shape: tuple[int, int]) -> FloatArray:
+def combine(slice_weights: NDArray[np.floating], cam: NDArray[np.floating], shape: tuple[int, int],
+            mode: Literal["bilinear", "bicubic"] = "bilinear") -> FloatArray:
     """``w_s * upsample(cam_s)`` on a ``(n_slices, *shape)`` grid, scaled to [0, 1].
 
-    Bilinear upsampling with pixel centres aligned (``align_corners=False``). Falls back to
-    the slice weights alone where ``cam`` is zero everywhere.
+    Bilinear (or bicubic, smooth to the first derivative; its overshoot below 0 is cut) upsampling
+    with pixel centres aligned (``align_corners=False``). Falls back to the slice weights alone
+    where ``cam`` is zero everywhere.
     """
     weights = np.asarray(slice_weights, dtype=np.float32).reshape(-1)
     cam_t = torch.as_tensor(np.asarray(cam, dtype=np.float32))
@@ -170,7 +193,7 @@ def combine(slice_weights: NDArray[np.floating], cam: NDArray[np.floating], shap
     if float(cam_t.max()) <= 0.0:
         logger.debug("Grad-CAM is zero everywhere: attention map from slice weights only")
         cam_t = torch.ones_like(cam_t)
-    up = F.interpolate(cam_t[:, None], size=tuple(shape), mode="bilinear", align_corners=False)[:, 0]
+    up = F.interpolate(cam_t[:, None], size=tuple(shape), mode=mode, align_corners=False)[:, 0]
     heat = (up * torch.as_tensor(weights)[:, None, None]).clamp_min(0).numpy()
     top = float(heat.max())
     return (heat / top).astype(np.float32) if top > 0 else np.zeros_like(heat, dtype=np.float32)
@@ -315,3 +338,119 @@ def to_image_coordinates(outline: tuple[tuple[float, float], ...]) -> tuple[tupl
     centre ``(0.5, 0.5)``; SCOORD points are (column, row) pairs (PS3.3 C.18.6.1.1).
     """
     return tuple((column + 0.5, row + 0.5) for row, column in outline)
+
+
+# --------------------------------------------------------------------------- on the source grid
+
+
+def grid_image(values: NDArray[np.floating], origin: Sequence[float], spacing: Sequence[float]) -> sitk.Image:
+    """A ``(slices, rows, columns)`` array on an axis-aligned LPS grid as a SimpleITK image.
+
+    ``origin`` is the centre of voxel (0, 0, 0), ``spacing`` (column, row, slice) in mm (the
+    :class:`inference.preprocess.ModelGrid` convention).
+    """
+    image = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float32))
+    image.SetOrigin(tuple(float(v) for v in origin))
+    image.SetSpacing(tuple(float(v) for v in spacing))
+    return image
+
+
+def smoothed_mask(mask: sitk.Image, sigma_mm: float) -> sitk.Image:
+    """A binary mask as a float image in [0, 1] blurred by a Gaussian of ``sigma_mm``.
+
+    Taken at 0.5 after interpolation, its edge is a smooth line at the original boundary
+    instead of the staircase of the mask's voxels.
+    """
+    if sigma_mm <= 0:
+        raise ValueError(f"sigma_mm must be positive, got {sigma_mm!r}")
+    binary = sitk.Cast(mask > 0, sitk.sitkFloat32)
+    if min(binary.GetSize()) >= 4:  # the recursive filter needs four pixels along each axis
+        return sitk.SmoothingRecursiveGaussian(binary, float(sigma_mm))
+    return sitk.DiscreteGaussian(binary, [float(sigma_mm) ** 2] * 3, 32, 0.01, True)
+
+
+def plane_reference(plane: SourcePlane) -> sitk.Image:
+    """A one-slice image with the geometry of a source plane (PS3.3 C.7.6.2.1.1).
+
+    Pixel ``(column i, row j)`` lies at ``position + i * column spacing * row cosines +
+    j * row spacing * column cosines``; the column cosines are made exactly orthogonal to the
+    row cosines (headers round them), the third axis is their cross product.
+    """
+    row = np.asarray(plane.orientation_patient[:3], dtype=float)
+    column = np.asarray(plane.orientation_patient[3:], dtype=float)
+    row /= float(np.linalg.norm(row))
+    column = column - float(np.dot(column, row)) * row
+    column /= float(np.linalg.norm(column))
+    reference = sitk.Image([plane.columns, plane.rows, 1], sitk.sitkFloat32)
+    reference.SetOrigin(plane.position_patient)
+    reference.SetSpacing((float(plane.pixel_spacing[1]), float(plane.pixel_spacing[0]), 1.0))
+    reference.SetDirection(tuple(float(v) for v in np.column_stack([row, column, np.cross(row, column)]).flatten()))
+    return reference
+
+
+def _sample(image: sitk.Image, reference: sitk.Image) -> NDArray[np.float32]:
+    resampled = sitk.Resample(image, reference, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkLinear, 0.0,
+                              sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(resampled)[0]
+
+
+def source_attention(heat: sitk.Image, brain: sitk.Image, planes: Sequence[SourcePlane]) -> FloatArray:
+    """The attention on every source plane, masked to the brain, 1 = the case's maximum.
+
+    Parameters
+    ----------
+    heat
+        The attention on the model grid in patient space (:func:`grid_image` of
+        ``combine(..., mode="bicubic")``), sampled trilinearly at each source pixel.
+    brain
+        The brain mask as a float image in [0, 1] (:func:`smoothed_mask`); a pixel is brain
+        where it interpolates to at least 0.5.
+    planes
+        The source planes (one matrix size, as a series has; :class:`SourcePlane`).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(len(planes), rows, columns)`` in [0, 1]: 0 outside the brain and outside the
+        model grid, divided by the maximum over all planes (all 0 when the map is 0 in the brain).
+        See the module docstring ("On the source grid").
+    """
+    if not planes:
+        raise ValueError("source_attention() needs at least one source plane")
+    shapes = {(plane.rows, plane.columns) for plane in planes}
+    if len(shapes) != 1:
+        raise ValueError(f"source planes of more than one matrix size: {sorted(shapes)}")
+    rows, columns = shapes.pop()
+    out = np.zeros((len(planes), rows, columns), dtype=np.float32)
+    for index, plane in enumerate(planes):
+        reference = plane_reference(plane)
+        inside = _sample(brain, reference) >= 0.5
+        out[index] = np.where(inside, np.maximum(_sample(heat, reference), 0.0), 0.0)
+    top = float(out.max())
+    if top > 0:
+        out /= np.float32(top)
+    return out
+
+
+def planes_of_image(image: sitk.Image, sources: Sequence[SourceInstance]) -> tuple[SourcePlane, ...]:
+    """The slices of a volume as source planes, for a volume whose acquired planes are not known.
+
+    ``sources[k]`` is the source image of slice ``k`` (third index) of ``image``.
+    """
+    size = image.GetSize()
+    if len(sources) != size[2]:
+        raise ValueError(f"{len(sources)} sources for {size[2]} slices")
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    spacing = image.GetSpacing()
+    orientation = tuple(float(v) for v in (*direction[:, 0], *direction[:, 1]))
+    return tuple(
+        SourcePlane(
+            source=source,
+            position_patient=tuple(float(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),  # type: ignore[arg-type]
+            orientation_patient=orientation,  # type: ignore[arg-type]
+            pixel_spacing=(float(spacing[1]), float(spacing[0])),
+            rows=int(size[1]),
+            columns=int(size[0]),
+        )
+        for k, source in enumerate(sources)
+    )

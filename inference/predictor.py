@@ -35,8 +35,13 @@ from inference.attention import (
     AttentionMap,
     attention_from_features,
     attention_map,
+    combine,
+    grid_image,
     hot_region_outline,
     peak,
+    planes_of_image,
+    smoothed_mask,
+    source_attention,
     to_image_coordinates,
 )
 from inference.memory import keep_freed_memory
@@ -54,6 +59,7 @@ from inference.result import (
     Prediction,
     Role,
     SourceInstance,
+    SourcePlane,
 )
 
 log = logging.getLogger(__name__)
@@ -160,6 +166,8 @@ class Predictor:
         attention = self._attention(volume, output, 1.0 if positive else -1.0)
         primary = case.volumes[self.recipe.for_pipeline(case.pipeline).primary_role]
         mapped = map_attention(attention.heat, attention.slice_weights, prepared.grid, primary)
+        planes = primary_planes(primary)
+        on_source = self._on_source(attention, prepared, planes)
         timings["attention"] = time.perf_counter() - started
         if not mapped.slices:
             warnings.append("no source images (NIfTI input): attention map not mapped onto a series")
@@ -174,6 +182,8 @@ class Predictor:
             sources=sources,
             attention=mapped.slices,
             peak=mapped.peak,
+            source_attention=on_source,
+            source_planes=planes if on_source is not None else (),
             logit=logit,
             aux_scores=tuple(sigmoid(float(v)) for v in output.aux_logits[0]),
             slice_weights=tuple(float(v) for v in output.slice_weights[0]),
@@ -197,6 +207,20 @@ class Predictor:
             _, attention = attention_map(self.model, volume, target_sign=target_sign, precision=self.precision)
         return attention
 
+    def _on_source(self, attention: AttentionMap, prepared: PreprocessedCase,
+                   planes: tuple[SourcePlane, ...]) -> np.ndarray | None:
+        """The attention on the primary's source planes (:func:`inference.attention.source_attention`).
+
+        None without source planes (NIfTI input) or without the preprocessing mask.
+        """
+        if not planes or prepared.mask_image is None:
+            return None
+        columns, rows, _ = prepared.grid.size
+        smooth = combine(attention.slice_weights, attention.cam, (rows, columns), mode="bicubic")
+        heat = grid_image(smooth, prepared.grid.origin, prepared.grid.spacing)
+        brain = smoothed_mask(prepared.mask_image, self.recipe.mask_spacing_mm)
+        return source_attention(heat, brain, planes)
+
     def preprocess(self, case: CaseInput) -> PreprocessedCase:
         """The model input of a case under this predictor's recipe (for inspection and training)."""
         return preprocess_case(case.volumes, self.recipe, case.pipeline)
@@ -213,6 +237,15 @@ def _all_sources(volumes: Mapping[Role, RoleVolume]) -> tuple[SourceInstance, ..
             if source is not None:
                 seen.setdefault((source.sop_instance_uid, source.frame), source)
     return tuple(seen.values())
+
+
+def primary_planes(primary: RoleVolume) -> tuple[SourcePlane, ...]:
+    """The primary's acquired planes; its own slices when those are not known; () without sources."""
+    if primary.source_planes:
+        return primary.source_planes
+    if not primary.slice_sources or any(s is None for s in primary.slice_sources):
+        return ()
+    return planes_of_image(primary.image, [s for s in primary.slice_sources if s is not None])
 
 
 def _heat_image(heat: np.ndarray, grid: ModelGrid) -> sitk.Image:
