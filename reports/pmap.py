@@ -10,20 +10,25 @@ frames keep their tilted planes. highdicom matches each frame to its source imag
 Image Sequence per frame, PS3.3 C.7.6.16.2.6).
 
 Values: **relative attention within the case**, 0 outside the brain, 1 at the case's maximum
-(:mod:`inference.attention`, "On the source grid"). They are stored as 8-bit integers 0..200
-(:data:`LEVELS`, steps of 0.005) with a Real World Value Mapping (PS3.3 C.7.6.16.2.11) that
-turns them back into 0.0..1.0, unit UCUM ``1`` (no units); 8 bits keep the object at a quarter
-of float32's size (a 512 x 512 CT slice: 256 KiB a frame). Integer frames allow the Palette
-Color Lookup Table (PS3.3 C.7.9; highdicom permits it only with integer pixel data): the same
-blue-to-red scale as the secondary captures (:func:`reports.sc.colour_map`), value 0 black.
-The Content Description says what low and high mean.
+(:mod:`inference.attention`, "On the source grid"), as 32-bit floats (Float Pixel Data) with an
+identity Real World Value Mapping (PS3.3 C.7.6.16.2.11) labelled ``ATTENTION``, unit UCUM ``1``
+(no units), range 0.0..1.0; the Content Description says what low and high mean.
+
+Relative attention below :data:`DISPLAY_FLOOR` (0.2, the level below which the secondary
+captures leave the image uncovered, :data:`reports.sc.HEAT_FLOOR`) is written as 0: viewers draw
+0 transparent (OHIF does), so low attention shows the image, not a wash of the lowest colour.
+
+No palette in the object: a Palette Color Lookup Table (PS3.3 C.7.9, Pixel Presentation
+COLOR_RANGE) applies to integer stored values only, and OHIF 3.13 draws Parametric Maps of
+32-bit float data only ("Only works with 32 bit data, not 16" for 16-bit frames), so the viewer's
+own colour map is used. Size: 4 bytes a pixel (a 512 x 512 CT slice is 1 MiB a frame); the
+Segmentation (:mod:`reports.seg`) is the compact alternative.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from importlib import resources
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -37,13 +42,12 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from inference.result import Prediction, SourcePlane
 from reports.codes import coding_scheme_identification
 from reports.header import copy_patient_and_study, source_header
-from reports.sc import colour_map
 from reports.sr import MANUFACTURER, ReportContext, declare_character_set
 from reports.uids import UIDFactory
 
 __all__ = [
     "PARAMETRIC_MAP_STORAGE",
-    "LEVELS",
+    "DISPLAY_FLOOR",
     "DEFAULT_PM_SERIES_NUMBER",
     "OverlayGeometry",
     "overlay_geometry",
@@ -53,10 +57,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PARAMETRIC_MAP_STORAGE = UID("1.2.840.10008.5.1.4.1.1.30")
-LEVELS = 200  # stored value of relative attention 1.0
 DEFAULT_PM_SERIES_NUMBER = 9904
 UNITLESS = CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
-CONTENT_DESCRIPTION = "Relative attention: 0 none or outside brain, 1 = case maximum"
+CONTENT_DESCRIPTION = "Relative attention, 1 = case max; 0: below 0.2 or outside brain"
+DISPLAY_FLOOR = 0.2
 
 
 @dataclass(frozen=True)
@@ -151,29 +155,10 @@ def overlay_geometry(prediction: Prediction, sources: Sequence[Dataset]) -> Over
     )
 
 
-def palette() -> hd.PaletteColorLUTTransformation:
-    """The colour scale of stored values 0..LEVELS: blue (low) to red (high), 0 black.
-
-    16-bit entries: the Palette Color Lookup Table Descriptor's third value is 16 in a
-    Parametric Map (PS3.3 C.7.9.1 as referenced by C.8.32.2).
-    """
-    colours = colour_map(np.arange(LEVELS + 1, dtype=np.float32) / LEVELS).astype(np.uint16) * np.uint16(257)
-    colours[0] = 0
-    return hd.PaletteColorLUTTransformation.from_combined_lut(colours, first_mapped_value=0)
-
-
-def srgb_profile() -> bytes:
-    """The sRGB ICC profile highdicom ships: the palette's colour space (ICC Profile module, PS3.3 C.11.15).
-
-    C.11.15 asks for an input (``scnr``) or colour space (``spac``) profile; a display profile
-    (``mntr``, what Pillow makes) is refused.
-    """
-    return (resources.files("highdicom") / "_icc_profiles" / "sRGB_v4_ICC_preference.icc").read_bytes()
-
-
-def stored_levels(attention: np.ndarray) -> np.ndarray:
-    """Relative attention in [0, 1] as stored values 0..LEVELS (uint16, rounded)."""
-    return np.rint(np.clip(attention, 0.0, 1.0) * LEVELS).astype(np.uint16)
+def displayed_values(attention: np.ndarray) -> np.ndarray:
+    """The frames: relative attention, 0 where it is below :data:`DISPLAY_FLOOR` (float32)."""
+    values = np.asarray(attention, dtype=np.float32)
+    return np.ascontiguousarray(np.where(values >= DISPLAY_FLOOR, values, np.float32(0.0)), dtype=np.float32)
 
 
 class _TolerantPatientCopy:
@@ -260,14 +245,14 @@ def build_parametric_map(
         lut_label="ATTENTION",
         lut_explanation="Relative attention, 1 = case maximum",
         unit=UNITLESS,
-        value_range=(0, LEVELS),
-        slope=1.0 / LEVELS,
+        value_range=(0.0, 1.0),
+        slope=1.0,
         intercept=0.0,
     )
     pm = _ParametricMap(
         source_images=geometry.source_images,
         further_source_images=geometry.further_source_images or None,
-        pixel_array=stored_levels(prediction.source_attention),
+        pixel_array=displayed_values(prediction.source_attention),
         series_instance_uid=uids.new(),
         series_number=series_number,
         sop_instance_uid=uids.new(),
@@ -278,25 +263,17 @@ def build_parametric_map(
         device_serial_number=context.device_uid[-64:],
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
-        voi_lut_transformations=[hd.VOILUTTransformation(window_center=LEVELS / 2.0, window_width=float(LEVELS))],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_description=CONTENT_DESCRIPTION,
         content_label="ATTENTION",
         pixel_measures=geometry.pixel_measures,
         plane_orientation=geometry.plane_orientation,
         plane_positions=geometry.plane_positions,
-        palette_color_lut_transformation=palette(),
-        icc_profile=srgb_profile(),
         contributing_equipment=[equipment(context, prediction, "Attention parametric map")],
     )
-    # Stored Value Color Range Macro (PS3.3 C.7.6.16.2.27): the palette covers stored 0..LEVELS.
-    color_range = Dataset()
-    color_range.MinimumStoredValueMapped = 0
-    color_range.MaximumStoredValueMapped = LEVELS
-    shared = pm.SharedFunctionalGroupsSequence[0]
-    shared.StoredValueColorRangeSequence = [color_range]
-    shared.FrameAnatomySequence = [frame_anatomy()]
-    finish(pm, prediction, context, "FPE attention map overlay")
+    pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [frame_anatomy()]
+    finish(pm, prediction, context, "FPE attention overlay")
     logger.info("built parametric map %s (%d frames) for study %s", pm.SOPInstanceUID, len(prediction.source_planes),
                 pm.StudyInstanceUID)
     return pm
