@@ -394,6 +394,42 @@ def _sample(image: sitk.Image, reference: sitk.Image) -> NDArray[np.float32]:
     return sitk.GetArrayFromImage(resampled)[0]
 
 
+def _brain_corners(brain: sitk.Image) -> NDArray[np.float64]:
+    """Patient positions (8, 3) of the corners of the box around the brain's voxels (>= 0.5), edges included."""
+    indices = np.argwhere(sitk.GetArrayViewFromImage(brain) >= 0.5)[:, ::-1]  # (i, j, k)
+    if indices.size == 0:
+        return np.zeros((0, 3))
+    low, high = indices.min(axis=0) - 1.0, indices.max(axis=0) + 1.0
+    corners = [(x, y, z) for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])]
+    return np.array([brain.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in c)) for c in corners])
+
+
+def _window(plane: SourcePlane, corners: NDArray[np.float64]) -> tuple[slice, slice] | None:
+    """The rows and columns of a plane the brain's box can reach; None when the plane misses the box."""
+    reference = plane_reference(plane)
+    direction = np.asarray(reference.GetDirection(), dtype=float).reshape(3, 3)
+    local = (corners - np.asarray(plane.position_patient)) @ direction  # (column mm, row mm, normal mm)
+    if local[:, 2].min() > 0.0 or local[:, 2].max() < 0.0:
+        return None
+    column_mm, row_mm = float(plane.pixel_spacing[1]), float(plane.pixel_spacing[0])
+    c0, c1 = int(np.floor(local[:, 0].min() / column_mm)), int(np.ceil(local[:, 0].max() / column_mm)) + 1
+    r0, r1 = int(np.floor(local[:, 1].min() / row_mm)), int(np.ceil(local[:, 1].max() / row_mm)) + 1
+    rows = slice(max(r0, 0), min(r1, plane.rows))
+    columns = slice(max(c0, 0), min(c1, plane.columns))
+    if rows.start >= rows.stop or columns.start >= columns.stop:
+        return None
+    return rows, columns
+
+
+def _window_reference(plane: SourcePlane, rows: slice, columns: slice) -> sitk.Image:
+    full = plane_reference(plane)
+    window = sitk.Image([columns.stop - columns.start, rows.stop - rows.start, 1], sitk.sitkFloat32)
+    window.SetOrigin(full.TransformIndexToPhysicalPoint((columns.start, rows.start, 0)))
+    window.SetSpacing(full.GetSpacing())
+    window.SetDirection(full.GetDirection())
+    return window
+
+
 def source_attention(heat: sitk.Image, brain: sitk.Image, planes: Sequence[SourcePlane]) -> FloatArray:
     """The attention on every source plane, masked to the brain, 1 = the case's maximum.
 
@@ -413,7 +449,9 @@ def source_attention(heat: sitk.Image, brain: sitk.Image, planes: Sequence[Sourc
     numpy.ndarray
         float32 ``(len(planes), rows, columns)`` in [0, 1]: 0 outside the brain and outside the
         model grid, divided by the maximum over all planes (all 0 when the map is 0 in the brain).
-        See the module docstring ("On the source grid").
+        See the module docstring ("On the source grid"). Only the part of each plane the brain's
+        bounding box can reach is sampled (the rest is 0 anyway): planes above and below the
+        brain cost nothing.
     """
     if not planes:
         raise ValueError("source_attention() needs at least one source plane")
@@ -422,10 +460,16 @@ def source_attention(heat: sitk.Image, brain: sitk.Image, planes: Sequence[Sourc
         raise ValueError(f"source planes of more than one matrix size: {sorted(shapes)}")
     rows, columns = shapes.pop()
     out = np.zeros((len(planes), rows, columns), dtype=np.float32)
+    corners = _brain_corners(brain)
+    if len(corners) == 0:
+        return out
     for index, plane in enumerate(planes):
-        reference = plane_reference(plane)
+        window = _window(plane, corners)
+        if window is None:
+            continue
+        reference = _window_reference(plane, *window)
         inside = _sample(brain, reference) >= 0.5
-        out[index] = np.where(inside, np.maximum(_sample(heat, reference), 0.0), 0.0)
+        out[index][window] = np.where(inside, np.maximum(_sample(heat, reference), 0.0), 0.0)
     top = float(out.max())
     if top > 0:
         out /= np.float32(top)
