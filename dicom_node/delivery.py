@@ -146,22 +146,30 @@ def _build_overlays(
     settings: Settings, result: Result, sources: Sequence[Dataset], uids: UIDFactory, context: ReportContext,
     timings: dict[str, float],
 ) -> list[tuple[ResultKind, Dataset]]:
-    """The Parametric Map and Segmentation the settings ask for (none without source-grid attention)."""
+    """The Parametric Map and Segmentation the settings ask for (none without source-grid attention).
+
+    An overlay the source headers cannot make (a plane's header missing or unreadable, planes of
+    mixed geometry: :class:`ValueError` from its builder) is left out with a warning naming the
+    study and the reason; the SR and the other objects are still built and sent.
+    """
     if not isinstance(result, Prediction) or not wants_overlays(settings, result):
         return []
-    objects: list[tuple[ResultKind, Dataset]] = []
+    from reports.pmap import build_parametric_map
+    from reports.seg import build_segmentation
+
+    wanted: list[tuple[ResultKind, Callable[..., Dataset]]] = []
     if settings.reports.parametric_map:
-        from reports.pmap import build_parametric_map
-
-        started = time.perf_counter()
-        objects.append(("pm", build_parametric_map(result, sources, uids, context)))
-        timings["build_pm"] = time.perf_counter() - started
+        wanted.append(("pm", build_parametric_map))
     if settings.reports.segmentation:
-        from reports.seg import build_segmentation
-
+        wanted.append(("seg", build_segmentation))
+    objects: list[tuple[ResultKind, Dataset]] = []
+    for kind, build in wanted:
         started = time.perf_counter()
-        objects.append(("seg", build_segmentation(result, sources, uids, context)))
-        timings["build_seg"] = time.perf_counter() - started
+        try:
+            objects.append((kind, build(result, sources, uids, context)))
+        except ValueError as exc:  # an optional object the sources cannot make: the SR still goes out
+            log.warning("study %s: no %s built: %s", result.sources[0].study_uid if result.sources else "?", kind, exc)
+        timings[f"build_{kind}"] = time.perf_counter() - started
     return objects
 
 

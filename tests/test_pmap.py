@@ -196,3 +196,20 @@ def test_overlays_go_to_the_destinations_their_kind_is_routed_to(tilted_ct: Case
                 for series in study.ReferencedSeriesSequence for instance in series.ReferencedSOPSequence}
     assert str(got["viewer"][PARAMETRIC_MAP_STORAGE].SOPInstanceUID) in evidence
     assert str(got["legacy"][SEGMENTATION_STORAGE].SOPInstanceUID) in evidence
+
+
+def test_an_overlay_the_sources_cannot_make_leaves_the_sr_going(tilted_ct: Case, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from dicom_node.delivery import report_builder
+
+    settings = load_settings(environ={}, overrides={
+        "storage": {"data_dir": str(tmp_path / "data")},
+        "reports": {"secondary_capture": False, "parametric_map": True, "segmentation": True},
+    })
+    missing = tilted_ct.prediction.source_planes[3].source.sop_instance_uid
+    headers = [ds for ds in tilted_ct.headers if str(ds.SOPInstanceUID) != missing]
+    with caplog.at_level("WARNING", logger="dicom_node.delivery"):
+        objects = report_builder(settings, UIDS, CONTEXT)(tilted_ct.prediction, headers, [], {})
+    assert [kind for kind, _ in objects] == ["sr"]
+    assert sum("no pm built" in r.getMessage() or "no seg built" in r.getMessage() for r in caplog.records) == 2
+    assert all(missing in r.getMessage() for r in caplog.records if "built" in r.getMessage())
