@@ -30,7 +30,7 @@ to every destination. ``delivery.routing_rules`` names a YAML file such as::
 
     rules:
       - destinations: [PACS]            # peer names, or "*" for every destination
-        kinds: [sr, sc]                 # optional: sr, sc, pdf
+        kinds: [sr, sc]                 # optional: sr, sc, pdf, pm (Parametric Map), seg
         pipelines: [CT, MR]             # optional: results of these pipelines only
         calling_ae_titles: [CTSCANNER]  # optional: studies received from these AE titles
       - destinations: [RESEARCH]
@@ -69,7 +69,7 @@ from dicom_node.stow import StowClient, StowDestination
 
 log = logging.getLogger(__name__)
 
-ResultKind = Literal["sr", "sc", "pdf"]
+ResultKind = Literal["sr", "sc", "pdf", "pm", "seg"]
 #: A destination of either kind: C-STORE SCP or DICOMweb (STOW-RS) service.
 AnyDestination = Destination | StowDestination
 _BATCH_LIMIT = 500

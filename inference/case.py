@@ -49,6 +49,7 @@ def role_volume(role: Role, volume: Volume) -> RoleVolume:
         frame_of_reference_uid=volume.frame_of_reference_uid or None,
         slice_sources=tuple(volume.sources),
         warnings=tuple(volume.notes),
+        source_planes=volume.source_planes,
     )
 
 

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from inference.recipe import ChannelSpec, PipelineRecipe, Recipe
 from inference.registration import RegistrationError, RegistrationResult, align, block_average
-from inference.result import Pipeline, Role, SourceInstance
+from inference.result import Pipeline, Role, SourceInstance, SourcePlane
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class RoleVolume:
     frame_of_reference_uid: str | None = None
     slice_sources: tuple[SourceInstance | None, ...] = ()
     warnings: tuple[str, ...] = ()
+    source_planes: tuple[SourcePlane, ...] = ()  # the acquired planes (Volume.source_planes)
 
     def __post_init__(self) -> None:
         if self.image.GetDimension() != 3:
@@ -90,6 +91,8 @@ class PreprocessedCase:
     channel_names: tuple[str, ...]
     grid: ModelGrid
     mask: np.ndarray  # bool (slices, rows, columns): brain on the model grid
+    # the same mask at recipe.mask_spacing_mm in the primary's space (UInt8, 1 = brain), as computed
+    mask_image: sitk.Image | None = field(default=None, repr=False, compare=False)
     registrations: dict[Role, RegistrationResult] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     # register: wall time until registration ends (the primary's mask and resampling run beside it);
@@ -341,6 +344,7 @@ def preprocess_case(volumes: Mapping[Role, RoleVolume], recipe: Recipe, pipeline
         channel_names=tuple(channel.name for channel in pipeline_recipe.channels),
         grid=grid,
         mask=mask,
+        mask_image=mask_image,
         registrations=registrations,
         warnings=tuple(dict.fromkeys(warnings)),
         timings_s={"register": registered - started, "preprocess": finished - registered},

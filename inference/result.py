@@ -28,6 +28,24 @@ class SourceInstance:
 
 
 @dataclass(frozen=True)
+class SourcePlane:
+    """Geometry of one source image plane of the primary series, as acquired.
+
+    The values of ImagePositionPatient (0020,0032), ImageOrientationPatient (0020,0037) and
+    PixelSpacing (0028,0030) of the plane (PS3.3 C.7.6.2), kept even where the volume the
+    model saw was resampled (gantry tilt, uneven spacing), so results can be drawn on the
+    series a viewer shows.
+    """
+
+    source: SourceInstance
+    position_patient: tuple[float, float, float]  # centre of the first (top left) pixel, mm
+    orientation_patient: tuple[float, float, float, float, float, float]  # row then column cosines
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing) mm, as PixelSpacing
+    rows: int
+    columns: int
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """Identity of the model that produced a prediction (from its checkpoint card)."""
 
@@ -93,6 +111,10 @@ class Prediction:
     slice_weights: tuple[float, ...] = ()
     timings_s: dict[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()  # e.g. "ADC computed from b0 and trace", "default recipe applied"
+    # The attention on every source plane of the primary series (inference.attention.source_attention):
+    # float32 (len(source_planes), rows, columns), 0 outside the brain mask, 1 = this case's maximum.
+    source_attention: np.ndarray | None = field(default=None, repr=False, compare=False)
+    source_planes: tuple[SourcePlane, ...] = ()  # the primary series' planes, ordered along the normal
 
 
 @dataclass(frozen=True)

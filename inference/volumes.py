@@ -47,7 +47,7 @@ from pydicom.dataset import Dataset
 
 from inference.decode import PixelDecodeError, decode_all, decode_one
 from inference.dicom_headers import FrameHeader, instance_header, iter_files, slice_normal
-from inference.result import SourceInstance
+from inference.result import SourceInstance, SourcePlane
 from inference.vendor_quirks import B0_WITHOUT_B_VALUE
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,9 @@ class Volume:
     modality: str
     notes: tuple[str, ...] = ()
     b_value: float | None = None
+    # The acquired planes the volume was built from, ordered along the normal: the same as the
+    # slices for a plain stack, not for a resampled (tilted, unevenly spaced) one.
+    source_planes: tuple[SourcePlane, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -573,6 +576,21 @@ def volume_from_planes(planes: Sequence[Plane], facts: dict[str, str], *, min_co
     return _stacked(stack, facts, float(np.mean(gaps)) if len(gaps) else 1.0)
 
 
+def source_plane(plane: Plane) -> SourcePlane:
+    """The acquired geometry of a decoded plane (checked present by :func:`_check_geometry`)."""
+    header = plane.header
+    assert header.position is not None and header.orientation is not None and header.pixel_spacing is not None
+    rows, columns = plane.stored.shape
+    return SourcePlane(
+        source=plane.source,
+        position_patient=tuple(float(v) for v in header.position),  # type: ignore[arg-type]
+        orientation_patient=tuple(float(v) for v in header.orientation),  # type: ignore[arg-type]
+        pixel_spacing=(float(header.pixel_spacing[0]), float(header.pixel_spacing[1])),
+        rows=int(rows),
+        columns=int(columns),
+    )
+
+
 def _direction(stack: _Stack) -> np.ndarray:
     return np.column_stack([stack.orientation[:3], stack.orientation[3:], stack.normal])
 
@@ -615,6 +633,7 @@ def _stacked(stack: _Stack, facts: dict[str, str], spacing: float, array: np.nda
         frame_of_reference_uid=facts.get("frame_of_reference_uid", ""),
         modality=facts.get("modality", ""),
         notes=tuple(stack.notes),
+        source_planes=tuple(source_plane(p) for p in stack.planes),
     )
 
 
@@ -703,6 +722,7 @@ def _resample_tilted(stack: _Stack, facts: dict[str, str], uniform_spacing: floa
         frame_of_reference_uid=facts.get("frame_of_reference_uid", ""),
         modality=facts.get("modality", ""),
         notes=tuple(stack.notes),
+        source_planes=tuple(source_plane(p) for p in stack.planes),
     )
 
 

@@ -734,8 +734,12 @@ def write_ct_stroke_study(
     study_time: str = "093000",
     accession: str = "ACC0001",
     seed: int = 0,
+    tilt_deg: float = 0.0,
 ) -> Study:
-    """Write a full CT code-stroke study; see the module docstring for the series keys."""
+    """Write a full CT code-stroke study; see the module docstring for the series keys.
+
+    ``tilt_deg``: the thin NCCT acquired with that gantry tilt (as :func:`write_tilted_ct`).
+    """
     directory = Path(directory)
     patient = patient or default_patient(seed)
     study_uid = study_uid or str(_uid("study", patient.patient_id, study_date, study_time, seed))
@@ -758,7 +762,8 @@ def write_ct_stroke_study(
         study.series["localizer"] = _write_localizer(directory, patient, info, ct_frame, rows, seed)
     thin = write_ct_series(
         directory, kind="ncct", key="ncct_thin", series_number=2, description="HEAD NCCT 2.5mm STD",
-        rows=rows, n_slices=thin_slices, slice_spacing=thin_spacing, frame_uid=ct_frame, **common,  # type: ignore[arg-type]
+        rows=rows, n_slices=thin_slices, slice_spacing=thin_spacing, frame_uid=ct_frame, tilt_deg=tilt_deg,
+        **common,  # type: ignore[arg-type]
     )
     study.series["ncct_thin"] = thin
     if with_thick:
