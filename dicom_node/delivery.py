@@ -117,7 +117,9 @@ def report_builder(settings: Settings, uids: UIDFactory, context: ReportContext)
         started = time.perf_counter()
         objects: list[tuple[ResultKind, Dataset]] = [("sr", build_sr(result, sources, uids, context, predecessors=predecessors))]
         timings["build_sr"] = time.perf_counter() - started
-        if isinstance(result, Prediction) and settings.reports.secondary_capture and result.attention:
+        if isinstance(result, Prediction) and result.attention and (
+            settings.reports.secondary_capture or settings.reports.summary_capture
+        ):
             started = time.perf_counter()
             objects += [("sc", ds) for ds in _build_captures(settings, result, sources, uids, context)]
             timings["build_sc"] = time.perf_counter() - started
@@ -133,9 +135,18 @@ def report_builder(settings: Settings, uids: UIDFactory, context: ReportContext)
 def _build_captures(
     settings: Settings, result: Prediction, sources: Sequence[Dataset], uids: UIDFactory, context: ReportContext
 ) -> list[Dataset]:
-    from reports.sc import build_secondary_captures
+    """The per-slice captures and the summary capture, as the settings ask, from one capture set."""
+    from reports.sc import build_secondary_captures, build_summary_capture, capture_set
 
-    return list(build_secondary_captures(result, sources, uids, context, multiframe=settings.reports.multiframe_sc))
+    captures = capture_set(result, sources)
+    built: list[Dataset] = []
+    if settings.reports.secondary_capture:
+        built += build_secondary_captures(
+            result, sources, uids, context, multiframe=settings.reports.multiframe_sc, captures=captures
+        )
+    if settings.reports.summary_capture:
+        built.append(build_summary_capture(result, sources, uids, context, captures=captures))
+    return built
 
 
 def _build_pdf(result: Prediction, sources: Sequence[Dataset], uids: UIDFactory, context: ReportContext) -> list[Dataset]:
