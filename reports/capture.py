@@ -570,14 +570,29 @@ class CaptureSet:
         return np.asarray(canvas, dtype=np.uint8)
 
 
+def _weighted_attention(attention: AttentionSlice) -> float:
+    """How much a slice mattered: its strongest relative attention times its slice weight."""
+    own = attention.relative_attention if attention.relative_attention is not None else attention.heat
+    return float(np.max(own)) * max(attention.slice_weight, 1e-9)
+
+
 def key_slices(prediction: Prediction, count: int = 4) -> list[AttentionSlice]:
-    """The slices the model weighted most (the peak slice first), in slice order after it."""
+    """The slices that mattered most (attention x slice weight), the peak slice first, then in slice order.
+
+    One slice per source image: model slices beyond the series' ends (or closer together than
+    its planes) share a source image, and a key image is not shown twice.
+    """
     if not prediction.attention:
         return []
-    ranked = sorted(prediction.attention, key=lambda s: (-float(np.max(s.heat)) * max(s.slice_weight, 1e-9), s.model_slice))
-    chosen = ranked[:count]
+    ranked = sorted(prediction.attention, key=lambda s: (-_weighted_attention(s), s.model_slice))
     if prediction.peak is not None:
         peak = next((s for s in prediction.attention if s.model_slice == prediction.peak.model_slice), None)
         if peak is not None:
-            chosen = [peak] + [s for s in chosen if s is not peak][: count - 1]
+            ranked = [peak] + [s for s in ranked if s is not peak]
+    chosen: list[AttentionSlice] = []
+    for candidate in ranked:
+        if all(candidate.source != s.source for s in chosen):
+            chosen.append(candidate)
+        if len(chosen) == count:
+            break
     return [chosen[0], *sorted(chosen[1:], key=lambda s: s.model_slice)]
