@@ -5,7 +5,8 @@ recorded the prediction and moved the study to ``analysed`` / ``not_analysed``):
 
     Prediction | NotAnalysed
       -> source headers from the index (patient and study are copied from them)
-      -> reports.sr.build_sr (+ reports.sc captures, + reports.pdf when switched on)
+      -> reports.pmap / reports.seg overlays when switched on, then reports.sr.build_sr
+         (listing them as evidence), + reports.sc captures, + reports.pdf when switched on
       -> files under storage.results_dir/<study>/<series>/<sop>.dcm (temp, fsync, rename)
       -> outbox rows (routing, demonstration guard) and, in the same transaction,
          the study's move to ``reporting``
@@ -109,13 +110,15 @@ def build_store_scu(settings: Settings, uids: UIDFactory, **options: Any) -> Sto
 
 
 def report_builder(settings: Settings, uids: UIDFactory, context: ReportContext) -> Builder:
-    """The default builder: the SR, then secondary captures and PDF as the settings say."""
+    """The default builder: the SR (with the overlays it lists as evidence), captures and PDF as the settings say."""
 
     def build(
         result: Result, sources: Sequence[Dataset], predecessors: Sequence[PriorReport], timings: dict[str, float]
     ) -> list[tuple[ResultKind, Dataset]]:
+        overlays = _build_overlays(settings, result, sources, uids, context, timings)
         started = time.perf_counter()
-        objects: list[tuple[ResultKind, Dataset]] = [("sr", build_sr(result, sources, uids, context, predecessors=predecessors))]
+        sr = build_sr(result, sources, uids, context, predecessors=predecessors, overlays=[ds for _, ds in overlays])
+        objects: list[tuple[ResultKind, Dataset]] = [("sr", sr), *overlays]
         timings["build_sr"] = time.perf_counter() - started
         if isinstance(result, Prediction) and result.attention and (
             settings.reports.secondary_capture or settings.reports.summary_capture
@@ -130,6 +133,38 @@ def report_builder(settings: Settings, uids: UIDFactory, context: ReportContext)
         return objects
 
     return build
+
+
+def wants_overlays(settings: Settings, result: Result) -> bool:
+    """Whether a Parametric Map or Segmentation is built for ``result`` (its attention on the source grid)."""
+    return (
+        isinstance(result, Prediction)
+        and result.source_attention is not None
+        and (settings.reports.parametric_map or settings.reports.segmentation)
+    )
+
+
+def _build_overlays(
+    settings: Settings, result: Result, sources: Sequence[Dataset], uids: UIDFactory, context: ReportContext,
+    timings: dict[str, float],
+) -> list[tuple[ResultKind, Dataset]]:
+    """The Parametric Map and Segmentation the settings ask for (none without source-grid attention)."""
+    if not isinstance(result, Prediction) or not wants_overlays(settings, result):
+        return []
+    objects: list[tuple[ResultKind, Dataset]] = []
+    if settings.reports.parametric_map:
+        from reports.pmap import build_parametric_map
+
+        started = time.perf_counter()
+        objects.append(("pm", build_parametric_map(result, sources, uids, context)))
+        timings["build_pm"] = time.perf_counter() - started
+    if settings.reports.segmentation:
+        from reports.seg import build_segmentation
+
+        started = time.perf_counter()
+        objects.append(("seg", build_segmentation(result, sources, uids, context)))
+        timings["build_seg"] = time.perf_counter() - started
+    return objects
 
 
 def _build_captures(
@@ -254,7 +289,7 @@ class Delivery:
     def _build_and_queue(self, study_uid: str, result: Result, report: DeliveryReport) -> list[Dataset]:
         """The steps of :meth:`on_result`; ``report.step`` names the one in progress. Returns the sources."""
         started = time.perf_counter()
-        sources = self.source_headers(study_uid, result)
+        sources = self.source_headers(study_uid, result, every_plane=wants_overlays(self.settings, result))
         predecessors = self.predecessors(study_uid)
         report.timings_s["load_sources"] = time.perf_counter() - started
         report.step = "building the results"
@@ -331,14 +366,15 @@ class Delivery:
         with self._sessions() as session:
             return session.scalars(select(Study.calling_ae).where(Study.study_uid == study_uid)).first()
 
-    def source_headers(self, study_uid: str, result: Result) -> list[Dataset]:
+    def source_headers(self, study_uid: str, result: Result, *, every_plane: bool = False) -> list[Dataset]:
         """Headers (no pixels) of the source images the reports copy from.
 
         First the first source instance of the primary series (patient and study are copied
-        from it), then the source image of each attention slice (the captures' references).
+        from it), then the source image of each attention slice (the captures' references),
+        and with ``every_plane`` that of every source plane (the overlays' frames).
         A study not analysed without sources uses any instance of the study.
         """
-        wanted = _wanted_sources(result)
+        wanted = _wanted_sources(result, every_plane=every_plane)
         with self._sessions() as session:
             if wanted:
                 rows = session.execute(
@@ -437,7 +473,7 @@ def _masked(message: str, sources: Sequence[Dataset]) -> str:
     return message
 
 
-def _wanted_sources(result: Result) -> list[str]:
+def _wanted_sources(result: Result, *, every_plane: bool = False) -> list[str]:
     """SOP Instance UIDs of the headers the reports need, primary first, without repeats."""
     sources: Sequence[SourceInstance] = result.sources
     wanted: list[str] = []
@@ -448,6 +484,8 @@ def _wanted_sources(result: Result) -> list[str]:
         wanted += [a.source.sop_instance_uid for a in result.attention]
         if result.peak is not None:
             wanted.append(result.peak.source.sop_instance_uid)
+        if every_plane:
+            wanted += [plane.source.sop_instance_uid for plane in result.source_planes]
     else:
         wanted += [s.sop_instance_uid for s in sources[:1]]
     return list(dict.fromkeys(wanted))

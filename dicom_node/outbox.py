@@ -23,7 +23,7 @@ to every destination. ``delivery.routing_rules`` names a YAML file such as::
 
     rules:
       - destinations: [PACS]            # peer names, or "*" for every destination
-        kinds: [sr, sc]                 # optional: sr, sc, pdf
+        kinds: [sr, sc]                 # optional: sr, sc, pdf, pm (Parametric Map), seg
         pipelines: [CT, MR]             # optional: results of these pipelines only
         calling_ae_titles: [CTSCANNER]  # optional: studies received from these AE titles
       - destinations: [RESEARCH]
@@ -58,7 +58,7 @@ from dicom_node.settings import DeliverySettings, validate_ae_title
 
 log = logging.getLogger(__name__)
 
-ResultKind = Literal["sr", "sc", "pdf"]
+ResultKind = Literal["sr", "sc", "pdf", "pm", "seg"]
 _BATCH_LIMIT = 500
 _MIN_SLEEP_S = 0.05
 

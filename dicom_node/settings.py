@@ -316,6 +316,16 @@ class ReportSettings(BaseModel):
         "score, the decision and the research-use warning, for a PACS thumbnail or a phone.",
     )
     pdf: bool = Field(False, description="Also build a one-page Encapsulated PDF.")
+    parametric_map: bool = Field(
+        False,
+        description="Also build a Parametric Map of the attention on the primary series (kind pm): viewers such as "
+        "OHIF draw it over the series; the SR lists it as evidence.",
+    )
+    segmentation: bool = Field(
+        False,
+        description="Also build a Segmentation of the region whose attention is at least half the case maximum "
+        "(kind seg), for viewers that draw SEG but not Parametric Maps; the SR lists it as evidence.",
+    )
     institution_name: str | None = Field(None, description="InstitutionName written in results (optional).")
 
 

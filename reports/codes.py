@@ -74,6 +74,10 @@ class Fpe:
     PROCESSING_NOTE = _private("FPE011", "Processing note")
     ATTENTION_MAP = _private("FPE012", "Attention map secondary capture")
     RESULT_SUMMARY = _private("FPE013", "First pass effect result summary")
+    # The overlay objects (reports.seg): the segment's property category and type (CID 7150 and
+    # 7151 are extensible; no standard code names "where a model looked").
+    MODEL_ATTENTION = _private("FPE020", "Model attention")
+    HIGH_ATTENTION_REGION = _private("FPE021", "Region of high model attention")
 
 
 PRIVATE_CODES: tuple[CodedConcept, ...] = tuple(

@@ -398,8 +398,10 @@ def _uid_reference(header: Dataset) -> Dataset:
     return ref
 
 
-def _evidence(result: Prediction | NotAnalysed, source_datasets: Sequence[Dataset]) -> list[Dataset]:
-    """The primary's first header (patient and study are copied from it), then every source used.
+def _evidence(result: Prediction | NotAnalysed, source_datasets: Sequence[Dataset],
+              overlays: Sequence[Dataset] = ()) -> list[Dataset]:
+    """The primary's first header (patient and study are copied from it), then every source used,
+    then the overlay objects built from the result (Parametric Map, Segmentation).
 
     The first header goes through :func:`reports.header.source_header` (type 2 attributes
     present, values writable); the others are listed by their UIDs only.
@@ -417,6 +419,10 @@ def _evidence(result: Prediction | NotAnalysed, source_datasets: Sequence[Datase
         if source.sop_instance_uid not in seen:
             seen.add(source.sop_instance_uid)
             evidence.append(_reference_dataset(source))
+    for overlay in overlays:
+        if str(overlay.SOPInstanceUID) not in seen:
+            seen.add(str(overlay.SOPInstanceUID))
+            evidence.append(_uid_reference(overlay))
     return evidence
 
 
@@ -478,6 +484,7 @@ def build_sr(
     series_number: int = DEFAULT_SR_SERIES_NUMBER,
     instance_number: int = 1,
     predecessors: Sequence[PriorReport] = (),
+    overlays: Sequence[Dataset] = (),
 ) -> Dataset:
     """Build the AI-results SR of one prediction (or of a study that was not analysed).
 
@@ -499,6 +506,10 @@ def build_sr(
         A new series by default.
     predecessors:
         SRs this one supersedes (Predecessor Documents Sequence, PS3.3 C.17.2.3).
+    overlays:
+        Objects built from the same result and drawn over the primary series (Parametric Map,
+        Segmentation): listed in the Current Requested Procedure Evidence Sequence (PS3.3
+        C.17.2.3), so a viewer or archive that follows the SR's evidence finds them.
 
     Returns
     -------
@@ -515,7 +526,7 @@ def build_sr(
     model = result.model if isinstance(result, Prediction) else None
     sop_instance_uid = uids.new()
     sr: Dataset = sr_type(
-        evidence=_evidence(result, source_datasets),
+        evidence=_evidence(result, source_datasets, overlays),
         content=_content(result, context, uids),
         series_instance_uid=series_uid or uids.new(),
         series_number=series_number,
