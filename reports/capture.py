@@ -49,6 +49,7 @@ __all__ = [
     "bundled_font",
     "caption_lines",
     "capture_frame",
+    "attention_colour",
     "colour_map",
     "display_window",
     "key_slices",
@@ -95,9 +96,15 @@ _LUT = _lookup_table()
 
 
 def colour_map(values: np.ndarray) -> np.ndarray:
-    """RGB (uint8) of relative attention in [floor, 1] on the blue-to-red scale of the colour bar."""
+    """RGB (uint8) of values in [0, 1] on the blue-to-red scale (also the Parametric Map's palette)."""
+    clipped = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0), 0.0, 1.0)
+    return _LUT[(clipped * 255.0 + 0.5).astype(np.uint8)]
+
+
+def attention_colour(values: np.ndarray) -> np.ndarray:
+    """RGB (uint8) of relative attention: the whole blue-to-red scale spans [floor, 1] (the colour bar)."""
     level = (np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0) - ATTENTION_FLOOR) / (1.0 - ATTENTION_FLOOR)
-    return _LUT[(np.clip(level, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)]
+    return colour_map(level)
 
 
 def attention_alpha(values: np.ndarray) -> np.ndarray:
@@ -416,7 +423,7 @@ def _draw_scale(draw: ImageDraw.ImageDraw, canvas: Image.Image, left: int, top: 
     top += size + 4
     bar_height = max(10, size // 2 + 4)
     levels = np.linspace(ATTENTION_FLOOR, 1.0, max(width, 2))
-    bar = np.repeat(colour_map(levels)[None, :, :], bar_height, axis=0)
+    bar = np.repeat(attention_colour(levels)[None, :, :], bar_height, axis=0)
     canvas.paste(Image.fromarray(bar, mode="RGB"), (left, top))
     ticks = (ATTENTION_FLOOR, 0.5, 0.75, 1.0)
     for value in ticks:
@@ -476,7 +483,7 @@ class CaptureSet:
         grey = self.window.apply(image).astype(np.float32)[..., None]
         attention = frame.resample(plane.attention, cubic=False, outside=0.0)
         alpha = attention_alpha(attention) * self.brain_in_picture(plane)
-        blended = grey * (1.0 - alpha[..., None]) + colour_map(attention).astype(np.float32) * alpha[..., None]
+        blended = grey * (1.0 - alpha[..., None]) + attention_colour(attention).astype(np.float32) * alpha[..., None]
         picture = np.repeat((grey + 0.5).astype(np.uint8), 3, axis=-1)
         coloured = alpha > 0
         picture[coloured] = (blended[coloured] + 0.5).astype(np.uint8)

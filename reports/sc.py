@@ -38,6 +38,7 @@ from reports.capture import (
     SUMMARY_SLICES,
     CapturePlane,
     CaptureSet,
+    colour_map,
     display_window,
     key_slices,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "MULTIFRAME_TRUE_COLOR_SC_STORAGE",
     "DISCLAIMER",
     "DEMO_WARNING",
+    "colour_map",
     "capture_planes",
     "capture_set",
     "build_secondary_captures",
