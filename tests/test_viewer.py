@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,6 +106,14 @@ def _wait_for_svg_label(page: Any, needle: str, timeout_s: float = 60.0) -> list
     return texts
 
 
+CODE_LABEL = re.compile(r"(^|\s)\d{4,}\s*:")  # a value labelled by a code number, e.g. "363698007: Brain"
+
+
+def code_labels(texts: list[str]) -> list[str]:
+    """SVG texts that label a value with a code number instead of words."""
+    return [text for text in texts if CODE_LABEL.search(text)]
+
+
 def _capture_on(scs: list[Dataset], sop_instance_uid: str) -> int:
     """Instance number of the capture drawn over the given source image."""
     for sc in scs:
@@ -165,6 +174,7 @@ def test_radiologist_sees_results_in_ohif(kind: str, tmp_path: Path, orthanc_nod
         label = next((t for t in texts if "first pass effect" in t.lower()), None)
         assert label is not None, f"no measurement label drawn over the slice; SVG text: {texts}"
         assert "%" in label or "score" in label.lower()
+        assert not code_labels(texts), f"the SR's labels show code numbers, not words: {code_labels(texts)}"
         outlines = page.eval_on_selector_all("svg path, svg polyline, svg polygon", "els => els.length")
         assert outlines > 0
         # ... on the right slice: the viewport shows the source image the region references.
