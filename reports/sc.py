@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 SC_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")
 MULTIFRAME_TRUE_COLOR_SC_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7.4")
 DEFAULT_SC_SERIES_NUMBER = 9902
-DEFAULT_SUMMARY_SERIES_NUMBER = 9904
+DEFAULT_SUMMARY_SERIES_NUMBER = 9906  # 9903 PDF, 9904 Parametric Map, 9905 Segmentation
 
 
 def _relative(heat: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -387,7 +387,7 @@ def build_summary_capture(
     summary = _single_frame(
         prediction, main, pixels, _reference(main.source, headers, source_datasets[0]), uids, context,
         series_uid=series_uid or uids.new(), series_number=series_number, instance_number=1,
-        sources=list(dict.fromkeys(s.source for s in shown)), what="summary",
+        sources=list(dict.fromkeys(s.source for s in shown)), what="summary capture",
     )
     logger.info("built the summary capture of %dx%d for study %s", pixels.shape[1], pixels.shape[0],
                 summary.StudyInstanceUID)
