@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -262,31 +262,9 @@ class CaptureFrame:
     columns: int
     pixel_mm: float
 
-    def source_coordinates(self) -> tuple[np.ndarray, np.ndarray]:
-        """Source (row, column) coordinates of every picture pixel's centre, two (rows, columns) arrays."""
-        rows = self.top + np.arange(self.rows) * self.row_step
-        columns = self.left + np.arange(self.columns) * self.column_step
-        return np.meshgrid(rows, columns, indexing="ij")
-
     def to_picture(self, row: float, column: float) -> tuple[float, float]:
         """Picture (row, column) of a source pixel position."""
         return (row - self.top) / self.row_step, (column - self.left) / self.column_step
-
-    @cached_property
-    def _nearest_index(self) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.rint(self.top + np.arange(self.rows) * self.row_step).astype(np.int64)
-        columns = np.rint(self.left + np.arange(self.columns) * self.column_step).astype(np.int64)
-        return rows, columns
-
-    def nearest(self, array: np.ndarray) -> np.ndarray:
-        """``array`` (source grid) at the nearest source pixel of every picture pixel, 0 outside it."""
-        source = np.asarray(array)
-        rows, columns = self._nearest_index
-        row_ok = (rows >= 0) & (rows < source.shape[0])
-        column_ok = (columns >= 0) & (columns < source.shape[1])
-        out = np.zeros((self.rows, self.columns), dtype=source.dtype)
-        out[np.ix_(row_ok, column_ok)] = source[np.ix_(rows[row_ok], columns[column_ok])]
-        return out
 
     def resample(self, array: np.ndarray, *, cubic: bool, outside: float) -> np.ndarray:
         """``array`` (source grid) resampled into the frame: cubic convolution or linear (Pillow).
@@ -415,13 +393,22 @@ def _fitted_font(text: str, width: int, size: int) -> ImageFont.ImageFont | Imag
     return bundled_font(size)
 
 
+def _bar_height(size: int) -> int:
+    return max(10, size // 2 + 4)
+
+
+def _scale_height(size: int) -> int:
+    """Height :func:`_draw_scale` takes at font ``size``: title, bar, tick labels, note."""
+    return size + 4 + _bar_height(size) + 5 + 2 * size + 2
+
+
 def _draw_scale(draw: ImageDraw.ImageDraw, canvas: Image.Image, left: int, top: int, width: int, size: int) -> int:
     """The labelled colour scale (floor .. 1) at (left, top); returns the height it took."""
     font = bundled_font(max(10, size - 4))
     title = _fitted_font(f"Colour: {SCALE_LABEL}", width, max(10, size - 2))
     draw.text((left, top), f"Colour: {SCALE_LABEL}", fill=_WHITE, font=title)
     top += size + 4
-    bar_height = max(10, size // 2 + 4)
+    bar_height = _bar_height(size)
     levels = np.linspace(ATTENTION_FLOOR, 1.0, max(width, 2))
     bar = np.repeat(attention_colour(levels)[None, :, :], bar_height, axis=0)
     canvas.paste(Image.fromarray(bar, mode="RGB"), (left, top))
@@ -435,7 +422,7 @@ def _draw_scale(draw: ImageDraw.ImageDraw, canvas: Image.Image, left: int, top: 
                   fill=_WHITE, font=font)
     note = f"below {ATTENTION_FLOOR:g}: not coloured; no colour outside the brain"
     draw.text((left, top + bar_height + 5 + size), note, fill=_GREY, font=_fitted_font(note, width, max(10, size - 4)))
-    return size + 4 + bar_height + 5 + 2 * size + 2
+    return _scale_height(size)
 
 
 # --------------------------------------------------------------------------- captures
@@ -511,11 +498,7 @@ class CaptureSet:
     def band_height(self, lines: Sequence[str]) -> int:
         """Height of the text band below the picture."""
         line_height = self.font_size + 8
-        return 2 * _PAD + line_height * len(lines) + self._scale_height()
-
-    def _scale_height(self) -> int:
-        size = self.font_size
-        return size + 4 + max(10, size // 2 + 4) + 5 + 2 * size + 2 + _PAD
+        return 2 * _PAD + line_height * len(lines) + _scale_height(self.font_size) + _PAD
 
     def capture(self, attention: AttentionSlice) -> np.ndarray:
         """One capture (RGB): the picture on top, the text band with the colour scale below."""
@@ -553,7 +536,7 @@ class CaptureSet:
             header.append((DEMO_WARNING, medium, _RED))
         header_height = _PAD + sum(size + 12 for _, size, _ in header)
         label_height = small + 14
-        scale_height = small + 4 + max(10, small // 2 + 4) + 5 + 2 * small + 2 + _PAD
+        scale_height = _scale_height(small) + _PAD
         height = header_height + label_height + tile_height + 2 * _PAD + scale_height
         canvas = Image.new("RGB", (width, height), (0, 0, 0))
         draw = ImageDraw.Draw(canvas)

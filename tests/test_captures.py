@@ -190,7 +190,9 @@ def test_real_mr_captures_read_at_a_glance(real_mr: Analysed, tmp_path: Path) ->
     figures = _check_captures(real_mr, tmp_path)
     _check_summary(real_mr)
     # MR: the window is the source image's own (Window Center / Width of the TRACEW images).
-    header = next(h for h in real_mr.sources if h.SOPInstanceUID == real_mr.prediction.peak.source.sop_instance_uid)  # type: ignore[union-attr]
+    peak = real_mr.prediction.peak
+    assert peak is not None
+    header = next(h for h in real_mr.sources if h.SOPInstanceUID == peak.source.sop_instance_uid)
     assert real_mr.captures.window.centre == float(header.WindowCenter)
     assert figures["brain_px"] >= BRAIN_PIXELS - 2
 
