@@ -111,7 +111,8 @@ def test_captions_say_what_a_reader_needs(ct_sources: list[Dataset]) -> None:
     assert "Slice 1 of 25, slice weight 0.040 (peak: slice 13)" in lines
     assert "Slice 13 of 25, slice weight 0.040 - PEAK ATTENTION" in caption_lines(calibrated, calibrated.attention[12])
     assert DISCLAIMER in lines and DEMO_WARNING not in lines
-    demo = fake_prediction(ct_sources, score=0.2, model=model_info(calibrated=False, demonstration=True, threshold=0.4))
+    demo = fake_prediction(ct_sources, score=0.2, model=model_info(calibrated=False, demonstration=True, threshold=0.4),
+                           n_slices=5)
     demo_lines = caption_lines(demo, demo.attention[0])
     assert demo_lines[0] == "FPE score 0.20 DEMO (research use)"
     assert "FPE unlikely at threshold 0.40 (uncalibrated score)" in demo_lines
@@ -121,19 +122,19 @@ def test_captions_say_what_a_reader_needs(ct_sources: list[Dataset]) -> None:
 
 
 def test_multiframe_true_colour_option(ct_sources: list[Dataset], tmp_path: Path) -> None:
-    prediction = fake_prediction(ct_sources)
-    singles = build_secondary_captures(prediction, ct_sources, UIDS, CONTEXT)
-    (capture,) = build_secondary_captures(prediction, ct_sources, UIDS, CONTEXT, multiframe=True)
+    prediction = fake_prediction(ct_sources, n_slices=9)  # fewer slices than 25 keep the file small
+    captures = capture_set(prediction, ct_sources)
+    singles = build_secondary_captures(prediction, ct_sources, UIDS, CONTEXT, captures=captures)
+    (capture,) = build_secondary_captures(prediction, ct_sources, UIDS, CONTEXT, multiframe=True, captures=captures)
     back = _save_valid(capture, tmp_path / "mf.dcm")
     assert back.SOPClassUID == MULTIFRAME_TRUE_COLOR_SC_STORAGE
-    assert int(back.NumberOfFrames) == 25
+    assert int(back.NumberOfFrames) == 9
     assert back.BurnedInAnnotation == "YES"
-    assert len(back.SourceImageSequence) == 25
-    assert back.FrameLabelVector[12] == "slice 13 of 25"
+    assert len(back.SourceImageSequence) == 9
+    assert back.FrameLabelVector[4] == "slice 5 of 9"
     frames = back.pixel_array
-    assert frames.shape[0] == 25 and frames.shape[-1] == 3
-    single = singles[12].pixel_array
-    np.testing.assert_array_equal(frames[12, : single.shape[0], : single.shape[1]], single)
+    assert frames.shape[0] == 9 and frames.shape[-1] == 3
+    np.testing.assert_array_equal(frames[4], singles[4].pixel_array)  # every frame the same size
 
 
 def test_mr_window_is_the_sources_own_else_percentiles(tmp_path: Path) -> None:
