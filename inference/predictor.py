@@ -334,7 +334,8 @@ def capture_views(
     slices the classifier weighted little blank; the captures print it instead), upsampled
     bicubically, sampled on the slice's plane of the primary and masked to the brain exactly as
     :func:`inference.attention.source_attention` does, then divided by the maximum over the model
-    slices: one shared scale, 1 = the strongest attention of this case. The slices come back
+    slices: one shared scale, 1 = the strongest attention of this case. Both arrays are float16
+    (for display; they travel from the worker process with the result). The slices come back
     unchanged without the preprocessing mask.
     """
     if not slices or prepared.mask_image is None or any(s is None for s in primary.slice_sources):
@@ -347,7 +348,8 @@ def capture_views(
     chosen = [volume_planes[nearest_plane(primary.image, np.asarray(s.position_patient))] for s in slices]
     values = source_attention(heat, brain, chosen)
     return tuple(
-        replace(view, brain=brain_level(brain, plane_reference(plane)), relative_attention=plane_values)
+        replace(view, brain=brain_level(brain, plane_reference(plane)).astype(np.float16),
+                relative_attention=plane_values.astype(np.float16))
         for view, plane, plane_values in zip(slices, chosen, values)
     )
 
