@@ -465,3 +465,142 @@ def planes_of_image(image: sitk.Image, sources: Sequence[SourceInstance]) -> tup
         )
         for k, source in enumerate(sources)
     )
+
+
+# --------------------------------------------------------------------------- smooth outline
+
+# Marching squares: for each cell (corners top-left, top-right, bottom-right, bottom-left, bits
+# 1, 2, 4, 8 set where the corner is at or above the level), the edges its contour crosses,
+# in pairs. Edges: 0 top, 1 right, 2 bottom, 3 left. Saddles (5, 10) are split by the cell's
+# mean value (below: the high corners stay apart).
+_CELL_SEGMENTS: dict[int, tuple[tuple[int, int], ...]] = {
+    1: ((3, 0),), 2: ((0, 1),), 3: ((3, 1),), 4: ((1, 2),), 6: ((0, 2),), 7: ((3, 2),), 8: ((2, 3),),
+    9: ((2, 0),), 11: ((2, 1),), 12: ((1, 3),), 13: ((1, 0),), 14: ((0, 3),),
+}
+_SADDLE_APART = {5: ((3, 0), (1, 2)), 10: ((0, 1), (2, 3))}
+_SADDLE_JOINED = {5: ((3, 2), (1, 0)), 10: ((0, 3), (2, 1))}
+
+Edge = tuple[str, int, int]  # ("h", r, c): from (r, c) to (r, c+1); ("v", r, c): from (r, c) to (r+1, c)
+
+
+def _cell_edge(r: int, c: int, side: int) -> Edge:
+    return (("h", r, c), ("v", r, c + 1), ("h", r + 1, c), ("v", r, c))[side]  # type: ignore[return-value]
+
+
+def _crossing(field: NDArray[np.float64], edge: Edge, level: float) -> tuple[float, float]:
+    kind, r, c = edge
+    r2, c2 = (r, c + 1) if kind == "h" else (r + 1, c)
+    a, b = float(field[r, c]), float(field[r2, c2])
+    t = 0.5 if a == b else min(max((level - a) / (b - a), 0.0), 1.0)
+    return (r + t * (r2 - r), c + t * (c2 - c))
+
+
+def _fill_holes(region: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """``region`` with every background pixel not 4-connected to the image border added."""
+    outside = np.zeros_like(region)
+    outside[0, :], outside[-1, :], outside[:, 0], outside[:, -1] = ~region[0, :], ~region[-1, :], ~region[:, 0], ~region[:, -1]
+    background = ~region
+    while True:
+        grown = outside.copy()
+        grown[1:, :] |= outside[:-1, :]
+        grown[:-1, :] |= outside[1:, :]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= background
+        if np.array_equal(grown, outside):
+            return ~outside
+        outside = grown
+
+
+def _eight_connected(mask: NDArray[np.bool_], row: int, column: int) -> NDArray[np.bool_]:
+    region = np.zeros_like(mask)
+    region[row, column] = True
+    while True:
+        padded = np.pad(region, 1)
+        grown = np.zeros_like(padded)
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                grown |= np.roll(np.roll(padded, dr, axis=0), dc, axis=1)
+        grown = grown[1:-1, 1:-1] & mask
+        if np.array_equal(grown, region):
+            return region
+        region = grown
+
+
+def _simplify(points: list[tuple[float, float]], tolerance: float) -> list[tuple[float, float]]:
+    """Douglas-Peucker on an open chain (end points kept)."""
+    if len(points) < 3:
+        return points
+    start, end = np.asarray(points[0]), np.asarray(points[-1])
+    chord = end - start
+    length = float(np.hypot(*chord))
+    inner = np.asarray(points[1:-1])
+    if length == 0.0:
+        distances = np.hypot(*(inner - start).T)
+    else:
+        distances = np.abs(chord[0] * (inner[:, 1] - start[1]) - chord[1] * (inner[:, 0] - start[0])) / length
+    far = int(np.argmax(distances))
+    if float(distances[far]) <= tolerance:
+        return [points[0], points[-1]]
+    split = far + 1
+    return _simplify(points[: split + 1], tolerance)[:-1] + _simplify(points[split:], tolerance)
+
+
+def iso_contour(plane: NDArray[np.floating], row: int, column: int, level: float,
+                tolerance: float = 0.05) -> tuple[tuple[float, float], ...]:
+    """Smooth closed outline ``((row, column), ...)`` of the region around a pixel at ``level``.
+
+    The region is the 8-connected set of pixels around ``(row, column)`` whose value is at least
+    ``level``, its holes filled; the outline is its marching-squares iso-line at ``level``
+    (Lorensen and Cline's method in 2-D): the points where the linear interpolation between
+    neighbouring pixel centres crosses the level, so it follows the map's own smooth shape
+    instead of pixel edges. Pixel centres are at integer coordinates. Where the map is 0 outside a
+    mask the line stays within half a pixel of the last pixel inside. Points closer than
+    ``tolerance`` pixels to a straight line between their neighbours are dropped
+    (Douglas-Peucker); the polygon is clockwise on screen, first point repeated last.
+    """
+    image = np.asarray(plane, dtype=np.float64)
+    if not 0 <= row < image.shape[0] or not 0 <= column < image.shape[1] or image[row, column] < level:
+        raise ValueError(f"pixel ({row}, {column}) is not at or above the level {level!r}")
+    region = _fill_holes(_eight_connected(image >= level, row, column))
+    # only this region crosses the level: the rest is below it; padded so the line always closes
+    field = np.pad(np.where(region, np.maximum(image, level), np.minimum(image, np.nextafter(level, -np.inf))), 1,
+                   constant_values=min(0.0, level - 1.0))
+    above = field >= level
+    links: dict[Edge, list[Edge]] = {}
+    rows, cols = np.nonzero(np.pad(region, 1))
+    for r in range(int(rows.min()) - 1, int(rows.max()) + 1):
+        for c in range(int(cols.min()) - 1, int(cols.max()) + 1):
+            case = int(above[r, c]) | int(above[r, c + 1]) << 1 | int(above[r + 1, c + 1]) << 2 | int(above[r + 1, c]) << 3
+            if case in (0, 15):
+                continue
+            segments: tuple[tuple[int, int], ...]
+            if case in _SADDLE_APART:
+                mean = float(field[r : r + 2, c : c + 2].mean())
+                segments = _SADDLE_JOINED[case] if mean >= level else _SADDLE_APART[case]
+            else:
+                segments = _CELL_SEGMENTS[case]
+            for a, b in segments:
+                ea, eb = _cell_edge(r, c, a), _cell_edge(r, c, b)
+                links.setdefault(ea, []).append(eb)
+                links.setdefault(eb, []).append(ea)
+    start = min(links)
+    loop = [start]
+    previous, current = start, links[start][0]
+    while current != start:
+        loop.append(current)
+        following = next(e for e in links[current] if e != previous) if len(set(links[current])) > 1 else previous
+        previous, current = current, following
+    points = [_crossing(field, edge, level) for edge in loop]
+    # undo the padding; a region touching the border closes on the image's outer pixel edge at most
+    high_r, high_c = image.shape[0] - 0.5, image.shape[1] - 0.5
+    points = [(min(max(r - 1.0, -0.5), high_r), min(max(c - 1.0, -0.5), high_c)) for r, c in points]
+    # clockwise on screen (x = column to the right, y = row downwards): positive shoelace sum
+    area = sum(points[i - 1][1] * points[i][0] - points[i][1] * points[i - 1][0] for i in range(len(points)))
+    if area < 0:
+        points.reverse()
+    closed = points + [points[0]]
+    kept = _simplify(closed, tolerance)
+    if len(kept) < 4:  # a tiny region: keep every crossing
+        kept = closed
+    return tuple(kept)

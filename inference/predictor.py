@@ -12,9 +12,12 @@ checkpoint carries (or the default recipe, which every result then mentions). Fo
    explaining the reported decision (FPE likely or unlikely), from the ``layer4`` maps of that
    one forward pass (only the network's head is differentiated), is mapped back onto the
    primary series. For each model slice the *nearest plane of the primary volume* is taken as it is (native in-plane resolution, modality units) and the map is
-   resampled onto that plane, so every :class:`AttentionSlice` and the :class:`AttentionPeak`
-   outline are in the pixel space of a real source image (PS3.3 C.10.5.1.2 image coordinates),
-   which the SR's SCOORD and the secondary captures need.
+   resampled onto that plane, so every :class:`AttentionSlice` is in the pixel space of a real
+   source image (PS3.3 C.10.5.1.2 image coordinates), which the secondary captures need. The
+   map is also put on *every* acquired plane of the primary series, smooth and masked to the
+   brain (``Prediction.source_attention``, :func:`inference.attention.source_attention`); the
+   :class:`AttentionPeak` is its maximum, outlined by a smooth closed iso-line at half the peak
+   on that source plane (:func:`source_peak`) for the SR's SCOORD and the overlays.
 
 Anything that makes the case unusable becomes :class:`NotAnalysed` with a reason.
 """
@@ -39,6 +42,7 @@ from inference.attention import (
     combine,
     grid_image,
     hot_region_outline,
+    iso_contour,
     peak,
     plane_reference,
     planes_of_image,
@@ -171,6 +175,7 @@ class Predictor:
         planes = primary_planes(primary)
         on_source = self._on_source(attention, prepared, planes)
         shown = capture_views(attention, prepared, primary, mapped.slices, self.recipe.mask_spacing_mm)
+        located = source_peak(on_source, planes, prepared.grid) if on_source is not None else None
         timings["attention"] = time.perf_counter() - started
         if not mapped.slices:
             warnings.append("no source images (NIfTI input): attention map not mapped onto a series")
@@ -184,7 +189,7 @@ class Predictor:
             series_used=series_used,
             sources=sources,
             attention=shown,
-            peak=mapped.peak,
+            peak=located or mapped.peak,
             source_attention=on_source,
             source_planes=planes if on_source is not None else (),
             logit=logit,
@@ -351,6 +356,43 @@ def capture_views(
         replace(view, brain=brain_level(brain, plane_reference(plane)).astype(np.float16),
                 relative_attention=plane_values.astype(np.float16))
         for view, plane, plane_values in zip(slices, chosen, values)
+    )
+
+
+def _side(point: np.ndarray, midline_x: float) -> str:
+    # DICOM LPS: +x points to the patient's left (PS3.3 C.7.6.2.1.1).
+    return "left" if point[0] >= midline_x else "right"
+
+
+def source_peak(attention: np.ndarray, planes: tuple[SourcePlane, ...], grid: ModelGrid) -> AttentionPeak | None:
+    """The peak of the attention on the source planes, outlined by a smooth closed contour.
+
+    The outline is the iso-line at ``PEAK_FRACTION`` of the peak
+    (:func:`inference.attention.iso_contour`) on the peak's source plane: a smooth polygon
+    around the region of at least half the case's strongest attention, inside the brain (the
+    map is 0 outside it). ``model_slice`` is the model slice nearest to the peak; None when
+    the map is 0 everywhere.
+    """
+    if attention.size == 0 or float(attention.max()) <= 0.0:
+        return None
+    k, row, column = (int(v) for v in np.unravel_index(int(np.argmax(attention)), attention.shape))
+    plane = planes[k]
+    outline = to_image_coordinates(iso_contour(attention[k], row, column, PEAK_FRACTION * float(attention[k, row, column])))
+    row_dir = np.asarray(plane.orientation_patient[:3])
+    column_dir = np.asarray(plane.orientation_patient[3:])
+    point = (np.asarray(plane.position_patient) + column * plane.pixel_spacing[1] * row_dir
+             + row * plane.pixel_spacing[0] * column_dir)
+    n_slices = grid.size[2]
+    model_slice = int(min(max(round((point[2] - grid.origin[2]) / grid.spacing[2]), 0), n_slices - 1))
+    columns = grid.size[0]
+    midline_x = grid.origin[0] + (columns - 1) * grid.spacing[0] / 2.0
+    return AttentionPeak(
+        model_slice=model_slice,
+        source=plane.source,
+        row=float(row),
+        column=float(column),
+        outline=outline,
+        region=f"{_side(point, midline_x)} hemisphere, slice {model_slice + 1} of {n_slices}",
     )
 
 

@@ -106,11 +106,11 @@ def test_attention_mapped_onto_primary_series(ct_study: Study, ct_prediction: Pr
     # Model slices run inferior to superior.
     heights = [a.position_patient[2] for a in result.attention]
     assert heights == sorted(heights)
-    assert result.peak is not None
-    peak_plane = result.attention[result.peak.model_slice]
-    assert result.peak.source == peak_plane.source
+    # The peak: the maximum of the attention on the source planes (every slice of the series).
+    assert result.peak is not None and result.source_attention is not None
+    k = [p.source for p in result.source_planes].index(result.peak.source)
+    assert result.source_attention[k, int(result.peak.row), int(result.peak.column)] == pytest.approx(1.0)
     assert result.peak.outline[0] == result.peak.outline[-1] and len(result.peak.outline) >= 5
-    assert peak_plane.heat[int(result.peak.row), int(result.peak.column)] == pytest.approx(float(peak_plane.heat.max()))
     assert "hemisphere" in result.peak.region
 
 

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 import torch
 
-from inference.attention import grid_image, smoothed_mask, source_attention
+from inference.attention import grid_image, iso_contour, smoothed_mask, source_attention
 from inference.case import predict_paths
 from inference.result import Prediction, SourcePlane
 from inference.dicom_headers import slice_normal
@@ -101,6 +101,31 @@ def test_real_mr_attention_on_every_source_slice(tmp_path: Path) -> None:
     _check_smooth_masked_peak_in_head(prediction.source_attention, pixels, 0.1 * float(np.percentile(pixels, 99)))
     covered = [k for k in range(len(prediction.source_planes)) if prediction.source_attention[k].any()]
     assert len(covered) > 25, "attention on more planes than the model has slices"
+    _check_outline_is_smooth_inside_the_brain(prediction)
+
+
+def _check_outline_is_smooth_inside_the_brain(prediction: Prediction) -> None:
+    """The SR's region: a closed polygon on the peak's source plane, not a staircase, in the brain."""
+    attention, peak = prediction.source_attention, prediction.peak
+    assert attention is not None and peak is not None
+    plane = next(k for k, p in enumerate(prediction.source_planes) if p.source == peak.source)
+    assert attention[plane, int(peak.row), int(peak.column)] == pytest.approx(1.0)
+    points = np.asarray(peak.outline)  # (column, row) image coordinates, pixel centre at +0.5
+    assert len(points) >= 8 and np.array_equal(points[0], points[-1])
+    steps = np.diff(points, axis=0)
+    oblique = np.count_nonzero((np.abs(steps) > 1e-6).all(axis=1))
+    assert oblique >= len(steps) // 2, "outline runs along pixel edges (a staircase)"
+    # inside the brain: each point lies on a pixel that is brain (a point exactly on the edge of
+    # the last brain pixel, where the iso-line meets the mask, counts as on it)
+    for column, row in points - 0.5:  # index coordinates: pixel centres at integers
+        near = [(r, c) for r in {int(np.floor(row)), int(np.ceil(row))} for c in {int(np.floor(column)), int(np.ceil(column))}
+                if abs(r - row) <= 0.5 + 1e-6 and abs(c - column) <= 0.5 + 1e-6
+                and 0 <= r < attention.shape[1] and 0 <= c < attention.shape[2]]
+        assert any(attention[plane, r, c] > 0 for r, c in near), f"outline point {(column, row)} outside the brain"
+    # it surrounds the peak: the winding number of the polygon about the peak's pixel centre is 1
+    centre = np.array([peak.column + 0.5, peak.row + 0.5])
+    angles = np.unwrap(np.arctan2(points[:, 1] - centre[1], points[:, 0] - centre[0]))
+    assert abs(abs(angles[-1] - angles[0]) - 2 * np.pi) < 1e-6
 
 
 def test_gantry_tilted_ct_keeps_its_planes(tmp_path: Path) -> None:
@@ -115,6 +140,7 @@ def test_gantry_tilted_ct_keeps_its_planes(tmp_path: Path) -> None:
     assert prediction.source_attention is not None
     pixels = _pixels(folder, prediction.source_planes) - 1024.0  # stored values; rescale intercept -1024
     _check_smooth_masked_peak_in_head(prediction.source_attention, pixels, -300.0)
+    _check_outline_is_smooth_inside_the_brain(prediction)
 
 
 def test_plane_between_model_slices_is_interpolated_and_brain_edge_masked() -> None:
@@ -136,3 +162,17 @@ def test_plane_between_model_slices_is_interpolated_and_brain_edge_masked() -> N
     assert np.allclose(out[1][centre], 0.5, atol=1e-4)  # halfway between model slices 0 and 1
     assert np.allclose(out[2][centre], 0.75, atol=1e-4)
     assert not out[:, :5, :].any() and not out[:, -5:, :].any()  # outside the 60 mm brain
+
+
+def test_iso_contour_follows_the_level_and_skips_other_regions() -> None:
+    rows, cols = np.mgrid[:64, :64]
+    blob = np.exp(-(((rows - 30) / 8.0) ** 2 + ((cols - 20) / 5.0) ** 2) / 2)
+    other = np.exp(-(((rows - 30) / 4.0) ** 2 + ((cols - 50) / 4.0) ** 2) / 2)
+    outline = np.asarray(iso_contour(blob + other, 30, 20, 0.5))
+    radius = np.sqrt(2 * np.log(2))  # the Gaussian is half its peak at this many sigmas
+    ellipse = ((outline[:, 0] - 30) / (8 * radius)) ** 2 + ((outline[:, 1] - 20) / (5 * radius)) ** 2
+    assert np.allclose(ellipse, 1.0, atol=0.02)
+    assert outline[:, 1].max() < 30  # the second blob is not outlined
+    masked = blob.copy()
+    masked[:, :18] = 0.0  # outside a mask
+    assert np.asarray(iso_contour(masked, 30, 20, 0.5))[:, 1].min() >= 17.5
