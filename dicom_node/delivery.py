@@ -144,7 +144,9 @@ def report_builder(settings: Settings, uids: UIDFactory, context: ReportContext)
         sr = build_sr(result, sources, uids, context, predecessors=predecessors, overlays=[ds for _, ds in overlays])
         objects: list[tuple[ResultKind, Dataset]] = [("sr", sr), *overlays]
         timings["build_sr"] = time.perf_counter() - started
-        if isinstance(result, Prediction) and settings.reports.secondary_capture and result.attention:
+        if isinstance(result, Prediction) and result.attention and (
+            settings.reports.secondary_capture or settings.reports.summary_capture
+        ):
             started = time.perf_counter()
             objects += [("sc", ds) for ds in _build_captures(settings, result, sources, uids, context)]
             timings["build_sc"] = time.perf_counter() - started
@@ -200,9 +202,18 @@ def _build_overlays(
 def _build_captures(
     settings: Settings, result: Prediction, sources: Sequence[Dataset], uids: UIDFactory, context: ReportContext
 ) -> list[Dataset]:
-    from reports.sc import build_secondary_captures
+    """The per-slice captures and the summary capture, as the settings ask, from one capture set."""
+    from reports.sc import build_secondary_captures, build_summary_capture, capture_set
 
-    return list(build_secondary_captures(result, sources, uids, context, multiframe=settings.reports.multiframe_sc))
+    captures = capture_set(result, sources)
+    built: list[Dataset] = []
+    if settings.reports.secondary_capture:
+        built += build_secondary_captures(
+            result, sources, uids, context, multiframe=settings.reports.multiframe_sc, captures=captures
+        )
+    if settings.reports.summary_capture:
+        built.append(build_summary_capture(result, sources, uids, context, captures=captures))
+    return built
 
 
 def _build_pdf(result: Prediction, sources: Sequence[Dataset], uids: UIDFactory, context: ReportContext) -> list[Dataset]:

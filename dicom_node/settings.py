@@ -384,6 +384,11 @@ class ReportSettings(BaseModel):
     sr_for_not_analysed: bool = Field(True, description="Send an SR saying why a study was not analysed.")
     secondary_capture: bool = Field(True, description="Build attention-map secondary captures.")
     multiframe_sc: bool = Field(False, description="One multi-frame true-colour SC instead of single-frame images.")
+    summary_capture: bool = Field(
+        True,
+        description="Also build one summary secondary capture (its own series): the key slices in a row under the "
+        "score, the decision and the research-use warning, for a PACS thumbnail or a phone.",
+    )
     pdf: bool = Field(False, description="Also build a one-page Encapsulated PDF.")
     parametric_map: bool = Field(
         False,

@@ -430,6 +430,17 @@ def _window_reference(plane: SourcePlane, rows: slice, columns: slice) -> sitk.I
     return window
 
 
+def brain_level(brain: sitk.Image, reference: sitk.Image) -> FloatArray:
+    """The smoothed mask (:func:`smoothed_mask`) interpolated on a one-slice ``reference``, in [0, 1]."""
+    return _sample(brain, reference)
+
+
+def brain_inside(brain: sitk.Image, reference: sitk.Image) -> NDArray[np.bool_]:
+    """The brain on a one-slice ``reference``: where the smoothed mask interpolates to at least
+    0.5 (the rule :func:`source_attention` masks with)."""
+    return brain_level(brain, reference) >= 0.5
+
+
 def source_attention(heat: sitk.Image, brain: sitk.Image, planes: Sequence[SourcePlane]) -> FloatArray:
     """The attention on every source plane, masked to the brain, 1 = the case's maximum.
 
@@ -468,7 +479,7 @@ def source_attention(heat: sitk.Image, brain: sitk.Image, planes: Sequence[Sourc
         if window is None:
             continue
         reference = _window_reference(plane, *window)
-        inside = _sample(brain, reference) >= 0.5
+        inside = brain_inside(brain, reference)
         out[index][window] = np.where(inside, np.maximum(_sample(heat, reference), 0.0), 0.0)
     top = float(out.max())
     if top > 0:

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +38,13 @@ from inference.attention import (
     AttentionMap,
     attention_from_features,
     attention_map,
+    brain_level,
     combine,
     grid_image,
     hot_region_outline,
     iso_contour,
     peak,
+    plane_reference,
     planes_of_image,
     smoothed_mask,
     source_attention,
@@ -172,6 +174,7 @@ class Predictor:
         mapped = map_attention(attention.heat, attention.slice_weights, prepared.grid, primary)
         planes = primary_planes(primary)
         on_source = self._on_source(attention, prepared, planes)
+        shown = capture_views(attention, prepared, primary, mapped.slices, self.recipe.mask_spacing_mm)
         located = source_peak(on_source, planes, prepared.grid) if on_source is not None else None
         timings["attention"] = time.perf_counter() - started
         if not mapped.slices:
@@ -185,7 +188,7 @@ class Predictor:
             primary_role=primary.role,
             series_used=series_used,
             sources=sources,
-            attention=mapped.slices,
+            attention=shown,
             peak=located or mapped.peak,
             source_attention=on_source,
             source_planes=planes if on_source is not None else (),
@@ -318,6 +321,42 @@ def map_attention(
             )
         )
     return MappedAttention(tuple(slices), _peak(heat, slices, centre_xy[0]))
+
+
+def capture_views(
+    attention: AttentionMap,
+    prepared: PreprocessedCase,
+    primary: RoleVolume,
+    slices: Sequence[AttentionSlice],
+    mask_spacing_mm: float,
+) -> tuple[AttentionSlice, ...]:
+    """The attention slices with their brain mask and their own relative attention (the captures').
+
+    The brain is the smoothed preprocessing mask interpolated on the slice's plane (in [0, 1],
+    brain where >= 0.5, the rule of :func:`inference.attention.source_attention`), so that a
+    capture can draw its edge at its own resolution.
+    Each model slice's Grad-CAM is taken *without* its slice weight (the weight would leave the
+    slices the classifier weighted little blank; the captures print it instead), upsampled
+    bicubically, sampled on the slice's plane of the primary and masked to the brain exactly as
+    :func:`inference.attention.source_attention` does, then divided by the maximum over the model
+    slices: one shared scale, 1 = the strongest attention of this case. Both arrays are float16
+    (for display; they travel from the worker process with the result). The slices come back
+    unchanged without the preprocessing mask.
+    """
+    if not slices or prepared.mask_image is None or any(s is None for s in primary.slice_sources):
+        return tuple(slices)
+    columns, rows, _ = prepared.grid.size
+    own = combine(np.ones_like(attention.slice_weights), attention.cam, (rows, columns), mode="bicubic")
+    heat = grid_image(own, prepared.grid.origin, prepared.grid.spacing)
+    brain = smoothed_mask(prepared.mask_image, mask_spacing_mm)
+    volume_planes = planes_of_image(primary.image, [s for s in primary.slice_sources if s is not None])
+    chosen = [volume_planes[nearest_plane(primary.image, np.asarray(s.position_patient))] for s in slices]
+    values = source_attention(heat, brain, chosen)
+    return tuple(
+        replace(view, brain=brain_level(brain, plane_reference(plane)).astype(np.float16),
+                relative_attention=plane_values.astype(np.float16))
+        for view, plane, plane_values in zip(slices, chosen, values)
+    )
 
 
 def _side(point: np.ndarray, midline_x: float) -> str:

@@ -77,6 +77,11 @@ class AttentionSlice:
     orientation_patient: tuple[float, float, float, float, float, float]
     pixel_spacing: tuple[float, float]  # (row spacing, column spacing) mm
     slice_weight: float  # softmax weight of this slice in the classifier
+    # On the same grid as ``image`` (inference.predictor.capture_views), None when not computed:
+    # the smoothed brain mask in [0, 1] (brain where >= 0.5), and this slice's own attention (Grad-CAM not scaled by the slice
+    # weight), smoothed, 0 outside the brain, 1 = the maximum over the case's model slices.
+    brain: np.ndarray | None = field(default=None, repr=False, compare=False)
+    relative_attention: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,22 @@
 """Attention-map secondary captures: what the model looked at, in any viewer.
 
-One image per model slice position (25 by default): the primary series resampled at that
-position at its native in-plane resolution (``AttentionSlice.image``, never rescaled), the
-attention map blended over it with a colour map, a colour scale bar beside it, and a text
-panel below with the result, threshold, model and version, "NOT FOR DIAGNOSTIC USE" and,
-for demonstration weights, a warning that the result is random. The text is burned in, so
-every image says Burned In Annotation YES (General Image module, PS3.3 C.7.6.1).
+One capture per model slice position (25 by default) and, optionally, one **summary capture**
+(the key slices in a row under the score, the decision and the research-use warning: one image
+for a PACS thumbnail or a phone). The pixels come from :mod:`reports.capture`: the primary
+series resampled from its source pixels to a viewing size (the brain at least 512 pixels
+across, square pixels) in the source's display window, the relative attention over it (colour
+only inside the brain, transparent below a floor), a labelled colour scale and a text band
+below the image with the result, the decision, the slice and its weight, the model,
+"NOT FOR DIAGNOSTIC USE" and, for demonstration weights, a warning that the result is random.
+The text is burned in, so every image says Burned In Annotation YES (General Image module,
+PS3.3 C.7.6.1).
 
-Each capture is a new series in the primary's study; patient and study are copied from the
-source image (highdicom ``SCImage.from_ref_dataset``). Single-frame Secondary Capture Image
-Storage (what every viewer shows) is the default; one Multi-frame True Color Secondary Capture
-(PS3.3 A.8.5) is the option.
+The captures are a new series in the primary's study, the summary another one (so that a PACS
+shows it as its own thumbnail); patient and study are copied from the source image (highdicom
+``SCImage.from_ref_dataset``), and each image names the source image(s) it shows in the Source
+Image Sequence (PS3.3 C.7.6.1.1.4). Single-frame Secondary Capture Image Storage (what every
+viewer shows) is the default; one Multi-frame True Color Secondary Capture (PS3.3 A.8.5) is the
+option for the per-slice captures.
 """
 
 from __future__ import annotations
@@ -18,17 +24,24 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import lru_cache
 
 import highdicom as hd
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from inference.result import AttentionSlice, Prediction
+from inference.result import AttentionSlice, Prediction, SourceInstance
+from reports.capture import (
+    DEMO_WARNING,
+    DISCLAIMER,
+    SUMMARY_SLICES,
+    CapturePlane,
+    CaptureSet,
+    colour_map,
+    display_window,
+    key_slices,
+)
 from reports.codes import Fpe, Std, coding_scheme_identification
 from reports.header import required_uid, source_header
 from reports.sr import MANUFACTURER, ReportContext, declare_character_set, result_text
@@ -38,157 +51,64 @@ __all__ = [
     "SC_STORAGE",
     "MULTIFRAME_TRUE_COLOR_SC_STORAGE",
     "DISCLAIMER",
-    "render_slice",
-    "caption_lines",
+    "DEMO_WARNING",
+    "colour_map",
+    "capture_planes",
+    "capture_set",
     "build_secondary_captures",
+    "build_summary_capture",
 ]
 
 logger = logging.getLogger(__name__)
 
 SC_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")
 MULTIFRAME_TRUE_COLOR_SC_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7.4")
-DISCLAIMER = "NOT FOR DIAGNOSTIC USE - research only"
-DEMO_WARNING = "DEMONSTRATION WEIGHTS - RESULT IS RANDOM"
 DEFAULT_SC_SERIES_NUMBER = 9902
-
-# Attention below this is left transparent, above it the colour fades in up to MAX_ALPHA.
-HEAT_FLOOR = 0.2
-MAX_ALPHA = 0.6
-_BAR_WIDTH = 14
-_BAR_GAP = 6
-_LABEL_ROOM = 34
-_MIN_WIDTH = 360
-_MARGIN = 6
-
-# Anchor colours of the map (blue -> cyan -> green -> yellow -> red), like "jet".
-_ANCHORS = np.array(
-    [[0, 0, 160], [0, 120, 255], [0, 220, 220], [60, 220, 60], [255, 230, 0], [255, 120, 0], [220, 0, 0]], dtype=np.float64
-)
+DEFAULT_SUMMARY_SERIES_NUMBER = 9906  # 9903 PDF, 9904 Parametric Map, 9905 Segmentation
 
 
-def _lookup_table() -> np.ndarray:
-    levels = np.linspace(0.0, 1.0, 256)
-    positions = np.linspace(0.0, 1.0, len(_ANCHORS))
-    channels = [np.interp(levels, positions, _ANCHORS[:, c]) for c in range(3)]
-    return np.stack(channels, axis=-1).round().astype(np.uint8)
+def _relative(heat: Sequence[np.ndarray]) -> list[np.ndarray]:
+    top = max((float(np.max(h)) for h in heat), default=0.0)
+    if top <= 0:
+        return [np.zeros(np.shape(h), dtype=np.float32) for h in heat]
+    return [np.clip(np.asarray(h, dtype=np.float32) / np.float32(top), 0.0, 1.0) for h in heat]
 
 
-_LUT = _lookup_table()
+def capture_planes(prediction: Prediction) -> list[CapturePlane]:
+    """The plane each capture shows: source pixels, relative attention and brain mask.
 
-
-def colour_map(values: np.ndarray) -> np.ndarray:
-    """RGB (uint8) of values in [0, 1] on the blue-to-red scale used by the overlay and the bar."""
-    clipped = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0), 0.0, 1.0)
-    return _LUT[(clipped * 255.0 + 0.5).astype(np.uint8)]
-
-
-@dataclass(frozen=True)
-class Window:
-    """Display window applied to modality values (PS3.3 C.11.2.1.2, linear)."""
-
-    centre: float
-    width: float
-
-    def apply(self, image: np.ndarray) -> np.ndarray:
-        """Grey levels 0..255 of ``image``."""
-        low = self.centre - self.width / 2.0
-        scaled = (np.asarray(image, dtype=np.float32) - np.float32(low)) * np.float32(255.0 / max(self.width, 1e-6))
-        return (np.clip(np.nan_to_num(scaled), 0.0, 255.0) + 0.5).astype(np.uint8)
-
-
-# Brain window for non-contrast CT, a vessel window for CTA (HU).
-_CT_WINDOWS = {"ncct": Window(40.0, 80.0), "cta": Window(150.0, 600.0)}
-
-
-def display_window(prediction: Prediction) -> Window:
-    """The window for the primary series: fixed HU windows for CT, percentiles for MR."""
-    if prediction.pipeline == "CT" and prediction.primary_role in _CT_WINDOWS:
-        return _CT_WINDOWS[prediction.primary_role]
-    values = np.concatenate([np.asarray(s.image, dtype=np.float64).ravel() for s in prediction.attention])
-    low, high = np.percentile(values[np.isfinite(values)], [1.0, 99.5]) if values.size else (0.0, 1.0)
-    return Window(centre=(low + high) / 2.0, width=max(high - low, 1.0))
-
-
-@lru_cache(maxsize=8)
-def bundled_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """Pillow's bundled font (scalable when Pillow has FreeType, else its bitmap font)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (OSError, TypeError, ImportError):
-        return ImageFont.load_default()
-
-
-def caption_lines(prediction: Prediction, attention: AttentionSlice) -> list[str]:
-    """The burned-in text of one capture (result, threshold, model, disclaimer, demo flag)."""
-    model = prediction.model
-    verdict = "likely" if prediction.positive else "unlikely"
-    if model.calibrated:
-        threshold = f"{100.0 * model.threshold:.0f}%"
-    else:
-        threshold = f"{model.threshold:.2f} (uncalibrated score)"
-    lines = [
-        result_text(prediction),
-        f"FPE {verdict} at threshold {threshold}",
-        f"Model {model.name} {model.version} ({model.variant})",
-        f"Slice {attention.model_slice + 1} of {len(prediction.attention)}, weight {attention.slice_weight:.3f}",
-        DISCLAIMER,
-    ]
-    if model.demonstration:
-        lines.append(DEMO_WARNING)
-    return lines
-
-
-def _overlay(attention: AttentionSlice, window: Window) -> np.ndarray:
-    """The source image in grey with the attention blended over it (rows x columns x 3)."""
-    image = np.asarray(attention.image)
-    heat = np.asarray(attention.heat, dtype=np.float32)
-    if image.shape != heat.shape or image.ndim != 2:
-        raise ValueError(f"attention slice {attention.model_slice}: image {image.shape} and heat {heat.shape} differ")
-    grey = window.apply(image).astype(np.float32)[..., None]
-    alpha = (MAX_ALPHA * np.clip((heat - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0))[..., None]
-    blended = grey * (1.0 - alpha) + colour_map(heat).astype(np.float32) * alpha
-    return (blended + 0.5).astype(np.uint8)
-
-
-def render_slice(prediction: Prediction, attention: AttentionSlice, window: Window | None = None) -> np.ndarray:
-    """One capture as RGB pixels: image + colour bar on top, text panel below.
-
-    The image keeps the primary's native in-plane matrix (one pixel per source pixel); the
-    canvas is widened, never the image scaled, when the text needs more room.
+    The predictor gives every attention slice its brain mask and its own relative attention
+    (:func:`inference.predictor.capture_views`: masked, smoothed, 1 = the case's maximum, not
+    scaled by the slice weight). A prediction without them (built elsewhere, or a volume the
+    preprocessing mask did not cover) is drawn from its ``heat`` divided by the case's maximum,
+    the whole plane taken as brain: the captures then frame the whole field of view.
     """
-    window = window or display_window(prediction)
-    picture = _overlay(attention, window)
-    rows, cols = picture.shape[:2]
-    font_size = max(12, min(22, cols // 36))
-    font = bundled_font(font_size)
-    lines = caption_lines(prediction, attention)
-    line_height = font_size + 4
-    width = max(cols + _BAR_GAP + _BAR_WIDTH + _LABEL_ROOM, _MIN_WIDTH, _text_width(lines, font) + 2 * _MARGIN)
-    height = rows + _MARGIN + line_height * len(lines) + _MARGIN
-    canvas = Image.new("RGB", (width, height), (0, 0, 0))
-    canvas.paste(Image.fromarray(picture, mode="RGB"), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    _draw_colour_bar(canvas, draw, cols + _BAR_GAP, rows, bundled_font(max(10, font_size - 2)))
-    y = rows + _MARGIN
-    for index, line in enumerate(lines):
-        colour = (255, 80, 80) if line in (DISCLAIMER, DEMO_WARNING) else (255, 255, 255)
-        draw.text((_MARGIN, y + index * line_height), line, fill=colour, font=font)
-    return np.asarray(canvas, dtype=np.uint8)
+    if all(s.relative_attention is not None and s.brain is not None for s in prediction.attention):
+        pairs = [(np.asarray(s.relative_attention, dtype=np.float32), np.asarray(s.brain, dtype=np.float32))
+                 for s in prediction.attention]
+    else:
+        pairs = [(values, np.ones(np.shape(s.image), dtype=np.float32))
+                 for s, values in zip(prediction.attention, _relative([s.heat for s in prediction.attention]))]
+    return [
+        CapturePlane(
+            attention_slice=attention,
+            image=np.asarray(attention.image, dtype=np.float32),
+            attention=values,
+            brain=brain,
+            pixel_spacing=attention.pixel_spacing,
+        )
+        for attention, (values, brain) in zip(prediction.attention, pairs)
+    ]
 
 
-def _text_width(lines: Sequence[str], font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:
-    return int(max(font.getbbox(line)[2] for line in lines))
-
-
-def _draw_colour_bar(
-    canvas: Image.Image, draw: ImageDraw.ImageDraw, left: int, height: int, font: ImageFont.ImageFont | ImageFont.FreeTypeFont
-) -> None:
-    """Vertical scale: high attention at the top, low at the bottom, labelled."""
-    ramp = np.linspace(1.0, 0.0, max(height, 2))
-    bar = np.repeat(colour_map(ramp)[:, None, :], _BAR_WIDTH, axis=1)
-    canvas.paste(Image.fromarray(bar, mode="RGB"), (left, 0))
-    draw.text((left + _BAR_WIDTH + 2, 0), "high", fill=(255, 255, 255), font=font)
-    draw.text((left + _BAR_WIDTH + 2, max(0, height - font.getbbox("low")[3] - 1)), "low", fill=(255, 255, 255), font=font)
+def capture_set(prediction: Prediction, source_datasets: Sequence[Dataset]) -> CaptureSet:
+    """The planes, shared frame and window of a prediction's captures (:class:`reports.capture.CaptureSet`)."""
+    if not prediction.attention:
+        raise ValueError("prediction has no attention slices: no secondary capture to build")
+    planes = capture_planes(prediction)
+    headers = {str(ds.get("SOPInstanceUID", "")): ds for ds in source_datasets}
+    window = display_window(prediction, headers, [p.inside() for p in planes])
+    return CaptureSet(prediction, planes, window)
 
 
 def _patient_orientation(orientation: Sequence[float]) -> tuple[str, str]:
@@ -203,17 +123,13 @@ def _patient_orientation(orientation: Sequence[float]) -> tuple[str, str]:
     return letters(orientation[:3]), letters(orientation[3:6])
 
 
-def _reference_dataset(attention: AttentionSlice, headers: dict[str, Dataset], fallback: Dataset) -> Dataset:
-    return headers.get(attention.source.sop_instance_uid, fallback)
-
-
-def _source_image_item(attention: AttentionSlice) -> Dataset:
-    """Source Image Sequence item (PS3.3 C.7.6.1.1.4): the source image this slice shows."""
+def _source_image_item(source: SourceInstance) -> Dataset:
+    """Source Image Sequence item (PS3.3 C.7.6.1.1.4): a source image the capture shows."""
     item = Dataset()
-    item.ReferencedSOPClassUID = attention.source.sop_class_uid
-    item.ReferencedSOPInstanceUID = attention.source.sop_instance_uid
-    if attention.source.frame is not None:
-        item.ReferencedFrameNumber = attention.source.frame
+    item.ReferencedSOPClassUID = source.sop_class_uid
+    item.ReferencedSOPInstanceUID = source.sop_instance_uid
+    if source.frame is not None:
+        item.ReferencedFrameNumber = source.frame
     purpose = Dataset()
     purpose.CodeValue = "121322"
     purpose.CodingSchemeDesignator = "DCM"
@@ -234,12 +150,12 @@ def _contributing_equipment(context: ReportContext, prediction: Prediction) -> h
     )
 
 
-def _series_description(prediction: Prediction) -> str:
+def _series_description(prediction: Prediction, what: str = "attention map") -> str:
     demo = " DEMO" if prediction.model.demonstration else ""
-    return f"FPE attention map{demo} (research use, not for diagnosis)"[:64]
+    return f"FPE {what}{demo} (research use, not for diagnosis)"[:64]
 
 
-def _finish(ds: Dataset, prediction: Prediction, context: ReportContext) -> None:
+def _finish(ds: Dataset, prediction: Prediction, context: ReportContext, what: str) -> None:
     """Attributes the result objects share: burned-in text, derivation, research labels."""
     ds.BurnedInAnnotation = "YES"
     # The head is an unpaired body part (Image Laterality, General Image module PS3.3 C.7.6.1: U);
@@ -247,10 +163,10 @@ def _finish(ds: Dataset, prediction: Prediction, context: ReportContext) -> None
     ds.ImageLaterality = "U"
     ds.RecognizableVisualFeatures = "NO"
     ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.SeriesDescription = _series_description(prediction)
+    ds.SeriesDescription = _series_description(prediction, what)
     ds.DerivationDescription = (
-        f"Attention map of {prediction.model.name} {prediction.model.version} blended over the primary series; "
-        "research use, not for diagnosis"
+        f"Relative attention of {prediction.model.name} {prediction.model.version} (1 = maximum in this case) "
+        "blended over the primary series, resampled to a viewing size; research use, not for diagnosis"
     )[:1024]
     ds.ImageComments = result_text(prediction)
     ds.SoftwareVersions = context.software_version
@@ -267,15 +183,19 @@ def _finish(ds: Dataset, prediction: Prediction, context: ReportContext) -> None
 
 def _single_frame(
     prediction: Prediction,
-    attention: AttentionSlice,
+    shown: AttentionSlice,
     pixels: np.ndarray,
     reference: Dataset,
     uids: UIDFactory,
     context: ReportContext,
+    *,
     series_uid: str,
     series_number: int,
+    instance_number: int,
+    sources: Sequence[SourceInstance],
+    what: str,
 ) -> Dataset:
-    orientation = _patient_orientation(attention.orientation_patient)
+    """One single-frame SC (PS3.3 A.8.1) of ``pixels``; ``shown`` gives its orientation."""
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=reference,
         pixel_array=pixels,
@@ -285,14 +205,14 @@ def _single_frame(
         series_instance_uid=series_uid,
         series_number=series_number,
         sop_instance_uid=uids.new(),
-        instance_number=attention.model_slice + 1,
+        instance_number=instance_number,
         manufacturer=MANUFACTURER,
-        patient_orientation=orientation,
+        patient_orientation=_patient_orientation(shown.orientation_patient),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[_contributing_equipment(context, prediction)],
     )
-    _finish(sc, prediction, context)
-    sc.SourceImageSequence = DicomSequence([_source_image_item(attention)])
+    _finish(sc, prediction, context, what)
+    sc.SourceImageSequence = DicomSequence([_source_image_item(source) for source in sources])
     declare_character_set(sc)
     return sc
 
@@ -319,7 +239,7 @@ def _clone(template: Dataset, attention: AttentionSlice, pixels: np.ndarray, uid
         ("Rows", rows),
         ("Columns", columns),
         ("PixelData", np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()),
-        ("SourceImageSequence", DicomSequence([_source_image_item(attention)])),
+        ("SourceImageSequence", DicomSequence([_source_image_item(attention.source)])),
     ]
     for keyword, value in replacements:
         element = template[keyword]
@@ -360,9 +280,22 @@ def _multiframe(
     ds.NumberOfFrames = len(frames)
     ds.FrameIncrementPointer = 0x00182002
     ds.FrameLabelVector = [f"slice {a.model_slice + 1} of {len(prediction.attention)}"[:16] for a in prediction.attention]
-    ds.SourceImageSequence = DicomSequence([_source_image_item(a) for a in prediction.attention])
+    ds.SourceImageSequence = DicomSequence([_source_image_item(a.source) for a in prediction.attention])
     ds.PixelData = stack.tobytes()
     return ds
+
+
+def _checked_headers(prediction: Prediction, source_datasets: Sequence[Dataset], caller: str) -> dict[str, Dataset]:
+    if not prediction.attention:
+        raise ValueError("prediction has no attention slices: no secondary capture to build")
+    if not source_datasets:
+        raise ValueError(f"{caller} needs the headers of the primary series")
+    return {required_uid(ds, "SOPInstanceUID"): ds for ds in source_datasets}
+
+
+def _reference(source: SourceInstance, headers: dict[str, Dataset], fallback: Dataset) -> Dataset:
+    """The header patient and study are copied from: the shown source image's, else the first."""
+    return source_header(headers.get(source.sop_instance_uid, fallback))
 
 
 def build_secondary_captures(
@@ -374,6 +307,7 @@ def build_secondary_captures(
     multiframe: bool = False,
     series_uid: str | None = None,
     series_number: int = DEFAULT_SC_SERIES_NUMBER,
+    captures: CaptureSet | None = None,
 ) -> list[Dataset]:
     """The attention-map captures of one prediction, a new series in the primary's study.
 
@@ -384,11 +318,15 @@ def build_secondary_captures(
     source_datasets:
         Headers of the primary series' images; the captures copy patient and study from the
         header of the first capture's source image (the first header when not found), type 2
-        attributes it lacks written empty (:func:`reports.header.source_header`).
+        attributes it lacks written empty (:func:`reports.header.source_header`). The MR
+        display window is the source's own (:func:`reports.capture.display_window`).
     uids, context:
         UID factory and the node's identity (see :mod:`reports.sr`).
     multiframe:
         One Multi-frame True Color SC instead of one single-frame SC per slice.
+    captures:
+        The prediction's :class:`reports.capture.CaptureSet` when the caller already has it
+        (:func:`capture_set`), e.g. to build the summary capture from the same frame.
 
     Returns
     -------
@@ -400,23 +338,57 @@ def build_secondary_captures(
     ValueError
         When the prediction has no attention slices or no source header is given.
     """
-    if not prediction.attention:
-        raise ValueError("prediction has no attention slices: no secondary capture to build")
-    if not source_datasets:
-        raise ValueError("build_secondary_captures needs the headers of the primary series")
-    headers = {required_uid(ds, "SOPInstanceUID"): ds for ds in source_datasets}
-    window = display_window(prediction)
+    headers = _checked_headers(prediction, source_datasets, "build_secondary_captures")
+    captures = captures or capture_set(prediction, source_datasets)
     series_uid = series_uid or uids.new()
-    pixels = [render_slice(prediction, attention, window) for attention in prediction.attention]
+    pixels = [captures.capture(attention) for attention in prediction.attention]
     first = prediction.attention[0]
-    reference = source_header(_reference_dataset(first, headers, source_datasets[0]))
-    template = _single_frame(prediction, first, pixels[0], reference, uids, context, series_uid, series_number)
-    captures = [template]
-    for attention, rendered in zip(prediction.attention[1:], pixels[1:]):
-        captures.append(_clone(template, attention, rendered, uids))
-    if multiframe:
-        captures = [_multiframe(prediction, pixels, captures[0], uids)]
-    logger.info(
-        "built %d secondary capture(s) in series %s for study %s", len(captures), series_uid, captures[0].StudyInstanceUID
+    template = _single_frame(
+        prediction, first, pixels[0], _reference(first.source, headers, source_datasets[0]), uids, context,
+        series_uid=series_uid, series_number=series_number, instance_number=first.model_slice + 1,
+        sources=[first.source], what="attention map",
     )
-    return captures
+    built = [template]
+    for attention, rendered in zip(prediction.attention[1:], pixels[1:]):
+        built.append(_clone(template, attention, rendered, uids))
+    if multiframe:
+        built = [_multiframe(prediction, pixels, built[0], uids)]
+    logger.info(
+        "built %d secondary capture(s) of %dx%d in series %s for study %s",
+        len(built), pixels[0].shape[1], pixels[0].shape[0], series_uid, built[0].StudyInstanceUID,
+    )
+    return built
+
+
+def build_summary_capture(
+    prediction: Prediction,
+    source_datasets: Sequence[Dataset],
+    uids: UIDFactory,
+    context: ReportContext,
+    *,
+    series_uid: str | None = None,
+    series_number: int = DEFAULT_SUMMARY_SERIES_NUMBER,
+    captures: CaptureSet | None = None,
+) -> Dataset:
+    """The summary capture: one single-frame SC, its own series in the primary's study.
+
+    The key slices (:func:`reports.capture.key_slices`, the attention peak among them) in a
+    row under the result, the decision and the research-use warning
+    (:meth:`reports.capture.CaptureSet.summary`); its Source Image Sequence names the source
+    image of every slice shown, and it takes its patient orientation from them (one series,
+    one orientation). Parameters as :func:`build_secondary_captures`.
+    """
+    headers = _checked_headers(prediction, source_datasets, "build_summary_capture")
+    captures = captures or capture_set(prediction, source_datasets)
+    shown = sorted(key_slices(prediction, SUMMARY_SLICES), key=lambda s: s.model_slice)
+    pixels = captures.summary(SUMMARY_SLICES)
+    main = shown[0] if prediction.peak is None else next(
+        (s for s in shown if s.model_slice == prediction.peak.model_slice), shown[0])
+    summary = _single_frame(
+        prediction, main, pixels, _reference(main.source, headers, source_datasets[0]), uids, context,
+        series_uid=series_uid or uids.new(), series_number=series_number, instance_number=1,
+        sources=list(dict.fromkeys(s.source for s in shown)), what="summary capture",
+    )
+    logger.info("built the summary capture of %dx%d for study %s", pixels.shape[1], pixels.shape[0],
+                summary.StudyInstanceUID)
+    return summary

@@ -228,10 +228,20 @@ def _observation_context(context: ReportContext, model_name: str | None) -> Obse
 
 
 def _measurements(prediction: Prediction, algorithm: AlgorithmIdentification | None) -> list[Measurement]:
-    """TID 300 measurements: the result (with its algorithm, TID 4019) and the threshold."""
+    """TID 300 measurements: the result (with its algorithm, TID 4019) and the threshold.
+
+    Each carries the finding site Brain as its own concept modifier (TID 300 row 6, "Finding
+    Site"), not the group: OHIF 3.13 labels a group-level SCT finding site with its code value
+    in the text over the image ("363698007: Brain", cornerstone-dicom-sr
+    ``_processTID1410Measurement``), while it shows each NUM as "<concept meaning>: <value>
+    <unit>", in words.
+    """
     name, unit = value_concept(prediction.model)
-    value = Measurement(name=name, value=_scaled(prediction.score, prediction.model), unit=unit, algorithm_id=algorithm)
-    threshold = Measurement(name=Fpe.DECISION_THRESHOLD, value=_scaled(prediction.model.threshold, prediction.model), unit=unit)
+    site = [FindingSite(anatomic_location=Std.BRAIN)]
+    value = Measurement(name=name, value=_scaled(prediction.score, prediction.model), unit=unit, algorithm_id=algorithm,
+                        finding_sites=site)
+    threshold = Measurement(name=Fpe.DECISION_THRESHOLD, value=_scaled(prediction.model.threshold, prediction.model),
+                            unit=unit, finding_sites=site)
     return [value, threshold]
 
 
@@ -264,7 +274,7 @@ def _group_content(prediction: Prediction, algorithm: AlgorithmIdentification, t
         "tracking_identifier": TrackingIdentifier(uid=tracking_uid, identifier=result_text(prediction)),
         "finding_type": Fpe.FIRST_PASS_EFFECT,
         "algorithm_id": algorithm,
-        "finding_sites": [FindingSite(anatomic_location=Std.BRAIN)],
+        "finding_sites": [],  # on each measurement instead (_measurements)
         "measurements": _measurements(prediction, None),
         "qualitative_evaluations": [
             QualitativeEvaluation(name=Fpe.FIRST_PASS_EFFECT, value=finding_concept(prediction))

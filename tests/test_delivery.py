@@ -135,7 +135,7 @@ def test_prediction_reaches_the_archive_and_the_study_is_delivered(setup: Setup)
     report = setup.delivery.on_result(study_uid, _prediction(setup.study))
     assert report.sending
     kinds = sorted(f.kind for f in report.files)
-    assert kinds == ["pdf"] + ["sc"] * 5 + ["sr"]
+    assert kinds == ["pdf"] + ["sc"] * (5 + 1) + ["sr"]  # 5 slice captures and the summary capture
     assert all(f.path.is_file() and f.path.is_relative_to(setup.settings.storage.results_dir) for f in report.files)
     assert wait_study_state(setup.lifecycle, study_uid, {StudyState.DELIVERED, StudyState.PARTLY_DELIVERED,
                                                          StudyState.DEAD_LETTERED}) is StudyState.DELIVERED

@@ -85,6 +85,12 @@ def predicted(study: Study, out: Path, settings_file: Path) -> dict[str, Any]:
     return dict(result)
 
 
+def split_summary(scs: list[Dataset]) -> tuple[list[Dataset], list[Dataset]]:
+    """The per-slice attention captures and the summary capture(s) (its own series) among ``scs``."""
+    summaries = [sc for sc in scs if "summary" in str(sc.get("SeriesDescription", "")).lower()]
+    return [sc for sc in scs if sc not in summaries], summaries
+
+
 def _results_in_orthanc(orthanc: OrthancArchive, study_uid: str) -> tuple[list[Dataset], list[Dataset]]:
     srs, scs = [], []
     for series in orthanc.study_series(study_uid):
@@ -172,9 +178,11 @@ def test_study_from_orthanc_comes_back_with_results(
 
     ended_without_result = {StudyState.NOT_ELIGIBLE, StudyState.DEAD_LETTERED}
     srs, scs = _wait_for_results(
-        orthanc, study.study_uid, n_sc=n_slices, log=lambda: _timeline(node, study.study_uid),
+        orthanc, study.study_uid, n_sc=n_slices + 1, log=lambda: _timeline(node, study.study_uid),
         gave_up=lambda: node.lifecycle.state_of(study.study_uid) in ended_without_result,
     )
+    scs, summaries = split_summary(scs)
+    assert len(summaries) == 1 and summaries[0].SeriesInstanceUID not in {sc.SeriesInstanceUID for sc in scs}
     assert len(srs) == 1
     sr = srs[0]
     assert sr.StudyInstanceUID == study.study_uid

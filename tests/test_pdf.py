@@ -55,8 +55,8 @@ def test_key_slices_start_at_the_attention_peak(ct_sources: list[Dataset]) -> No
     chosen = key_slices(prediction)
     assert prediction.peak is not None
     assert chosen[0].model_slice == prediction.peak.model_slice
-    assert len(chosen) == 4 and len({s.model_slice for s in chosen}) == 4
-    assert all(abs(s.model_slice - prediction.peak.model_slice) <= 2 for s in chosen)
+    assert len(chosen) == 4 and len({s.source.sop_instance_uid for s in chosen}) == 4  # one per source image
+    assert all(abs(s.model_slice - prediction.peak.model_slice) <= 6 for s in chosen)  # 10 images for 25 slices
     assert pdf_bytes(prediction).startswith(b"%PDF-")
 
 

@@ -164,7 +164,8 @@ def test_overlays_go_to_the_destinations_their_kind_is_routed_to(tilted_ct: Case
             "network": {"host": "127.0.0.1", "port": free_port()},
             "delivery": {"retry_initial_s": 0.5, "retry_max_s": 1, "deadline_s": 30, "scan_interval_s": 0.5,
                          "allow_demonstration_results": True, "routing_rules": str(rules)},
-            "reports": {"secondary_capture": False, "parametric_map": True, "segmentation": True},
+            "reports": {"secondary_capture": False, "summary_capture": False, "parametric_map": True,
+                        "segmentation": True},
             "inference": {"workers": 0},
             "peers": [
                 {"name": "modality", "ae_titles": [SOURCE_AE], "host": "127.0.0.1", "roles": ["source"]},

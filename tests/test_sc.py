@@ -10,15 +10,14 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from reports.capture import ATTENTION_FLOOR, caption_lines, display_window, source_window
 from reports.sc import (
     DEMO_WARNING,
     DISCLAIMER,
     MULTIFRAME_TRUE_COLOR_SC_STORAGE,
     SC_STORAGE,
     build_secondary_captures,
-    caption_lines,
-    display_window,
-    render_slice,
+    capture_set,
 )
 from reports.sr import ReportContext
 from reports.uids import UIDFactory
@@ -73,30 +72,34 @@ def test_one_capture_per_model_slice_in_a_new_series_of_the_study(ct_sources: li
     assert captures[0].SOPInstanceUID != captures[1].SOPInstanceUID  # the template was not changed by cloning
 
 
-def test_pixels_keep_native_resolution_with_overlay_scale_and_text(ct_sources: list[Dataset]) -> None:
+def test_capture_is_the_resampled_source_with_colour_where_the_attention_is(ct_sources: list[Dataset]) -> None:
+    """Without a brain mask (a prediction built outside the predictor) the whole plane is framed."""
     prediction = fake_prediction(ct_sources)
-    peak = prediction.attention[prediction.peak.model_slice]  # type: ignore[union-attr]
-    window = display_window(prediction)
-    pixels = render_slice(prediction, peak, window)
-    rows, cols = peak.image.shape
-    assert pixels.shape[0] > rows and pixels.shape[1] > cols and pixels.shape[2] == 3
-    picture = pixels[:rows, :cols].astype(int)
-    # Where attention is ~0 the source shows through in grey, one pixel per source pixel.
-    cold = peak.heat < 0.05
-    expected_grey = window.apply(peak.image)
-    np.testing.assert_array_equal(picture[..., 0][cold], expected_grey[cold])
-    np.testing.assert_array_equal(picture[..., 0][cold], picture[..., 2][cold])
+    captures = capture_set(prediction, ct_sources)
+    peak = prediction.attention[prediction.peak.model_slice - 1]  # type: ignore[union-attr]  # no peak marks
+    pixels = captures.capture(peak)
+    frame = captures.frame
+    assert min(frame.rows, frame.columns) >= 512 and frame.rows == frame.columns  # square plane, square pixels
+    assert pixels.shape[1] == frame.columns and pixels.shape[2] == 3
+    picture = pixels[: frame.rows].astype(int)
+    # Where the attention is below the floor the source shows through in grey, resampled.
+    relative = frame.resample(peak.heat / max(float(s.heat.max()) for s in prediction.attention), cubic=False, outside=0)
+    cold = relative < ATTENTION_FLOOR
+    assert cold.mean() > 0.5
+    assert np.array_equal(picture[..., 0][cold], picture[..., 2][cold])
+    low = captures.window.centre - captures.window.width
+    expected = captures.window.apply(frame.resample(peak.image, cubic=True, outside=low))
+    assert np.abs(picture[..., 1][cold] - expected[cold].astype(int)).max() <= 1
     # At the hot spot the overlay is red.
-    hot_row, hot_col = np.unravel_index(np.argmax(peak.heat), peak.heat.shape)
-    red, green, blue = picture[hot_row, hot_col]
+    hot_row, hot_col = np.unravel_index(np.argmax(relative), relative.shape)
+    red, _, blue = picture[hot_row, hot_col]
     assert red > blue + 50
-    # The colour bar beside the image runs from red (top) to blue (bottom).
-    bar = pixels[:rows, cols + 6 : cols + 20]
-    assert bar[1, 5, 0] > 150 > bar[1, 5, 2] and bar[-2, 5, 2] > 100 > bar[-2, 5, 0]
-    # The text panel below holds white and red (disclaimer) text.
-    panel = pixels[rows:].astype(int)
-    assert ((panel[..., 0] > 200) & (panel[..., 1] < 120)).sum() > 20
-    assert ((panel.min(axis=-1)) > 200).sum() > 50
+    # The band below holds white and red (disclaimer) text and the colour scale, in less room than the image.
+    band = pixels[frame.rows :].astype(int)
+    assert band.shape[0] * band.shape[1] <= frame.rows * frame.columns
+    assert ((band[..., 0] > 200) & (band[..., 1] < 120) & (band[..., 2] < 120)).sum() > 20
+    assert (band.min(axis=-1) > 200).sum() > 50
+    assert ((band[..., 2] > 120) & (band[..., 0] < 60)).sum() > 100  # the blue end of the scale
 
 
 def test_captions_say_what_a_reader_needs(ct_sources: list[Dataset]) -> None:
@@ -105,8 +108,11 @@ def test_captions_say_what_a_reader_needs(ct_sources: list[Dataset]) -> None:
     assert lines[0] == "FPE 73% (research use)"
     assert "FPE likely at threshold 50%" in lines
     assert "Model res25 1.2.0 (nonlocal)" in lines
+    assert "Slice 1 of 25, slice weight 0.040 (peak: slice 13)" in lines
+    assert "Slice 13 of 25, slice weight 0.040 - PEAK ATTENTION" in caption_lines(calibrated, calibrated.attention[12])
     assert DISCLAIMER in lines and DEMO_WARNING not in lines
-    demo = fake_prediction(ct_sources, score=0.2, model=model_info(calibrated=False, demonstration=True, threshold=0.4))
+    demo = fake_prediction(ct_sources, score=0.2, model=model_info(calibrated=False, demonstration=True, threshold=0.4),
+                           n_slices=5)
     demo_lines = caption_lines(demo, demo.attention[0])
     assert demo_lines[0] == "FPE score 0.20 DEMO (research use)"
     assert "FPE unlikely at threshold 0.40 (uncalibrated score)" in demo_lines
@@ -116,30 +122,39 @@ def test_captions_say_what_a_reader_needs(ct_sources: list[Dataset]) -> None:
 
 
 def test_multiframe_true_colour_option(ct_sources: list[Dataset], tmp_path: Path) -> None:
-    prediction = fake_prediction(ct_sources)
-    singles = build_secondary_captures(prediction, ct_sources, UIDS, CONTEXT)
-    (capture,) = build_secondary_captures(prediction, ct_sources, UIDS, CONTEXT, multiframe=True)
+    prediction = fake_prediction(ct_sources, n_slices=9)  # fewer slices than 25 keep the file small
+    captures = capture_set(prediction, ct_sources)
+    singles = build_secondary_captures(prediction, ct_sources, UIDS, CONTEXT, captures=captures)
+    (capture,) = build_secondary_captures(prediction, ct_sources, UIDS, CONTEXT, multiframe=True, captures=captures)
     back = _save_valid(capture, tmp_path / "mf.dcm")
     assert back.SOPClassUID == MULTIFRAME_TRUE_COLOR_SC_STORAGE
-    assert int(back.NumberOfFrames) == 25
+    assert int(back.NumberOfFrames) == 9
     assert back.BurnedInAnnotation == "YES"
-    assert len(back.SourceImageSequence) == 25
-    assert back.FrameLabelVector[12] == "slice 13 of 25"
+    assert len(back.SourceImageSequence) == 9
+    assert back.FrameLabelVector[4] == "slice 5 of 9"
     frames = back.pixel_array
-    assert frames.shape[0] == 25 and frames.shape[-1] == 3
-    single = singles[12].pixel_array
-    np.testing.assert_array_equal(frames[12, : single.shape[0], : single.shape[1]], single)
+    assert frames.shape[0] == 9 and frames.shape[-1] == 3
+    np.testing.assert_array_equal(frames[4], singles[4].pixel_array)  # every frame the same size
 
 
-def test_mr_primary_uses_a_percentile_window(tmp_path: Path) -> None:
+def test_mr_window_is_the_sources_own_else_percentiles(tmp_path: Path) -> None:
     study = factory.write_mr_stroke_study(tmp_path / "mr", rows=64, n_slices=8, with_adc=False, with_flair=False)
     datasets = [pydicom.dcmread(p) for p in study.role("dwi").paths]
     b1000 = [ds for ds in datasets if float(ds.get("DiffusionBValue", 1000)) > 0] or datasets
     prediction = fake_prediction(b1000, pipeline="MR", primary_role="dwi", n_slices=8)
-    window = display_window(prediction)
+    headers = {ds.SOPInstanceUID: ds for ds in b1000}
+    peak_header = headers[prediction.peak.source.sop_instance_uid]  # type: ignore[union-attr]
+    window = display_window(prediction, headers)
+    assert (window.centre, window.width) == (float(peak_header.WindowCenter), float(peak_header.WindowWidth))
+    assert source_window(peak_header) == window
+    fallback = display_window(prediction)  # no headers: percentiles of the planes shown
     values = np.concatenate([s.image.ravel() for s in prediction.attention])
-    assert values.min() <= window.centre - window.width / 2 + 1e-3 * window.width
-    assert window.centre + window.width / 2 <= values.max() + 1e-6
+    assert values.min() <= fallback.centre - fallback.width / 2 + 1e-3 * fallback.width
+    assert fallback.centre + fallback.width / 2 <= values.max() + 1e-6
+    for bad in ("0", "-5", ""):
+        unusable = pydicom.Dataset()
+        unusable.WindowCenter, unusable.WindowWidth = "10", bad
+        assert source_window(unusable) is None
     captures = build_secondary_captures(prediction, b1000, UIDS, CONTEXT)
     assert len(captures) == 8
     back = _save_valid(captures[4], tmp_path / "mr_sc.dcm")
@@ -172,11 +187,7 @@ def test_real_philips_ct_and_siemens_enhanced_mr_sources(tmp_path: Path) -> None
     assert prediction.attention[0].image.shape == (512, 512)
     captures = build_secondary_captures(prediction, chosen, UIDS, CONTEXT)
     back = _save_valid(captures[12], tmp_path / "ct_sc.dcm")
-    assert (back.Rows, back.Columns)[0] > 512 and back.PatientID == chosen[0].PatientID
-    shown = prediction.attention[12]
-    cold = shown.heat < 0.01
-    expected = display_window(prediction).apply(shown.image)
-    np.testing.assert_array_equal(back.pixel_array[:512, :512, 0][cold], expected[cold])
+    assert back.Rows > back.Columns >= 512 and back.PatientID == chosen[0].PatientID
     sr_path = tmp_path / "ct_sr.dcm"
     build_sr(prediction, chosen, UIDS, CONTEXT).save_as(sr_path, enforce_file_format=True)
     assert not dciodvfy_errors(sr_path), dciodvfy_output(sr_path)
@@ -197,3 +208,6 @@ def test_real_philips_ct_and_siemens_enhanced_mr_sources(tmp_path: Path) -> None
     mr_back = _save_valid(mr_captures[12], tmp_path / "mr_sc.dcm")
     assert mr_back.StudyInstanceUID == enhanced.StudyInstanceUID
     assert mr_back.SourceImageSequence[0].ReferencedFrameNumber == mr_prediction.attention[12].source.frame
+    # The enhanced image's window is in its Frame VOI LUT functional group (PS3.3 C.7.6.16.2.10).
+    frame_window = source_window(enhanced, mr_prediction.peak.source.frame)
+    assert frame_window is not None and frame_window == display_window(mr_prediction, {enhanced.SOPInstanceUID: enhanced})

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from reports.pmap import PARAMETRIC_MAP_STORAGE
 from tests.archives import free_port
 from tests.conftest import REPO_ROOT, TEST_PEER, require_shared_data
 from tests.factory import Patient, StudyIdentity, copy_into_study, write_ct_stroke_study, write_flair_for
-from tests.test_e2e_orthanc import _wait_for_results
+from tests.test_e2e_orthanc import _wait_for_results, split_summary
 from tests.viewer import (
     OrthancDicomWeb,
     chromium_page,
@@ -137,6 +138,14 @@ def _wait_for_svg_label(page: Any, needle: str, timeout_s: float = 60.0) -> list
             return texts
         time.sleep(0.5)
     return texts
+
+
+CODE_LABEL = re.compile(r"(^|\s)\d{4,}\s*:")  # a value labelled by a code number, e.g. "363698007: Brain"
+
+
+def code_labels(texts: list[str]) -> list[str]:
+    """SVG texts that label a value with a code number instead of words."""
+    return [text for text in texts if CODE_LABEL.search(text)]
 
 
 def _capture_on(scs: list[Dataset], sop_instance_uid: str) -> int:
@@ -269,8 +278,9 @@ def test_radiologist_sees_results_in_ohif(kind: str, tmp_path: Path, orthanc_nod
     orthanc.upload(study.paths())
     orthanc.send_study(study.study_uid, "fpenode")
     srs, scs = _wait_for_results(
-        orthanc, study.study_uid, n_sc=25, log=node.log_text, gave_up=lambda: node.process.poll() is not None
+        orthanc, study.study_uid, n_sc=25 + 1, log=node.log_text, gave_up=lambda: node.process.poll() is not None
     )
+    scs, _ = split_summary(scs)  # the 25 slice captures (the summary is a series of its own)
     sr = srs[0]
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
 
@@ -294,6 +304,7 @@ def test_radiologist_sees_results_in_ohif(kind: str, tmp_path: Path, orthanc_nod
         label = next((t for t in texts if "first pass effect" in t.lower()), None)
         assert label is not None, f"no measurement label drawn over the slice; SVG text: {texts}"
         assert "%" in label or "score" in label.lower()
+        assert not code_labels(texts), f"the SR's labels show code numbers, not words: {code_labels(texts)}"
         outlines = page.eval_on_selector_all("svg path, svg polyline, svg polygon", "els => els.length")
         assert outlines > 0
         # ... on the right slice: the viewport shows the source image the region references.
