@@ -205,7 +205,7 @@ def test_an_overlay_the_sources_cannot_make_leaves_the_sr_going(tilted_ct: Case,
 
     settings = load_settings(environ={}, overrides={
         "storage": {"data_dir": str(tmp_path / "data")},
-        "reports": {"secondary_capture": False, "parametric_map": True, "segmentation": True},
+        "reports": {"secondary_capture": False, "summary_capture": False, "parametric_map": True, "segmentation": True},
     })
     missing = tilted_ct.prediction.source_planes[3].source.sop_instance_uid
     headers = [ds for ds in tilted_ct.headers if str(ds.SOPInstanceUID) != missing]
