@@ -20,7 +20,9 @@ from pathlib import Path
 
 _PHI_PATTERN = re.compile(
     r"(PatientName|PatientID|PatientBirthDate|Patient's Name|Patient ID|Patient's Birth Date|"
-    r"OtherPatientIDs|PatientAddress|\(0010,\s?00(10|20|30)\)|0010,00(10|20|30))",
+    r"OtherPatientIDs|PatientAddress|\(0010,\s?00(10|20|30)\)|0010,00(10|20|30)|"
+    # highdicom's warning about a one-component name quotes the name itself
+    r"person name)",
     re.IGNORECASE,
 )
 

@@ -118,3 +118,13 @@ def test_configure_caps_alembic_and_sqlalchemy(restored_logging: None, make_sett
     assert "index schema at head" in text  # the node's own DEBUG line is kept
     assert "alembic" not in text and "Running upgrade" not in text
     assert "sqlalchemy" not in text
+
+
+def test_a_library_warning_quoting_a_person_name_is_dropped() -> None:
+    """highdicom warns about a one-component name with the name in the text (via logging.captureWarnings)."""
+    from dicom_node.logs import PatientIdentifierFilter
+
+    record = logging.LogRecord("py.warnings", logging.WARNING, __file__, 1, (
+        'UserWarning: The string "DOE" is unlikely to represent the intended person name since it contains only a '
+        "single component."), None, None)
+    assert PatientIdentifierFilter().filter(record) is False
