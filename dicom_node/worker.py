@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -53,6 +54,7 @@ from dicom_node.settings import Settings
 from inference.case import case_from_headers
 from inference.dicom_headers import SeriesHeader, read_series_headers
 from inference.eligibility import EligibilityRules, check_study, load_eligibility_rules
+from inference.lifetime import die_with_owner
 from inference.predictor import CaseInput, Predictor, result_summary
 from inference.result import NotAnalysed, Prediction
 
@@ -229,8 +231,15 @@ def _prediction_detail(result: Result) -> str | None:
 # --------------------------------------------------------------------------- processes
 
 
-def _worker_main(settings: Settings, stop: EventType, results: Any, poll_s: float) -> None:
-    """Body of one worker process: build the :class:`Analyst` once, then claim jobs until told to stop."""
+def _worker_main(
+    settings: Settings, stop: EventType, results: Any, poll_s: float, owner_pid: int, from_main_thread: bool
+) -> None:
+    """Body of one worker process: build the :class:`Analyst` once, then claim jobs until told to stop.
+
+    The process ends with the node's (:func:`inference.lifetime.die_with_owner`): a node killed
+    with ``SIGKILL`` leaves no worker behind to claim studies whose results would go nowhere.
+    """
+    die_with_owner(owner_pid, from_main_thread)
     from dicom_node.logs import configure
 
     configure(settings.logging.level)
@@ -266,25 +275,31 @@ class InferenceWorkers:
         self.settings = settings
         self.on_result = list(on_result)
         self.poll_s = poll_s
-        context = multiprocessing.get_context("spawn")
-        self._stop = context.Event()
-        self._results: Any = context.Queue()
-        self._processes = [
-            context.Process(
-                target=_worker_main,
-                args=(settings, self._stop, self._results, poll_s),
-                name=f"fpe-inference-{number}",
-                daemon=True,
-            )
-            for number in range(settings.inference.workers)
-        ]
+        self._context = multiprocessing.get_context("spawn")
+        self._stop = self._context.Event()
+        self._results: Any = self._context.Queue()
+        self._processes: list[Any] = []  # multiprocessing.Process, built by start()
         self._thread = threading.Thread(target=self._dispatch, name="fpe-results", daemon=True)
 
     def start(self) -> None:
-        """Start the processes and the result thread (nothing when no worker is configured)."""
-        if not self._processes:
+        """Start the processes and the result thread (nothing when no worker is configured).
+
+        Each process learns this process's PID and whether it was started from the main thread
+        (:func:`inference.lifetime.die_with_owner`), so it ends when the node ends.
+        """
+        if not self.settings.inference.workers:
             log.info("no inference worker configured: studies stay queued")
             return
+        lineage = (os.getpid(), threading.current_thread() is threading.main_thread())
+        self._processes = [
+            self._context.Process(
+                target=_worker_main,
+                args=(self.settings, self._stop, self._results, self.poll_s, *lineage),
+                name=f"fpe-inference-{number}",
+                daemon=True,
+            )
+            for number in range(self.settings.inference.workers)
+        ]
         for process in self._processes:
             process.start()
         self._thread.start()
