@@ -105,7 +105,9 @@ def _store(sessions: sessionmaker[Session], backfill: dict[int, dict[str, Any]])
     try:
         with write_session(sessions) as session:
             for instance_pk, stored in backfill.items():
-                session.execute(update(Instance).where(Instance.id == instance_pk).values(header=stored))
+                # only rows still without one: a concurrent back-fill or a new copy may have written it
+                session.execute(update(Instance).where(Instance.id == instance_pk, Instance.header.is_(None))
+                                .values(header=stored))
         log.info("stored the headers of %d instance(s) indexed before headers were kept", len(backfill))
     except Exception:  # noqa: BLE001 - the headers were read; only keeping them failed
         log.exception("could not store %d back-filled header(s)", len(backfill))

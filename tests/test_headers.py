@@ -10,6 +10,7 @@ drops its instance with a warning, never the judgement.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from sqlalchemy import func, null, select, update
 
 from dicom_node.completion import SelectionReadiness, SeriesInfo
 from dicom_node.index.db import write_session
-from dicom_node.index.models import Instance, Series
+from dicom_node.index.models import Instance, Series, Study
 from dicom_node.selector import build_selector
 from inference.dicom_headers import header_from_json, read_instance_header
 from tests.factory import write_ct_stroke_study
@@ -57,10 +58,19 @@ def _decide(node: Any, series: list[SeriesInfo]) -> tuple[dict[str, bool], bool]
 
 
 def _receive(node: Any, dcmtk: Any, study: Any) -> None:
+    """Send the study and wait until the node's completion queued it (its own readiness is done)."""
     result = dcmtk.storescu(node.scp.address[1], study.paths())
     assert result.returncode == 0, result.stderr
     with node.session_factory() as session:
         assert session.scalar(select(func.count(Instance.id))) == len(study.paths())
+    deadline = time.monotonic() + 60
+    while True:
+        with node.session_factory() as session:
+            state = session.scalar(select(Study.state).where(Study.study_uid == study.study_uid))
+        if state == "queued":
+            return
+        assert time.monotonic() < deadline, f"study still {state}"
+        time.sleep(0.1)
 
 
 def test_readiness_decides_from_the_index_without_opening_a_file(
