@@ -173,7 +173,7 @@ def _pixel_stop(stopped: list[int]) -> Any:
     """A ``stop_when`` for :func:`read_dataset` ending at the first pixel data element (noted in ``stopped``)."""
 
     def stop(tag: Any, _vr: str | None, _length: int) -> bool:
-        if tag >= _FIRST_PIXEL_TAG:
+        if int.__ge__(tag, _FIRST_PIXEL_TAG):  # int's comparison: BaseTag's own is a Python call per element
             stopped.append(int(tag))
             return True
         return False
