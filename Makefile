@@ -28,14 +28,12 @@ viewer: $(OHIF)
 run: $(STAMP)
 	$(BIN)/fpe-node serve
 
-# The Debian peers (DCMTK, Orthanc, PostgreSQL...) and the PostgreSQL test database come first:
-# no test is skipped for want of them.
-TEST_POSTGRES_URL ?= postgresql+psycopg://fpenode:fpenode@127.0.0.1:5432/fpenode_test
-
+# The Debian peers (DCMTK, Orthanc, PostgreSQL...) come first: no test is skipped for want of
+# them. Without FPENODE_TEST_POSTGRES_URL, deploy/test-postgres.sh runs the suite against a
+# throw-away PostgreSQL cluster of the installed server (temporary folder, free port), removed after.
 test: $(STAMP) $(OHIF)
 	bash deploy/debian-packages.sh
-	bash deploy/ci-postgres.sh
-	FPENODE_TEST_POSTGRES_URL="$${FPENODE_TEST_POSTGRES_URL:-$(TEST_POSTGRES_URL)}" $(BIN)/python -m pytest -n 2 --dist loadgroup
+	bash deploy/test-postgres.sh $(BIN)/python -m pytest -n 2 --dist loadgroup
 
 # Orthanc + OHIF + fpe-node on loopback with a synthetic study; prints the viewer URL. Ctrl-C stops it.
 demo: $(STAMP) $(OHIF)

@@ -11,6 +11,13 @@ The Philips 140-slice head CT (``../shared/data/ct_philips_headphantom_1mm``) is
 Medians and ratios (receiver speed relative to fpe-node; > 1 means fpe-node is faster) are
 printed. Targets (issue 2): at least 1.2x pynetdicom's storescp and 0.6x DCMTK's.
 
+After each fpe-node round, **readiness** is timed on the index that round left behind: the
+selection readiness the node's completion uses (``SelectionReadiness``, fresh, so nothing is
+cached) judges every series complete and asks whether a pipeline is ready, five times; the
+median is printed per round, and for ``--baseline-tree`` the same runs with the baseline's code
+on the index its own node wrote (it re-read every instance header from its file; the node now
+reads the headers its C-STORE handler stored in the index).
+
 Then 8 ``storescu`` processes send 8 distinct copies of the CT at once to fpe-node: every store
 must succeed and every instance be indexed.
 
@@ -182,9 +189,13 @@ def stored_count(folder: Path) -> int:
 
 
 def interleaved_rounds(
-    source: Path, rounds: int, workdir: Path, *, without_fsync: bool, baseline_tree: Path | None = None
+    source: Path, rounds: int, workdir: Path, *, without_fsync: bool, baseline_tree: Path | None = None,
+    readiness: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
-    """Per receiver, the seconds of each round; receivers alternate in a rotating order."""
+    """Per receiver, the seconds of each round; receivers alternate in a rotating order.
+
+    ``readiness``: when given, receives per fpe-node receiver the readiness seconds of each round.
+    """
     times: dict[str, list[float]] = {}
     n_files = sum(1 for p in source.iterdir() if p.is_file())
     contenders = receivers(without_fsync=without_fsync, baseline_tree=baseline_tree)
@@ -200,9 +211,74 @@ def interleaved_rounds(
             if written < n_files:
                 raise SystemExit(f"{receiver.name}: {written} files written, expected {n_files}")
             times.setdefault(receiver.name, []).append(seconds)
-            print(f"round {number + 1}: {receiver.name:<20} {seconds:6.2f} s", flush=True)
+            judged = ""
+            if readiness is not None and receiver.name in ("fpe-node", "fpe-node-baseline"):
+                readiness.setdefault(receiver.name, []).append(readiness_seconds(receiver, folder))
+                judged = f"  readiness {readiness[receiver.name][-1] * 1000:7.1f} ms"
+            print(f"round {number + 1}: {receiver.name:<20} {seconds:6.2f} s{judged}", flush=True)
             shutil.rmtree(folder)
     return times
+
+
+# Run with the receiver's own code (its tree as working directory): times SelectionReadiness on
+# every series of the data directory given, complete, then pipeline_ready on the usable ones.
+_READINESS_SNIPPET = """
+import statistics, sys, time
+from pathlib import Path
+from sqlalchemy import select
+from dicom_node.completion import SelectionReadiness, SeriesInfo
+from dicom_node.index.db import build_engine, build_session_factory
+from dicom_node.index.models import Instance, Series, Study
+from dicom_node.selector import build_selector
+from dicom_node.settings import load_settings
+
+settings = load_settings(environ={}, overrides={"storage": {"data_dir": sys.argv[1]}})
+sessions = build_session_factory(build_engine(settings))
+with sessions() as session:
+    rows = session.execute(
+        select(Study.study_uid, Series.series_uid, Series.modality, Series.instance_count,
+               Instance.sop_class_uid, Instance.sop_instance_uid)
+        .join(Series, Series.study_pk == Study.id).join(Instance, Instance.series_pk == Series.id)
+    ).all()
+infos = {}
+for row in rows:
+    infos.setdefault(row.series_uid, SeriesInfo(row.study_uid, row.series_uid, row.sop_class_uid, row.sop_instance_uid,
+                                                modality=row.modality, instance_count=row.instance_count, complete=True))
+selector = build_selector(settings)
+times = []
+for _ in range(5):
+    readiness = SelectionReadiness(selector, sessions, settings.storage.data_dir)
+    started = time.perf_counter()
+    usable = [info for info in infos.values() if readiness.could_use(info)]
+    ready = readiness.pipeline_ready(usable)
+    times.append(time.perf_counter() - started)
+print(statistics.median(times), len(usable), ready)
+"""
+
+
+def readiness_seconds(receiver: Receiver, folder: Path) -> float:
+    """Median seconds of one readiness judgement of the study in ``folder``, with ``receiver``'s code."""
+    env = {k: v for k, v in receiver.env.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", _READINESS_SNIPPET, str(folder)], cwd=receiver.cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise SystemExit(f"{receiver.name}: readiness timing failed:\n{result.stderr[-2000:]}")
+    seconds, usable, ready = result.stdout.split()
+    if usable == "0" or ready != "False" and ready != "True":
+        raise SystemExit(f"{receiver.name}: readiness judged no usable series ({result.stdout!r})")
+    return float(seconds)
+
+
+def report_readiness(readiness: dict[str, list[float]]) -> None:
+    """Median readiness seconds per node, and the ratio against the baseline (> 1: faster now)."""
+    if not readiness:
+        return
+    print("\nreadiness (every series judged complete + pipeline_ready), median of rounds:")
+    for name, values in readiness.items():
+        print(f"  {name:<20} {statistics.median(values) * 1000:8.1f} ms")
+    if "fpe-node-baseline" in readiness:
+        paired = statistics.median(old / new for old, new in zip(readiness["fpe-node-baseline"], readiness["fpe-node"]))
+        print(f"fpe-node readiness vs fpe-node-baseline: {paired:.1f}x faster (median of per-round ratios)")
 
 
 def report(times: dict[str, list[float]], n_files: int) -> None:
@@ -311,10 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     check_tools(args.source)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fpe-ingest-"))
     try:
+        readiness: dict[str, list[float]] = {}
         times = interleaved_rounds(
-            args.source, args.rounds, workdir, without_fsync=args.without_fsync, baseline_tree=args.baseline_tree
+            args.source, args.rounds, workdir, without_fsync=args.without_fsync, baseline_tree=args.baseline_tree,
+            readiness=readiness,
         )
         report(times, sum(1 for p in args.source.iterdir() if p.is_file()))
+        report_readiness(readiness)
         ok = concurrent_senders(args.source, args.senders, args.slices_per_sender, workdir) if args.senders else True
     finally:
         if args.workdir is None:

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from apscheduler.schedulers.base import BaseScheduler
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.index.base import utcnow
@@ -119,7 +119,7 @@ class StoredInstanceLike(Protocol):
 class SeriesInfo:
     """What readiness rules see of one series (built from a stored instance or from the index).
 
-    ``path`` is one of its files (absolute), so a rule may read more of the header.
+    ``path`` is one of its files (absolute); readiness reads headers from the index, not from it.
     """
 
     study_uid: str
@@ -133,6 +133,9 @@ class SeriesInfo:
     instance_count: int = 0
     path: Path | None = None
     complete: bool = False  # the series is complete: judge it on all its instances
+    header: Any = field(default=None, compare=False, repr=False)
+    """The ``inference.dicom_headers.InstanceHeader`` of ``sop_instance_uid`` when the caller has it
+    (the C-STORE handler's parse); readiness otherwise takes the index's copy."""
 
 
 CouldUse = Callable[[SeriesInfo], bool]
@@ -196,28 +199,31 @@ def series_info_of(instance: StoredInstanceLike, path: Path | None = None) -> Se
         image_type=tuple(instance.image_type or ()),
         instance_count=1,
         path=path if path is not None else instance.path,
+        header=getattr(instance, "header", None),
     )
 
 
 class SelectionReadiness:
     """``could_use`` / ``pipeline_ready`` from the inference package's series selection rules.
 
-    ``could_use`` of a series still arriving reads the header of the file it is given (a first
-    guess, which completion treats as "wait"); of a complete series (:attr:`SeriesInfo.complete`)
-    it reads every instance header of the series from the index and classifies the whole series.
+    Headers come from the index (``instance.header``, kept by the C-STORE handler's one parse,
+    :mod:`dicom_node.headers`), never from the files: ``could_use`` of a series still arriving
+    judges the header its :class:`SeriesInfo` carries (or the index's header of that instance),
+    a first guess which completion treats as "wait"; of a complete series
+    (:attr:`SeriesInfo.complete`) it judges the stored headers of every instance of the series.
     ``pipeline_ready`` does the same for the complete usable series and asks the selector whether
-    a pipeline is ready. Summaries are cached per series and instance count. A header that cannot
-    be read drops that instance (logged with its SOP Instance UID); it never decides the series.
-    A series none of whose headers can be read falls back to :func:`default_could_use`.
+    a pipeline is ready. Summaries are cached per series and instance count. An instance whose
+    header could not be read drops out (logged with its SOP Instance UID); it never decides the
+    series. A series without any usable header falls back to :func:`default_could_use`.
 
     Parameters
     ----------
     selector:
         An ``inference.selection.Selector`` (built once with the site's rules).
     sessions:
-        Session factory of the index (instance paths).
+        Session factory of the index.
     data_dir:
-        ``settings.storage.data_dir``.
+        ``settings.storage.data_dir`` (where rows indexed before headers were kept are read once).
     """
 
     def __init__(self, selector: Any, sessions: sessionmaker[Session], data_dir: Path) -> None:
@@ -236,8 +242,8 @@ class SelectionReadiness:
             if summary is None:
                 return default_could_use(series)
             return bool(self.selector.could_use(summary, complete=True))
-        header = _read_header(series.path, series.sop_instance_uid) if series.path is not None else None
-        if header is None:
+        header = series.header if series.header is not None else self._instance_header(series.sop_instance_uid)
+        if header is None or getattr(header, "problem", None) is not None:
             return default_could_use(series)
         return bool(self.selector.could_use(summarise_series([header])))
 
@@ -246,43 +252,42 @@ class SelectionReadiness:
         headers = [header for header in (self._series_header(info) for info in series) if header is not None]
         return bool(headers) and bool(self.selector.pipeline_ready(headers))
 
-    def _series_header(self, series: SeriesInfo) -> Any:
-        from inference.dicom_headers import summarise_series
+    def _instance_header(self, sop_instance_uid: str) -> Any:
+        from dicom_node.headers import header_rows, usable_headers
 
         with self._sessions() as session:
-            rows = list(
-                session.execute(
-                    select(Instance.path, Instance.sop_instance_uid).join(Series, Series.id == Instance.series_pk)
-                    .where(Series.series_uid == series.series_uid, Instance.quarantine_reason.is_(None))
-                    .order_by(Instance.id)
-                ).all()
-            )
-        key = (series.series_uid, len(rows))
-        with self._lock:
-            if key in self._cache:
-                return self._cache[key]
-        headers = [h for h in (_read_header(self._data_dir / row.path, row.sop_instance_uid) for row in rows) if h is not None]
+            rows = header_rows(session.execute(
+                select(Instance.id, Instance.sop_instance_uid, Instance.path, Instance.header)
+                .where(Instance.sop_instance_uid == sop_instance_uid, Instance.quarantine_reason.is_(None))
+            ).all())
+        headers = usable_headers(self._sessions, self._data_dir, rows)
+        return headers[0] if headers else None
+
+    def _series_header(self, series: SeriesInfo) -> Any:
+        from dicom_node.headers import header_rows, usable_headers
+        from inference.dicom_headers import summarise_series
+
+        query = (select(func.count(Instance.id)).join(Series, Series.id == Instance.series_pk)
+                 .where(Series.series_uid == series.series_uid, Instance.quarantine_reason.is_(None)))
+        with self._sessions() as session:
+            count = int(session.execute(query).scalar_one())
+            key = (series.series_uid, count)
+            with self._lock:
+                if key in self._cache:
+                    return self._cache[key]
+            rows = header_rows(session.execute(
+                select(Instance.id, Instance.sop_instance_uid, Instance.path, Instance.header)
+                .join(Series, Series.id == Instance.series_pk)
+                .where(Series.series_uid == series.series_uid, Instance.quarantine_reason.is_(None))
+                .order_by(Instance.id)
+            ).all())
+        headers = usable_headers(self._sessions, self._data_dir, rows)
         summary = summarise_series(headers) if headers else None
         with self._lock:
-            self._cache[key] = summary
+            self._cache[(series.series_uid, len(rows))] = summary
             while len(self._cache) > 256:
                 self._cache.pop(next(iter(self._cache)))
         return summary
-
-
-def _read_header(path: Path, sop_instance_uid: str) -> Any:
-    """One instance's header, or None when it cannot be read (logged with its UID, never its path's patient data)."""
-    from inference.dicom_headers import read_instance_header
-
-    try:
-        header = read_instance_header(path)
-    except Exception as exc:  # noqa: BLE001 - one bad header drops its instance, it must not stall the study
-        log.warning("instance %s: header unreadable (%s); left out of the series' judgement", sop_instance_uid,
-                    type(exc).__name__)
-        return None
-    if header is None:
-        log.warning("instance %s: header not readable; left out of the series' judgement", sop_instance_uid)
-    return header
 
 
 @dataclass

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -59,9 +59,10 @@ from dicom_node.peers import ROLE_SOURCE, PeerInfo, PeerRegistry
 from dicom_node.settings import NetworkSettings
 from dicom_node.sop_classes import is_unknown_storage_class
 from dicom_node.status import Status
-from dicom_node.storage import DiskFullError, DiskGuard, FileStore, HeaderError, InstanceHeader, dataset_digest, file_meta_bytes, parse_header
+from dicom_node.storage import DiskFullError, DiskGuard, FileStore, HeaderError, dataset_digest, file_meta_bytes, parse_header
 from dicom_node.transport import Connection, FrontDoor, NodeAssociationServer, Refusal
 from dicom_node.validation import check_dataset
+from inference.dicom_headers import InstanceHeader
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ class StoredInstance:
     path: Path
     replaced: bool
     """True when it replaced an earlier, different copy of the same SOP Instance UID."""
+    header: InstanceHeader | None = None
+    """The header as the handler parsed it (the index keeps the same, ``instance.header``)."""
 
 
 class IngestListener(Protocol):
@@ -471,15 +474,16 @@ class Ingest:
             sop_instance_uid=header.sop_instance_uid,
             sop_class_uid=header.sop_class_uid,
             transfer_syntax_uid=transfer_syntax,
-            modality=header.modality,
-            manufacturer=header.manufacturer,
-            manufacturer_model=header.manufacturer_model,
-            series_description=header.series_description,
+            modality=header.modality or None,
+            manufacturer=header.manufacturer or None,
+            manufacturer_model=header.manufacturer_model or None,
+            series_description=header.series_description or None,
             series_number=header.series_number,
             image_type=header.image_type,
             calling_ae=calling_ae,
             path=final,
             replaced=outcome is RecordOutcome.REPLACED,
+            header=replace(header, path=final),
         )
 
 

@@ -1,4 +1,4 @@
-"""Files of received instances: header parsing, durable atomic writes, the disk guard.
+"""Files of received instances: the one header parse, durable atomic writes, the disk guard.
 
 Received instances are kept exactly as they came over the network: the File Meta Information
 (PS3.10 section 7.1) the node builds, followed by the data set bytes as sent, unchanged, in
@@ -13,7 +13,6 @@ fsynced, so a crash leaves either the complete file or none under the final name
 
 from __future__ import annotations
 
-import datetime as dt
 import errno
 import hashlib
 import io
@@ -25,12 +24,12 @@ import struct
 import threading
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
@@ -41,36 +40,21 @@ from pydicom.uid import (
 )
 
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
+from inference.dicom_headers import InstanceHeader, instance_header
 
 log = logging.getLogger(__name__)
 
-# Attributes the index and the listeners need (PS3.3 C.7.1.1, C.7.2.1, C.7.3.1, C.7.5.1, C.12.1).
-HEADER_KEYWORDS = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "PatientID",
-    "IssuerOfPatientID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyDescription",
-    "Modality",
-    "SeriesDescription",
-    "SeriesNumber",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "ImageType",
-    "BodyPartExamined",
-    "FrameOfReferenceUID",
-    "InstanceNumber",
+# Attributes whose raw values the C-STORE checks before the header is reduced (PS3.3 C.12.1,
+# C.7.2.1, C.7.3.1): decoded from their bytes (see _text), so no library warning can quote them.
+# Patient ID and its issuer are taken the same way (and kept from pydicom's value conversion).
+CHECKED_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "IssuerOfPatientID",
     "SpecificCharacterSet",
 )
-_TAG_OF = {keyword: Tag(keyword) for keyword in HEADER_KEYWORDS}
-_HEADER_TAGS: list[BaseTag | int] = list(_TAG_OF.values())
-_LAST_HEADER_TAG = max(Tag(keyword) for keyword in HEADER_KEYWORDS)
-# Values are decoded from their raw bytes (see _text), so no library warning can quote them.
+_PATIENT_TAGS = (Tag("PatientID"), Tag("IssuerOfPatientID"))
+_TAG_OF = {keyword: Tag(keyword) for keyword in CHECKED_KEYWORDS}
+_FIRST_PIXEL_TAG = 0x7FE00008  # Float Pixel Data; Double Float Pixel Data and Pixel Data follow (PS3.6 section 6)
+_INFLATE_STEP = 64 * 1024  # bytes of a deflated data set inflated at first; doubled until the header is whole
 
 
 class HeaderError(ValueError):
@@ -81,36 +65,18 @@ class HeaderError(ValueError):
         self.status = status
 
 
-@dataclass(frozen=True)
-class InstanceHeader:
-    """The header attributes of one received instance (values stripped, ``None`` when absent)."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_uid: str
-    series_uid: str
-    patient_id: str
-    issuer_of_patient_id: str
-    acquired_at: dt.datetime | None
-    accession: str | None
-    study_description: str | None
-    modality: str | None
-    series_description: str | None
-    series_number: int | None
-    manufacturer: str | None
-    manufacturer_model: str | None
-    image_type: tuple[str, ...]
-    body_part: str | None
-    frame_of_reference_uid: str | None
-    instance_number: int | None
-
-
 def parse_header(dataset_bytes: bytes, transfer_syntax_uid: str) -> InstanceHeader:
-    """Read only the header attributes of a data set as received (pixel data never touched).
+    """The :class:`inference.dicom_headers.InstanceHeader` of a data set as received (pixel data never read).
 
     ``dataset_bytes`` is the data set without File Meta Information, encoded in
     ``transfer_syntax_uid`` (PS3.5 section 10); encapsulated syntaxes encode the data set in
-    Explicit VR Little Endian, Deflated Explicit VR Little Endian is inflated first.
+    Explicit VR Little Endian. Reading stops at the pixel data; of a Deflated Explicit VR Little
+    Endian data set only as much is inflated as the header needs. This is the node's one header
+    parse: the index keeps the result (``instance.header``) for completion and the worker.
+
+    A data set whose identifying attributes are sound but whose header cannot be reduced (an
+    inconsistent functional group, say) is still accepted: its header carries the UIDs and
+    ``problem`` saying why, and readiness and the worker leave the instance out, naming it.
 
     Raises
     ------
@@ -120,8 +86,9 @@ def parse_header(dataset_bytes: bytes, transfer_syntax_uid: str) -> InstanceHead
     """
     from dicom_node.status import Status
 
+    syntax = UID(transfer_syntax_uid)
     try:
-        dataset = _read_header(dataset_bytes, UID(transfer_syntax_uid))
+        dataset, stopped_at_pixels = _read_header(dataset_bytes, syntax)
         values = _values(dataset)
     except Exception as exc:  # noqa: BLE001 - any parser failure means "cannot understand"
         raise HeaderError(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed ({type(exc).__name__})") from None
@@ -130,42 +97,88 @@ def parse_header(dataset_bytes: bytes, transfer_syntax_uid: str) -> InstanceHead
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         if not is_valid_uid(values[keyword]):
             raise HeaderError(Status.MISSING_OR_INVALID_UID, f"{keyword} missing or not a valid UID")
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = syntax
+    for tag in _PATIENT_TAGS:  # from their raw bytes (values), never through a converting reader
+        if tag in dataset:
+            del dataset[tag]
+    try:
+        header = replace(instance_header(dataset), patient_id=values["PatientID"],
+                         issuer_of_patient_id=values["IssuerOfPatientID"])
+    except Exception as exc:  # noqa: BLE001 - kept, with the reason; the instance is still stored
+        problem = f"inconsistent header ({type(exc).__name__})"
+        log.warning("instance %s: %s; stored, left out of analysis", values["SOPInstanceUID"], problem)
+        return _unreduced_header(values, syntax, problem)
+    if stopped_at_pixels and not header.has_pixels:
+        header = replace(header, has_pixels=True)
+    if (header.sop_class_uid, header.sop_instance_uid, header.study_uid, header.series_uid) != (
+        values["SOPClassUID"], values["SOPInstanceUID"], values["StudyInstanceUID"], values["SeriesInstanceUID"]
+    ):
+        header = replace(header, sop_class_uid=values["SOPClassUID"], sop_instance_uid=values["SOPInstanceUID"],
+                         study_uid=values["StudyInstanceUID"], series_uid=values["SeriesInstanceUID"])
+    return header
+
+
+def _unreduced_header(values: dict[str, str], syntax: str, problem: str) -> InstanceHeader:
+    """The header of an instance whose attributes could not be reduced: its UIDs and the reason."""
     return InstanceHeader(
-        sop_class_uid=values["SOPClassUID"],
-        sop_instance_uid=values["SOPInstanceUID"],
-        study_uid=values["StudyInstanceUID"],
-        series_uid=values["SeriesInstanceUID"],
-        patient_id=values["PatientID"],
-        issuer_of_patient_id=values["IssuerOfPatientID"],
-        acquired_at=_study_datetime(values["StudyDate"], values["StudyTime"]),
-        accession=values["AccessionNumber"] or None,
-        study_description=values["StudyDescription"] or None,
-        modality=values["Modality"] or None,
-        series_description=values["SeriesDescription"] or None,
-        series_number=_integer(values["SeriesNumber"]),
-        manufacturer=values["Manufacturer"] or None,
-        manufacturer_model=values["ManufacturerModelName"] or None,
-        image_type=tuple(v for v in values["ImageType"].split("\\") if v),
-        body_part=values["BodyPartExamined"] or None,
-        frame_of_reference_uid=values["FrameOfReferenceUID"] or None,
-        instance_number=_integer(values["InstanceNumber"]),
+        path=None, sop_class_uid=values["SOPClassUID"], sop_instance_uid=values["SOPInstanceUID"],
+        study_uid=values["StudyInstanceUID"], series_uid=values["SeriesInstanceUID"], modality="", image_type=(),
+        series_description="", protocol_name="", study_description="", procedure_description="",
+        patient_id=values["PatientID"], issuer_of_patient_id=values["IssuerOfPatientID"], study_datetime=None, acquisition_datetime=None, frame_of_reference_uid="",
+        manufacturer="", contrast_agent="", gantry_tilt=None, mr_acquisition_type="", body_part="", rows=0, columns=0,
+        instance_number=None, series_number=None, transfer_syntax_uid=syntax, has_pixels=False, frames=(),
+        problem=problem,
     )
 
 
-def _read_header(dataset_bytes: bytes, transfer_syntax: UID) -> Dataset:
-    """The header attributes of ``dataset_bytes``, reading stops after the last one needed."""
+def _read_header(dataset_bytes: bytes, transfer_syntax: UID) -> tuple[Dataset, bool]:
+    """The data set up to its pixel data, and whether reading stopped there."""
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        dataset_bytes = zlib.decompressobj(-zlib.MAX_WBITS).decompress(dataset_bytes)
+        return _read_deflated_header(dataset_bytes)
     implicit = transfer_syntax == ImplicitVRLittleEndian
     little_endian = transfer_syntax != ExplicitVRBigEndian
-    return read_dataset(
-        io.BytesIO(dataset_bytes), implicit, little_endian, stop_when=_past_header, specific_tags=_HEADER_TAGS
-    )
+    stopped: list[int] = []
+    dataset = read_dataset(io.BytesIO(dataset_bytes), implicit, little_endian, stop_when=_pixel_stop(stopped))
+    return dataset, bool(stopped)
 
 
-def _past_header(tag: Any, _vr: str | None, _length: int) -> bool:
-    """Stop reading after the last attribute the node needs (never touches pixel data)."""
-    return bool(tag > _LAST_HEADER_TAG)
+def _read_deflated_header(deflated: bytes) -> tuple[Dataset, bool]:
+    """Inflate (raw deflate, PS3.5 A.5) only until the header is whole: the pixel data is never inflated.
+
+    The inflated prefix grows from :data:`_INFLATE_STEP`, doubling, until parsing it reaches the
+    pixel data or the stream ends.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = bytearray()
+    pending = deflated
+    step = _INFLATE_STEP
+    while True:
+        inflated += inflater.decompress(pending, step)
+        pending = inflater.unconsumed_tail
+        finished = inflater.eof or not pending
+        stopped: list[int] = []
+        try:
+            dataset = read_dataset(io.BytesIO(bytes(inflated)), False, True, stop_when=_pixel_stop(stopped))
+        except Exception:
+            if finished:
+                raise
+            dataset = None  # cut inside an element: inflate more
+        if dataset is not None and (stopped or finished):
+            return dataset, bool(stopped)
+        step = min(step * 2, 64 * 1024 * 1024)
+
+
+def _pixel_stop(stopped: list[int]) -> Any:
+    """A ``stop_when`` for :func:`read_dataset` ending at the first pixel data element (noted in ``stopped``)."""
+
+    def stop(tag: Any, _vr: str | None, _length: int) -> bool:
+        if int.__ge__(tag, _FIRST_PIXEL_TAG):  # int's comparison: BaseTag's own is a Python call per element
+            stopped.append(int(tag))
+            return True
+        return False
+
+    return stop
 
 
 _CHARSET_VRS = {"LO", "SH", "LT", "ST", "UT", "PN", "UC"}
@@ -213,37 +226,6 @@ def _charsets(dataset: Dataset) -> list[str]:
     raw = dataset.get_item(tag).value
     text = raw.decode("ascii", errors="replace") if isinstance(raw, bytes) else str(raw)
     return [term.strip(" \x00") or "ISO_IR 6" for term in text.split("\\")]
-
-
-def _integer(text: str) -> int | None:
-    """An IS value as int, ``None`` when absent or not a number (tolerant reader)."""
-    try:
-        return int(float(text.split("\\")[0])) if text else None
-    except ValueError:
-        return None
-
-
-def _study_datetime(date_text: str, time_text: str) -> dt.datetime | None:
-    """StudyDate (DA) + StudyTime (TM, PS3.5 6.2) as a naive datetime; ``None`` if unusable.
-
-    Parsed by hand (``strptime`` costs milliseconds per call on the C-STORE path).
-    """
-    digits_date = date_text[:8]
-    if len(digits_date) != 8 or not digits_date.isdigit():
-        return None
-    try:
-        date = dt.datetime(int(digits_date[:4]), int(digits_date[4:6]), int(digits_date[6:8]))
-    except ValueError:
-        return None
-    digits = time_text.split(".")[0].replace(":", "")
-    if len(digits) >= 2 and digits.isdigit():
-        padded = (digits + "0000")[:6]
-        try:
-            clock = dt.time(int(padded[:2]), int(padded[2:4]), min(int(padded[4:6]), 59))
-        except ValueError:
-            return date
-        return dt.datetime.combine(date.date(), clock)
-    return date
 
 
 def file_meta_bytes(

@@ -7,8 +7,10 @@ interpreter, no inherited sockets, threads or database connections), each buildi
 :class:`Analyst` -- index connection, selection rules, eligibility rules and the model, loaded
 once -- and then claiming jobs one at a time. For each study (:meth:`Analyst.run_job`):
 
-1. **gather**: the files of the study and of the same patient's other studies acquired within
-   ``inference.case_window_h`` (NCCT and CTA are often separate orders);
+1. **gather**: the instances of the study and of the same patient's other studies acquired within
+   ``inference.case_window_h`` (NCCT and CTA are often separate orders), with the headers the
+   C-STORE handler parsed and the index keeps (:mod:`dicom_node.headers`): planning opens no
+   file; only the series the plan chooses are read, to decode their pixels;
 2. **eligibility** of the study itself (``not_eligible`` with the reason: no result);
 3. **selection, volumes, preprocessing, inference** (:mod:`inference.case`,
    :class:`inference.predictor.Predictor`);
@@ -31,19 +33,19 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event as EventType
-from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.headers import HeaderRow, header_rows, usable_headers
 from dicom_node.index.analysis import record_analysis
 from dicom_node.index.db import build_engine, build_session_factory, write_session
 from dicom_node.index.models import Instance, Series, Study
@@ -51,8 +53,9 @@ from dicom_node.lifecycle import Job, Lifecycle, StudyState, as_utc
 from dicom_node.selector import build_selector
 from dicom_node.settings import Settings
 from inference.case import case_from_headers
-from inference.dicom_headers import SeriesHeader, read_series_headers
+from inference.dicom_headers import series_headers
 from inference.eligibility import EligibilityRules, check_study, load_eligibility_rules
+from inference.lifetime import die_with_owner
 from inference.predictor import CaseInput, Predictor, result_summary
 from inference.result import NotAnalysed, Prediction
 
@@ -76,13 +79,13 @@ class JobOutcome:
 
 @dataclass(frozen=True)
 class CaseFiles:
-    """The files a study's case may draw on."""
+    """The instances a study's case may draw on, as index rows (headers stored at the C-STORE)."""
 
     study_pk: int
     calling_ae: str | None
     arrived_at: dt.datetime
-    own: tuple[Path, ...]  # the study's own files
-    related: tuple[Path, ...]  # same patient, other studies within the case window
+    own: tuple[HeaderRow, ...]  # the study's own instances
+    related: tuple[HeaderRow, ...]  # same patient, other studies within the case window
 
 
 def _study_time(study: Study) -> dt.datetime:
@@ -92,18 +95,20 @@ def _study_time(study: Study) -> dt.datetime:
     return as_utc(study.first_received_at)
 
 
-def _files_of(session: Session, study_pk: int, data_dir: Path) -> tuple[Path, ...]:
+def _rows_of(session: Session, study_pk: int) -> tuple[HeaderRow, ...]:
     rows = session.execute(
-        select(Instance.path).join(Series, Series.id == Instance.series_pk)
+        select(Instance.id, Instance.sop_instance_uid, Instance.path, Instance.header)
+        .join(Series, Series.id == Instance.series_pk)
         .where(Series.study_pk == study_pk, Instance.quarantine_reason.is_(None))  # quarantined: never in a case
-    ).scalars()
-    return tuple(data_dir / path for path in rows)
+        .order_by(Instance.id)
+    ).all()
+    return tuple(header_rows(rows))
 
 
-def gather_case_files(session: Session, study_uid: str, data_dir: Path, window_h: float) -> CaseFiles:
-    """Files of the study and of its patient's studies acquired within ``window_h`` hours of it."""
+def gather_case_files(session: Session, study_uid: str, window_h: float) -> CaseFiles:
+    """Instances of the study and of its patient's studies acquired within ``window_h`` hours of it."""
     study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
-    related: list[Path] = []
+    related: list[HeaderRow] = []
     if study.patient_pk is not None:
         anchor = _study_time(study)
         window = dt.timedelta(hours=window_h)
@@ -112,12 +117,12 @@ def gather_case_files(session: Session, study_uid: str, data_dir: Path, window_h
         ).scalars()
         for other in others:
             if abs(_study_time(other) - anchor) <= window:
-                related.extend(_files_of(session, other.id, data_dir))
+                related.extend(_rows_of(session, other.id))
     return CaseFiles(
         study_pk=study.id,
         calling_ae=study.calling_ae,
         arrived_at=as_utc(study.first_received_at),
-        own=_files_of(session, study.id, data_dir),
+        own=_rows_of(session, study.id),
         related=tuple(related),
     )
 
@@ -174,14 +179,13 @@ class Analyst:
 
     def _analyse(self, job: Job) -> JobOutcome:
         with self.sessions() as session:
-            files = gather_case_files(
-                session, job.study_uid, self.settings.storage.data_dir, self.settings.inference.case_window_h
-            )
+            files = gather_case_files(session, job.study_uid, self.settings.inference.case_window_h)
         load_started = time.perf_counter()
-        datasets: dict[Path, Dataset] = {}  # each file parsed once; pixels decoded later from these
+        data_dir = self.settings.storage.data_dir
         problems: list[str] = []  # instances dropped as unreadable: named in the result's warnings
-        own_headers = read_series_headers(files.own, datasets, problems)
-        related_headers = read_series_headers(files.related, datasets, problems) if files.related else []
+        # Planning reads the headers the C-STORE handler stored; only the chosen series' files are opened.
+        own_headers = series_headers(usable_headers(self.sessions, data_dir, files.own, problems))
+        related_headers = series_headers(usable_headers(self.sessions, data_dir, files.related, problems))
         load_s = time.perf_counter() - load_started
         if not own_headers:
             return self._finish(job, StudyState.NOT_ANALYSED, NotAnalysed("no DICOM image of the study is on disk"), None)
@@ -189,7 +193,7 @@ class Analyst:
         decision = check_study(own_headers, self.eligibility, calling_ae_title=files.calling_ae, now=arrival_local)
         if not decision.eligible:
             return self._finish(job, StudyState.NOT_ELIGIBLE, NotAnalysed(decision.reason), None)
-        case = case_from_headers(own_headers + related_headers, self.selector, load_s=load_s, datasets=datasets,
+        case = case_from_headers(own_headers + related_headers, self.selector, load_s=load_s,
                                  reading_warnings=problems)
         if isinstance(case, NotAnalysed):
             return self._finish(job, StudyState.NOT_ANALYSED, case, None)
@@ -241,13 +245,17 @@ def model_identity(predictor: Predictor) -> dict[str, Any]:
 
 
 def _worker_main(
-    settings: Settings, stop: EventType, results: Any, poll_s: float, loaded: Any = None, number: int = 0
+    settings: Settings, stop: EventType, results: Any, poll_s: float, owner_pid: int, from_main_thread: bool,
+    loaded: Any = None, number: int = 0,
 ) -> None:
     """Body of one worker process: build the :class:`Analyst` once, then claim jobs until told to stop.
 
+    The process ends with the node's (:func:`inference.lifetime.die_with_owner`): a node killed
+    with ``SIGKILL`` leaves no worker behind to claim studies whose results would go nowhere.
     Once the model is loaded, ``(number, identity)`` goes to the ``loaded`` queue
     (:meth:`InferenceWorkers.loaded_models`, read by ``/health/ready`` and ``/metrics``).
     """
+    die_with_owner(owner_pid, from_main_thread)
     from dicom_node.logs import configure
 
     configure(settings.logging.level)
@@ -285,28 +293,34 @@ class InferenceWorkers:
         self.settings = settings
         self.on_result = list(on_result)
         self.poll_s = poll_s
-        context = multiprocessing.get_context("spawn")
-        self._stop = context.Event()
-        self._results: Any = context.Queue()
-        self._loaded_queue: Any = context.Queue()
+        self._context = multiprocessing.get_context("spawn")
+        self._stop = self._context.Event()
+        self._results: Any = self._context.Queue()
+        self._loaded_queue: Any = self._context.Queue()
         self._loaded: dict[int, dict[str, Any]] = {}
         self._loaded_lock = threading.Lock()
-        self._processes = [
-            context.Process(
-                target=_worker_main,
-                args=(settings, self._stop, self._results, poll_s, self._loaded_queue, number),
-                name=f"fpe-inference-{number}",
-                daemon=True,
-            )
-            for number in range(settings.inference.workers)
-        ]
+        self._processes: list[Any] = []  # multiprocessing.Process, built by start()
         self._thread = threading.Thread(target=self._dispatch, name="fpe-results", daemon=True)
 
     def start(self) -> None:
-        """Start the processes and the result thread (nothing when no worker is configured)."""
-        if not self._processes:
+        """Start the processes and the result thread (nothing when no worker is configured).
+
+        Each process learns this process's PID and whether it was started from the main thread
+        (:func:`inference.lifetime.die_with_owner`), so it ends when the node ends.
+        """
+        if not self.settings.inference.workers:
             log.info("no inference worker configured: studies stay queued")
             return
+        lineage = (os.getpid(), threading.current_thread() is threading.main_thread())
+        self._processes = [
+            self._context.Process(
+                target=_worker_main,
+                args=(self.settings, self._stop, self._results, self.poll_s, *lineage, self._loaded_queue, number),
+                name=f"fpe-inference-{number}",
+                daemon=True,
+            )
+            for number in range(self.settings.inference.workers)
+        ]
         for process in self._processes:
             process.start()
         self._thread.start()
@@ -319,7 +333,7 @@ class InferenceWorkers:
     @property
     def configured(self) -> int:
         """Number of worker processes the settings ask for."""
-        return len(self._processes)
+        return int(self.settings.inference.workers)
 
     def loaded_models(self) -> dict[int, dict[str, Any]]:
         """Model identity (:func:`model_identity`) of each running worker that has loaded its model, by number.

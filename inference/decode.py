@@ -53,6 +53,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import UID
 
+from inference.lifetime import die_with_owner
+
 log = logging.getLogger(__name__)
 
 PREFERRED_PLUGINS: dict[str, tuple[str, ...]] = {
@@ -259,7 +261,11 @@ def _get_pool(size: int) -> ProcessPoolExecutor:
             context = multiprocessing.get_context(method)
             if method == "forkserver":
                 context.set_forkserver_preload([__name__])
-            _pool = ProcessPoolExecutor(max_workers=size, mp_context=context)
+            # Pool processes end with this process (inference.lifetime); forkserver children
+            # are forked by the fork server's main thread.
+            from_main_thread = method == "forkserver" or threading.current_thread() is threading.main_thread()
+            _pool = ProcessPoolExecutor(max_workers=size, mp_context=context, initializer=die_with_owner,
+                                        initargs=(os.getpid(), from_main_thread))
             _pool_size = size
             log.debug("decode pool of %d %s process(es) started", size, method)
         return _pool

@@ -20,7 +20,7 @@ import math
 import struct
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,9 @@ class InstanceHeader:
     has_pixels: bool
     frames: tuple[FrameHeader, ...]
     b_value_source: str | None = None  # where the b-values were found
+    accession: str = ""  # AccessionNumber (0008,0050)
+    manufacturer_model: str = ""  # ManufacturerModelName (0008,1090)
+    problem: str | None = None  # why the header could not be reduced (UIDs only): never part of a series
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,63 @@ class SeriesHeader:
         return tuple(i.path for i in self.instances if i.path is not None)
 
 
+# --------------------------------------------------------------------------- stored form
+
+HEADER_FORMAT = 1
+"""Version of :func:`header_to_json`'s layout; a stored header of another version is read again from its file."""
+
+_FRAME_FIELDS = tuple(f.name for f in fields(FrameHeader))
+_FRAME_TUPLES = frozenset({"position", "orientation", "pixel_spacing", "gradient", "frame_type"})
+_INSTANCE_FIELDS = tuple(f.name for f in fields(InstanceHeader) if f.name not in ("path", "frames"))
+_INSTANCE_DATETIMES = frozenset({"study_datetime", "acquisition_datetime"})
+
+
+def header_to_json(header: InstanceHeader) -> dict[str, Any]:
+    """The header as plain JSON values (what the node's index keeps; the file path is not part of it).
+
+    Frames are stored as lists in :class:`FrameHeader` field order; datetimes as ISO 8601 text.
+    :func:`header_from_json` gives back an equal header.
+    """
+    stored: dict[str, Any] = {"format": HEADER_FORMAT}
+    for name in _INSTANCE_FIELDS:
+        value = getattr(header, name)
+        if name in _INSTANCE_DATETIMES:
+            value = value.isoformat() if value is not None else None
+        elif isinstance(value, tuple):
+            value = list(value)
+        stored[name] = value
+    stored["frames"] = [
+        [list(v) if isinstance(v, tuple) else v for v in (getattr(frame, name) for name in _FRAME_FIELDS)]
+        for frame in header.frames
+    ]
+    return stored
+
+
+def _frame_values(frame: Sequence[Any]) -> dict[str, Any]:
+    return {name: (tuple(v) if name in _FRAME_TUPLES and v is not None else v)
+            for name, v in zip(_FRAME_FIELDS, frame, strict=True)}
+
+
+def header_from_json(stored: Any, path: Path | None = None) -> InstanceHeader | None:
+    """The :class:`InstanceHeader` :func:`header_to_json` made, with ``path``; None when ``stored`` is
+    not such a header (another format version, a record of an unreadable file, damaged)."""
+    if not isinstance(stored, dict) or stored.get("format") != HEADER_FORMAT:
+        return None
+    try:
+        values: dict[str, Any] = {}
+        for name in _INSTANCE_FIELDS:
+            value = stored[name]
+            if name in _INSTANCE_DATETIMES:
+                value = datetime.fromisoformat(value) if value is not None else None
+            elif isinstance(value, list):
+                value = tuple(value)
+            values[name] = value
+        frames = tuple(FrameHeader(**_frame_values(frame)) for frame in stored["frames"])
+        return InstanceHeader(path=path, frames=frames, **values)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 # --------------------------------------------------------------------------- small readers
 
 
@@ -207,13 +267,26 @@ def _float(value: Any) -> float | None:
 
 
 def _datetime(date: str, time: str) -> datetime | None:
-    if not date:
+    """DA + TM (PS3.5 6.2) as a naive datetime; the date alone when the time is unusable; None without a date.
+
+    Parsed by hand (``strptime`` costs milliseconds per call, and this runs on the C-STORE path);
+    tolerant reader: ACR-NEMA colons in times, seconds of 60 (leap second) read as 59.
+    """
+    digits_date = date[:8]
+    if len(digits_date) != 8 or not digits_date.isdigit():
         return None
-    time = (time or "000000").split(".")[0].ljust(6, "0")[:6]
     try:
-        return datetime.strptime(date[:8] + time, "%Y%m%d%H%M%S")
+        day = datetime(int(digits_date[:4]), int(digits_date[4:6]), int(digits_date[6:8]))
     except ValueError:
         return None
+    digits = (time or "").split(".")[0].replace(":", "").strip()
+    if len(digits) < 2 or not digits.isdigit():
+        return day
+    padded = (digits + "0000")[:6]
+    try:
+        return day.replace(hour=int(padded[:2]), minute=int(padded[2:4]), second=min(int(padded[4:6]), 59))
+    except ValueError:
+        return day
 
 
 def _image_type(value: Any) -> tuple[str, ...]:
@@ -367,6 +440,8 @@ def instance_header(ds: Dataset, path: Path | None = None) -> InstanceHeader:
         has_pixels="PixelData" in ds or int(ds.get("Rows", 0) or 0) > 0,
         frames=frames,
         b_value_source=source,
+        accession=_text(ds, "AccessionNumber"),
+        manufacturer_model=_text(ds, "ManufacturerModelName"),
     )
 
 
@@ -670,9 +745,18 @@ def read_series_headers(
     classic and as enhanced images is summarised from one copy (:func:`one_copy_per_series`);
     diffusion images without a b-value among b > 0 images are b0 (:func:`b0_without_b_value`).
     """
+    headers = (read_instance_header(path, datasets, problems) for path in iter_files(paths))
+    return series_headers([header for header in headers if header is not None])
+
+
+def series_headers(instances: Iterable[InstanceHeader]) -> list[SeriesHeader]:
+    """Group instance headers (read from files, or kept in the node's index) into series summaries.
+
+    The rules of :func:`read_series_headers`: one copy of a series exported twice
+    (:func:`one_copy_per_series`), b0 for diffusion images without a b-value
+    (:func:`b0_without_b_value`); series in the order their first instance comes.
+    """
     by_series: dict[tuple[str, str], list[InstanceHeader]] = defaultdict(list)
-    for path in iter_files(paths):
-        header = read_instance_header(path, datasets, problems)
-        if header is not None:
-            by_series[(header.study_uid, header.series_uid)].append(header)
-    return [summarise_series(b0_without_b_value(one_copy_per_series(instances))) for instances in by_series.values()]
+    for header in instances:
+        by_series[(header.study_uid, header.series_uid)].append(header)
+    return [summarise_series(b0_without_b_value(one_copy_per_series(group))) for group in by_series.values()]

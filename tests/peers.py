@@ -4,8 +4,8 @@ DCMTK is called by absolute path (``/usr/bin/storescu``): pynetdicom installs it
 ``storescu``/``echoscu`` into the venv, which shadow DCMTK's when the venv is on PATH. The
 version string is checked so a test never silently drives the wrong tool.
 
-PostgreSQL comes from ``FPENODE_TEST_POSTGRES_URL`` (``make test`` starts the server and sets
-it). Unset, the test FAILS with the reason; it never skips. Each test session gets a fresh schema.
+PostgreSQL comes from ``FPENODE_TEST_POSTGRES_URL`` (``make test`` starts a throw-away cluster,
+``deploy/test-postgres.sh``, and sets it). Unset, the test FAILS with the reason; it never skips. Each test session gets a fresh schema.
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def postgres_base_url() -> str:
     """The server URL from the environment; the test fails, naming the fix, when it is unset."""
     url = os.environ.get(POSTGRES_ENV)
     if not url:
-        pytest.fail(f"{POSTGRES_ENV} is not set: run `make test`, which starts PostgreSQL "
-                    "(deploy/ci-postgres.sh) and sets it")
+        pytest.fail(f"{POSTGRES_ENV} is not set: run `make test`, which starts a throw-away "
+                    "PostgreSQL (deploy/test-postgres.sh) and sets it")
     return url
 
 

@@ -30,7 +30,7 @@ from dicom_node.index.repository import (
 )
 from dicom_node.peers import PeerError, PeerInfo, PeerRegistry
 from dicom_node.settings import PeerSettings, load_settings
-from dicom_node.storage import InstanceHeader
+from inference.dicom_headers import InstanceHeader
 from tests.peers import drop_postgres_schema, fresh_postgres_schema, postgres_base_url
 
 
@@ -60,17 +60,21 @@ def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
 
 def _header(study: str = "2.25.1", series: str = "2.25.11", sop: str = "2.25.111", **changes: object) -> InstanceHeader:
     header = InstanceHeader(
+        path=None,
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
         sop_instance_uid=sop,
         study_uid=study,
         series_uid=series,
         patient_id="PID1",
         issuer_of_patient_id="",
-        acquired_at=None,
+        study_datetime=None,
+        acquisition_datetime=None,
         accession="A1",
         study_description="HEAD",
+        procedure_description="",
         modality="CT",
         series_description="AXIAL 5MM",
+        protocol_name="",
         series_number=3,
         manufacturer="VENDOR",
         manufacturer_model="MODEL",
@@ -78,6 +82,14 @@ def _header(study: str = "2.25.1", series: str = "2.25.11", sop: str = "2.25.111
         body_part="HEAD",
         frame_of_reference_uid="2.25.9",
         instance_number=1,
+        contrast_agent="",
+        gantry_tilt=None,
+        mr_acquisition_type="",
+        rows=512,
+        columns=512,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        has_pixels=True,
+        frames=(),
     )
     return dataclasses.replace(header, **changes)  # type: ignore[arg-type]
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, true
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false, true
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from dicom_node.index.base import UID, AETitle, Base, IntPK, Timestamp, utcnow
@@ -126,6 +128,10 @@ class Instance(Base):
     quarantine_reason: Mapped[str | None] = mapped_column(Text, default=None)
     """Why the stored file failed the later check (dicom_node.validation.deep_check); a
     quarantined instance is kept and shown but never part of a case. NULL: not quarantined."""
+    header: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    """The instance's header as the C-STORE handler parsed it (``inference.dicom_headers.header_to_json``):
+    what completion's readiness and the worker's planning read instead of the file. NULL in rows
+    indexed before it existed: filled from the file the first time it is needed."""
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

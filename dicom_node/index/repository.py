@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.index.base import utcnow
 from dicom_node.index.models import STATE_RECEIVED, Instance, Patient, Series, Study, StudyEvent
-from dicom_node.storage import InstanceHeader
+from inference.dicom_headers import InstanceHeader, header_to_json
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ def record_instance(
         "received_at": facts.received_at,
         "calling_ae": facts.calling_ae,
         "quarantine_reason": None,  # a new copy gets its own later check
+        "header": header_to_json(header),  # parsed once, at the door: completion and the worker read it here
     }
     session.info[_RESOLVED] = keys
     if existing is None:
@@ -265,9 +266,9 @@ def _create_study(session: Session, header: InstanceHeader, facts: FileFacts) ->
     study = Study(
         study_uid=header.study_uid,
         patient=_get_or_create_patient(session, header),
-        acquired_at=header.acquired_at,
-        accession=_cut(header.accession, 16),
-        description=_cut(header.study_description, 64),
+        acquired_at=header.study_datetime,
+        accession=_cut(_given(header.accession), 16),
+        description=_cut(_given(header.study_description), 64),
         modalities="",
         state=STATE_RECEIVED,
         first_received_at=facts.received_at,
@@ -295,13 +296,13 @@ def _create_series(session: Session, study: Study, header: InstanceHeader, facts
     series = Series(
         series_uid=header.series_uid,
         study=study,
-        modality=_cut(header.modality, 16),
-        description=_cut(header.series_description, 64),
+        modality=_cut(_given(header.modality), 16),
+        description=_cut(_given(header.series_description), 64),
         number=header.series_number,
-        manufacturer=_cut(header.manufacturer, 64),
+        manufacturer=_cut(_given(header.manufacturer), 64),
         image_type=_cut("\\".join(header.image_type), 160),
-        body_part=_cut(header.body_part, 16),
-        frame_of_reference_uid=_cut(header.frame_of_reference_uid, 64),
+        body_part=_cut(_given(header.body_part), 16),
+        frame_of_reference_uid=_cut(_given(header.frame_of_reference_uid), 64),
         instance_count=0,
         last_received_at=facts.received_at,
     )
@@ -316,6 +317,11 @@ def _merge_modalities(current: str, modality: str | None) -> str:
         return current
     merged = sorted({m for m in current.split("\\") if m} | {modality})
     return _cut("\\".join(merged), 64) or ""
+
+
+def _given(value: str) -> str | None:
+    """A header value as the index keeps it: ``None`` when the attribute was absent or empty."""
+    return value or None
 
 
 def _cut(value: str | None, length: int) -> str | None:
