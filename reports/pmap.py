@@ -42,7 +42,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from inference.result import Prediction, SourcePlane
 from reports.codes import coding_scheme_identification
 from reports.header import copy_patient_and_study, source_header
-from reports.sr import MANUFACTURER, ReportContext, declare_character_set
+from reports.sr import MANUFACTURER, ReportContext, contributing_equipment, declare_character_set
 from reports.uids import UIDFactory
 
 __all__ = [
@@ -172,21 +172,6 @@ class _ParametricMap(_TolerantPatientCopy, hd.pm.ParametricMap):
     """highdicom's Parametric Map with the tolerant patient and study copy."""
 
 
-def equipment(context: ReportContext, prediction: Prediction, what: str) -> hd.ContributingEquipment:
-    """Contributing Equipment (PS3.3 C.7.5.1): the node and the model that made ``what``."""
-    from reports.codes import Std
-
-    return hd.ContributingEquipment(
-        manufacturer=MANUFACTURER,
-        purpose_of_reference=Std.PROCESSING_ALGORITHM,
-        manufacturer_model_name=prediction.model.name,
-        software_versions=[context.software_version, f"{prediction.model.name} {prediction.model.version}"],
-        institution_name=context.institution_name,
-        station_name=context.station_name,
-        contribution_description=f"{what} of a first-pass-effect prediction (research use)",
-    )
-
-
 def frame_anatomy() -> Dataset:
     """Frame Anatomy (PS3.3 C.7.6.16.2.8): the brain, an unpaired structure (Frame Laterality U).
 
@@ -270,7 +255,8 @@ def build_parametric_map(
         pixel_measures=geometry.pixel_measures,
         plane_orientation=geometry.plane_orientation,
         plane_positions=geometry.plane_positions,
-        contributing_equipment=[equipment(context, prediction, "Attention parametric map")],
+        contributing_equipment=[contributing_equipment(
+            context, prediction.model, "Attention parametric map of a first-pass-effect prediction (research use)")],
     )
     pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [frame_anatomy()]
     finish(pm, prediction, context, "FPE attention overlay")

@@ -44,7 +44,7 @@ from reports.capture import (
 )
 from reports.codes import Fpe, Std, coding_scheme_identification
 from reports.header import required_uid, source_header
-from reports.sr import MANUFACTURER, ReportContext, declare_character_set, result_text
+from reports.sr import MANUFACTURER, ReportContext, contributing_equipment, declare_character_set, result_text
 from reports.uids import UIDFactory
 
 __all__ = [
@@ -138,18 +138,6 @@ def _source_image_item(source: SourceInstance) -> Dataset:
     return item
 
 
-def _contributing_equipment(context: ReportContext, prediction: Prediction) -> hd.ContributingEquipment:
-    return hd.ContributingEquipment(
-        manufacturer=MANUFACTURER,
-        purpose_of_reference=Std.PROCESSING_ALGORITHM,
-        manufacturer_model_name=prediction.model.name,
-        software_versions=[context.software_version, f"{prediction.model.name} {prediction.model.version}"],
-        institution_name=context.institution_name,
-        station_name=context.station_name,
-        contribution_description="Attention map of a first-pass-effect prediction (research use)",
-    )
-
-
 def _series_description(prediction: Prediction, what: str = "attention map") -> str:
     demo = " DEMO" if prediction.model.demonstration else ""
     return f"FPE {what}{demo} (research use, not for diagnosis)"[:64]
@@ -209,7 +197,8 @@ def _single_frame(
         manufacturer=MANUFACTURER,
         patient_orientation=_patient_orientation(shown.orientation_patient),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[_contributing_equipment(context, prediction)],
+        contributing_equipment=[contributing_equipment(
+            context, prediction.model, "Attention map of a first-pass-effect prediction (research use)")],
     )
     _finish(sc, prediction, context, what)
     sc.SourceImageSequence = DicomSequence([_source_image_item(source) for source in sources])

@@ -24,8 +24,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from inference.result import Prediction
 from reports.codes import Fpe
-from reports.pmap import _TolerantPatientCopy, equipment, finish, overlay_geometry
-from reports.sr import MANUFACTURER, ReportContext
+from reports.pmap import _TolerantPatientCopy, finish, overlay_geometry
+from reports.sr import MANUFACTURER, ReportContext, contributing_equipment
 from reports.uids import UIDFactory
 
 __all__ = ["SEGMENTATION_STORAGE", "DECISION_LEVEL", "SEGMENT_LABEL", "DEFAULT_SEG_SERIES_NUMBER", "build_segmentation"]
@@ -97,7 +97,8 @@ def build_segmentation(
         plane_orientation=geometry.plane_orientation,
         plane_positions=geometry.plane_positions,
         omit_empty_frames=False,
-        contributing_equipment=[equipment(context, prediction, "Attention segmentation")],
+        contributing_equipment=[contributing_equipment(
+            context, prediction.model, "Attention segmentation of a first-pass-effect prediction (research use)")],
     )
     finish(seg, prediction, context, "FPE attention region")
     logger.info("built segmentation %s (%d frames) for study %s", seg.SOPInstanceUID, len(prediction.source_planes),

@@ -463,7 +463,11 @@ _SR_TYPES: dict[SRClass, type[hd.sr.Comprehensive3DSR] | type[hd.sr.Comprehensiv
 }
 
 
-def _contributing_equipment(context: ReportContext, model: ModelInfo | None) -> hd.ContributingEquipment:
+def contributing_equipment(
+    context: ReportContext, model: ModelInfo | None,
+    description: str = "First-pass-effect prediction (research use, not for diagnosis)",
+) -> hd.ContributingEquipment:
+    """Contributing Equipment (PS3.3 C.7.5.1) of every result object: the node and the model that made it."""
     versions = [context.software_version] + ([f"{model.name} {model.version}"] if model else [])
     return hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
@@ -472,7 +476,7 @@ def _contributing_equipment(context: ReportContext, model: ModelInfo | None) -> 
         software_versions=versions,
         institution_name=context.institution_name,
         station_name=context.station_name,
-        contribution_description="First-pass-effect prediction (research use, not for diagnosis)",
+        contribution_description=description,
     )
 
 
@@ -548,7 +552,7 @@ def build_sr(
         is_verified=False,
         institution_name=context.institution_name,
         previous_versions=[_reference_dataset(p) for p in predecessors] or None,
-        contributing_equipment=[_contributing_equipment(context, model)],
+        contributing_equipment=[contributing_equipment(context, model)],
         series_description=_series_description(result),
         manufacturer_model_name=model.name if model else MANUFACTURER,
         software_versions=context.software_version,

@@ -8,6 +8,7 @@ FAILS when it is missing (``shared_data`` fixture), it never skips.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import re
 import signal
@@ -105,6 +106,64 @@ def settings_overrides(data_dir: Path, **sections: Any) -> dict[str, Any]:
 
 
 SettingsFactory = Callable[..., Settings]
+
+
+class NodeLog(logging.Handler):
+    """Every record of the node's loggers (``dicom_node.*``), kept as records and formatted lines.
+
+    Attached to the ``dicom_node`` logger itself, so it sees the node's records whatever the
+    in-process CLI (:func:`dicom_node.logs.configure`) did to the root handlers pytest's caplog uses.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.lines.append(self.format(record))
+
+    @property
+    def text(self) -> str:
+        """All lines, one per record."""
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def node_log() -> Iterator[NodeLog]:
+    """The node's log records during one test; the root handlers and level an in-process CLI run
+    replaced are put back afterwards."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    handler = NodeLog()
+    logger = logging.getLogger("dicom_node")
+    previous_level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+        for current in list(root.handlers):
+            root.removeHandler(current)
+        for old in saved[0]:
+            root.addHandler(old)
+        root.setLevel(saved[1])
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module's tests (torch's CPU sums are bit-stable per thread count);
+    use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

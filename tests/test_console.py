@@ -109,7 +109,7 @@ def console_node(tmp_path_factory: pytest.TempPathFactory, dcmtk: DCMTK) -> Iter
         completion={"series_quiet_s": 1.0, "study_timeout_s": 30.0},
         inference={"checkpoint": str(checkpoint), "device": "cpu", "torch_threads": 1, "workers": 1},
         # One result object (the SR) per study; a result not stored 4 s after it was queued is dead.
-        reports={"secondary_capture": False},
+        reports={"secondary_capture": False, "summary_capture": False},
         delivery={"retry_initial_s": 0.5, "retry_max_s": 1.0, "deadline_s": 4.0, "scan_interval_s": 0.5},
         alerts={"check_interval_s": 1.0, "rules": ["dead_letter"],
                 "webhooks": [{"name": "ops-hook", "url": f"http://127.0.0.1:{httpd.server_address[1]}/hook"}]},

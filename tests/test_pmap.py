@@ -9,7 +9,6 @@ lists them as evidence and routing rules send each kind where they say.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +38,8 @@ from tests.validators import dciodvfy_errors, dciodvfy_output, read_strict
 UIDS = UIDFactory()
 CONTEXT = ReportContext(software_version="0.0-test", device_uid=UIDS.for_name("TESTNODE"), device_name="TESTNODE")
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# torch's CPU sums are bit-stable per thread count: one thread for every test here (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +22,8 @@ from tests.test_registration import phantom_image
 GRID = (10, 32, 32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Same thread count for every run (torch's CPU sums are bit-stable per thread count)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# torch's CPU sums are bit-stable per thread count: one thread for every test here (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_predictor() -> Predictor:

@@ -8,7 +8,6 @@ tilted planes), nothing outside the head, no blocks, the peak inside the brain.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +31,8 @@ REAL_MR = "mr_siemens_xa30i_classic"
 SMOOTH_STEP = 0.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# torch's CPU sums are bit-stable per thread count: one thread for every test here (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _headers(folder: Path) -> list[pydicom.Dataset]:

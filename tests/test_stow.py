@@ -22,7 +22,6 @@ import email.policy
 import io
 import ipaddress
 import json
-import logging
 import ssl
 import threading
 import urllib.error
@@ -50,7 +49,7 @@ from dicom_node.stow import StowClient, StowDestination, interpret_response, mul
 from dicom_node.worker import Analyst
 from reports.uids import UIDFactory
 from tests.archives import make_sc, make_sr
-from tests.conftest import SettingsFactory, wait_study_state
+from tests.conftest import NodeLog, SettingsFactory, wait_study_state
 from tests.factory import Study, write_ct_stroke_study
 from tests.peers import send_datasets
 from tests.training_support import reduced_checkpoint
@@ -120,34 +119,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return reduced_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", name="res25-stow-test")
 
 
-class _Records(logging.Handler):
-    """Every record of the node's loggers, formatted (the CLI's logging set-up replaces root handlers)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-
-
 @pytest.fixture(autouse=True)
-def node_records() -> Iterator[_Records]:
-    """The node's log records; the root handlers the in-process CLI replaced are put back after."""
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    handler = _Records()
-    logger = logging.getLogger("dicom_node")
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        for current in list(root.handlers):
-            root.removeHandler(current)
-        for old in saved[0]:
-            root.addHandler(old)
-        root.setLevel(saved[1])
+def node_records(node_log: NodeLog) -> NodeLog:
+    """The node's log records (tests/conftest.py NodeLog: the CLI's logging set-up replaces root handlers)."""
+    return node_log
 
 
 def _site_file(tmp_path: Path, data_dir: Path) -> Path:
@@ -203,7 +178,7 @@ def stow_node(make_settings: SettingsFactory, checkpoint: Path) -> Iterator[Any]
 
 def test_results_arrive_by_stow_rs_with_basic_auth(
     stow_node: Any, orthanc: AuthenticatedOrthanc, data_dir: Path, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str], node_records: _Records,
+    capsys: pytest.CaptureFixture[str], node_records: NodeLog,
 ) -> None:
     site = _site_file(tmp_path, data_dir)
     secret = tmp_path / "orthanc.secret"
@@ -246,7 +221,7 @@ def test_results_arrive_by_stow_rs_with_basic_auth(
 
 def test_wrong_password_is_dead_lettered_after_the_retries(
     stow_node: Any, orthanc: AuthenticatedOrthanc, data_dir: Path, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str], node_records: _Records,
+    capsys: pytest.CaptureFixture[str], node_records: NodeLog,
 ) -> None:
     site = _site_file(tmp_path, data_dir)
     secret = tmp_path / "wrong.secret"
@@ -551,7 +526,7 @@ def _certificates(folder: Path) -> dict[str, Path]:
     return files
 
 
-def test_tls_verification_and_client_certificates(tmp_path: Path, node_records: _Records) -> None:
+def test_tls_verification_and_client_certificates(tmp_path: Path, node_records: NodeLog) -> None:
     pem = _certificates(tmp_path)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pem["ca"]))
     server_context.load_cert_chain(str(pem["server"]), str(pem["server_key"]))

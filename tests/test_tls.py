@@ -37,7 +37,7 @@ from dicom_node.tls import server_context
 from reports.uids import UIDFactory
 from tests.archives import SC_STORAGE, StorescpArchive, StorescpTLS, make_sc, make_sr
 from tests.certs import PKI, issue, make_authority, make_pki
-from tests.conftest import CT_PHILIPS, TEST_PEER, SettingsFactory, require_shared_data
+from tests.conftest import CT_PHILIPS, TEST_PEER, NodeLog, SettingsFactory, require_shared_data
 from tests.peers import DCMTK
 
 STUDY = "2.25.3000001"
@@ -87,8 +87,8 @@ def _tls_args(issued: Any, ca: Path) -> list[str]:
     return ["+tls", str(issued.key), str(issued.cert), "+cf", str(ca)]
 
 
-def _refusal_logs(caplog: pytest.LogCaptureFixture, reason: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "dicom_node.transport" and f"({reason})" in r.getMessage()]
+def _refusal_logs(node_log: NodeLog, reason: str) -> list[str]:
+    return [r.getMessage() for r in node_log.records if r.name == "dicom_node.transport" and f"({reason})" in r.getMessage()]
 
 
 def _wait_count(node: Node, reason: str, at_least: int, timeout_s: float = 15.0) -> int:
@@ -168,9 +168,8 @@ def test_bad_certificate_key_or_password_stops_start_up_naming_the_field(
 
 # -- receiving --------------------------------------------------------------------------------
 def test_storescu_over_tls_is_indexed_and_bad_clients_are_refused_with_the_reason(
-    tls_node: Node, pki: PKI, dcmtk: DCMTK, caplog: pytest.LogCaptureFixture
+    tls_node: Node, pki: PKI, dcmtk: DCMTK, node_log: NodeLog
 ) -> None:
-    caplog.set_level(logging.INFO)
     files = sorted(require_shared_data(CT_PHILIPS.name).iterdir())
     first, rest = files[:10], files[10:20]
     _, tls_port = tls_node.scp.tls_address
@@ -190,11 +189,11 @@ def test_storescu_over_tls_is_indexed_and_bad_clients_are_refused_with_the_reaso
         result = dcmtk.storescu(tls_port, first[:1], extra=extra, timeout_s=60)
         assert result.returncode != 0, reason
         assert _wait_count(tls_node, reason, 1) == 1, reason
-        assert any(why in line for line in _refusal_logs(caplog, reason)), (reason, caplog.text[-2000:])
+        assert any(why in line for line in _refusal_logs(node_log, reason)), (reason, node_log.text[-2000:])
     untrusted = dcmtk.storescu(tls_port, first[:1], extra=_tls_args(pki.rogue, pki.ca), timeout_s=60)
     assert untrusted.returncode != 0
     assert _wait_count(tls_node, "tls_certificate", 2) == 2
-    assert any("unable to get local issuer certificate" in line for line in _refusal_logs(caplog, "tls_certificate"))
+    assert any("unable to get local issuer certificate" in line for line in _refusal_logs(node_log, "tls_certificate"))
 
     # A silent connection and one dripping a ClientHello a byte at a time do not hold up other
     # senders; both are closed at the deadline (2 s from connecting), however slowly they drip.
@@ -217,18 +216,18 @@ def test_storescu_over_tls_is_indexed_and_bad_clients_are_refused_with_the_reaso
         time.sleep(0.05)  # the last sender's association thread ends just after it exits
     assert tls_node.scp.door.pending == 0 and tls_node.scp.door.associations == 0
     # No patient data in what the refusals logged.
-    assert "TRAUMA" not in caplog.text
+    assert "TRAUMA" not in node_log.text
 
 
 def test_a_source_flagged_tls_is_rejected_on_the_plain_port(
-    tls_node: Node, pki: PKI, dcmtk: DCMTK, caplog: pytest.LogCaptureFixture
+    tls_node: Node, pki: PKI, dcmtk: DCMTK, node_log: NodeLog
 ) -> None:
     files = sorted(require_shared_data(CT_PHILIPS.name).iterdir())[:2]
     _, plain_port = tls_node.scp.address
     plain = dcmtk.storescu(plain_port, files, timeout_s=60)
     assert plain.returncode != 0 and "Association Rejected" in plain.stderr
     assert tls_node.scp.refusals["tls_required"] == 1
-    assert any("peer TESTSCU must use TLS" in line for line in _refusal_logs(caplog, "tls_required"))
+    assert any("peer TESTSCU must use TLS" in line for line in _refusal_logs(node_log, "tls_required"))
     assert _series_counts(tls_node) == {}
     echo = dcmtk.run("echoscu", [*_tls_args(pki.client, pki.ca), "-aec", "FPENODE", "127.0.0.1", str(tls_node.scp.tls_address[1])])
     assert echo.returncode == 0, echo.stderr
@@ -301,9 +300,8 @@ def _deliver(tmp_path: Path, pki: PKI, archive: StorescpArchive, *, verify: bool
 
 
 def test_results_reach_storescp_over_tls_verified_and_never_an_unverified_archive(
-    tmp_path: Path, pki: PKI, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, pki: PKI, node_log: NodeLog
 ) -> None:
-    caplog.set_level(logging.INFO)
     trusted = StorescpTLS(pki.server.cert, pki.server.key, pki.ca)
     with StorescpArchive(tmp_path / "archive", tls=trusted) as archive:
         outbox, _ = _deliver(tmp_path, pki, archive, verify=True, name="trusted")
@@ -324,13 +322,13 @@ def test_results_reach_storescp_over_tls_verified_and_never_an_unverified_archiv
             clock.now += dt.timedelta(seconds=20)
             outbox.run_once()  # past the deadline: dead letters, logged
             assert {row.state for row in outbox.rows(STUDY)} == {"dead"}
-    assert any("TLS handshake failed" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    assert any("TLS handshake failed" in r.getMessage() and r.levelno == logging.WARNING for r in node_log.records)
 
     # The explicit opt-out sends to the untrusted archive, with a warning at the association.
     with StorescpArchive(tmp_path / "opt-out", tls=StorescpTLS(rogue_cert.cert, rogue_cert.key, pki.ca)) as archive:
         outbox, _ = _deliver(tmp_path, pki, archive, verify=False, name="opt_out")
         assert {row.state for row in outbox.rows(STUDY)} == {"sent"}
-    assert any("WITHOUT certificate verification" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert any("WITHOUT certificate verification" in r.getMessage() for r in node_log.records if r.levelno == logging.WARNING)
 
 
 def test_peers_cli_sets_and_shows_the_tls_flags(
