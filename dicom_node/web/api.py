@@ -27,7 +27,7 @@ from dicom_node import actions, audit
 from dicom_node.peers import PeerError, PeerInfo, PeerRegistry, validate_peer
 from dicom_node.settings import shown_settings
 from dicom_node.web import auth, queries
-from dicom_node.web.context import WebContext
+from dicom_node.web.context import client_address, web_context
 from dicom_node.web.deps import Principal, Role, require
 from dicom_node.web.models import AuditRecord, Dashboard, DeadLetter, Peer, StudyDetail, StudySummary, Token, User
 
@@ -128,16 +128,6 @@ class TokenCreated(Token):
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def _context(request: Request) -> WebContext:
-    context: WebContext = request.app.state.context
-    return context
-
-
-def _source(request: Request) -> str:
-    """The client address (the peer of the TCP connection; a proxy's address when behind one)."""
-    return request.client.host if request.client is not None else "unknown"
-
-
 @contextmanager
 def _refusals() -> Iterator[None]:
     """Refused actions and changes as 404 (unknown thing) or 409 (wrong state, invalid change)."""
@@ -176,9 +166,9 @@ def _token(info: auth.TokenInfo) -> Token:
 @router.post("/session", response_model=SessionInfo, tags=["session"], responses={401: {"description": "Login refused"}})
 def open_session(body: LoginRequest, request: Request, response: Response) -> SessionInfo:
     """Log in: sets the session cookie and returns the CSRF token (lock-out after repeated failures)."""
-    context = _context(request)
+    context = web_context(request)
     try:
-        principal, token = auth.login(context, body.username, body.password, _source(request))
+        principal, token = auth.login(context, body.username, body.password, client_address(request))
     except auth.LoginRefused as exc:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, exc.reason) from None
     auth.set_session_cookie(response, token, context.settings)
@@ -199,7 +189,7 @@ def close_session(request: Request, principal: Principal = Depends(viewer)) -> R
     """Log out (ends the session of the cookie; a token caller has nothing to end)."""
     token = request.cookies.get(auth.SESSION_COOKIE)
     if principal.via == "session" and token:
-        auth.logout(_context(request), token, _source(request))
+        auth.logout(web_context(request), token, client_address(request))
     answer = Response(status_code=status.HTTP_204_NO_CONTENT)
     auth.clear_session_cookie(answer)
     return answer
@@ -213,8 +203,8 @@ def _audit_patient_query(request: Request, principal: Principal, study_uids: lis
     from dicom_node.index.db import write_session
 
     detail = {"path": request.url.path, "query": request.url.query, "studies": study_uids}
-    with write_session(_context(request).session_factory) as session:
-        audit.add_entry(session, actor=principal.name, action=audit.API_QUERY, source=_source(request), detail=detail)
+    with write_session(web_context(request).session_factory) as session:
+        audit.add_entry(session, actor=principal.name, action=audit.API_QUERY, source=client_address(request), detail=detail)
 
 
 @router.get("/studies", response_model=list[StudySummary], tags=["studies"])
@@ -229,7 +219,7 @@ def get_studies(
     principal: Principal = Depends(viewer),
 ) -> list[StudySummary]:
     """Studies, latest arrival first."""
-    context = _context(request)
+    context = web_context(request)
     with context.session_factory() as session:
         found = queries.list_studies(session, state=state, since=since, until=until, sender=sender, limit=limit)
         if patient:
@@ -247,7 +237,7 @@ def get_study(
     principal: Principal = Depends(viewer),
 ) -> StudyDetail:
     """One study: series, timeline, analyses, analysis jobs, deliveries, dead letters, quarantined instances."""
-    context = _context(request)
+    context = web_context(request)
     with context.session_factory() as session:
         detail = queries.study_detail(session, study_uid)
         if detail is None:
@@ -263,21 +253,21 @@ def get_study(
 def complete_study(study_uid: str, request: Request, principal: Principal = Depends(operator)) -> ActionResponse:
     """Force a study still receiving complete and queue its analysis now."""
     with _refusals():
-        return _action(actions.force_complete(_context(request), study_uid, actor=principal.name, source=_source(request)))
+        return _action(actions.force_complete(web_context(request), study_uid, actor=principal.name, source=client_address(request)))
 
 
 @router.post("/studies/{study_uid}/rerun", response_model=ActionResponse, tags=["actions"])
 def rerun_study(study_uid: str, request: Request, principal: Principal = Depends(operator)) -> ActionResponse:
     """Queue a processed study for analysis again."""
     with _refusals():
-        return _action(actions.rerun_analysis(_context(request), study_uid, actor=principal.name, source=_source(request)))
+        return _action(actions.rerun_analysis(web_context(request), study_uid, actor=principal.name, source=client_address(request)))
 
 
 @router.post("/studies/{study_uid}/resend", response_model=ActionResponse, tags=["actions"])
 def resend_study(study_uid: str, request: Request, principal: Principal = Depends(operator)) -> ActionResponse:
     """Queue a study's results for delivery again (as ``fpe-node resend``)."""
     with _refusals():
-        return _action(actions.resend_results(_context(request), study_uid, actor=principal.name, source=_source(request)))
+        return _action(actions.resend_results(web_context(request), study_uid, actor=principal.name, source=client_address(request)))
 
 
 # -- dead letters, suspension, dashboard --------------------------------------------------------------
@@ -286,7 +276,7 @@ def resend_study(study_uid: str, request: Request, principal: Principal = Depend
 @router.get("/dead-letters", response_model=list[DeadLetter], tags=["dead letters"])
 def get_dead_letters(request: Request, principal: Principal = Depends(viewer)) -> list[DeadLetter]:
     """Every dead-lettered result object, oldest first."""
-    with _context(request).session_factory() as session:
+    with web_context(request).session_factory() as session:
         return queries.dead_letters(session)
 
 
@@ -294,47 +284,47 @@ def get_dead_letters(request: Request, principal: Principal = Depends(viewer)) -
 def retry_dead_letter(item_id: int, request: Request, principal: Principal = Depends(operator)) -> ActionResponse:
     """Send a dead-lettered result object again with a fresh deadline."""
     with _refusals():
-        return _action(actions.retry_dead_letter(_context(request), item_id, actor=principal.name, source=_source(request)))
+        return _action(actions.retry_dead_letter(web_context(request), item_id, actor=principal.name, source=client_address(request)))
 
 
 @router.delete("/dead-letters/{item_id}", response_model=ActionResponse, tags=["dead letters"])
 def drop_dead_letter(item_id: int, request: Request, principal: Principal = Depends(operator)) -> ActionResponse:
     """Give up a dead-lettered result object (noted in its study's timeline)."""
     with _refusals():
-        return _action(actions.drop_dead_letter(_context(request), item_id, actor=principal.name, source=_source(request)))
+        return _action(actions.drop_dead_letter(web_context(request), item_id, actor=principal.name, source=client_address(request)))
 
 
 @router.get("/suspended", response_model=Suspended, tags=["actions"])
 def get_suspended(request: Request, principal: Principal = Depends(viewer)) -> Suspended:
     """What is suspended node-wide."""
-    return Suspended(suspended=sorted(actions.suspended(_context(request))))
+    return Suspended(suspended=sorted(actions.suspended(web_context(request))))
 
 
 @router.post("/suspend", response_model=ActionResponse, tags=["actions"])
 def suspend(body: SuspendRequest, request: Request, principal: Principal = Depends(operator)) -> ActionResponse:
     """Suspend analysis or delivery node-wide (queued work waits; nothing is lost)."""
     with _refusals():
-        return _action(actions.suspend(_context(request), body.what, actor=principal.name, source=_source(request)))
+        return _action(actions.suspend(web_context(request), body.what, actor=principal.name, source=client_address(request)))
 
 
 @router.post("/resume", response_model=ActionResponse, tags=["actions"])
 def resume(body: SuspendRequest, request: Request, principal: Principal = Depends(operator)) -> ActionResponse:
     """Resume analysis or delivery."""
     with _refusals():
-        return _action(actions.resume(_context(request), body.what, actor=principal.name, source=_source(request)))
+        return _action(actions.resume(web_context(request), body.what, actor=principal.name, source=client_address(request)))
 
 
 @router.get("/dashboard", response_model=Dashboard, tags=["studies"])
 def get_dashboard(request: Request, principal: Principal = Depends(viewer)) -> Dashboard:
     """Arrivals, waiting studies and why, deliveries and failures (24 h), disk, queues, workers and model."""
-    return queries.dashboard(_context(request))
+    return queries.dashboard(web_context(request))
 
 
 # -- peers ------------------------------------------------------------------------------------------
 
 
 def _registry(request: Request) -> PeerRegistry:
-    return PeerRegistry(_context(request).session_factory)
+    return PeerRegistry(web_context(request).session_factory)
 
 
 @router.get("/peers", response_model=list[Peer], tags=["peers"])
@@ -348,7 +338,7 @@ def add_peer(body: Peer, request: Request, principal: Principal = Depends(admin)
     """Register a peer (takes effect at the next association)."""
     with _refusals():
         info = validate_peer(body.model_dump())
-        _registry(request).add(info, actor=principal.name, source=_source(request))
+        _registry(request).add(info, actor=principal.name, source=client_address(request))
     return _peer(info)
 
 
@@ -360,7 +350,7 @@ def change_peer(name: str, body: PeerChange, request: Request, principal: Princi
         if registry.get(name) is None:
             raise PeerError(f"no peer named {name!r}")
         info = validate_peer({"name": name, **body.model_dump()})
-        registry.add(info, actor=principal.name, replace=True, source=_source(request))
+        registry.add(info, actor=principal.name, replace=True, source=client_address(request))
     return _peer(info)
 
 
@@ -368,7 +358,7 @@ def change_peer(name: str, body: PeerChange, request: Request, principal: Princi
 def remove_peer(name: str, request: Request, principal: Principal = Depends(admin)) -> Response:
     """Remove a peer."""
     with _refusals():
-        _registry(request).remove(name, actor=principal.name, source=_source(request))
+        _registry(request).remove(name, actor=principal.name, source=client_address(request))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -376,7 +366,7 @@ def remove_peer(name: str, request: Request, principal: Principal = Depends(admi
 def echo_peer(name: str, request: Request, principal: Principal = Depends(admin)) -> EchoResponse:
     """C-ECHO the peer's SCP (as ``fpe-node peers echo``)."""
     with _refusals():
-        result = actions.echo_peer(_context(request), name, actor=principal.name, source=_source(request))
+        result = actions.echo_peer(web_context(request), name, actor=principal.name, source=client_address(request))
     return EchoResponse(peer=result.peer, ok=result.ok, status=result.status, message=result.message)
 
 
@@ -386,15 +376,15 @@ def echo_peer(name: str, request: Request, principal: Principal = Depends(admin)
 @router.get("/users", response_model=list[User], tags=["users"])
 def get_users(request: Request, principal: Principal = Depends(admin)) -> list[User]:
     """Every user, by name."""
-    return [_user(info) for info in auth.list_users(_context(request))]
+    return [_user(info) for info in auth.list_users(web_context(request))]
 
 
 @router.post("/users", response_model=User, status_code=status.HTTP_201_CREATED, tags=["users"])
 def add_user(body: NewUser, request: Request, principal: Principal = Depends(admin)) -> User:
     """Create a user."""
     with _refusals():
-        info = auth.add_user(_context(request), body.name, body.role, body.password, actor=principal.name,
-                             source=_source(request))
+        info = auth.add_user(web_context(request), body.name, body.role, body.password, actor=principal.name,
+                             source=client_address(request))
     return _user(info)
 
 
@@ -403,8 +393,8 @@ def change_user(name: str, body: UserChange, request: Request, principal: Princi
     """Change a user's role or password, disable or enable it, lift a lock-out (a new password or
     lower role ends its sessions)."""
     with _refusals():
-        info = auth.change_user(_context(request), name, role=body.role, password=body.password, disabled=body.disabled,
-                                unlock=body.unlock, actor=principal.name, source=_source(request))
+        info = auth.change_user(web_context(request), name, role=body.role, password=body.password, disabled=body.disabled,
+                                unlock=body.unlock, actor=principal.name, source=client_address(request))
     return _user(info)
 
 
@@ -412,22 +402,22 @@ def change_user(name: str, body: UserChange, request: Request, principal: Princi
 def remove_user(name: str, request: Request, principal: Principal = Depends(admin)) -> Response:
     """Remove a user with its sessions and tokens (never the last admin)."""
     with _refusals():
-        auth.remove_user(_context(request), name, actor=principal.name, source=_source(request))
+        auth.remove_user(web_context(request), name, actor=principal.name, source=client_address(request))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/tokens", response_model=list[Token], tags=["users"])
 def get_tokens(request: Request, principal: Principal = Depends(admin)) -> list[Token]:
     """Every API token (never its secret)."""
-    return [_token(info) for info in auth.list_tokens(_context(request))]
+    return [_token(info) for info in auth.list_tokens(web_context(request))]
 
 
 @router.post("/tokens", response_model=TokenCreated, status_code=status.HTTP_201_CREATED, tags=["users"])
 def add_token(body: NewToken, request: Request, principal: Principal = Depends(admin)) -> TokenCreated:
     """Make an API token; its secret is in this response only."""
     with _refusals():
-        info, secret = auth.add_token(_context(request), body.owner, body.name, body.role, expires_days=body.expires_days,
-                                      actor=principal.name, source=_source(request))
+        info, secret = auth.add_token(web_context(request), body.owner, body.name, body.role, expires_days=body.expires_days,
+                                      actor=principal.name, source=client_address(request))
     return TokenCreated(**_token(info).model_dump(), token=secret)
 
 
@@ -435,7 +425,7 @@ def add_token(body: NewToken, request: Request, principal: Principal = Depends(a
 def remove_token(token_id: int, request: Request, principal: Principal = Depends(admin)) -> Response:
     """Revoke an API token."""
     with _refusals():
-        auth.remove_token(_context(request), token_id, actor=principal.name, source=_source(request))
+        auth.remove_token(web_context(request), token_id, actor=principal.name, source=client_address(request))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -445,7 +435,7 @@ def remove_token(token_id: int, request: Request, principal: Principal = Depends
 @router.get("/settings", response_model=dict[str, Any], tags=["settings"])
 def get_settings(request: Request, principal: Principal = Depends(admin)) -> dict[str, Any]:
     """The effective settings (as ``fpe-node config show``), secrets shown as ``***``."""
-    return shown_settings(_context(request).settings)
+    return shown_settings(web_context(request).settings)
 
 
 @router.get("/audit", response_model=list[AuditRecord], tags=["settings"])
@@ -456,7 +446,7 @@ def get_audit(
     principal: Principal = Depends(admin),
 ) -> list[AuditRecord]:
     """The audit trail, newest first: who did what, when, from where."""
-    with _context(request).session_factory() as session:
+    with web_context(request).session_factory() as session:
         return queries.audit_trail(session, limit, action=action)
 
 

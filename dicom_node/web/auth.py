@@ -40,12 +40,11 @@ from dicom_node.index.base import utcnow
 from dicom_node.index.db import write_session
 from dicom_node.index.users import ApiToken, WebSession, WebUser
 from dicom_node.settings import Settings
+from dicom_node.web.context import WebContext, web_context
 from dicom_node.web.deps import Principal, Role
 
 if TYPE_CHECKING:
     from fastapi import Request, Response
-
-    from dicom_node.web.context import WebContext
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +300,7 @@ def csrf_token(request: Request) -> str:
     token = request.cookies.get(SESSION_COOKIE)
     if not token:
         return ""
-    found = authenticate_session(request.app.state.context, token)
+    found = authenticate_session(web_context(request), token)
     return "" if found is None else found.csrf_token
 
 

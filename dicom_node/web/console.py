@@ -39,7 +39,7 @@ from dicom_node import __version__, actions
 from dicom_node.lifecycle import StudyState
 from dicom_node.peers import PeerError, PeerInfo, PeerRegistry, validate_peer
 from dicom_node.web import auth, queries
-from dicom_node.web.context import WebContext
+from dicom_node.web.context import client_address, web_context
 from dicom_node.web.deps import Principal, Role, current_principal, require
 from dicom_node.web.models import StudySummary
 
@@ -80,17 +80,6 @@ SECURITY_HEADERS = {
 
 
 # -- plumbing ----------------------------------------------------------------------------------
-
-
-def web_context(request: Request) -> WebContext:
-    """The node's :class:`WebContext` (set on the application by :func:`dicom_node.web.app.create_app`)."""
-    context: WebContext = request.app.state.context
-    return context
-
-
-def client_address(request: Request) -> str:
-    """Where the request came from, for the audit trail."""
-    return request.client.host if request.client is not None else "unknown"
 
 
 def page_principal(request: Request) -> Principal | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fastapi import Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.settings import Settings
@@ -31,3 +32,15 @@ class WebContext:
     settings: Settings
     session_factory: sessionmaker[Session]
     node: Node | None = None
+
+
+def web_context(request: Request) -> WebContext:
+    """The node's :class:`WebContext` (set on the application by :func:`dicom_node.web.app.create_app`)."""
+    context: WebContext = request.app.state.context
+    return context
+
+
+def client_address(request: Request) -> str:
+    """Where the request came from, for the audit trail: the peer of the TCP connection (a
+    proxy's address when behind one; ``X-Forwarded-For`` is not trusted)."""
+    return request.client.host if request.client is not None else "unknown"

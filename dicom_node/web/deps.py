@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import APIKeyCookie, HTTPBearer
 
+from dicom_node.web.context import web_context
+
 
 class Role(enum.IntEnum):
     """A user's role; a higher value includes the lower ones."""
@@ -68,7 +70,7 @@ def current_principal(request: Request) -> Principal:
     cached = getattr(request.state, "fpenode_principal", None)
     if isinstance(cached, Principal):
         return cached
-    context = request.app.state.context
+    context = web_context(request)
     header = request.headers.get("authorization")
     if header is not None:
         scheme, _, credentials = header.partition(" ")
