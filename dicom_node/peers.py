@@ -263,7 +263,7 @@ class PeerRegistry:
             if replace_all:
                 keep = [peer.name for peer in peers]
                 for row in session.scalars(select(Peer).where(Peer.name.not_in(keep))):
-                    session.add(AuditEntry(actor=actor, action="peer.remove", detail=json.dumps({"name": row.name})))
+                    add_entry(session, actor=actor, action="peer.remove", detail={"name": row.name})
                     session.delete(row)
                     changed += 1
                 session.flush()
