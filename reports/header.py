@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable
+from typing import cast
 
 from highdicom._standard_utils import get_module_attribute_map
 from pydicom.charset import python_encoding
@@ -43,6 +44,7 @@ __all__ = [
     "PATIENT_STUDY_MODULES",
     "REQUIRED_UIDS",
     "TYPE2_ATTRIBUTES",
+    "TolerantPatientCopy",
     "copy_patient_and_study",
     "patient_study_keywords",
     "required_uid",
@@ -174,3 +176,12 @@ def copy_patient_and_study(target: Dataset, header: Dataset, keywords: Iterable[
     for keyword in keywords:
         if keyword in header:
             target.add(copy.deepcopy(header[keyword]))
+
+
+class TolerantPatientCopy:
+    """Mixin for highdicom's SOP classes: they copy patient and study by the source's SOP class
+    (its IOD table); this copies them from the normalised header (:func:`copy_patient_and_study`),
+    whatever the source's class."""
+
+    def copy_patient_and_study_information(self, dataset: Dataset) -> None:
+        copy_patient_and_study(cast(Dataset, self), dataset)

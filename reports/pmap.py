@@ -31,7 +31,6 @@ import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import highdicom as hd
 import numpy as np
@@ -41,7 +40,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from inference.result import Prediction, SourcePlane
 from reports.codes import coding_scheme_identification
-from reports.header import copy_patient_and_study, source_header
+from reports.header import TolerantPatientCopy, source_header
 from reports.sr import MANUFACTURER, ReportContext, contributing_equipment, declare_character_set
 from reports.uids import UIDFactory
 
@@ -161,14 +160,7 @@ def displayed_values(attention: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.where(values >= DISPLAY_FLOOR, values, np.float32(0.0)), dtype=np.float32)
 
 
-class _TolerantPatientCopy:
-    """Patient and study copied from the normalised header, whatever the source's SOP class."""
-
-    def copy_patient_and_study_information(self, dataset: Dataset) -> None:
-        copy_patient_and_study(cast(Dataset, self), dataset)
-
-
-class _ParametricMap(_TolerantPatientCopy, hd.pm.ParametricMap):
+class _ParametricMap(TolerantPatientCopy, hd.pm.ParametricMap):
     """highdicom's Parametric Map with the tolerant patient and study copy."""
 
 

@@ -24,7 +24,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from inference.result import Prediction
 from reports.codes import Fpe
-from reports.pmap import _TolerantPatientCopy, finish, overlay_geometry
+from reports.header import TolerantPatientCopy
+from reports.pmap import finish, overlay_geometry
 from reports.sr import MANUFACTURER, ReportContext, contributing_equipment
 from reports.uids import UIDFactory
 
@@ -38,7 +39,7 @@ SEGMENT_LABEL = "Attention >= 50% of case maximum"
 DEFAULT_SEG_SERIES_NUMBER = 9905
 
 
-class _Segmentation(_TolerantPatientCopy, hd.seg.Segmentation):
+class _Segmentation(TolerantPatientCopy, hd.seg.Segmentation):
     """highdicom's Segmentation with the tolerant patient and study copy."""
 
 

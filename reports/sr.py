@@ -74,7 +74,7 @@ from pydicom.uid import UID
 
 from inference.result import AttentionPeak, ModelInfo, NotAnalysed, Prediction, SourceInstance
 from reports.codes import Fpe, Std, coding_scheme_identification, procedure_reported
-from reports.header import REQUIRED_UIDS, copy_patient_and_study, required_uid, source_header
+from reports.header import REQUIRED_UIDS, TolerantPatientCopy, required_uid, source_header
 from reports.uids import UIDFactory, is_valid_uid
 
 __all__ = [
@@ -436,23 +436,15 @@ def _evidence(result: Prediction | NotAnalysed, source_datasets: Sequence[Datase
     return evidence
 
 
-class _TolerantPatientCopy:
-    """highdicom's SR classes copy patient and study by the source's SOP class (its IOD table);
-    this copies them from the normalised header, whatever the source's class."""
-
-    def copy_patient_and_study_information(self, dataset: Dataset) -> None:
-        copy_patient_and_study(cast(Dataset, self), dataset)
-
-
-class _Comprehensive3DSR(_TolerantPatientCopy, hd.sr.Comprehensive3DSR):
+class _Comprehensive3DSR(TolerantPatientCopy, hd.sr.Comprehensive3DSR):
     """Comprehensive 3D SR (PS3.3 A.35.13) with the tolerant patient and study copy."""
 
 
-class _ComprehensiveSR(_TolerantPatientCopy, hd.sr.ComprehensiveSR):
+class _ComprehensiveSR(TolerantPatientCopy, hd.sr.ComprehensiveSR):
     """Comprehensive SR (PS3.3 A.35.3) with the tolerant patient and study copy."""
 
 
-class _EnhancedSR(_TolerantPatientCopy, hd.sr.EnhancedSR):
+class _EnhancedSR(TolerantPatientCopy, hd.sr.EnhancedSR):
     """Enhanced SR (PS3.3 A.35.2) with the tolerant patient and study copy."""
 
 
