@@ -204,6 +204,7 @@ def results_sent_detail(
     }
 
 
-def node_detail(ae_title: str, host: str, port: int) -> dict[str, Any]:
-    """The detail of ``node.start`` / ``node.stop``: the AE, its address and this process."""
-    return {"ae_title": ae_title, "host": host, "port": port, "pid": os.getpid()}
+def node_detail(ae_title: str, host: str | None, port: int | None, role: str = "all") -> dict[str, Any]:
+    """The detail of ``node.start`` / ``node.stop``: the AE, its address (none for a process that
+    runs no receiver), the process's role (``fpe-node serve --role``) and its PID."""
+    return {"ae_title": ae_title, "host": host, "port": port, "role": role, "pid": os.getpid()}

@@ -30,17 +30,34 @@ from dicom_node.lifecycle import Lifecycle
 from dicom_node.logs import use_installation_secret
 from dicom_node.peers import PeerRegistry, actor_for
 from dicom_node.quarantine import QuarantineCheck, reconcile_orphans
-from dicom_node.recovery import recover_lost_results
+from dicom_node.leases import NamedLease
+from dicom_node.recovery import count_report_failed
 from dicom_node.retention import Retention
 from dicom_node.scp import AssociationTracker, Ingest, IngestListener, ListenerDispatcher, StorageSCP
 from dicom_node.selector import build_selector
-from dicom_node.settings import Settings
+from dicom_node.settings import Settings, SettingsError
 from dicom_node.storage import DiskGuard, FileStore
 from dicom_node.tls import server_context
 from dicom_node.worker import InferenceWorkers
 from inference.selection import Selector
 
 log = logging.getLogger(__name__)
+
+ROLES: dict[str, frozenset[str]] = {
+    "all": frozenset({"receiver", "worker", "sender"}),
+    "receiver": frozenset({"receiver"}),
+    "worker": frozenset({"worker"}),
+    "sender": frozenset({"sender"}),
+}
+"""What each ``fpe-node serve --role`` runs in its process (``all``: the single-machine node).
+
+* ``receiver``: the SCP (associations, files, index rows), completion timers (the lease holder
+  queues ready studies), retention, alerts and the audit export;
+* ``worker``: ``inference.workers`` worker processes: claim, analyse, build and commit results;
+* ``sender``: the outbox runner: claim due rows, deliver, settle studies.
+
+Every role serves the console, API, health and metrics when ``console.enabled``.
+"""
 
 
 @dataclass
@@ -63,32 +80,54 @@ class Node:
     selector: Selector  # completion's; the worker builds the same one (dicom_node.selector.build_selector)
     exporter: AuditExporter | None = None  # audit messages to the syslog collector (audit.enabled)
     alerts: Alerts | None = None  # rules evaluated on the scheduler (dicom_node.alerts)
+    role: str = "all"  # fpe-node serve --role (ROLES)
+
+    def runs(self, part: str) -> bool:
+        """Whether this process runs ``part`` (``receiver``, ``worker`` or ``sender``)."""
+        return part in ROLES[self.role]
 
     def add_listener(self, listener: IngestListener) -> None:
         """Follow arrivals with ``listener`` (call before :meth:`start`; e.g. needing the session factory)."""
         self.dispatcher.listeners.append(listener)
 
-    def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
-        """Rebuild pending work from the index, start timers, sending and workers, then the SCP.
+    def start(self, host: str | None = None, port: int | None = None) -> tuple[str, int] | None:
+        """Rebuild pending work from the index, then start what this process's role runs.
 
-        Pending work includes studies whose results were lost before delivery
-        (:func:`dicom_node.recovery.recover_lost_results`), queued again before workers start.
+        A receiver starts its timers, retention, alerts and audit export, then the SCP; a worker
+        its worker processes; a sender the outbox runner (rows left pending, or claimed by a
+        sender that died, are picked up as their leases allow).
 
-        Returns the bound address.
+        Returns the SCP's bound address, or ``None`` when this process runs no receiver.
         """
         self.lifecycle.rebuild_pending()
-        recover_lost_results(self.session_factory, self.lifecycle, self.settings)  # analysed, never queued
+        failed = count_report_failed(self.session_factory)
+        if failed:
+            log.warning("%d studies are report_failed (results could not be built or queued); "
+                        "`fpe-node studies --state report_failed` lists them, `fpe-node resend STUDY` retries", failed)
+        receiver = self.runs("receiver")
+        if receiver:
+            self.scheduler.add_job(
+                self.retention.run, trigger="interval", seconds=self.settings.retention.check_interval_s,
+                id="retention", next_run_time=dt.datetime.now(dt.timezone.utc), coalesce=True, max_instances=1,
+            )
+            if self.alerts is not None:
+                self.alerts.start(self.scheduler)
         self.scheduler.start()
-        self.completion.start()
-        self.delivery.start()
-        self.workers.start()
-        bound = self.scp.start(host, port)
+        if receiver:
+            self.completion.start()
+        if self.runs("sender"):
+            self.delivery.start()
+        if self.runs("worker"):
+            self.workers.start()
+        bound = self.scp.start(host, port) if receiver else None
         audit.record(
             self.session_factory, actor=actor_for("fpe-node"), action=audit.NODE_START,
-            detail=audit.node_detail(self.settings.network.ae_title, *bound),
+            detail=audit.node_detail(self.settings.network.ae_title, bound[0] if bound else None,
+                                     bound[1] if bound else None, role=self.role),
         )
-        if self.exporter is not None:
+        if receiver and self.exporter is not None:
             self.exporter.start()
+        log.info("fpe-node role %s started (%s)", self.role, ", ".join(sorted(ROLES[self.role])))
         return bound
 
     def stop(self, grace_s: float = 10.0) -> None:
@@ -99,16 +138,18 @@ class Node:
         self.scp.stop(grace_s)
         self.workers.stop()
         self.delivery.stop()
+        self.completion.release()
         self.dispatcher.close()
         if self.scheduler.running:
             # wait=False: APScheduler 3 holds its job-store lock while waiting for running jobs,
             # and a completion job that schedules its next check would wait on that lock for
             # ever. Jobs are idempotent and rebuilt from the index at the next start.
             self.scheduler.shutdown(wait=False)
-        if started:
+        if started or not self.runs("receiver"):
             audit.record(
                 self.session_factory, actor=actor_for("fpe-node"), action=audit.NODE_STOP,
-                detail=audit.node_detail(self.settings.network.ae_title, *address),
+                detail=audit.node_detail(self.settings.network.ae_title, address[0] if started else None,
+                                         address[1] if started else None, role=self.role),
             )
         if self.exporter is not None:
             self.exporter.stop()
@@ -120,6 +161,7 @@ def build_node(
     listeners: Iterable[IngestListener] = (),
     *,
     disk_guard: DiskGuard | None = None,
+    role: str = "all",
 ) -> Node:
     """Create the data directory and index (migrated to head), seed peers, build the SCP.
 
@@ -135,7 +177,11 @@ def build_node(
     disk_guard:
         Decides whether a C-STORE may be written; default :class:`Retention`, which purges
         processed studies before refusing above ``retention.disk_high_watermark_pct``.
+    role:
+        What this process runs (:data:`ROLES`); ``all`` is the single-machine node.
     """
+    if role not in ROLES:
+        raise SettingsError(f"role: {role!r} is not one of {', '.join(ROLES)}")
     tls_context = server_context(settings.network.tls) if settings.network.tls.enabled else None
     files = FileStore(settings.storage.data_dir, fsync=settings.storage.fsync)
     use_installation_secret(settings.storage.data_dir)  # created at first start
@@ -151,17 +197,17 @@ def build_node(
     peers = PeerRegistry(session_factory)
     peers.seed(settings.peers)
     scheduler = BackgroundScheduler(timezone=dt.timezone.utc)
-    lifecycle = Lifecycle(session_factory, settings.completion)
+    lifecycle = Lifecycle(session_factory, settings.completion, job_lease_s=settings.leases.job_s)
     readiness = _selection_readiness(settings, session_factory)
+    # Several receivers share the index: the holder of the completion lease queues ready studies.
+    lease = NamedLease(session_factory, "completion", settings.leases.completion_s, kind="receiver") \
+        if role == "receiver" else None
     completion = Completion(
         settings.completion, lifecycle, session_factory, scheduler, data_dir=settings.storage.data_dir,
         uid_root=settings.uid.root, could_use=readiness.could_use, pipeline_ready=readiness.pipeline_ready,
+        lease=lease,
     )
     retention = Retention(settings.retention, settings.storage, session_factory)
-    scheduler.add_job(
-        retention.run, trigger="interval", seconds=settings.retention.check_interval_s, id="retention",
-        next_run_time=dt.datetime.now(dt.timezone.utc), coalesce=True, max_instances=1,
-    )
     guard = disk_guard or retention
     # The later check runs first, so a series is judged without its quarantined instances.
     dispatcher = ListenerDispatcher([QuarantineCheck(session_factory, settings.storage.data_dir), completion, *listeners])
@@ -174,12 +220,11 @@ def build_node(
     )
     scp = StorageSCP(settings.network, ingest=ingest, registry=peers, tls_context=tls_context)
     delivery = build_delivery(settings, session_factory, lifecycle, destinations_from_registry(peers))
-    workers = InferenceWorkers(settings, on_result=[delivery.on_result])
+    workers = InferenceWorkers(settings)
     alerts = Alerts(settings, session_factory, retention.used_pct)
-    alerts.start(scheduler)
     return Node(
         settings, engine, session_factory, files, peers, dispatcher, scp, scheduler, lifecycle, completion, retention,
-        delivery, workers, readiness.selector, build_exporter(settings, session_factory), alerts,
+        delivery, workers, readiness.selector, build_exporter(settings, session_factory), alerts, role,
     )
 
 

@@ -60,6 +60,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.index.base import utcnow
 from dicom_node.index.db import write_session
 from dicom_node.index.models import Instance, Series, Study
+from dicom_node.leases import NamedLease
 from dicom_node.lifecycle import BUSY_STATES, PROCESSED_STATES, WAITING_STATES, Lifecycle, StudyState
 from dicom_node.settings import CompletionSettings
 from dicom_node.sop_classes import is_unknown_storage_class
@@ -336,6 +337,13 @@ class Completion:
         runs on the scheduler's threads, errors are logged.
     clock:
         Monotonic clock (tests may pass their own).
+    lease:
+        Several receivers on one index (role ``receiver``): the ``completion`` lease
+        (:class:`dicom_node.leases.NamedLease`). Every receiver times what it receives, but only
+        the lease holder queues studies; it also follows the studies other receivers received
+        from the index (:meth:`follow_index`), so a study split across receivers is judged on
+        all its series, and a new holder takes over every open study when the old one stops.
+        ``None`` (role ``all``): this process is the only receiver.
     """
 
     def __init__(
@@ -351,7 +359,9 @@ class Completion:
         pipeline_ready: PipelineReady = default_pipeline_ready,
         on_series_complete: Sequence[Callable[[SeriesInfo], None]] = (),
         clock: Callable[[], float] = time.monotonic,
+        lease: NamedLease | None = None,
     ) -> None:
+        self._lease = lease
         self._settings = completion
         self._lifecycle = lifecycle
         self._sessions = sessions
@@ -440,7 +450,76 @@ class Completion:
             self._sweep, trigger="interval", seconds=max(self._quiet, 1.0), id="completion:sweep",
             replace_existing=True, coalesce=True, max_instances=1,
         )
+        if self._lease is not None:
+            self._hold_lease()
+            self._scheduler.add_job(
+                self._hold_lease, trigger="interval", seconds=max(0.5, min(self._lease.lease_s / 3, self._quiet / 2)),
+                id="completion:lease", replace_existing=True, coalesce=True, max_instances=1,
+            )
         return opened
+
+    def release(self) -> None:
+        """Give the ``completion`` lease up at a clean stop (another receiver takes over at once)."""
+        if self._lease is not None:
+            try:
+                self._lease.release()
+            except Exception:  # noqa: BLE001 - the lease then simply runs out
+                log.warning("completion lease not released; it runs out by itself", exc_info=True)
+
+    @property
+    def decides(self) -> bool:
+        """Whether this process queues ready studies (the only receiver, or the lease holder)."""
+        return self._lease is None or self._lease.held
+
+    def _hold_lease(self) -> None:
+        """Take or renew the ``completion`` lease; the holder follows every open study from the index."""
+        try:
+            held = self._lease is not None and self._lease.hold()
+        except Exception:  # noqa: BLE001 - the index away for a moment: the lease runs out if it stays away
+            log.warning("completion lease not renewed (index unreachable?)", exc_info=True)
+            return
+        if held:
+            try:
+                self.follow_index()
+            except Exception:  # noqa: BLE001 - retried at the next tick
+                log.exception("completion: following the index failed; retrying")
+
+    def follow_index(self) -> int:
+        """Bring the timers up to date with what every receiver indexed; returns the studies touched.
+
+        A ``received`` study this process does not time gets its timers from the index (as at a
+        restart); for one it times, a series it has not seen is added and a series another
+        receiver got newer instances of counts from their arrival, so its quiet period restarts.
+        """
+        infos = [item for item in self._series_from_index() if item[1] is StudyState.RECEIVED]
+        now_mono, now_utc = self._clock(), utcnow()
+        touched = 0
+        for study_uid, _state, rows in infos:
+            with self._lock:
+                study = self._studies.get(study_uid)
+                if study is None:
+                    study = self._studies[study_uid] = _StudyTrack(study_uid, now_mono)
+                changed = False
+                for info, last_received, complete in rows:
+                    at = now_mono - max(0.0, (now_utc - last_received).total_seconds())
+                    track = study.series.get(info.series_uid)
+                    if track is None:
+                        never = self._never_usable(info)
+                        study.series[info.series_uid] = _SeriesTrack(
+                            info, self._usable(info) and not never, at, info.instance_count, complete, judged=never,
+                        )
+                        changed = True
+                    elif info.instance_count > track.count and at > track.last_at + 1e-3:
+                        track.last_at, track.count = at, info.instance_count
+                        track.complete, track.released_at = False, None
+                        track.judged = self._never_usable(track.info)
+                        changed = True
+                if changed:
+                    study.version += 1
+                    study.last_at = max([study.last_at, *(t.last_at for t in study.series.values())])
+                    touched += 1
+                    self._schedule(study, min(self._next_deadline(study), now_mono))
+        return touched
 
     def _sweep(self) -> None:
         now = self._clock()
@@ -765,6 +844,13 @@ class Completion:
     # -- the study is ready ---------------------------------------------------------------
 
     def _study_ready(self, study: _StudyTrack, reason: str, has_images: bool) -> None:
+        if not self.decides:
+            log.debug("study %s ready here; the completion lease holder queues it", study.study_uid)
+            return
+        if self._lease is not None and self._arrived_elsewhere(study):
+            self.follow_index()  # another receiver got instances meanwhile: judge them too
+            self._retry_later(study)
+            return
         state = self._lifecycle.state_of(study.study_uid)
         if state in BUSY_STATES:  # analysis or reporting still running: look again later
             self._retry_later(study)
@@ -787,6 +873,15 @@ class Completion:
         self._lifecycle.enqueue(study.study_uid, reason)
 
     # -- index access ---------------------------------------------------------------------
+
+    def _arrived_elsewhere(self, study: _StudyTrack) -> bool:
+        """An instance of the study arrived (at any receiver) after the last one this process timed."""
+        with self._sessions() as session:
+            last = session.scalar(select(Study.last_received_at).where(Study.study_uid == study.study_uid))
+        if last is None:
+            return False
+        age = max(0.0, (utcnow() - last).total_seconds())
+        return self._clock() - age > study.last_at + 0.5
 
     def _study_and_series_state(self, study_uid: str, series_uid: str) -> tuple[StudyState | None, bool]:
         """The study's state and whether the series was already known (``complete_at`` set)."""

@@ -1,7 +1,8 @@
 """From a prediction to results in the archive: reports, files, outbox, study states.
 
-One study's path after inference (the worker calls :meth:`Delivery.on_result` once it has
-recorded the prediction and moved the study to ``analysed`` / ``not_analysed``)::
+One study's path after inference (in the worker process: :meth:`Delivery.prepare` builds and
+writes the files, :meth:`Delivery.queue_in` adds the outbox rows in the transaction that
+records the analysis; :meth:`Delivery.on_result` does both in a transaction of its own)::
 
     Prediction | NotAnalysed
       -> source headers from the index (patient and study are copied from them)
@@ -10,8 +11,8 @@ recorded the prediction and moved the study to ``analysed`` / ``not_analysed``):
       -> files under storage.results_dir/<study>/<series>/<sop>.dcm (temp, fsync, rename)
       -> outbox rows (routing, demonstration guard) and, in the same transaction,
          the study's move to ``reporting``
-      -> the outbox runner sends; when the last row settles the study becomes
-         ``delivered`` / ``partly_delivered`` / ``dead_lettered``.
+      -> the outbox runner of a sender process sends; the transaction that records the last
+         row's outcome moves the study to ``delivered`` / ``partly_delivered`` / ``dead_lettered``.
 
 When nothing is to be sent (no destination, no rule matches, or results of demonstration
 weights while ``delivery.allow_demonstration_results`` is off) the results stay in the node,
@@ -20,7 +21,8 @@ the study keeps its state and its timeline says why.
 Never silent (issue 9): when loading the sources, building, writing or queueing the results
 raises (any exception), the study moves to ``report_failed`` with the step and the error in
 its timeline, ``fpe-node studies`` lists and counts it, and ``fpe-node resend`` retries it (its
-analysis runs again, :mod:`dicom_node.recovery`). The node never retries it by itself: a
+analysis runs again, :mod:`dicom_node.recovery`). Files written for a run whose transaction
+never commits (its worker was fenced out) are removed (:meth:`Delivery.discard`). The node never retries it by itself: a
 result that fails to build fails the same way until the cause is fixed.
 
 Versions (issue 4 item 5): a re-run's SR names the SR(s) it supersedes in its Predecessor
@@ -48,7 +50,7 @@ from dicom_node import __version__
 from dicom_node.index.db import write_session
 from dicom_node.index.models import Instance, Series, Study
 from dicom_node.index.outbox import OutboxItem, OutboxState
-from dicom_node.lifecycle import Lifecycle, StudyState, TransitionError, transition
+from dicom_node.lifecycle import Lifecycle, StudyState, TransitionError, note_in, transition
 from dicom_node.outbox import (
     AnyDestination,
     DeliveryRow,
@@ -77,6 +79,9 @@ Result = Prediction | NotAnalysed
 Builder = Callable[
     [Result, Sequence[Dataset], Sequence[PriorReport], dict[str, float]], list[tuple[ResultKind, Dataset]]
 ]
+
+KEPT_NOTE = "results kept in the node"
+"""Start of the timeline note written when results are built but nothing is sent."""
 
 _SETTLED_STATE = {
     StudyDelivery.DELIVERED: StudyState.DELIVERED,
@@ -243,6 +248,14 @@ class DeliveryReport:
     """The step in progress (the one that failed when ``failed_reason`` is set)."""
     failed_reason: str | None = None
     """Why the study went to ``report_failed`` (``None``: it did not)."""
+    demonstration: bool = False
+    """The result is of untrained demonstration weights (held unless allowed)."""
+    context: RoutingContext | None = None
+    """What routing rules match on, once the results are built."""
+    queued: bool = True
+    """False when there is nothing to queue (no SR for a study not analysed)."""
+    destinations: list[str] = field(default_factory=list)
+    """The destinations' names when the results were built (routing picks among them)."""
 
 
 class Delivery:
@@ -257,7 +270,7 @@ class Delivery:
     lifecycle:
         Study transitions (``reporting`` and the three delivery outcomes).
     outbox:
-        The outbox; build it with ``on_settled=delivery.on_settled`` (see :func:`build_delivery`).
+        The outbox; build it with ``settle_in=delivery.settle_in`` (see :func:`build_delivery`).
     builder:
         Builds the objects (default :func:`report_builder`).
     runner:
@@ -294,32 +307,86 @@ class Delivery:
     # -- prediction -> outbox -----------------------------------------------------------
 
     def on_result(self, study_uid: str, result: Result) -> DeliveryReport:
-        """Build, write and queue the results of one study (after the worker recorded it).
+        """Build, write and queue the results of one study (after its analysis was recorded).
 
-        Never raises for a failure of its own steps: the study goes to ``report_failed``
-        (see :meth:`_report_failed`) and the report says why.
+        :meth:`prepare` then :meth:`queue_in` in a unit of work of its own (a worker runs the
+        two itself, queueing in the transaction that records its analysis). Never raises for a
+        failure of its own steps: the study goes to ``report_failed`` and the report says why.
         """
-        report = DeliveryReport(study_uid)
+        report = self.prepare(study_uid, result)
+        with write_session(self._sessions) as session:
+            self.queue_in(session, report)
+        self.after_commit(report)
+        return report
+
+    def prepare(self, study_uid: str, result: Result) -> DeliveryReport:
+        """Build and write the result files of one study; nothing is written to the index yet.
+
+        A failure of any step is caught and kept in the report (``failed_reason``, logged with
+        its traceback); :meth:`queue_in` then moves the study to ``report_failed``.
+        """
+        report = DeliveryReport(study_uid, demonstration=self._is_demonstration(result))
         if isinstance(result, NotAnalysed) and not self.settings.reports.sr_for_not_analysed:
             report.kept_reason = "no SR for studies not analysed (reports.sr_for_not_analysed is off)"
+            report.queued = False
             return report
         sources: list[Dataset] = []
         try:
-            sources = self._build_and_queue(study_uid, result, report)
+            sources = self._build(study_uid, result, report)
+            report.step = "queueing the results"
+            report.context = RoutingContext(pipeline=result.pipeline, calling_ae_title=self._calling_ae(study_uid))
+            report.destinations = [destination.name for destination in self.outbox.destinations()]
         except Exception as exc:  # noqa: BLE001 - any failure ends in a visible state, not only in the log
-            report.failed_reason = self._report_failed(study_uid, report.step, exc, sources)
-            return report
-        if report.sending and self.runner is not None:
-            self.runner.wake()
-        elif not report.sending:
-            report.kept_reason = self._kept_reason(report.rows, self._is_demonstration(result))
-            self.lifecycle.note(study_uid, f"results kept in the node: {report.kept_reason}")
-        log.info("study %s: %d result objects written, %s", study_uid, len(report.files),
-                 "queued for delivery" if report.sending else f"kept ({report.kept_reason})")
+            report.failed_reason = self._failure_reason(study_uid, report.step, exc, sources)
         return report
 
-    def _build_and_queue(self, study_uid: str, result: Result, report: DeliveryReport) -> list[Dataset]:
-        """The steps of :meth:`on_result`; ``report.step`` names the one in progress. Returns the sources."""
+    def queue_in(self, session: Session, report: DeliveryReport) -> None:
+        """Queue prepared results in the caller's transaction: outbox rows and ``reporting``,
+        a "kept in the node" note, or ``report_failed`` when :meth:`prepare` failed."""
+        study_uid = report.study_uid
+        if report.failed_reason is not None:
+            try:
+                transition(session, study_uid, StudyState.REPORT_FAILED, report.failed_reason,
+                           expected=[StudyState.ANALYSED, StudyState.NOT_ANALYSED])
+            except TransitionError as exc:  # moved on meanwhile (re-opened, purged): the timeline still says
+                log.warning("study %s: results failed but state not moved: %s", study_uid, exc)
+                note_in(session, study_uid, report.failed_reason)
+            return
+        if not report.queued:
+            return
+        assert report.context is not None
+        report.rows = self.outbox.add_rows(session, report.files, report.context, demonstration=report.demonstration,
+                                           names=report.destinations)
+        self._start_reporting(session, study_uid, report.rows, report)
+        if not report.sending:
+            report.kept_reason = self._kept_reason(report.rows, report.demonstration, report.destinations)
+            note_in(session, study_uid, f"{KEPT_NOTE}: {report.kept_reason}")
+
+    def after_commit(self, report: DeliveryReport) -> None:
+        """Once :meth:`queue_in` committed: wake this process's sender and log what happened."""
+        if report.failed_reason is not None or not report.queued:
+            return
+        if report.sending and self.runner is not None:
+            self.runner.wake()
+        log.info("study %s: %d result objects written, %s", report.study_uid, len(report.files),
+                 "queued for delivery" if report.sending else f"kept ({report.kept_reason})")
+
+    def discard(self, report: DeliveryReport) -> int:
+        """Remove the files :meth:`prepare` wrote (their transaction never committed: fenced out)."""
+        removed = 0
+        for result_file in report.files:
+            try:
+                Path(result_file.path).unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("study %s: unqueued result file %s not removed: %s", report.study_uid,
+                            Path(result_file.path).name, exc)
+        return removed
+
+    def _build(self, study_uid: str, result: Result, report: DeliveryReport) -> list[Dataset]:
+        """The building steps of :meth:`prepare`; ``report.step`` names the one in progress. Returns the sources."""
         started = time.perf_counter()
         sources = self.source_headers(study_uid, result, every_plane=wants_overlays(self.settings, result))
         predecessors = self.predecessors(study_uid)
@@ -332,16 +399,10 @@ class Delivery:
         started = time.perf_counter()
         report.files = [self._write(kind, dataset) for kind, dataset in objects]
         report.timings_s["write"] = time.perf_counter() - started
-        report.step = "queueing the results"
-        context = RoutingContext(pipeline=result.pipeline, calling_ae_title=self._calling_ae(study_uid))
-        report.rows = self.outbox.enqueue(
-            report.files, context, demonstration=self._is_demonstration(result),
-            in_transaction=lambda session, rows: self._start_reporting(session, study_uid, rows, report),
-        )
         return sources
 
-    def _report_failed(self, study_uid: str, step: str, error: Exception, sources: Sequence[Dataset]) -> str:
-        """Move the study to ``report_failed`` with the step and the error; return the reason.
+    def _failure_reason(self, study_uid: str, step: str, error: Exception, sources: Sequence[Dataset]) -> str:
+        """The ``report_failed`` reason: the step and the error; logged.
 
         The log line names the step and the exception type only (its message may quote a
         source value; the traceback follows it); the timeline gets the message with the
@@ -351,12 +412,6 @@ class Delivery:
                   + "; fpe-node resend retries")
         log.error("study %s: %s failed (%s); study is report_failed, fpe-node resend retries",
                   study_uid, step, type(error).__name__, exc_info=error)
-        try:
-            self.lifecycle.transition(study_uid, StudyState.REPORT_FAILED, reason,
-                                      expected=[StudyState.ANALYSED, StudyState.NOT_ANALYSED])
-        except TransitionError as exc:  # moved on meanwhile (re-opened, purged): the timeline still says
-            log.warning("study %s: results failed but state not moved: %s", study_uid, exc)
-            self.lifecycle.note(study_uid, reason)
         return reason
 
     def _start_reporting(self, session: Session, study_uid: str, rows: list[DeliveryRow], report: DeliveryReport) -> None:
@@ -372,10 +427,11 @@ class Delivery:
             log.warning("study %s: results queued but state not moved to reporting: %s", study_uid, exc)
         report.sending = True
 
-    def _kept_reason(self, rows: list[DeliveryRow], demonstration: bool) -> str:
+    @staticmethod
+    def _kept_reason(rows: list[DeliveryRow], demonstration: bool, destinations: Sequence[str]) -> str:
         if rows and demonstration:
             return "untrained demonstration weights (delivery.allow_demonstration_results is off)"
-        if not self.outbox.destinations():
+        if not destinations:
             return "no destination configured"
         return "no routing rule matches"
 
@@ -461,13 +517,13 @@ class Delivery:
 
     # -- outbox -> study state ----------------------------------------------------------
 
-    def on_settled(self, study_uid: str, outcome: StudyDelivery) -> None:
-        """Move the study to the delivery outcome once its last outbox row settled."""
+    def settle_in(self, session: Session, study_uid: str, outcome: StudyDelivery) -> None:
+        """Move the study to the delivery outcome, in the transaction that settled its last outbox row."""
         target = _SETTLED_STATE.get(outcome)
         if target is None:
             return
         try:
-            self.lifecycle.transition(study_uid, target, f"delivery {outcome.value}", expected=[StudyState.REPORTING])
+            transition(session, study_uid, target, f"delivery {outcome.value}", expected=[StudyState.REPORTING])
         except TransitionError as exc:
             log.warning("study %s: delivery %s but state not moved: %s", study_uid, outcome.value, exc)
 
@@ -569,8 +625,8 @@ def build_delivery(
     In ``build_node``::
 
         delivery = build_delivery(settings, session_factory, lifecycle, destinations_from_registry(peers))
-        # worker: on_result=delivery.on_result (after lifecycle.finish);
-        # Node.start: delivery.start(); Node.stop: delivery.stop()
+        # a worker process: delivery.prepare + delivery.queue_in in its analysis's transaction;
+        # a sender (role sender or all): Node.start: delivery.start(); Node.stop: delivery.stop()
     """
     uids = UIDFactory(settings.uid.root)
     holder: dict[str, Delivery] = {}
@@ -578,7 +634,8 @@ def build_delivery(
         session_factory, settings.delivery, settings.storage.data_dir,
         SenderByKind(scu or build_store_scu(settings, uids), stow or build_stow_client(settings, uids)),
         destinations,
-        on_settled=lambda study_uid, outcome: holder["delivery"].on_settled(study_uid, outcome),
+        settle_in=lambda session, study_uid, outcome: holder["delivery"].settle_in(session, study_uid, outcome),
+        lease_s=settings.leases.outbox_s,
     )
     runner = OutboxRunner(outbox, settings.delivery.scan_interval_s)
     delivery = Delivery(

@@ -50,6 +50,7 @@ from dicom_node.index.db import write_session
 from dicom_node.index.jobs import AnalysisJob
 from dicom_node.index.models import Study, StudyEvent
 from dicom_node.index.users import Suspension
+from dicom_node.leases import LeaseLost, holder_is_dead_here
 from dicom_node.settings import CompletionSettings
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,15 @@ def transition(
     return StudyState(current.state)
 
 
+def note_in(session: Session, study_uid: str, detail: str) -> bool:
+    """A timeline entry with the study's current state, in the caller's transaction; False when unknown."""
+    row = session.execute(select(Study.id, Study.state).where(Study.study_uid == study_uid)).one_or_none()
+    if row is None:
+        return False
+    record_event(session, row.id, row.state, detail)
+    return True
+
+
 def study_state(session: Session, study_uid: str) -> StudyState | None:
     """The current state of a study, ``None`` when it is not in the index."""
     value = session.execute(select(Study.state).where(Study.study_uid == study_uid)).scalar_one_or_none()
@@ -241,11 +251,15 @@ class Job:
     live: bool
     enqueued_at: dt.datetime
     reason: str | None
+    fence: int = 0
+    """The claim's fencing token (:meth:`Lifecycle.finish_job` checks it)."""
+    token: str = ""
+    """``claimed_by`` of the claim."""
 
 
 def worker_name() -> str:
     """``host:pid`` of this process, recorded on the jobs it claims."""
-    return f"{socket.gethostname()[:48]}:{os.getpid()}"
+    return f"{socket.gethostname()[:32]}:{os.getpid()}"
 
 
 class Lifecycle:
@@ -257,11 +271,16 @@ class Lifecycle:
         The node's session factory (:func:`dicom_node.index.db.build_session_factory`).
     completion:
         ``settings.completion`` (``live_window_s`` orders the queue).
+    job_lease_s:
+        ``settings.leases.job_s``: how long a claim holds without renewal.
     """
 
-    def __init__(self, session_factory: sessionmaker[Session], completion: CompletionSettings) -> None:
+    def __init__(
+        self, session_factory: sessionmaker[Session], completion: CompletionSettings, *, job_lease_s: float = 60.0
+    ) -> None:
         self._sessions = session_factory
         self._live_window = dt.timedelta(seconds=completion.live_window_s)
+        self._lease = dt.timedelta(seconds=job_lease_s)
 
     # -- transitions --------------------------------------------------------------------
 
@@ -275,11 +294,7 @@ class Lifecycle:
     def note(self, study_uid: str, detail: str) -> bool:
         """Add a timeline entry with the study's current state; ``False`` when the study is unknown."""
         with write_session(self._sessions) as session:
-            row = session.execute(select(Study.id, Study.state).where(Study.study_uid == study_uid)).one_or_none()
-            if row is None:
-                return False
-            record_event(session, row.id, row.state, detail)
-            return True
+            return note_in(session, study_uid, detail)
 
     def state_of(self, study_uid: str) -> StudyState | None:
         """The current state of a study (``None``: not in the index)."""
@@ -345,38 +360,71 @@ class Lifecycle:
             return True
 
     def claim_next(self, worker: str | None = None) -> Job | None:
-        """Take the next queued study for a worker (live studies first), or ``None``.
+        """Take the next job for a worker (live studies first), or ``None``.
 
-        One conditional ``UPDATE`` claims the row (``FOR UPDATE SKIP LOCKED`` on PostgreSQL,
-        the database write lock on SQLite): two workers never claim the same study.
+        A job is claimable when it is ``queued``, or ``running`` with its lease run out (its
+        worker died, hung or lost the index: :mod:`dicom_node.leases`). One conditional
+        ``UPDATE`` claims the row (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the database write
+        lock on SQLite), sets the lease and raises the fencing token: two workers never hold the
+        same study. A study re-claimed after :data:`MAX_ATTEMPTS` takes ends ``not_analysed``
+        instead, so that one poisonous study cannot take every worker down in turn.
         """
         if analysis_suspended(self._sessions):
             return None  # suspended node-wide (dicom_node.actions.suspend): jobs wait in the queue
+        while True:
+            claimed = self._claim_one(worker)
+            if claimed is None or not isinstance(claimed, str):
+                return claimed
+            # a re-claimed job past its attempts was ended; look for the next one
+
+    def _claim_one(self, worker: str | None) -> Job | str | None:
         token = f"{(worker or worker_name())[:40]}:{uuid.uuid4().hex[:16]}"
         now = utcnow()
         cutoff = now - self._live_window
         live_first = case((AnalysisJob.priority_at >= cutoff, 0), else_=1)
+        claimable = (AnalysisJob.state == "queued") | (
+            (AnalysisJob.state == "running") & (AnalysisJob.lease_until.is_not(None)) & (AnalysisJob.lease_until < now)
+        )
         next_id = (
             select(AnalysisJob.id)
-            .where(AnalysisJob.state == "queued")
+            .where(claimable)
             .order_by(live_first, AnalysisJob.enqueued_at, AnalysisJob.id)
             .limit(1)
             .with_for_update(skip_locked=True)
             .scalar_subquery()
         )
         with write_session(self._sessions) as session:
+            before = session.execute(select(AnalysisJob.id, AnalysisJob.state, AnalysisJob.claimed_by)
+                                     .where(AnalysisJob.id == next_id)).one_or_none()
+            if before is None:
+                return None
             claimed = _rows_changed(
                 session,
                 update(AnalysisJob)
-                .where(AnalysisJob.id == next_id, AnalysisJob.state == "queued")
-                .values(state="running", claimed_at=now, claimed_by=token, attempts=AnalysisJob.attempts + 1),
+                .where(AnalysisJob.id == before.id, claimable)
+                .values(state="running", claimed_at=now, claimed_by=token, attempts=AnalysisJob.attempts + 1,
+                        fence=AnalysisJob.fence + 1, lease_until=now + self._lease),
             )
             if claimed != 1:
                 return None
-            job = session.execute(select(AnalysisJob).where(AnalysisJob.claimed_by == token)).scalar_one()
+            job = session.execute(select(AnalysisJob).where(AnalysisJob.id == before.id)).scalar_one()
             study_uid = session.execute(select(Study.study_uid).where(Study.id == job.study_pk)).scalar_one()
-            transition(session, study_uid, S.ANALYSING, f"attempt {job.attempts} by {token.rsplit(':', 1)[0]}",
-                       expected={S.QUEUED})
+            holder = token.rsplit(":", 1)[0]
+            if before.state == "running":  # the lease of a worker that stopped renewing ran out
+                previous = (before.claimed_by or "?").rsplit(":", 1)[0]
+                if job.attempts > MAX_ATTEMPTS:
+                    job.state, job.finished_at, job.outcome, job.lease_until = "done", now, "interrupted", None
+                    session.flush()
+                    transition(session, study_uid, S.NOT_ANALYSED,
+                               f"{INTERRUPTED_REASON} {job.attempts - 1} times (worker {previous} stopped renewing "
+                               "its lease); not retried", expected={S.ANALYSING})
+                    return study_uid
+                study_pk = job.study_pk
+                record_event(session, study_pk, S.ANALYSING.value,
+                             f"attempt {job.attempts} by {holder}: the lease of {previous} ran out")
+                log.warning("study %s: re-claimed by %s after the lease of %s ran out", study_uid, holder, previous)
+            else:
+                transition(session, study_uid, S.ANALYSING, f"attempt {job.attempts} by {holder}", expected={S.QUEUED})
             return Job(
                 job_id=job.id,
                 study_uid=study_uid,
@@ -385,7 +433,36 @@ class Lifecycle:
                 live=job.priority_at >= cutoff,
                 enqueued_at=job.enqueued_at,
                 reason=job.reason,
+                fence=job.fence,
+                token=token,
             )
+
+    def renew(self, job: Job) -> bool:
+        """Extend a claimed job's lease; False when another worker took it over (fence moved on)."""
+        with write_session(self._sessions) as session:
+            return _rows_changed(session, update(AnalysisJob).where(
+                AnalysisJob.id == job.job_id, AnalysisJob.fence == job.fence, AnalysisJob.state == "running"
+            ).values(lease_until=utcnow() + self._lease)) == 1
+
+    def finish_job(self, session: Session, job: Job, outcome: StudyState, reason: str | None = None) -> None:
+        """A worker's final state change, fenced, in the caller's transaction (with its results).
+
+        Raises
+        ------
+        dicom_node.leases.LeaseLost
+            The job's fence moved on (its lease ran out and another worker claimed it): the
+            caller must roll back and drop its work.
+        TransitionError
+            The study is not being analysed.
+        """
+        if outcome not in OUTCOME_STATES:
+            raise ValueError(f"{outcome} is not an analysis outcome ({', '.join(sorted(OUTCOME_STATES))})")
+        fenced = _rows_changed(session, update(AnalysisJob).where(
+            AnalysisJob.id == job.job_id, AnalysisJob.fence == job.fence, AnalysisJob.state == "running"
+        ).values(state="done", finished_at=utcnow(), outcome=outcome.value, lease_until=None))
+        if fenced != 1:
+            raise LeaseLost(f"job {job.job_id} of study {job.study_uid}: fence {job.fence} is no longer current")
+        transition(session, job.study_uid, outcome, reason, expected={S.ANALYSING})
 
     def finish(self, study_uid: str, outcome: StudyState, reason: str | None = None) -> None:
         """Record a worker's outcome: ``analysing -> analysed | not_analysed | not_eligible``.
@@ -405,7 +482,7 @@ class Lifecycle:
             session.execute(
                 update(AnalysisJob)
                 .where(AnalysisJob.study_pk == study_pk, AnalysisJob.state == "running")
-                .values(state="done", finished_at=utcnow(), outcome=outcome.value)
+                .values(state="done", finished_at=utcnow(), outcome=outcome.value, lease_until=None)
                 .execution_options(synchronize_session=False)
             )
 
@@ -414,8 +491,10 @@ class Lifecycle:
 
         * ``complete`` without an open job: queued now;
         * ``queued``: its job stays (one is added if it went missing);
-        * ``analysing``: the worker died with the node; the job is queued again, unless the
-          study was already taken :data:`MAX_ATTEMPTS` times, then it ends ``not_analysed``.
+        * ``analysing`` whose worker is gone (its lease ran out, or it was a process of this
+          host that no longer runs): the job is queued again, unless the study was already
+          taken :data:`MAX_ATTEMPTS` times, then it ends ``not_analysed``. A job a live worker
+          holds (another machine's, renewing its lease) is kept.
 
         Returns the number of studies per action, for the start-up log.
         """
@@ -484,6 +563,14 @@ def _cancel_queued_job(session: Session, study_uid: str) -> bool:
     return cancelled == 1
 
 
+def _abandoned(job: AnalysisJob) -> bool:
+    """A running job nobody works on: no lease (an older node), its lease ran out, or its holder
+    was a process of this host that is gone (killed with the node)."""
+    if job.lease_until is None or job.lease_until < utcnow():
+        return True
+    return holder_is_dead_here(job.claimed_by)
+
+
 def _rebuild_one(session: Session, study_uid: str, state: StudyState) -> str:
     study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
     job = _open_job(session, study.id)
@@ -497,6 +584,8 @@ def _rebuild_one(session: Session, study_uid: str, state: StudyState) -> str:
         elif job.state == "running":  # cannot happen through this module; repair rather than wait forever
             job.state, job.claimed_by = "queued", None
         return "kept"
+    if job is not None and job.state == "running" and not _abandoned(job):
+        return "kept"  # a live worker (this host or another) holds it: its lease says so
     attempts = job.attempts if job is not None else MAX_ATTEMPTS
     if job is not None:
         job.state, job.finished_at, job.outcome = "done", utcnow(), "interrupted"

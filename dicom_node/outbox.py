@@ -55,7 +55,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.audit import RESULTS_SENT, add_entry, results_sent_detail
@@ -63,6 +63,7 @@ from dicom_node.index.base import utcnow
 from dicom_node.index.db import write_session
 from dicom_node.index.outbox import OPEN_STATES, OutboxItem, OutboxState
 from dicom_node.index.users import Suspension
+from dicom_node.leases import LeaseKeeper, holder_token, rows_changed
 from dicom_node.scu import Destination, OutgoingObject, StoreOutcome
 from dicom_node.settings import DeliverySettings, validate_ae_title
 from dicom_node.stow import StowClient, StowDestination
@@ -328,7 +329,15 @@ class Outbox:
     clock:
         Current UTC time (tests pass a fake one).
     on_settled:
-        Called with ``(study_uid, outcome)`` when the last open row of a study settles.
+        Called with ``(study_uid, outcome)`` after the pass, for each study whose last open row
+        settled (a notification).
+    settle_in:
+        Called with ``(session, study_uid, outcome)`` in the transaction that records a study's
+        last open row, so the study's state moves with it (a sender killed between the two
+        cannot leave the study ``reporting``).
+    lease_s:
+        ``settings.leases.outbox_s``: how long this sender's claim on the rows of a pass holds
+        without renewal.
     """
 
     def __init__(
@@ -342,8 +351,12 @@ class Outbox:
         clock: Callable[[], dt.datetime] = utcnow,
         on_settled: Callable[[str, StudyDelivery], None] | None = None,
         rules: RoutingRules | None = None,
+        lease_s: float = 120.0,
+        settle_in: Callable[[Session, str, StudyDelivery], None] | None = None,
     ) -> None:
         self._sessions = session_factory
+        self.settle_in = settle_in
+        self.lease_s = lease_s
         self.delivery = delivery
         self.data_dir = Path(data_dir)
         self.sender = sender
@@ -372,22 +385,33 @@ class Outbox:
         ``in_transaction(session, rows)`` runs in the same unit of work before it commits
         (the study's life-cycle transition), so the runner never sees rows without it.
         """
-        names = [d.name for d in self.destinations()]
+        with write_session(self._sessions) as session:
+            rows = self.add_rows(session, objects, context, demonstration=demonstration)
+            if in_transaction is not None:
+                in_transaction(session, rows)
+        return rows
+
+    def add_rows(
+        self, session: Session, objects: Sequence[ResultFile], context: RoutingContext, *, demonstration: bool,
+        names: Sequence[str] | None = None,
+    ) -> list[DeliveryRow]:
+        """:meth:`enqueue` in the caller's transaction (a worker's one commit with its analysis).
+
+        ``names``: the destinations' names, read beforehand (default: read now).
+        """
+        names = [d.name for d in self.destinations()] if names is None else list(names)
         hold = demonstration and not self.delivery.allow_demonstration_results
         now = self.clock()
         deadline = now + dt.timedelta(seconds=self.delivery.deadline_s)
         state = OutboxState.HELD.value if hold else OutboxState.PENDING.value
-        with write_session(self._sessions) as session:
-            rows = []
-            for obj in objects:
-                targets = route(self.rules, obj.kind, context, names)
-                if not targets:
-                    log.warning("result %s (%s) of study %s has no destination: kept in the node",
-                                obj.sop_instance_uid, obj.kind, obj.study_uid)
-                for name in targets:
-                    rows.append(self._add(session, obj, name, state, now, deadline))
-            if in_transaction is not None:
-                in_transaction(session, rows)
+        rows = []
+        for obj in objects:
+            targets = route(self.rules, obj.kind, context, names)
+            if not targets:
+                log.warning("result %s (%s) of study %s has no destination: kept in the node",
+                            obj.sop_instance_uid, obj.kind, obj.study_uid)
+            for name in targets:
+                rows.append(self._add(session, obj, name, state, now, deadline))
         if hold and rows:
             log.info("%d result objects of demonstration weights held in the node "
                      "(delivery.allow_demonstration_results is off)", len(rows))
@@ -457,7 +481,10 @@ class Outbox:
         """When the earliest open row is due, or ``None`` when nothing waits."""
         with self._sessions() as session:
             value = session.scalars(
-                select(OutboxItem.next_try_at).where(OutboxItem.state.in_(OPEN_STATES)).order_by(OutboxItem.next_try_at)
+                select(OutboxItem.next_try_at).where(
+                    OutboxItem.state.in_(OPEN_STATES),
+                    or_(OutboxItem.lease_until.is_(None), OutboxItem.lease_until < self.clock()),  # not another sender's
+                ).order_by(OutboxItem.next_try_at)
             ).first()
         return value
 
@@ -479,10 +506,11 @@ class Outbox:
             for item in due:
                 by_destination[item.destination].append(item)
             touched: set[str] = set()
-            for name, items in by_destination.items():
-                outcomes = self._send(known.get(name), name, items)
-                self._record(items, outcomes, report, known.get(name))
-                touched.update(item.study_uid for item in items)
+            with LeaseKeeper(lambda: self.renew(due), self.lease_s / 3, what="outbox rows"):
+                for name, items in by_destination.items():
+                    outcomes = self._send(known.get(name), name, items)
+                    self._record(items, outcomes, report, known.get(name))
+                    touched.update(item.study_uid for item in items)
             self._settle(touched, report)
             return report
 
@@ -492,15 +520,43 @@ class Outbox:
             return session.get(Suspension, "delivery") is not None
 
     def _due(self, now: dt.datetime) -> list[OutboxItem]:
-        with self._sessions() as session:
-            return list(
-                session.scalars(
-                    select(OutboxItem)
-                    .where(OutboxItem.state.in_(OPEN_STATES), OutboxItem.next_try_at <= now)
-                    .order_by(OutboxItem.id)
-                    .limit(_BATCH_LIMIT)
-                )
-            )
+        """Claim the due rows for this pass: open, due, and not leased by another sender.
+
+        One conditional ``UPDATE`` per row (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) sets this
+        sender's token, a lease of ``leases.outbox_s`` and raises the row's fence, so two senders
+        never attempt the same row at once, and a sender that died mid-pass leaves its rows
+        claimable once their lease runs out (:mod:`dicom_node.leases`).
+        """
+        free = or_(OutboxItem.lease_until.is_(None), OutboxItem.lease_until < now)
+        due = OutboxItem.state.in_(OPEN_STATES) & (OutboxItem.next_try_at <= now) & free
+        token = holder_token("sender")
+        until = now + dt.timedelta(seconds=self.lease_s)
+        with write_session(self._sessions) as session:
+            ids = list(session.scalars(
+                select(OutboxItem.id).where(due).order_by(OutboxItem.id).limit(_BATCH_LIMIT)
+                .with_for_update(skip_locked=True)
+            ))
+            if not ids:
+                return []
+            rows_changed(session, update(OutboxItem).where(OutboxItem.id.in_(ids), due).values(
+                claimed_by=token, lease_until=until, fence=OutboxItem.fence + 1))
+            claimed = list(session.scalars(select(OutboxItem).where(OutboxItem.claimed_by == token)
+                                           .order_by(OutboxItem.id)))
+            session.expunge_all()
+        return claimed
+
+    def renew(self, items: Sequence[OutboxItem]) -> bool:
+        """Extend the lease of rows this pass claimed; False when another sender took one over."""
+        if not items:
+            return True
+        until = self.clock() + dt.timedelta(seconds=self.lease_s)
+        with write_session(self._sessions) as session:
+            changed = 0
+            for item in items:
+                changed += rows_changed(session, update(OutboxItem).where(
+                    OutboxItem.id == item.id, OutboxItem.fence == item.fence, OutboxItem.claimed_by == item.claimed_by,
+                ).values(lease_until=until))
+        return changed == len(items)
 
     def _send(self, destination: AnyDestination | None, name: str, items: list[OutboxItem]) -> list[StoreOutcome]:
         if destination is None:
@@ -522,11 +578,22 @@ class Outbox:
                 row = session.get(OutboxItem, item.id)
                 if row is None or row.state not in OPEN_STATES:
                     continue  # re-queued or removed meanwhile
+                if row.fence != item.fence or row.claimed_by != item.claimed_by:
+                    log.warning("outbox row %s: outcome of a claim another sender took over not recorded", item.id)
+                    continue  # this pass's lease ran out and another sender claimed the row: its outcome counts
+                row.claimed_by, row.lease_until = None, None
                 self._apply(row, outcome, now, report)
                 if outcome.ok:
                     sent.append((row.study_uid, row.sent_sop_class_uid or row.sop_class_uid))
             if sent:
                 self._audit_sent(session, items[0].destination, destination, sent)
+            if self.settle_in is not None:  # the study's outcome commits with its last row's
+                session.flush()
+                for study_uid in sorted({item.study_uid for item in items}):
+                    states = session.scalars(select(OutboxItem.state).where(OutboxItem.study_uid == study_uid)).all()
+                    settled = study_delivery_outcome(states)
+                    if settled is not None:
+                        self.settle_in(session, study_uid, settled)
 
     @staticmethod
     def _audit_sent(session: Session, name: str, destination: AnyDestination | None, sent: list[tuple[str, str]]) -> None:
@@ -613,6 +680,11 @@ class OutboxRunner:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="fpe-outbox", daemon=True)
         self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """Whether the runner's thread is alive (``/health/ready`` of a sender)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def wake(self) -> None:
         """Run a pass now (new rows were queued)."""

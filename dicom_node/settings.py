@@ -376,6 +376,23 @@ class InferenceSettings(BaseModel):
     )
 
 
+class LeaseSettings(BaseModel):
+    """How long claims last when several processes share the index (see dicom_node.leases).
+
+    A worker renews its job's lease, a sender its outbox rows', the completion receiver the
+    ``completion`` lease, every third of the duration; a claim not renewed for the whole
+    duration (the process died, hung or lost the index) may be taken by another process.
+    """
+
+    model_config = _frozen()
+
+    job_s: float = Field(60.0, ge=1.0, description="Lease of a claimed analysis job; past it another worker may re-claim it.")
+    outbox_s: float = Field(120.0, ge=1.0, description="Lease of outbox rows claimed for a delivery attempt.")
+    completion_s: float = Field(
+        15.0, ge=1.0, description="Lease of the receiver that runs the completion timers (role receiver)."
+    )
+
+
 class ReportSettings(BaseModel):
     """Result objects the node builds."""
 
@@ -766,6 +783,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = InferenceSettings()
     reports: ReportSettings = ReportSettings()
     delivery: DeliverySettings = DeliverySettings()
+    leases: LeaseSettings = LeaseSettings()
     peers: tuple[PeerSettings, ...] = ()
     console: ConsoleSettings = ConsoleSettings()
     alerts: AlertSettings = AlertSettings()

@@ -14,18 +14,24 @@ once -- and then claiming jobs one at a time. For each study (:meth:`Analyst.run
 2. **eligibility** of the study itself (``not_eligible`` with the reason: no result);
 3. **selection, volumes, preprocessing, inference** (:mod:`inference.case`,
    :class:`inference.predictor.Predictor`);
-4. **record** the run in the ``analysis`` table (:mod:`dicom_node.index.analysis`: score,
-   series used, per-stage timings, warnings or reason), then move the study
-   ``analysing -> analysed | not_analysed | not_eligible``.
+4. **results**: the SR, overlays, captures and PDF are built and their files written
+   (:meth:`dicom_node.delivery.Delivery.prepare`);
+5. **one transaction** (the transactional outbox): the run in the ``analysis`` table (score,
+   series used, per-stage timings, warnings or reason), the study's move ``analysing ->
+   analysed | not_analysed | not_eligible``, the results' outbox rows and the move to
+   ``reporting`` (or ``report_failed``, or a "kept in the node" note) commit together, after
+   checking the job's fencing token. A sender process (any one) then delivers the rows.
+
+While it works, a :class:`~dicom_node.leases.LeaseKeeper` thread renews the job's lease. A
+worker that dies or is paused stops renewing; once the lease runs out another worker claims
+the study again with a new token, and the first worker's late commit is refused
+(:class:`~dicom_node.leases.LeaseLost`): its result files are removed and nothing of it is
+recorded. Nothing travels between processes in memory: workers, senders and receivers share
+only the index and the storage folder.
 
 When the case's primary series (NCCT, DWI) lies in another study of the patient, the result
 belongs to that study: this study ends ``not_analysed`` saying so and the primary study is
 queued again, so its case now includes this study's series.
-
-Results (predictions and ``NotAnalysed``) are handed back to the parent process through a
-queue, where a thread calls the ``on_result(study_uid, result)`` callbacks -- the reports and
-delivery stage (:meth:`dicom_node.delivery.Delivery.on_result`) -- so those run in the node's
-process with its own connections.
 """
 
 from __future__ import annotations
@@ -37,7 +43,6 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event as EventType
 from typing import Any
@@ -45,11 +50,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.delivery import Delivery, build_delivery, destinations_from_registry
 from dicom_node.headers import HeaderRow, header_rows, usable_headers
 from dicom_node.index.analysis import record_analysis
 from dicom_node.index.db import build_engine, build_session_factory, write_session
 from dicom_node.index.models import Instance, Series, Study
-from dicom_node.lifecycle import Job, Lifecycle, StudyState, as_utc
+from dicom_node.leases import LeaseKeeper, LeaseLost
+from dicom_node.lifecycle import Job, Lifecycle, StudyState, TransitionError, as_utc
+from dicom_node.peers import PeerRegistry
 from dicom_node.selector import build_selector
 from dicom_node.settings import Settings
 from inference.case import case_from_headers
@@ -64,7 +72,6 @@ log = logging.getLogger(__name__)
 Result = Prediction | NotAnalysed
 INTERNAL_ERROR_REASON = "internal error during analysis"
 """Start of the ``not_analysed`` reason of a run that raised (alerts match it)."""
-ResultCallback = Callable[[str, Result], object]  # the return value is ignored
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,8 @@ class JobOutcome:
     state: StudyState
     result: Result | None
     reason: str | None = None
+    fenced: bool = False
+    """True when the run was not recorded: the job's lease ran out and another worker holds it."""
 
 
 @dataclass(frozen=True)
@@ -145,16 +154,26 @@ class Analyst:
         *,
         session_factory: sessionmaker[Session] | None = None,
         predictor: Predictor | None = None,
+        delivery: Delivery | None = None,
     ) -> None:
         inference = settings.inference
         self.settings = settings
         self.sessions = session_factory or build_session_factory(build_engine(settings))
-        self.lifecycle = Lifecycle(self.sessions, settings.completion)
+        self.lifecycle = Lifecycle(self.sessions, settings.completion, job_lease_s=settings.leases.job_s)
         self.predictor = predictor or Predictor.load(
             inference.checkpoint, device=inference.device, torch_threads=inference.torch_threads
         )
         self.selector = build_selector(settings, self.predictor.recipe)
         self.eligibility: EligibilityRules = load_eligibility_rules(inference.eligibility_rules)
+        self.delivery = delivery
+
+    @classmethod
+    def serving(cls, settings: Settings) -> "Analyst":
+        """The analyst of a worker process: it also builds the results and queues them with its analysis."""
+        sessions = build_session_factory(build_engine(settings))
+        lifecycle = Lifecycle(sessions, settings.completion, job_lease_s=settings.leases.job_s)
+        delivery = build_delivery(settings, sessions, lifecycle, destinations_from_registry(PeerRegistry(sessions)))
+        return cls(settings, session_factory=sessions, delivery=delivery)
 
     # -- one job ----------------------------------------------------------------------------
 
@@ -164,16 +183,21 @@ class Analyst:
         return None if job is None else self.run_job(job)
 
     def run_job(self, job: Job) -> JobOutcome:
-        """Analyse one claimed study, record the run and finish its state (never raises for a bad study)."""
+        """Analyse one claimed study, record the run and finish its state (never raises for a bad study).
+
+        The job's lease is renewed every third of ``leases.job_s`` while the study is worked on.
+        """
         started = time.perf_counter()
-        try:
-            outcome = self._analyse(job)
-        except Exception as exc:  # noqa: BLE001 - one bad study must not stop the worker; logged with traceback
-            log.exception("analysis of study %s failed", job.study_uid)
-            reason = f"{INTERNAL_ERROR_REASON} ({type(exc).__name__}); see the node's log"
-            outcome = self._finish(job, StudyState.NOT_ANALYSED, NotAnalysed(reason), None)
+        with LeaseKeeper(lambda: self.lifecycle.renew(job), self.settings.leases.job_s / 3, what=f"job {job.job_id}"):
+            try:
+                outcome = self._analyse(job)
+            except Exception as exc:  # noqa: BLE001 - one bad study must not stop the worker; logged with traceback
+                log.exception("analysis of study %s failed", job.study_uid)
+                reason = f"{INTERNAL_ERROR_REASON} ({type(exc).__name__}); see the node's log"
+                outcome = self._finish(job, StudyState.NOT_ANALYSED, NotAnalysed(reason), None)
         log.info(
-            "study %s: %s in %.1f s", job.study_uid, outcome.state.value, time.perf_counter() - started
+            "study %s: %s in %.1f s%s", job.study_uid, outcome.state.value, time.perf_counter() - started,
+            " (fenced out: another worker holds the study now; nothing recorded)" if outcome.fenced else "",
         )
         return outcome
 
@@ -213,16 +237,31 @@ class Analyst:
         reason = f"analysed with study {primary_study}, which holds the case's primary series"
         requeued = self.lifecycle.enqueue(primary_study, f"series of study {job.study_uid} joined its case", rerun=True)
         log.info("study %s: case belongs to study %s (re-queued: %s)", job.study_uid, primary_study, requeued)
-        outcome = self._finish(job, StudyState.NOT_ANALYSED, NotAnalysed(reason), primary_study)
-        return JobOutcome(outcome.study_uid, outcome.state, None, reason)
+        outcome = self._finish(job, StudyState.NOT_ANALYSED, NotAnalysed(reason), primary_study, deliver=False)
+        return JobOutcome(outcome.study_uid, outcome.state, None, reason, fenced=outcome.fenced)
 
-    def _finish(self, job: Job, state: StudyState, result: Result, primary_study: str | None) -> JobOutcome:
+    def _finish(
+        self, job: Job, state: StudyState, result: Result, primary_study: str | None, *, deliver: bool = True
+    ) -> JobOutcome:
+        """Record the run, the state and (serving) the results' outbox rows in one fenced transaction."""
         summary = result_summary(result)
         reason = result.reason if isinstance(result, NotAnalysed) else None
-        with write_session(self.sessions) as session:
-            record_analysis(session, job.study_pk, state.value, summary, job_id=job.job_id, primary_study_uid=primary_study)
-        self.lifecycle.finish(job.study_uid, state, reason or _prediction_detail(result))
-        delivered = None if state is StudyState.NOT_ELIGIBLE else result
+        delivered = None if state is StudyState.NOT_ELIGIBLE or not deliver else result
+        prepared = None
+        if self.delivery is not None and delivered is not None:
+            prepared = self.delivery.prepare(job.study_uid, delivered)
+        try:
+            with write_session(self.sessions) as session:
+                record_analysis(session, job.study_pk, state.value, summary, job_id=job.job_id, primary_study_uid=primary_study)
+                self.lifecycle.finish_job(session, job, state, reason or _prediction_detail(result))
+                if prepared is not None and self.delivery is not None:
+                    self.delivery.queue_in(session, prepared)
+        except (LeaseLost, TransitionError) as exc:
+            removed = self.delivery.discard(prepared) if prepared is not None and self.delivery is not None else 0
+            log.warning("study %s: run not recorded (%s); %d result files removed", job.study_uid, exc, removed)
+            return JobOutcome(job.study_uid, state, None, reason, fenced=True)
+        if prepared is not None and self.delivery is not None:
+            self.delivery.after_commit(prepared)
         return JobOutcome(job.study_uid, state, delivered, reason)
 
 
@@ -245,15 +284,16 @@ def model_identity(predictor: Predictor) -> dict[str, Any]:
 
 
 def _worker_main(
-    settings: Settings, stop: EventType, results: Any, poll_s: float, owner_pid: int, from_main_thread: bool,
+    settings: Settings, stop: EventType, poll_s: float, owner_pid: int, from_main_thread: bool,
     loaded: Any = None, number: int = 0,
 ) -> None:
-    """Body of one worker process: build the :class:`Analyst` once, then claim jobs until told to stop.
+    """Body of one worker process: build the serving :class:`Analyst` once, then claim jobs until told to stop.
 
     The process ends with the node's (:func:`inference.lifetime.die_with_owner`): a node killed
-    with ``SIGKILL`` leaves no worker behind to claim studies whose results would go nowhere.
-    Once the model is loaded, ``(number, identity)`` goes to the ``loaded`` queue
-    (:meth:`InferenceWorkers.loaded_models`, read by ``/health/ready`` and ``/metrics``).
+    with ``SIGKILL`` leaves no worker behind. Once the model is loaded, ``(number, identity)``
+    goes to the ``loaded`` queue (:meth:`InferenceWorkers.loaded_models`, read by
+    ``/health/ready`` and ``/metrics``): the process's own status, not study data, which goes
+    only through the index.
     """
     die_with_owner(owner_pid, from_main_thread)
     from dicom_node.logs import configure
@@ -262,48 +302,48 @@ def _worker_main(
     from dicom_node.logs import use_installation_secret
 
     use_installation_secret(settings.storage.data_dir)  # a spawned process: key its log hashes too
-    analyst = Analyst(settings)
+    analyst = Analyst.serving(settings)
     log.info("inference worker ready (model %s %s)", analyst.predictor.card.name, analyst.predictor.card.version)
     if loaded is not None:
         loaded.put((number, model_identity(analyst.predictor)))
     while not stop.is_set():
-        outcome = analyst.run_next()
+        try:
+            outcome = analyst.run_next()
+        except Exception:  # noqa: BLE001 - the index away for a moment: the claim's lease covers the study
+            log.exception("claiming the next study failed; retrying in %.1f s", max(poll_s, 1.0))
+            stop.wait(max(poll_s, 1.0))
+            continue
         if outcome is None:
             stop.wait(poll_s)
-        elif outcome.result is not None:
-            results.put((outcome.study_uid, outcome.result))
 
 
 class InferenceWorkers:
-    """``settings.inference.workers`` worker processes and the thread that hands their results on.
+    """``settings.inference.workers`` worker processes on this machine.
+
+    Each process claims studies from the index, analyses them and commits its results' outbox
+    rows itself; the sender of any node process delivers them. Nothing comes back to this
+    process but each worker's model identity once loaded.
 
     Parameters
     ----------
     settings:
         The node's settings (picklable; each process builds its own connections and model).
-    on_result:
-        Called in this process, in order, with ``(study_uid, result)`` for every study
-        analysed or not analysed (not for studies that are not eligible). A callback that
-        raises is logged; the others still run.
     poll_s:
         How long an idle worker waits before looking at the queue again.
     """
 
-    def __init__(self, settings: Settings, on_result: Sequence[ResultCallback] = (), *, poll_s: float = 0.5) -> None:
+    def __init__(self, settings: Settings, *, poll_s: float = 0.5) -> None:
         self.settings = settings
-        self.on_result = list(on_result)
         self.poll_s = poll_s
         self._context = multiprocessing.get_context("spawn")
         self._stop = self._context.Event()
-        self._results: Any = self._context.Queue()
         self._loaded_queue: Any = self._context.Queue()
         self._loaded: dict[int, dict[str, Any]] = {}
         self._loaded_lock = threading.Lock()
         self._processes: list[Any] = []  # multiprocessing.Process, built by start()
-        self._thread = threading.Thread(target=self._dispatch, name="fpe-results", daemon=True)
 
     def start(self) -> None:
-        """Start the processes and the result thread (nothing when no worker is configured).
+        """Start the processes (nothing when no worker is configured).
 
         Each process learns this process's PID and whether it was started from the main thread
         (:func:`inference.lifetime.die_with_owner`), so it ends when the node ends.
@@ -315,7 +355,7 @@ class InferenceWorkers:
         self._processes = [
             self._context.Process(
                 target=_worker_main,
-                args=(self.settings, self._stop, self._results, self.poll_s, *lineage, self._loaded_queue, number),
+                args=(self.settings, self._stop, self.poll_s, *lineage, self._loaded_queue, number),
                 name=f"fpe-inference-{number}",
                 daemon=True,
             )
@@ -323,7 +363,6 @@ class InferenceWorkers:
         ]
         for process in self._processes:
             process.start()
-        self._thread.start()
         log.info("started %d inference worker process(es)", len(self._processes))
 
     def alive(self) -> int:
@@ -334,6 +373,10 @@ class InferenceWorkers:
     def configured(self) -> int:
         """Number of worker processes the settings ask for."""
         return int(self.settings.inference.workers)
+
+    def pids(self) -> list[int]:
+        """PIDs of the worker processes started (tests kill one)."""
+        return [int(process.pid) for process in self._processes if process.pid is not None]
 
     def loaded_models(self) -> dict[int, dict[str, Any]]:
         """Model identity (:func:`model_identity`) of each running worker that has loaded its model, by number.
@@ -353,7 +396,10 @@ class InferenceWorkers:
             }
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Ask the workers to stop after their current study; terminate any still running after ``timeout_s``."""
+        """Ask the workers to stop after their current study; terminate any still running after ``timeout_s``.
+
+        A terminated worker's study keeps its lease until it runs out; then any worker re-claims it.
+        """
         self._stop.set()
         deadline = time.monotonic() + timeout_s
         for process in self._processes:
@@ -362,18 +408,3 @@ class InferenceWorkers:
                 log.warning("worker %s did not stop in time; terminating it", process.name)
                 process.terminate()
                 process.join(5.0)
-        if self._thread.is_alive():
-            self._thread.join(max(0.1, deadline - time.monotonic()))
-
-    def _dispatch(self) -> None:
-        while not (self._stop.is_set() and self._results.empty()):
-            try:
-                study_uid, result = self._results.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            for callback in self.on_result:
-                try:
-                    callback(study_uid, result)
-                except Exception:  # noqa: BLE001 - a failing consumer must not stop the others; logged
-                    log.exception("result callback %s failed for study %s", getattr(callback, "__name__", callback), study_uid)
-        log.debug("result thread stopped")

@@ -127,7 +127,7 @@ def _until(base_url: str, status: int) -> dict[str, Any]:
 def test_ready_follows_postgresql_stopped_and_back(served_node: str, throwaway_postgres: ThrowawayPostgres) -> None:
     body = _until(served_node, 200)
     assert body["status"] == "ready" and body["failing"] == []
-    assert set(body["checks"]) == {"index", "disk", "workers", "model", "scp"}
+    assert set(body["checks"]) == {"index", "disk", "workers", "model", "scp", "sender"}
     assert httpx.get(served_node + "health/live", timeout=10).json() == {"status": "ok"}
 
     throwaway_postgres.stop()

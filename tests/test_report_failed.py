@@ -29,7 +29,7 @@ from dicom_node.index.jobs import AnalysisJob
 from dicom_node.index.models import Study, StudyEvent
 from dicom_node.lifecycle import FAILURE_STATES, Lifecycle, StudyState
 from dicom_node.outbox import Outbox, ResultKind
-from dicom_node.recovery import recover_lost_results, recover_study
+from dicom_node.recovery import count_report_failed, recover_study
 from dicom_node.scu import Destination, StoreScu
 from dicom_node.settings import Settings
 from dicom_node.delivery import Result
@@ -38,7 +38,7 @@ from reports.sr import PriorReport
 from reports.uids import UIDFactory
 from tests import factory
 from tests.studyindex import Index, add_instances, index  # noqa: F401 - fixture
-from tests.test_recovery import _analyse, _send, _start, _study, archive, checkpoint, settings  # noqa: F401 - fixtures
+from tests.test_leases import _analyse, _send, _start, _study, archive, checkpoint, settings  # noqa: F401 - fixtures
 
 S = StudyState
 
@@ -116,8 +116,7 @@ def test_a_failed_build_or_queue_is_visible_counted_and_retried_only_by_resend(i
 
     for _ in range(2):  # start-up, twice: never re-run by itself (no loop), only counted
         assert lifecycle.rebuild_pending()["queued"] == 0
-        assert recover_lost_results(index.sessions, lifecycle, index.settings) == {
-            "requeue": 0, "settle": 0, "report_failed": 2}
+        assert count_report_failed(index.sessions) == 2
     assert lifecycle.state_of("1.9.1") is S.REPORT_FAILED and _open_jobs(index, "1.9.1") == 0
 
     finding = recover_study(index.sessions, lifecycle, index.settings, "1.9.1", by="resend")

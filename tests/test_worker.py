@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from dicom_node.worker import Analyst, InferenceWorkers
 from inference.model.checkpoint import ModelCard, save_checkpoint
 from inference.model.res25 import Res25, Res25Config, seeded_init_
 from inference.recipe import DEFAULT_RECIPE
-from inference.result import NotAnalysed, Prediction
+from inference.result import Prediction
 from tests.conftest import SettingsFactory, wait_study_state
 from tests.factory import Study, write_ct_stroke_study
 from tests.peers import send_datasets
@@ -107,31 +106,29 @@ def test_prior_study_is_not_eligible(running_node: Node, tmp_path: Path) -> None
         assert row.reason
 
 
-def test_worker_process_hands_results_to_callbacks(running_node: Node, tmp_path: Path) -> None:
-    """A spawned worker process (model loaded once there) analyses; the callback runs in this process."""
-    received: list[tuple[str, Any]] = []
-    arrived = threading.Event()
-
-    def on_result(study_uid: str, result: Prediction | NotAnalysed) -> None:
-        received.append((study_uid, result))
-        arrived.set()
-
+def test_worker_process_commits_its_results_through_the_index(running_node: Node, tmp_path: Path) -> None:
+    """A spawned worker process (model loaded once there) analyses, builds and records the results
+    itself: nothing comes back to this process but the index rows and the files."""
     # The test node runs no workers of its own (tests' default); this test starts one process.
     settings = running_node.settings
     one_worker = settings.model_copy(update={"inference": settings.inference.model_copy(update={"workers": 1})})
-    workers = InferenceWorkers(one_worker, [on_result], poll_s=0.2)
+    workers = InferenceWorkers(one_worker, poll_s=0.2)
     workers.start()
     try:
         study = _today_study(tmp_path / "study", with_localizer=False, with_mips=False)
         _send(running_node, study)
-        assert arrived.wait(180), "no result from the worker process"
-        assert _wait_state(running_node, study.study_uid, {StudyState.ANALYSED}) is StudyState.ANALYSED
+        done = {StudyState.ANALYSED, StudyState.REPORTING, StudyState.DELIVERED, StudyState.NOT_ANALYSED}
+        assert _wait_state(running_node, study.study_uid, done, timeout_s=180) is StudyState.ANALYSED
     finally:
         workers.stop(timeout_s=20)
     assert workers.alive() == 0
-    study_uid, result = received[0]
-    assert study_uid == study.study_uid
-    assert isinstance(result, Prediction) and len(result.attention) == GRID[0]
+    with running_node.session_factory() as session:
+        row = latest_analysis(session, study.study_uid)
+        assert row is not None and row.outcome == "analysed" and row.model_name == "res25-worker-test"
+    # no destination in this node: the results were built and kept, and the timeline says so
+    assert any(detail and detail.startswith("results kept in the node") for _, detail in _timeline(running_node, study.study_uid))
+    built = list((settings.storage.results_dir / study.study_uid).glob("*/*.dcm"))
+    assert len(built) >= 1 + GRID[0]  # the SR and a capture per model slice
 
 
 # --------------------------------------------------------------------------- issue 9: one judgement

@@ -26,6 +26,11 @@ class AnalysisJob(Base):
     carries no date): jobs whose ``priority_at`` lies within the live window are claimed
     before older backlog. ``state`` is ``queued`` -> ``running`` -> ``done``, or ``cancelled``
     when a new usable series pulled the study back before a worker took it.
+
+    A ``running`` job carries a lease (``lease_until``) that its worker renews while it works
+    and a fencing token (``fence``) that every claim raises: a job whose lease ran out is
+    claimed again with a new token, and the first worker's late final write, which names the
+    old token, changes nothing (:mod:`dicom_node.leases`).
     """
 
     __tablename__ = "analysis_job"
@@ -51,3 +56,7 @@ class AnalysisJob(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     outcome: Mapped[str | None] = mapped_column(String(32), default=None)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), default=None)
+    """Until when the worker's claim holds (renewed while it works); past it the job may be re-claimed."""
+    fence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Fencing token: raised by every claim; a worker's final write must carry the current one."""

@@ -83,6 +83,12 @@ class OutboxItem(Base):
     deadline_at: Mapped[Timestamp]
     last_try_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: The sender that claimed the row for an attempt (``host:pid:nonce``), NULL when unclaimed.
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: Until when that claim holds (renewed while it sends); past it another sender may claim the row.
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: Fencing token raised by every claim; an attempt's outcome is recorded only under the current one.
+    fence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     def __repr__(self) -> str:
         return (

@@ -90,10 +90,21 @@ class ReadinessProbe:
         node = self.context.node
         if node is None:
             skipped = Check(True, "no node in this process (application on the index alone)")
-            result.update(workers=skipped, model=skipped, scp=skipped)
+            result.update(workers=skipped, model=skipped, scp=skipped, sender=skipped)
             return result
-        result.update(self._workers(node))
-        result["scp"] = Check(True, "listening") if scp_listening(node) else Check(False, "not listening")
+        runs = getattr(node, "runs", lambda part: True)
+        role = getattr(node, "role", "all")
+        elsewhere = Check(True, f"not run by this process (role {role})")
+        result.update(self._workers(node) if runs("worker") else {"workers": elsewhere, "model": elsewhere})
+        if runs("receiver"):
+            result["scp"] = Check(True, "listening") if scp_listening(node) else Check(False, "not listening")
+        else:
+            result["scp"] = elsewhere
+        if runs("sender"):
+            sending = node.delivery.runner is not None and node.delivery.runner.running
+            result["sender"] = Check(True, "delivering") if sending else Check(False, "delivery thread not running")
+        else:
+            result["sender"] = elsewhere
         return result
 
     def _index(self) -> Check:
