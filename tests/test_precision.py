@@ -36,6 +36,7 @@ from inference.training.manifest import load_manifest
 from reports.sr import ReportContext, build_sr
 from reports.uids import UIDFactory
 from tests import factory
+from tests.studyindex import Index, add_study, index  # noqa: F401 - the index fixture
 from tests.training_support import TrainedModel, trained_checkpoint
 from tests.validators import fake_prediction, read_strict, sorted_by_position
 
@@ -190,6 +191,24 @@ def test_ensemble_card_carries_its_own_check(trained_model: TrainedModel, tmp_pa
     predictor = Predictor(served, device="cpu")
     expected = "bf16" if cpu_has_native_bf16() and evaluation.bf16_check.decisions_changed == 0 else "fp32"  # type: ignore[union-attr]
     assert predictor.precision == expected
+
+
+@pytest.mark.parametrize("index", ["sqlite"], indirect=True)
+def test_the_analysis_row_and_the_study_detail_name_the_precision(index: Index, checked: Path,
+                                                                  first_case: object) -> None:
+    from dicom_node.index.analysis import record_analysis
+    from dicom_node.index.db import write_session
+    from dicom_node.web.queries import study_detail
+
+    prediction = Predictor.load(checked, device="cpu").predict(first_case)  # type: ignore[arg-type]
+    study_uid = UIDS.for_name("precision-study")
+    study_pk = add_study(index.sessions, study_uid)
+    with write_session(index.sessions) as session:
+        row = record_analysis(session, study_pk, "analysed", result_summary(prediction))
+        assert json.loads(row.summary)["model"]["precision"] == expected_auto()
+    with index.sessions() as session:
+        detail = study_detail(session, study_uid)
+    assert detail is not None and [run.precision for run in detail.analyses] == [expected_auto()]
 
 
 def _sr_algorithm_parameters(prediction: Prediction, folder: Path) -> list[str]:
