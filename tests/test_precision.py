@@ -188,9 +188,10 @@ def test_ensemble_card_carries_its_own_check(trained_model: TrainedModel, tmp_pa
     served = load_checkpoint(ensemble)
     assert served.card.bf16_check == evaluation.bf16_check
     assert served.card.weights_sha256 == load_checkpoint(trained_model.ensemble).card.weights_sha256
-    predictor = Predictor(served, device="cpu")
-    expected = "bf16" if cpu_has_native_bf16() and evaluation.bf16_check.decisions_changed == 0 else "fp32"  # type: ignore[union-attr]
-    assert predictor.precision == expected
+    check = evaluation.bf16_check
+    assert check is not None and check.cases == 40
+    expected = "bf16" if cpu_has_native_bf16() and check.decisions_changed == 0 else "fp32"
+    assert Predictor(served, device="cpu").precision == expected
 
 
 @pytest.mark.parametrize("index", ["sqlite"], indirect=True)
