@@ -47,6 +47,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.model import LoadedModel, Res25Config, Res25Output, demonstration_model, load_checkpoint  # noqa: E402
+from inference.model.precision import Bf16Check, cpu_has_native_bf16  # noqa: E402
 from inference.model.res25 import Res25, slice_by_slice_forward  # noqa: E402
 from inference.model.runtime import autocast, fold_batch_norm, prepare  # noqa: E402
 
@@ -140,12 +141,17 @@ def flip_count(loaded: LoadedModel, model: Res25, cases: Tensor, batch: int) -> 
             with autocast(device, "bf16"):
                 bf16.append(model(chunk).logits.float())
     z32, z16 = torch.cat(fp32), torch.cat(bf16)
-    d32, d16 = decisions(loaded, z32), decisions(loaded, z16)
+    card = loaded.card
+    check = Bf16Check.from_scores([card.calibration.apply(float(z)) for z in z32.reshape(-1)],
+                                  [card.calibration.apply(float(z)) for z in z16.reshape(-1)],
+                                  card.threshold, card.weights_sha256)
     return {
-        "cases": len(d32),
-        "flips": sum(a != b for a, b in zip(d32, d16)),
-        "positives_fp32": sum(d32),
+        "cases": check.cases,
+        "flips": check.decisions_changed,
+        "positives_fp32": sum(decisions(loaded, z32)),
         "logit_max_abs_diff": float((z32 - z16).abs().max()),
+        "score_max_abs_diff": check.max_abs_score_difference,
+        "native_bf16": cpu_has_native_bf16(),
         "threshold": loaded.card.threshold,
         "calibration": loaded.card.calibration.method,
         "trained": not loaded.card.demonstration,

@@ -356,6 +356,13 @@ class InferenceSettings(BaseModel):
         None, description="Checkpoint to serve. Empty: deterministic untrained demonstration weights."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto: on CUDA the precision the checkpoint was validated in; on a CPU with native bf16 "
+        "(AVX512-BF16 or AMX) bf16 when the checkpoint's card records that bf16 changed no decision on its validation "
+        "cases (fpe-node evaluate --record-bf16), else fp32. fp32 or bf16 force it (bf16 where the machine has no "
+        "native bf16 stops start-up). Every result names the precision used.",
+    )
     eligibility_rules: Path | None = Field(None, description="Eligibility YAML. Empty: bundled config/eligibility.yaml.")
     selection_rules: Path | None = Field(None, description="Series selection YAML. Empty: bundled config/selection.yaml.")
     case_window_h: float = Field(

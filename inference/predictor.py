@@ -54,7 +54,8 @@ from inference.memory import keep_freed_memory
 from inference.model.calibration import sigmoid
 from inference.model.checkpoint import DEFAULT_RECIPE_NOTE, LoadedModel, load_model
 from inference.model.res25 import Res25Output
-from inference.model.runtime import DevicePreference, prepare, run, runtime_precision, select_device
+from inference.model.precision import PrecisionSetting, serving_precision
+from inference.model.runtime import DevicePreference, prepare, run, select_device
 from inference.preprocess import ModelGrid, PreprocessedCase, PreprocessingError, RoleVolume, preprocess_case
 from inference.recipe import DEFAULT_RECIPE, Recipe
 from inference.result import (
@@ -100,18 +101,32 @@ class Predictor:
     loaded:
         Network and card from :func:`inference.model.checkpoint.load_model`.
     device:
-        ``auto`` (CUDA when present), ``cpu`` or ``cuda``; on CUDA the model runs in its card's
-        precision, on CPU in fp32.
+        ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+    precision:
+        The setting ``inference.precision``: ``auto``, ``fp32`` or ``bf16``
+        (:func:`inference.model.precision.serving_precision`: on CUDA the card's precision, on
+        a CPU with native bf16 bf16 when the card's bf16 check changed no decision, else fp32).
+        Every :class:`Prediction` names the precision that ran (``model.precision``).
+
+    Raises
+    ------
+    PrecisionSettingError
+        ``precision`` is bf16 where this machine has no native bf16 (the message names
+        ``inference.precision``).
     """
 
-    def __init__(self, loaded: LoadedModel, *, device: DevicePreference = "cpu") -> None:
+    def __init__(self, loaded: LoadedModel, *, device: DevicePreference = "cpu",
+                 precision: PrecisionSetting = "auto") -> None:
         self.card = loaded.card
         self.notes = loaded.notes
         self.recipe = self.recipe_of(loaded)
         self.device = select_device(device)
-        self.precision = runtime_precision(self.card.precision, self.device)
+        choice = serving_precision(precision, self.card, self.device)
+        self.precision = choice.precision
+        log.info("serving %s %s on %s in %s (%s)", self.card.name, self.card.version, self.device.type,
+                 choice.precision, choice.reason)
         self.model = prepare(loaded.model, self.device)
-        self.model_info = self.card.model_info()
+        self.model_info = self.card.model_info(precision=self.precision)
 
     @classmethod
     def load(
@@ -119,10 +134,13 @@ class Predictor:
         checkpoint: Path | None,
         *,
         device: DevicePreference = "auto",
+        precision: PrecisionSetting = "auto",
         torch_threads: int = 0,
         keep_memory: bool = True,
     ) -> "Predictor":
         """Load the configured checkpoint (None: demonstration weights) once.
+
+        ``precision``: the setting ``inference.precision`` (see the class).
 
         ``torch_threads`` > 0 sets torch's intra-op threads for this process (0 keeps torch's default).
         ``keep_memory``: the process keeps the memory it frees for the next case
@@ -132,7 +150,7 @@ class Predictor:
             torch.set_num_threads(torch_threads)
         if keep_memory:
             keep_freed_memory()
-        return cls(load_model(checkpoint), device=device)
+        return cls(load_model(checkpoint), device=device, precision=precision)
 
     @staticmethod
     def recipe_of(loaded: LoadedModel) -> Recipe:

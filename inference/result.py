@@ -56,7 +56,7 @@ class ModelInfo:
     calibrated: bool  # the score is a calibrated probability only when True
     threshold: float
     demonstration: bool  # untrained demonstration weights: every output says so
-    precision: str = "fp32"
+    precision: str = "fp32"  # the precision the model ran in (fp32, bf16, fp16), not only the one it was validated in
     recipe_from_checkpoint: bool = True  # False: original checkpoint, default recipe applied
 
 

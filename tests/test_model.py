@@ -36,7 +36,7 @@ from inference.model import (
     weights_sha256,
 )
 from inference.model.res25 import seeded_init_, slice_by_slice_forward
-from inference.model.runtime import autocast, fold_batch_norm, prepare, run, runtime_precision, select_device
+from inference.model.runtime import autocast, fold_batch_norm, prepare, run, select_device
 
 GRID = (25, 32, 32)
 
@@ -273,9 +273,6 @@ def test_runtime_helpers_on_cpu() -> None:
     device = select_device("cpu")
     assert device.type == "cpu"
     assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert runtime_precision("bf16", torch.device("cpu")) == "fp32"
-    assert runtime_precision("fp32", torch.device("cpu"), cpu_bf16=True) == "bf16"
-    assert runtime_precision("bf16", torch.device("cuda")) == "bf16"
     model = prepare(_model(), device, channels_last=True)
     volumes = _volumes()
     fp32 = run(model, volumes, device)

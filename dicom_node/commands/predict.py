@@ -45,6 +45,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--out", type=Path, help="write the JSON here (default: stdout)")
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: settings' inference.checkpoint)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: settings' inference.device")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="default: settings' inference.precision")
     parser.set_defaults(func=run)
 
 
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         predictor = Predictor.load(
             args.checkpoint or inference.checkpoint,
             device=args.device or inference.device,
+            precision=args.precision or inference.precision,
             torch_threads=inference.torch_threads,
         )
         case: CaseInput | NotAnalysed

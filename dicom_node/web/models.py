@@ -87,6 +87,7 @@ class AnalysisRun(_Model):
     model_version: str | None = None
     weights_sha256: str | None = None
     demonstration: bool | None = None
+    precision: str | None = Field(None, description="Precision the model ran in (fp32, bf16, fp16).")
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
     warnings: list[str] = Field(default_factory=list)
 

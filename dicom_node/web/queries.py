@@ -214,11 +214,12 @@ def fill_patient(session: Session, data_dir: Path, studies: Sequence[S]) -> list
 
 
 def _analysis_run(row: Analysis) -> AnalysisRun:
+    model = json.loads(row.summary or "{}").get("model") or {}  # result_summary's model (precision has no column)
     return AnalysisRun(
         at=as_utc(row.created_at), outcome=row.outcome, reason=row.reason, pipeline=row.pipeline, score=row.score,
         positive=row.positive, threshold=row.threshold, model_name=row.model_name, model_version=row.model_version,
-        weights_sha256=row.weights_sha256, demonstration=row.demonstration, timings=row.timings_dict(),
-        warnings=row.warnings_list(),
+        weights_sha256=row.weights_sha256, demonstration=row.demonstration, precision=model.get("precision"),
+        timings=row.timings_dict(), warnings=row.warnings_list(),
     )
 
 

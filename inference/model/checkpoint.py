@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from inference.model.calibration import Calibration
+from inference.model.precision import Bf16Check
 from inference.model.res25 import Res25, Res25Config, seeded_init_
 from inference.model.runtime import PRECISIONS
 from inference.result import ModelInfo
@@ -101,6 +102,10 @@ class ModelCard:
         True for untrained demonstration weights.
     recipe_from_checkpoint
         False when the checkpoint carried no recipe (original checkpoints).
+    bf16_check
+        How CPU bf16 compared with fp32 on validation cases (:class:`~inference.model.precision.Bf16Check`,
+        written by ``fpe-node evaluate --record-bf16``); ``None``: never checked, so never bf16 on
+        CPU unless ``inference.precision`` forces it.
     """
 
     name: str
@@ -115,6 +120,7 @@ class ModelCard:
     weights_sha256: str = ""
     demonstration: bool = False
     recipe_from_checkpoint: bool = True
+    bf16_check: Bf16Check | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.strip():
@@ -161,6 +167,7 @@ class ModelCard:
             "weights_sha256": self.weights_sha256,
             "demonstration": self.demonstration,
             "recipe_from_checkpoint": self.recipe_from_checkpoint,
+            "bf16_check": None if self.bf16_check is None else self.bf16_check.to_dict(),
         }
 
     @classmethod
@@ -175,13 +182,19 @@ class ModelCard:
         kwargs["calibration"] = Calibration.from_dict(values.get("calibration"))
         if "grid" in kwargs:
             kwargs["grid"] = tuple(kwargs["grid"])
+        if kwargs.get("bf16_check") is not None:
+            kwargs["bf16_check"] = Bf16Check.from_dict(kwargs["bf16_check"])
         card = cls(**kwargs)
         if "variant" in values and values["variant"] != card.variant:
             raise ValueError(f"card variant {values['variant']!r} differs from its architecture's {card.variant!r}")
         return card
 
-    def model_info(self) -> ModelInfo:
-        """The identity a :class:`~inference.result.Prediction` carries."""
+    def model_info(self, precision: str | None = None) -> ModelInfo:
+        """The identity a :class:`~inference.result.Prediction` carries.
+
+        ``precision`` is the precision the model actually runs in
+        (:func:`inference.model.precision.serving_precision`); default the card's validated one.
+        """
         return ModelInfo(
             name=self.name,
             version=self.version,
@@ -190,7 +203,7 @@ class ModelCard:
             calibrated=self.calibration.calibrated,
             threshold=self.threshold,
             demonstration=self.demonstration,
-            precision=self.precision,
+            precision=self.precision if precision is None else precision,
             recipe_from_checkpoint=self.recipe_from_checkpoint,
         )
 
@@ -499,6 +512,37 @@ def load_checkpoint(path: Path) -> LoadedModel:
     logger.info("loaded %s checkpoint %s: %s %s (%s), sha256 %s", loaded.source, path.name, loaded.card.name,
                 loaded.card.version, loaded.card.variant, loaded.card.weights_sha256[:12])
     return loaded
+
+
+def record_bf16_check(path: Path, check: Bf16Check) -> None:
+    """Write ``check`` into the card of the node or ensemble checkpoint at ``path``, atomically.
+
+    The weights are written back as read (their SHA-256 is unchanged); the file is re-read
+    through its loader first, so a record for other weights than the file's is refused.
+
+    Raises
+    ------
+    CheckpointError
+        An original checkpoint (it has no card: save it in the node format first), an unknown
+        format, or a check made for other weights.
+    """
+    from inference.model.ensemble import ENSEMBLE_FORMAT, load_ensemble_payload  # it imports this module
+
+    path = Path(path)
+    payload = read_payload(path)
+    if not isinstance(payload, Mapping) or payload.get("format") not in (FORMAT, ENSEMBLE_FORMAT):
+        raise CheckpointError(f"{path.name}: only node and ensemble checkpoints carry a card for the bf16 check")
+    if not isinstance(payload.get("card"), Mapping):
+        raise CheckpointError(f"{path.name}: missing key 'card'")
+    updated = {**payload, "card": {**payload["card"], "bf16_check": check.to_dict()}}
+    load = load_ensemble_payload if payload["format"] == ENSEMBLE_FORMAT else _load_node
+    served = load(updated, path.name).card
+    if served.weights_sha256 != check.weights_sha256:
+        raise CheckpointError(f"{path.name}: the bf16 check was made for weights {check.weights_sha256[:12]}, "
+                              f"the file holds {served.weights_sha256[:12]}")
+    write_payload(updated, path)
+    logger.info("%s: recorded bf16 check (%d cases, %d decisions changed)", path.name, check.cases,
+                check.decisions_changed)
 
 
 def demonstration_model(config: Res25Config | None = None, seed: int = 0,

@@ -67,6 +67,7 @@ from inference.model.checkpoint import (
     weights_sha256,
     write_payload,
 )
+from inference.model.precision import Bf16Check
 from inference.model.res25 import Res25, Res25Config, Res25Output
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,11 @@ ENSEMBLE_FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class EnsembleCard:
-    """What an ensemble file says about itself (the members carry their own cards)."""
+    """What an ensemble file says about itself (the members carry their own cards).
+
+    ``bf16_check`` is the ensemble's own CPU bf16 check (:class:`~inference.model.precision.Bf16Check`,
+    over the served weights of all members), ``None`` when never checked.
+    """
 
     name: str
     version: str
@@ -88,6 +93,7 @@ class EnsembleCard:
     calibration: Calibration
     training: dict[str, Any] = field(default_factory=dict)
     members_sha256: tuple[str, ...] = ()
+    bf16_check: Bf16Check | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -106,6 +112,7 @@ class EnsembleCard:
             "calibration": self.calibration.to_dict(),
             "training": self.training,
             "members_sha256": list(self.members_sha256),
+            "bf16_check": None if self.bf16_check is None else self.bf16_check.to_dict(),
         }
 
     @classmethod
@@ -121,6 +128,7 @@ class EnsembleCard:
             calibration=Calibration.from_dict(values.get("calibration")),
             training=dict(values.get("training") or {}),
             members_sha256=tuple(values.get("members_sha256") or ()),
+            bf16_check=Bf16Check.from_dict(values["bf16_check"]) if values.get("bf16_check") is not None else None,
         )
 
 
@@ -340,6 +348,7 @@ def served_card(loaded: LoadedEnsemble) -> ModelCard:
             weights_sha256=weights_sha256(loaded.model.state_dict()),
             demonstration=any(m.demonstration for m in members),
             recipe_from_checkpoint=all(m.recipe_from_checkpoint for m in members),
+            bf16_check=card.bf16_check,
         )
     except ValueError as exc:
         raise CheckpointError(f"ensemble {card.name} {card.version}: invalid card: {exc}") from exc

@@ -1,11 +1,12 @@
 """Where and in which precision the model runs.
 
 A checkpoint card names the precision the model was validated in (``fp32``, ``bf16`` or
-``fp16``). On a CUDA device the model runs in that precision (autocast for bf16/fp16). On CPU
-it runs in fp32 unless bf16 autocast is asked for explicitly (``cpu_bf16=True``): CPU bf16 is
-only fast on processors with native bf16 instructions (AVX512-BF16 / AMX) and can change
-decisions near the threshold, so it is opt-in and its decision flips are measured by
-``benchmarks/model.py``.
+``fp16``); which precision a served model runs in (the setting ``inference.precision``, the
+CPU's native bf16, the card's bf16 check) is decided by
+:func:`inference.model.precision.serving_precision`. This module runs it: autocast for
+bf16/fp16, fp32 outputs. CPU bf16 is only fast on processors with native bf16 instructions
+(AVX512-BF16 / AMX) and can change decisions near the threshold; ``benchmarks/model.py``
+measures both.
 """
 
 from __future__ import annotations
@@ -50,15 +51,6 @@ def select_device(preference: DevicePreference = "auto") -> torch.device:
     if preference == "cuda":
         raise RuntimeError("device 'cuda' was configured but no CUDA device is available")
     return torch.device("cpu")
-
-
-def runtime_precision(card_precision: str, device: torch.device, cpu_bf16: bool = False) -> Precision:
-    """The precision to run in: the card's on CUDA; fp32 on CPU unless ``cpu_bf16``."""
-    if card_precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {card_precision!r}")
-    if device.type == "cuda":
-        return card_precision  # type: ignore[return-value]
-    return "bf16" if cpu_bf16 else "fp32"
 
 
 def autocast(device: torch.device, precision: str) -> ContextManager[object]:

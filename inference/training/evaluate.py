@@ -6,7 +6,10 @@ Reports, for the cases evaluated (the manifest's ``test`` rows when it has any, 
 * sensitivity and specificity at the checkpoint's stored threshold, each with its interval;
 * the Brier score and a reliability (calibration) curve of the score;
 * the cross-validation summary stored in the card, as mean (SD) across folds like the paper;
-* how many decisions change when the network runs under bf16 autocast instead of fp32;
+* how many decisions change when the network runs under CPU bf16 autocast instead of fp32 (a
+  :class:`~inference.model.precision.Bf16Check`; with ``record_bf16`` it is written into the
+  checkpoint's card, which lets a CPU with native bf16 serve the model in bf16 when no decision
+  changed: :mod:`inference.model.precision`);
 * a per-case CSV (logit, score, decision, and the bf16 ones), ``roc.png``, ``calibration.png``,
   ``report.json`` and a plain-text ``report.txt``.
 
@@ -30,7 +33,8 @@ import torch
 from torch import nn
 
 from inference.model.calibration import Calibration
-from inference.model.checkpoint import load_checkpoint
+from inference.model.checkpoint import load_checkpoint, record_bf16_check, weights_sha256
+from inference.model.precision import Bf16Check
 from inference.model.res25 import Res25
 from inference.model.runtime import run
 from inference.training import metrics
@@ -54,6 +58,7 @@ class ServedModel:
     training: dict[str, Any]
     precision: str
     kind: str  # "network" or "ensemble"
+    weights_sha256: str  # of the served weights (an ensemble: over all members, as it is served)
 
 
 def load_served_model(path: Path) -> ServedModel:
@@ -64,11 +69,12 @@ def load_served_model(path: Path) -> ServedModel:
         ensemble = load_ensemble(path)
         card = ensemble.card
         return ServedModel(ensemble.model, card.name, card.version, card.grid, card.recipe, card.threshold,
-                           card.calibration, card.training, card.precision, "ensemble")
+                           card.calibration, card.training, card.precision, "ensemble",
+                           weights_sha256(ensemble.model.state_dict()))
     loaded = load_checkpoint(path)
     c = loaded.card
     return ServedModel(loaded.model, c.name, c.version, c.grid, c.recipe, c.threshold, c.calibration, c.training,
-                       c.precision, "network")
+                       c.precision, "network", c.weights_sha256)
 
 
 def case_logits(model: nn.Module, inputs: Sequence[np.ndarray], precision: str = "fp32") -> np.ndarray:
@@ -92,6 +98,7 @@ class Evaluation:
     scores: list[float]
     positive: list[bool]
     report: dict[str, Any]
+    bf16_check: Bf16Check | None = None  # None when bf16 was not compared
 
 
 def evaluate_inputs(
@@ -122,19 +129,18 @@ def evaluate_inputs(
     report["calibration"] = _calibration(y, scores)
     report["cross_validation"] = _stored_cv_summary(served.training)
     bf16_logits: np.ndarray | None = None
+    check: Bf16Check | None = None
     if compare_bf16:
         bf16_logits = case_logits(served.model, inputs, "bf16")
-        bf16_scores = np.asarray([served.calibration.apply(float(z)) for z in bf16_logits])
-        changed = int(np.sum((bf16_scores >= served.threshold) != positive))
-        report["bf16_vs_fp32"] = {
-            "decisions_changed": changed,
-            "max_abs_score_difference": float(np.max(np.abs(bf16_scores - scores))) if scores.size else 0.0,
-        }
+        bf16_scores = [served.calibration.apply(float(z)) for z in bf16_logits]
+        check = Bf16Check.from_scores(scores.tolist(), bf16_scores, served.threshold, served.weights_sha256)
+        report["bf16_vs_fp32"] = check.to_dict()
     _write_case_csv(out_dir / "per_case.csv", case_ids, y, logits, scores, positive, bf16_logits, served)
     _write_plots(out_dir, y, scores, served, report)
     (out_dir / "report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
     (out_dir / "report.txt").write_text(format_report(report))
-    return Evaluation(list(case_ids), [int(v) for v in y], logits.tolist(), scores.tolist(), positive.tolist(), report)
+    return Evaluation(list(case_ids), [int(v) for v in y], logits.tolist(), scores.tolist(), positive.tolist(), report,
+                      check)
 
 
 def _discrimination(y: np.ndarray, scores: np.ndarray, threshold: float, n_resamples: int, seed: int) -> dict[str, Any]:
@@ -246,8 +252,12 @@ def evaluate_manifest(
     n_resamples: int = 2000,
     seed: int = 0,
     compare_bf16: bool = True,
+    record_bf16: bool = False,
 ) -> Evaluation:
     """Evaluate ``checkpoint`` on the manifest's ``test`` rows (all rows when it has none).
+
+    ``record_bf16``: write the bf16-versus-fp32 comparison into the checkpoint's card
+    (:func:`inference.model.checkpoint.record_bf16_check`; the weights are unchanged).
 
     Cases go through the checkpoint's own recipe (the default recipe on the card's grid when it
     carries none) and must be of the pipeline the checkpoint was trained for; the manifest is
@@ -267,8 +277,10 @@ def evaluate_manifest(
         other = [case.case_id for case in chosen if case.modality != pipeline]
         if other:
             raise ValueError(f"the checkpoint serves the {pipeline} pipeline; cases of another modality: {', '.join(other)}")
+    if record_bf16 and not compare_bf16:
+        raise ValueError("recording the bf16 check needs the bf16 comparison")
     cached = preprocess_cohort(chosen, recipe, cache_dir or out_dir / "cache")
-    return evaluate_inputs(
+    evaluation = evaluate_inputs(
         served,
         [entry.load() for entry in cached],
         [case.label for case in chosen],
@@ -278,3 +290,6 @@ def evaluate_manifest(
         seed=seed,
         compare_bf16=compare_bf16,
     )
+    if record_bf16 and evaluation.bf16_check is not None:
+        record_bf16_check(checkpoint, evaluation.bf16_check)
+    return evaluation
