@@ -182,6 +182,8 @@ def build_node(
     """
     if role not in ROLES:
         raise SettingsError(f"role: {role!r} is not one of {', '.join(ROLES)}")
+    if "worker" in ROLES[role] and settings.inference.workers:
+        _check_worker_device(settings)
     tls_context = server_context(settings.network.tls) if settings.network.tls.enabled else None
     files = FileStore(settings.storage.data_dir, fsync=settings.storage.fsync)
     use_installation_secret(settings.storage.data_dir)  # created at first start
@@ -226,6 +228,22 @@ def build_node(
         settings, engine, session_factory, files, peers, dispatcher, scp, scheduler, lifecycle, completion, retention,
         delivery, workers, readiness.selector, build_exporter(settings, session_factory), alerts, role,
     )
+
+
+def _check_worker_device(settings: Settings) -> None:
+    """Stop start-up, naming the field, when the workers could not run as configured
+    (``inference.device: cuda`` without CUDA, ``inference.precision: bf16`` where it is not native)."""
+    from inference.model.precision import PrecisionSettingError, check_precision_setting
+    from inference.model.runtime import select_device
+
+    try:
+        device = select_device(settings.inference.device)
+    except RuntimeError as exc:
+        raise SettingsError(f"inference.device: {exc}") from exc
+    try:
+        check_precision_setting(settings.inference.precision, device)
+    except PrecisionSettingError as exc:
+        raise SettingsError(str(exc)) from exc
 
 
 def _selection_readiness(settings: Settings, session_factory: sessionmaker[Session]) -> SelectionReadiness:

@@ -161,7 +161,8 @@ class Analyst:
         self.sessions = session_factory or build_session_factory(build_engine(settings))
         self.lifecycle = Lifecycle(self.sessions, settings.completion, job_lease_s=settings.leases.job_s)
         self.predictor = predictor or Predictor.load(
-            inference.checkpoint, device=inference.device, torch_threads=inference.torch_threads
+            inference.checkpoint, device=inference.device, precision=inference.precision,
+            torch_threads=inference.torch_threads,
         )
         self.selector = build_selector(settings, self.predictor.recipe)
         self.eligibility: EligibilityRules = load_eligibility_rules(inference.eligibility_rules)
