@@ -43,6 +43,9 @@ from inference.selection import Selector
 
 log = logging.getLogger(__name__)
 
+SHARED_ORPHAN_AGE_S = 600.0
+"""With roles apart, a file without an index row is an orphan only once it is this old."""
+
 ROLES: dict[str, frozenset[str]] = {
     "all": frozenset({"receiver", "worker", "sender"}),
     "receiver": frozenset({"receiver"}),
@@ -193,7 +196,10 @@ def build_node(
     engine = build_engine(settings)
     upgrade_to_head(engine)
     session_factory = build_session_factory(engine)
-    reconciled = reconcile_orphans(files, session_factory)  # before the SCP listens
+    # Before the SCP listens. Other receivers may be writing to a shared folder: files they put in
+    # place moments ago are not orphans (a study's store takes seconds, not minutes).
+    shared = role != "all"
+    reconciled = reconcile_orphans(files, session_factory, min_age_s=SHARED_ORPHAN_AGE_S if shared else 0.0)
     if reconciled.adopted or reconciled.quarantined:
         log.warning("files without index rows: %d adopted, %d quarantined", reconciled.adopted, reconciled.quarantined)
     peers = PeerRegistry(session_factory)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,14 +89,25 @@ class Reconciled:
     quarantined: int
 
 
-def reconcile_orphans(files: FileStore, sessions: sessionmaker[Session]) -> Reconciled:
-    """Adopt or quarantine every file under ``dicom/`` that no index row names (start-up only)."""
+def reconcile_orphans(files: FileStore, sessions: sessionmaker[Session], *, min_age_s: float = 0.0) -> Reconciled:
+    """Adopt or quarantine every file under ``dicom/`` that no index row names (start-up).
+
+    ``min_age_s``: leave files younger than this alone. Receivers sharing the storage folder
+    (``fpe-node serve --role receiver``) pass a few minutes, so a file another receiver has just
+    put in place and is indexing is never taken for an orphan.
+    """
     with sessions() as session:
         known = set(session.scalars(select(Instance.path)))
     adopted = quarantined = 0
+    now = time.time()
     for path in sorted((files.data_dir / "dicom").rglob("*.dcm")):
         relative = path.relative_to(files.data_dir).as_posix()
         if relative in known:
+            continue
+        try:
+            if min_age_s and now - path.stat().st_mtime < min_age_s:
+                continue
+        except FileNotFoundError:
             continue
         reason = _adopt(files, sessions, path, relative)
         if reason is None:

@@ -17,11 +17,13 @@ import errno
 import hashlib
 import io
 import logging
-import os
 import itertools
+import os
 import shutil
+import socket
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import replace
@@ -39,6 +41,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from dicom_node.leases import holder_is_dead_here
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
 from inference.dicom_headers import InstanceHeader, instance_header
 
@@ -308,6 +311,9 @@ class DiskFullError(OSError):
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _TMP_COUNTER = itertools.count()
+_HOST = socket.gethostname()[:32]
+STALE_TMP_S = 3600.0
+"""Age after which another host's temporary file counts as left by a crash."""
 
 
 class FileStore:
@@ -338,7 +344,7 @@ class FileStore:
         DiskFullError
             When the filesystem is full; the partial file is removed.
         """
-        tmp_path = self.tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{next(_TMP_COUNTER)}.part"
+        tmp_path = self.tmp_dir / f"{_HOST}:{os.getpid()}:{threading.get_ident()}-{next(_TMP_COUNTER)}.part"
         try:
             with open(tmp_path, "wb") as handle:
                 for chunk in chunks:
@@ -391,11 +397,26 @@ class FileStore:
             self._fsync_dir(final.parent)
 
     def clean_tmp(self) -> int:
-        """Delete temporary files left by a crash (start-up only); returns how many."""
+        """Delete temporary files left by a crash (start-up); returns how many.
+
+        The folder may be shared by processes of several machines (``fpe-node serve --role``):
+        a file is removed when the process that wrote it is gone (a process of this host, named
+        in the file name) or, for another host's, when it has not been touched for
+        :data:`STALE_TMP_S` (no store takes that long).
+        """
         removed = 0
+        now = time.time()
         for leftover in self.tmp_dir.glob("*.part"):
-            self.discard(leftover)
-            removed += 1
+            writer = leftover.name.rsplit("-", 1)[0]  # host:pid:thread (older nodes: pid-thread)
+            if ":" not in writer:
+                writer = f"{_HOST}:{writer.split('-')[0]}:0"
+            try:
+                stale = now - leftover.stat().st_mtime > STALE_TMP_S
+            except FileNotFoundError:
+                continue
+            if holder_is_dead_here(writer) or stale:
+                self.discard(leftover)
+                removed += 1
         return removed
 
     def _make_dirs(self, folder: Path) -> None:

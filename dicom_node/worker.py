@@ -70,6 +70,8 @@ from inference.result import NotAnalysed, Prediction
 log = logging.getLogger(__name__)
 
 Result = Prediction | NotAnalysed
+RESTART_PAUSE_S = 2.0
+"""How often the node looks for a worker process that died (and starts a new one)."""
 INTERNAL_ERROR_REASON = "internal error during analysis"
 """Start of the ``not_analysed`` reason of a run that raised (alerts match it)."""
 
@@ -342,6 +344,10 @@ class InferenceWorkers:
         self._loaded: dict[int, dict[str, Any]] = {}
         self._loaded_lock = threading.Lock()
         self._processes: list[Any] = []  # multiprocessing.Process, built by start()
+        self._lineage: tuple[int, bool] = (os.getpid(), True)
+        self._supervisor: threading.Thread | None = None
+        self.restarts = 0
+        """Worker processes started in place of one that died."""
 
     def start(self) -> None:
         """Start the processes (nothing when no worker is configured).
@@ -365,6 +371,33 @@ class InferenceWorkers:
         for process in self._processes:
             process.start()
         log.info("started %d inference worker process(es)", len(self._processes))
+        self._lineage = lineage
+        self._supervisor = threading.Thread(target=self._supervise, name="fpe-workers", daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        """Start a new process in place of one that died (killed, out of memory, crashed).
+
+        The study it held keeps its lease until it runs out; then any worker claims it again
+        (:meth:`dicom_node.lifecycle.Lifecycle.claim_next`). Restarts are spaced by
+        :data:`RESTART_PAUSE_S` so a worker that dies at once does not spin.
+        """
+        while not self._stop.wait(RESTART_PAUSE_S):
+            for number, process in enumerate(self._processes):
+                if process.is_alive() or self._stop.is_set():
+                    continue
+                log.error("inference worker %s ended (exit code %s); starting a new one", process.name, process.exitcode)
+                with self._loaded_lock:
+                    self._loaded.pop(number, None)
+                replacement = self._context.Process(
+                    target=_worker_main,
+                    args=(self.settings, self._stop, self.poll_s, *self._lineage, self._loaded_queue, number),
+                    name=f"fpe-inference-{number}",
+                    daemon=True,
+                )
+                replacement.start()
+                self._processes[number] = replacement
+                self.restarts += 1
 
     def alive(self) -> int:
         """Number of worker processes running."""
@@ -402,6 +435,8 @@ class InferenceWorkers:
         A terminated worker's study keeps its lease until it runs out; then any worker re-claims it.
         """
         self._stop.set()
+        if self._supervisor is not None:
+            self._supervisor.join(RESTART_PAUSE_S + 1.0)
         deadline = time.monotonic() + timeout_s
         for process in self._processes:
             process.join(max(0.1, deadline - time.monotonic()))

@@ -191,6 +191,7 @@ def node(make_settings: SettingsFactory) -> Iterator[Any]:
 
 _SERVING_RE = re.compile(r"serving AE \S+ on \S+ port (\d+)")
 _CONSOLE_RE = re.compile(r"fpe-node console on (http://\S+/)")
+_RUNNING_RE = re.compile(r"fpe-node (?:worker|sender) running")
 
 
 @dataclass
@@ -202,24 +203,40 @@ class ServeProcess:
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
+    args: list[str] = field(default_factory=list)
+    """Arguments after ``serve`` (``--role worker``, ``--port 0``...)."""
     _log: Any = field(default=None, repr=False)
+    _offset: int = field(default=0, repr=False)
 
-    def start(self, timeout_s: float = 60.0) -> ServeProcess:
-        """Start and wait until it listens."""
+    def launch(self) -> ServeProcess:
+        """Start the process without waiting (:meth:`wait_started` waits)."""
         self._log = open(self.log_path, "ab")
-        offset = self.log_path.stat().st_size
+        self._offset = self.log_path.stat().st_size
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node", "--config", str(self.config), "serve"],
+            [sys.executable, "-m", "dicom_node", "--config", str(self.config), "serve", *self.args],
             cwd=REPO_ROOT,
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        return self
+
+    def start(self, timeout_s: float = 60.0) -> ServeProcess:
+        """Start and wait until it listens (a role without a DICOM port: until it runs)."""
+        return self.launch().wait_started(timeout_s)
+
+    def wait_started(self, timeout_s: float = 60.0) -> ServeProcess:
+        """Wait for the line that says the process serves: its DICOM port, or for a worker or
+        sender role the line saying it runs."""
+        assert self.process is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            match = _SERVING_RE.search(self.log_path.read_bytes()[offset:].decode("utf-8", "replace"))
+            logged = self.log_path.read_bytes()[self._offset:].decode("utf-8", "replace")
+            match = _SERVING_RE.search(logged)
             if match:
                 self.port = int(match.group(1))
+                return self
+            if _RUNNING_RE.search(logged):
                 return self
             if self.process.poll() is not None:
                 raise RuntimeError(f"fpe-node serve exited early:\n{self.log_text()}")

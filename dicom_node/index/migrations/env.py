@@ -7,10 +7,12 @@ into ``config.attributes["engine"]``. There is no offline (SQL script) mode.
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 import dicom_node.index.models  # noqa: F401 - registers the tables on Base.metadata
 from dicom_node.index.base import Base
+
+MIGRATION_LOCK_KEY = 0x6670656E  # "fpen": the advisory lock every process takes to migrate
 
 
 def run_migrations_online() -> None:
@@ -24,6 +26,10 @@ def run_migrations_online() -> None:
             compare_type=True,
         )
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Several processes may start at once against one index (fpe-node serve --role ...):
+                # the first migrates, the others wait here and then find the schema at head.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             context.run_migrations()
         connection.commit()
 
