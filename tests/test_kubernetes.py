@@ -232,6 +232,10 @@ def test_each_role_starts_serve_with_its_role(site: Build, role: str) -> None:
     (container,) = _deployment_containers(site, role)
     command = container["command"] + container["args"]
     assert command[:4] == ["fpe-node", "serve", "--role", role], shlex.join(command)
+    from dicom_node.cli import build_parser
+
+    parsed = build_parser().parse_args(command[1:])  # the node's own CLI takes the command as written
+    assert parsed.role == role
     assert deployment["spec"]["template"]["metadata"]["labels"][COMPONENT] == role
     assert deployment["spec"]["replicas"] >= 1
 
