@@ -27,9 +27,12 @@ from the burst start (the moment the 4 senders start). Reported per worker count
   being analysed) and, for comparison, its time to result if served first come first served:
   the queue would have served it last, so with priors of equal cost its result would have come
   when the last prior's came (last prior result - live study acknowledged);
-- mean analysis (worker) and report building (serving process) seconds per study, the CPU
-  seconds of each node process over the burst, and the machine's busy share of its cores:
-  what limits the scaling.
+- mean analysis (worker: analysing -> analysed) and report building (analysed -> reporting:
+  the wait for, and the work of, the serving process's one result thread, which builds every
+  worker's result objects first come first served) seconds per study, the same for the live
+  study, the CPU seconds of each node process over the burst (``child`` processes: the
+  inference workers, and multiprocessing's resource tracker at 0 s), and the machine's busy
+  share of its cores: what limits the scaling.
 
 Topologies: ``embedded`` (default: one ``fpe-node serve`` with ``inference.workers: N``, SQLite)
 and ``split`` (PostgreSQL: ``serve --role receiver``, N x ``serve --role worker`` with one
@@ -89,6 +92,8 @@ QUEUED_OR_LATER = FINAL_STATES | {"queued", "analysing", "analysed", "reporting"
 PRIOR_AGE = dt.timedelta(days=2)
 _SERVING = re.compile(r"serving AE \S+ on \S+ port (\d+)")
 _WORKER_READY = "inference worker ready"
+_STAGE = re.compile(r"(\w+) ([0-9.]+) s")  # the reporting entry: "... (load_sources 0.01 s, build 1.8 s, ...)"
+REPORT_WORK_STAGES = ("load_sources", "build", "write")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -459,15 +464,22 @@ class StudyFigures:
     enqueued_at: dt.datetime | None
     claimed_at: dt.datetime | None
     finished_at: dt.datetime | None
+    report_work_s: float | None
 
 
 def read_study(session: Session, study_uid: str) -> StudyFigures:
     study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
     events = session.execute(
-        select(StudyEvent.state, StudyEvent.at).where(StudyEvent.study_pk == study.id).order_by(StudyEvent.id)
+        select(StudyEvent.state, StudyEvent.at, StudyEvent.detail)
+        .where(StudyEvent.study_pk == study.id).order_by(StudyEvent.id)
     ).all()
     first: dict[str, dt.datetime] = {}
-    for state, at in events:
+    report_work_s = None
+    for state, at, detail in events:
+        if state not in first and state == "reporting":
+            stages = {name: float(value) for name, value in _STAGE.findall(detail or "")}
+            if stages:
+                report_work_s = round(sum(stages.get(name, 0.0) for name in REPORT_WORK_STAGES), 3)
         first.setdefault(state, as_utc(at))
     sent = session.scalars(select(OutboxItem.sent_at).where(OutboxItem.study_uid == study_uid)).all()
     job = session.execute(
@@ -485,6 +497,7 @@ def read_study(session: Session, study_uid: str) -> StudyFigures:
         enqueued_at=None if job is None else as_utc(job[0]),
         claimed_at=None if job is None or job[1] is None else as_utc(job[1]),
         finished_at=None if job is None or job[2] is None else as_utc(job[2]),
+        report_work_s=report_work_s,
     )
 
 
@@ -577,7 +590,7 @@ def run_configuration(
     return summarise(
         workers=workers, threads=threads, sent=sent, live_sent=live_sent, prior_figures=prior_figures,
         live_figures=live_figures, burst_start=burst_start, burst_end=burst_end, cpu_by_process=cpu_by_process,
-        machine_busy=(busy_after - busy_before) / max(1, total_after - total_before),
+        machine_busy=(busy_after - busy_before) / max(1, total_after - total_before), cores=cores,
     )
 
 
@@ -595,6 +608,7 @@ def study_row(sent: Sent, f: StudyFigures, burst_start: dt.datetime) -> dict[str
         "from_burst_start_s": seconds(burst_start, f.last_result),
         "completion_wait_s": seconds(sent.acked, f.queued), "queue_s": seconds(f.queued, f.analysing),
         "analysis_s": seconds(f.analysing, f.analysed), "report_building_s": seconds(f.analysed, f.reporting),
+        "report_work_s": f.report_work_s,
         "sending_s": seconds(f.reporting, f.last_result),
     }
 
@@ -602,7 +616,7 @@ def study_row(sent: Sent, f: StudyFigures, burst_start: dt.datetime) -> dict[str
 def summarise(
     *, workers: int, threads: int, sent: Sequence[Sent], live_sent: Sent, prior_figures: dict[str, StudyFigures],
     live_figures: StudyFigures, burst_start: dt.datetime, burst_end: dt.datetime, cpu_by_process: dict[str, float],
-    machine_busy: float,
+    machine_busy: float, cores: int,
 ) -> dict[str, Any]:
     """The figures of one configuration, and one row per study."""
     per_study = [study_row(item, prior_figures[item.study.study_uid], burst_start)
@@ -637,9 +651,11 @@ def summarise(
         "mean_completion_wait_s": mean([r["completion_wait_s"] for r in per_study]),
         "mean_analysis_s": mean([r["analysis_s"] for r in per_study]),
         "mean_report_building_s": mean([r["report_building_s"] for r in per_study]),
+        "mean_report_work_s": mean([r["report_work_s"] for r in per_study]),
         "mean_sending_s": mean([r["sending_s"] for r in per_study]),
         "cpu_s_by_process": cpu_by_process,
         "machine_busy_pct": round(100 * machine_busy, 1),
+        "node_cpu_pct": round(100 * sum(cpu_by_process.values()) / (cores * (burst_end - burst_start).total_seconds()), 1),
         "wall_s": seconds(burst_start, burst_end),
         "studies": per_study,
         "live": live_row,
@@ -668,8 +684,10 @@ ROWS = (
     ("mean completion wait, s", "mean_completion_wait_s"),
     ("mean analysis (worker), s", "mean_analysis_s"),
     ("mean report building (incl. wait), s", "mean_report_building_s"),
+    ("  of which building (sources, build, write), s", "mean_report_work_s"),
     ("mean sending, s", "mean_sending_s"),
-    ("machine busy (all cores), %", "machine_busy_pct"),
+    ("machine busy (all cores, anyone), %", "machine_busy_pct"),
+    ("node processes' CPU (of all cores), %", "node_cpu_pct"),
     ("wall (burst start -> all done), s", "wall_s"),
 )
 
