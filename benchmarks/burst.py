@@ -27,12 +27,15 @@ from the burst start (the moment the 4 senders start). Reported per worker count
   being analysed) and, for comparison, its time to result if served first come first served:
   the queue would have served it last, so with priors of equal cost its result would have come
   when the last prior's came (last prior result - live study acknowledged);
-- mean analysis (worker: analysing -> analysed) and report building (analysed -> reporting:
-  the wait for, and the work of, the serving process's one result thread, which builds every
-  worker's result objects first come first served) seconds per study, the same for the live
-  study, the CPU seconds of each node process over the burst (``child`` processes: the
-  inference workers, and multiprocessing's resource tracker at 0 s), and the machine's busy
-  share of its cores: what limits the scaling.
+- per study, mean seconds along the timeline: analysis (``analysing -> analysed``: the worker
+  runs inference, then builds and writes the result objects, and records both in one
+  transaction), of which the results' building (load_sources + build + write, from the
+  ``reporting`` entry's timings), ``analysed -> reporting`` (the wait for whoever builds the
+  results when that is not the worker: before the transactional outbox, the serving process's
+  one result thread, first come first served; about 0 s now) and sending; the same for the
+  live study; the CPU seconds of each node process over the burst (``child`` processes: the
+  inference workers, and multiprocessing's resource tracker at 0 s), the node's share of all
+  cores and the machine's busy share (anyone's): what limits the scaling.
 
 Topologies: ``embedded`` (default: one ``fpe-node serve`` with ``inference.workers: N``, SQLite)
 and ``split`` (PostgreSQL: ``serve --role receiver``, N x ``serve --role worker`` with one
@@ -239,7 +242,7 @@ def study_timeout_s(args: argparse.Namespace) -> float:
 class NodeProcess:
     """One ``fpe-node serve`` subprocess (its own process group) and its log."""
 
-    role: str
+    label: str
     proc: subprocess.Popen[bytes]
     log_path: Path
 
@@ -251,7 +254,7 @@ class NodeProcess:
         return [self.proc.pid, *children_of(self.proc.pid)]
 
 
-def launch(config: Path, log_path: Path, role: str | None) -> NodeProcess:
+def launch(config: Path, log_path: Path, role: str | None, label: str) -> NodeProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FPENODE_")}
     command = [sys.executable, "-m", "dicom_node", "--config", str(config), "serve"]
     if role is not None:
@@ -259,7 +262,7 @@ def launch(config: Path, log_path: Path, role: str | None) -> NodeProcess:
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    return NodeProcess(role or "embedded", proc, log_path)
+    return NodeProcess(label, proc, log_path)
 
 
 def wait_ready(processes: Sequence[NodeProcess], workers: int, timeout_s: float = 240.0) -> int:
@@ -273,7 +276,7 @@ def wait_ready(processes: Sequence[NodeProcess], workers: int, timeout_s: float 
             return ports[0]
         for p in processes:
             if p.proc.poll() is not None:
-                raise RuntimeError(f"fpe-node serve ({p.role}) exited:\n{p.log_text()[-3000:]}")
+                raise RuntimeError(f"fpe-node serve ({p.label}) exited:\n{p.log_text()[-3000:]}")
         time.sleep(0.2)
     raise RuntimeError(f"the node was not ready within {timeout_s} s ({ready} of {workers} workers)")
 
@@ -558,7 +561,10 @@ def run_configuration(
         processes: list[NodeProcess] = []
         stack.callback(stop_all, processes)
         for number, role in enumerate(roles):
-            processes.append(launch(config, work / f"serve-{role or 'embedded'}-{number}.log", role))
+            label = role or "embedded"
+            if roles.count(role) > 1:  # worker1, worker2, ...
+                label += str(roles[:number + 1].count(role))
+            processes.append(launch(config, work / f"serve-{label}.log", role, label))
             if role == "receiver":  # the receiver creates the schema before the others start
                 wait_ready(processes[:1], 0)
         port = wait_ready(processes, workers)
@@ -576,7 +582,7 @@ def run_configuration(
         cpu_by_process: dict[str, float] = {}
         for p in processes:
             for n, pid in enumerate(p.pids()):
-                name = p.role if n == 0 else f"{p.role}-child{n}"
+                name = p.label if n == 0 else f"{p.label}-child{n}"
                 cpu_by_process[name] = round(cpu_by_process.get(name, 0.0) + process_cpu_s(pid)
                                              - cpu_before.get(pid, 0.0), 1)
 
@@ -597,8 +603,9 @@ def run_configuration(
 def study_row(sent: Sent, f: StudyFigures, burst_start: dt.datetime) -> dict[str, Any]:
     """One study's figures: time to result and its breakdown along the timeline.
 
-    ``report_building_s`` (analysed -> reporting) includes the wait for the serving process's
-    result thread, which builds the result objects of every worker's studies one at a time.
+    ``report_building_s`` is analysed -> reporting; ``report_work_s`` the results' own building
+    (load_sources + build + write) from the reporting entry, done within ``analysis_s`` when
+    the worker builds them before recording ``analysed``.
     """
     return {
         "study": sent.study.key, "sender": sent.sender, "state": f.state,
@@ -679,12 +686,12 @@ ROWS = (
     ("live: priors being analysed then", "live_queue_running"),
     ("live: if FIFO (estimate), s", "live_fifo_estimate_s"),
     ("live: queue (queued -> analysing), s", "live_queue_s"),
-    ("live: analysis, s", "live_analysis_s"),
-    ("live: report building (incl. wait), s", "live_report_building_s"),
+    ("live: analysis (incl. results), s", "live_analysis_s"),
+    ("live: analysed -> reporting, s", "live_report_building_s"),
     ("mean completion wait, s", "mean_completion_wait_s"),
-    ("mean analysis (worker), s", "mean_analysis_s"),
-    ("mean report building (incl. wait), s", "mean_report_building_s"),
-    ("  of which building (sources, build, write), s", "mean_report_work_s"),
+    ("mean analysis (incl. results), s", "mean_analysis_s"),
+    ("mean results building (sources, build, write), s", "mean_report_work_s"),
+    ("mean analysed -> reporting, s", "mean_report_building_s"),
     ("mean sending, s", "mean_sending_s"),
     ("machine busy (all cores, anyone), %", "machine_busy_pct"),
     ("node processes' CPU (of all cores), %", "node_cpu_pct"),
@@ -699,7 +706,8 @@ def print_table(results: Sequence[dict[str, Any]]) -> None:
     for label, key in ROWS:
         print(label.ljust(width) + "".join(str(r[key]).rjust(12) for r in results))
     for r in results:
-        cpu = ", ".join(f"{name} {value:g}" for name, value in r["cpu_s_by_process"].items())
+        cpu = ", ".join(f"{name} {value:g}" for name, value in r["cpu_s_by_process"].items()
+                        if value or "-child" not in name)  # idle children: multiprocessing's resource tracker
         print(f"CPU s over the burst, {r['workers']} worker(s): {cpu}")
     rates = {r["workers"]: r["studies_per_h"] for r in results}
     if 1 in rates and 2 in rates and rates[1] and rates[2]:
