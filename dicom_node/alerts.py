@@ -415,12 +415,21 @@ class Alerts:
             elif position > stored.position:
                 stored.position, stored.updated_at = position, self._clock()
 
-    def start(self, scheduler: Any) -> None:
-        """Evaluate every ``alerts.check_interval_s`` on the node's APScheduler (nothing when disabled)."""
+    def start(self, scheduler: Any, *, when: Callable[[], bool] | None = None) -> None:
+        """Evaluate every ``alerts.check_interval_s`` on the node's APScheduler (nothing when disabled).
+
+        ``when``: evaluate only while it says so (several receivers: the holder of the
+        ``completion`` lease alone, so an alert is sent once).
+        """
         if not self.settings.enabled:
             return
+
+        def tick() -> None:
+            if when is None or when():
+                self.run()
+
         scheduler.add_job(
-            self.run, trigger="interval", seconds=self.settings.check_interval_s, id="alerts",
+            tick, trigger="interval", seconds=self.settings.check_interval_s, id="alerts",
             coalesce=True, max_instances=1,
         )
 

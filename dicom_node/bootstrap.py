@@ -113,8 +113,8 @@ class Node:
                 self.retention.run, trigger="interval", seconds=self.settings.retention.check_interval_s,
                 id="retention", next_run_time=dt.datetime.now(dt.timezone.utc), coalesce=True, max_instances=1,
             )
-            if self.alerts is not None:
-                self.alerts.start(self.scheduler)
+            if self.alerts is not None:  # with several receivers, the completion lease holder alone
+                self.alerts.start(self.scheduler, when=lambda: self.completion.decides)
         self.scheduler.start()
         if receiver:
             self.completion.start()
