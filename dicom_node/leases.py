@@ -53,11 +53,13 @@ def holder_token(kind: str = "") -> str:
     return f"{prefix}{host}:{os.getpid()}:{uuid.uuid4().hex[:12]}"[:64]
 
 
-def holder_is_dead_here(holder: str | None) -> bool:
+def holder_is_dead_here(holder: str | None, *, this_process: bool = False) -> bool:
     """True when ``holder`` names a process of *this* host that no longer runs.
 
     Start-up uses it to take back at once what a killed process of the same machine held,
     instead of waiting for its lease to run out. A holder on another host is never judged.
+    ``this_process``: count this process as gone too (at start-up it holds nothing yet, so a
+    claim in its PID is an earlier process's that had the same PID).
     """
     if not holder:
         return False
@@ -69,7 +71,7 @@ def holder_is_dead_here(holder: str | None) -> bool:
     except ValueError:
         return False
     if pid == os.getpid():
-        return False
+        return this_process
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -568,7 +568,7 @@ def _abandoned(job: AnalysisJob) -> bool:
     was a process of this host that is gone (killed with the node)."""
     if job.lease_until is None or job.lease_until < utcnow():
         return True
-    return holder_is_dead_here(job.claimed_by)
+    return holder_is_dead_here(job.claimed_by, this_process=True)  # start-up: this process holds nothing yet
 
 
 def _rebuild_one(session: Session, study_uid: str, state: StudyState) -> str:
