@@ -37,29 +37,20 @@ from dicom_node.outbox import RunReport
 from dicom_node.scu import StoreOutcome
 from dicom_node.settings import Settings
 from dicom_node.worker import Analyst, JobOutcome
-from inference.model.checkpoint import ModelCard, save_checkpoint
-from inference.model.res25 import Res25, Res25Config, seeded_init_
-from inference.recipe import DEFAULT_RECIPE
 from inference.result import Prediction
 from tests.archives import StorescpArchive
 from tests.conftest import TEST_PEER, SettingsFactory
 from tests.factory import Study, write_ct_stroke_study
 from tests.peers import send_datasets
+from tests.training_support import reduced_checkpoint
 
-GRID = (10, 32, 32)
 S = StudyState
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
-    config = Res25Config.reduced(n_slices=GRID[0])
-    model = seeded_init_(Res25(config=config), seed=7).eval()
-    card = ModelCard(name="res25-recovery-test", version="1", architecture=config, grid=GRID,
-                     recipe=DEFAULT_RECIPE.with_grid(GRID).to_dict())
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, model, card)
-    return path
+    return reduced_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", name="res25-recovery-test", seed=7)
 
 
 @pytest.fixture

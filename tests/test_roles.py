@@ -22,6 +22,7 @@ Leases are short here (``leases.job_s`` 4 s) so that a lost process is replaced 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import re
 import signal
@@ -87,7 +88,10 @@ class Cluster:
             self.processes[name].wait_started(90)
         for name in names:
             if name.startswith("worker"):
-                _until(lambda name=name: "inference worker ready" in self.log(name), 120, f"{name} loads its model")
+                _until(functools.partial(self.model_loaded, name), 120, f"{name} loads its model")
+
+    def model_loaded(self, name: str) -> bool:
+        return "inference worker ready" in self.log(name)
 
     def kill(self, name: str) -> None:
         self.processes[name].kill()
@@ -200,9 +204,10 @@ def _study(folder: Path, **options: Any) -> Study:
 
 
 def _send(dcmtk: DCMTK, port: int, files: list[Path] | Path) -> None:
-    folder = not isinstance(files, list)
-    result = dcmtk.storescu(port, [files] if folder else files, extra=["+r"] if folder else [],  # type: ignore[list-item]
-                            env={"TCP_NODELAY": "1"})
+    if isinstance(files, list):
+        result = dcmtk.storescu(port, files, env={"TCP_NODELAY": "1"})
+    else:  # a folder, with its subfolders
+        result = dcmtk.storescu(port, [files], extra=["+r"], env={"TCP_NODELAY": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
 
 
