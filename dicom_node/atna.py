@@ -706,12 +706,19 @@ class AuditExporter:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._when: Callable[[], bool] | None = None
         self.messages_sent = 0
         """Messages written to a collector since start (resends included)."""
 
     # -- running ----------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the exporter thread."""
+    def start(self, *, when: Callable[[], bool] | None = None) -> None:
+        """Start the exporter thread.
+
+        ``when``: export only while it says so (several receivers: the holder of the
+        ``completion`` lease alone, so the shared cursor has one reader); a process that stops
+        exporting reads the durable cursor again when it resumes.
+        """
+        self._when = when
         if self._thread is not None:
             return
         self._stop.clear()
@@ -744,6 +751,12 @@ class AuditExporter:
     def _loop(self) -> None:
         delay = 0.0
         while not self._stop.wait(delay):
+            if self._when is not None and not self._when():
+                with self._lock:
+                    self._drop()
+                    self._confirmed = None  # another process exports meanwhile: re-read its cursor
+                delay = self.settings.poll_interval_s
+                continue
             try:
                 sent = self.run_pass()
             except (OSError, ssl.SSLError) as exc:

@@ -128,8 +128,8 @@ class Node:
             detail=audit.node_detail(self.settings.network.ae_title, bound[0] if bound else None,
                                      bound[1] if bound else None, role=self.role),
         )
-        if receiver and self.exporter is not None:
-            self.exporter.start()
+        if receiver and self.exporter is not None:  # with several receivers, the completion lease holder alone
+            self.exporter.start(when=lambda: self.completion.decides)
         log.info("fpe-node role %s started (%s)", self.role, ", ".join(sorted(ROLES[self.role])))
         return bound
 
