@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, or_, select, update
+from sqlalchemy import CursorResult, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -95,8 +95,8 @@ def rows_changed(session: Session, statement: Any) -> int:
 class LeaseKeeper:
     """A daemon thread that calls ``renew()`` every ``interval_s`` until stopped.
 
-    ``renew`` returns False when the claim is gone (the fence moved on); the keeper then sets
-    :attr:`lost` and stops. An exception (the index unreachable) is logged and retried at the
+    ``renew`` returns False when the claim is gone (the fence moved on); the keeper then logs
+    it and stops (the holder's fenced final write is refused anyway). An exception (the index unreachable) is logged and retried at the
     next tick: the lease simply runs out if the index stays away.
 
     Use as a context manager around the work the lease covers.
@@ -107,7 +107,6 @@ class LeaseKeeper:
         self._interval = max(0.2, interval_s)
         self._what = what
         self._stop = threading.Event()
-        self.lost = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"fpe-lease-{what}"[:32], daemon=True)
 
     def __enter__(self) -> "LeaseKeeper":
@@ -123,7 +122,6 @@ class LeaseKeeper:
             try:
                 if not self._renew():
                     log.warning("lease of %s lost: another process took it over", self._what)
-                    self.lost.set()
                     return
             except Exception:  # noqa: BLE001 - the index may be away for a moment; the lease runs out if it stays away
                 log.warning("lease of %s not renewed (index unreachable?); retrying", self._what, exc_info=True)
@@ -188,11 +186,3 @@ class NamedLease:
                 .values(holder=None, lease_until=None).execution_options(synchronize_session=False)
             )
         self._held = False
-
-    def current_holder(self) -> str | None:
-        """Who holds the lease now (None: nobody, or it ran out)."""
-        with self._sessions() as session:
-            row = session.execute(select(NodeLease).where(
-                NodeLease.name == self.name, or_(NodeLease.lease_until.is_(None), NodeLease.lease_until >= utcnow())
-            )).scalar_one_or_none()
-            return None if row is None else row.holder

@@ -21,7 +21,6 @@ SR, from the outbox. Every action is recorded in the study's timeline.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +45,6 @@ class Finding:
     state: StudyState
     action: str
     why: str
-    analysed_at: dt.datetime | None = None
 
 
 def examine(study: Study) -> Finding:

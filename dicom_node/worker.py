@@ -346,8 +346,6 @@ class InferenceWorkers:
         self._processes: list[Any] = []  # multiprocessing.Process, built by start()
         self._lineage: tuple[int, bool] = (os.getpid(), True)
         self._supervisor: threading.Thread | None = None
-        self.restarts = 0
-        """Worker processes started in place of one that died."""
 
     def start(self) -> None:
         """Start the processes (nothing when no worker is configured).
@@ -397,7 +395,6 @@ class InferenceWorkers:
                 )
                 replacement.start()
                 self._processes[number] = replacement
-                self.restarts += 1
 
     def alive(self) -> int:
         """Number of worker processes running."""
@@ -407,10 +404,6 @@ class InferenceWorkers:
     def configured(self) -> int:
         """Number of worker processes the settings ask for."""
         return int(self.settings.inference.workers)
-
-    def pids(self) -> list[int]:
-        """PIDs of the worker processes started (tests kill one)."""
-        return [int(process.pid) for process in self._processes if process.pid is not None]
 
     def loaded_models(self) -> dict[int, dict[str, Any]]:
         """Model identity (:func:`model_identity`) of each running worker that has loaded its model, by number.
