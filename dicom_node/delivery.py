@@ -373,17 +373,7 @@ class Delivery:
 
     def discard(self, report: DeliveryReport) -> int:
         """Remove the files :meth:`prepare` wrote (their transaction never committed: fenced out)."""
-        removed = 0
-        for result_file in report.files:
-            try:
-                Path(result_file.path).unlink()
-                removed += 1
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                log.warning("study %s: unqueued result file %s not removed: %s", report.study_uid,
-                            Path(result_file.path).name, exc)
-        return removed
+        return discard_result_files([Path(result_file.path) for result_file in report.files], report.study_uid)
 
     def _build(self, study_uid: str, result: Result, report: DeliveryReport) -> list[Dataset]:
         """The building steps of :meth:`prepare`; ``report.step`` names the one in progress. Returns the sources."""
@@ -530,6 +520,24 @@ class Delivery:
     def resend(self, study_uid: str) -> int:
         """Re-queue a study's results (``fpe-node resend``); the study goes back to ``reporting``."""
         return requeue_study(self.outbox, study_uid)
+
+
+def discard_result_files(paths: Sequence[Path], study_uid: str) -> int:
+    """Remove result files no outbox row names (never sent anywhere) and the folders they leave
+    empty; returns how many were removed. A file that cannot be removed is logged and left."""
+    removed = 0
+    for path in paths:
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("study %s: unsent result file %s not removed: %s", study_uid, path.name, exc)
+    for folder in {path.parent for path in paths}:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
 
 
 def requeue_study(outbox: Outbox, study_uid: str) -> int:

@@ -40,9 +40,8 @@ import socket
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, cast
 
-from sqlalchemy import CursorResult, Update, case, select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.index.base import utcnow
@@ -50,7 +49,7 @@ from dicom_node.index.db import write_session
 from dicom_node.index.jobs import AnalysisJob
 from dicom_node.index.models import Study, StudyEvent
 from dicom_node.index.users import Suspension
-from dicom_node.leases import LeaseLost, holder_is_dead_here
+from dicom_node.leases import LeaseLost, holder_is_dead_here, rows_changed
 from dicom_node.settings import CompletionSettings
 
 log = logging.getLogger(__name__)
@@ -148,12 +147,6 @@ def as_utc(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
 
 
-def _rows_changed(session: Session, statement: Update) -> int:
-    """Run a conditional UPDATE and return how many rows it changed."""
-    result = cast(CursorResult[Any], session.execute(statement.execution_options(synchronize_session=False)))
-    return result.rowcount
-
-
 def record_event(session: Session, study_pk: int, state: str, detail: str | None, at: dt.datetime | None = None) -> None:
     """Append one entry to a study's timeline (in the caller's transaction)."""
     session.add(StudyEvent(study_pk=study_pk, state=state, detail=detail, at=at or utcnow()))
@@ -199,7 +192,7 @@ def transition(
     current = session.execute(select(Study.id, Study.state).where(Study.study_uid == study_uid)).one_or_none()
     if current is None or current.state not in {s.value for s in sources}:
         raise TransitionError(study_uid, None if current is None else current.state, target)
-    changed = _rows_changed(
+    changed = rows_changed(
         session,
         update(Study).where(Study.id == current.id, Study.state == current.state).values(state=target.value, state_reason=detail),
     )
@@ -373,7 +366,7 @@ class Lifecycle:
             return None  # suspended node-wide (dicom_node.actions.suspend): jobs wait in the queue
         while True:
             claimed = self._claim_one(worker)
-            if claimed is None or not isinstance(claimed, str):
+            if not isinstance(claimed, str):
                 return claimed
             # a re-claimed job past its attempts was ended; look for the next one
 
@@ -398,7 +391,7 @@ class Lifecycle:
                                      .where(AnalysisJob.id == next_id)).one_or_none()
             if before is None:
                 return None
-            claimed = _rows_changed(
+            claimed = rows_changed(
                 session,
                 update(AnalysisJob)
                 .where(AnalysisJob.id == before.id, claimable)
@@ -419,8 +412,7 @@ class Lifecycle:
                                f"{INTERRUPTED_REASON} {job.attempts - 1} times (worker {previous} stopped renewing "
                                "its lease); not retried", expected={S.ANALYSING})
                     return study_uid
-                study_pk = job.study_pk
-                record_event(session, study_pk, S.ANALYSING.value,
+                record_event(session, job.study_pk, S.ANALYSING.value,
                              f"attempt {job.attempts} by {holder}: the lease of {previous} ran out")
                 log.warning("study %s: re-claimed by %s after the lease of %s ran out", study_uid, holder, previous)
             else:
@@ -440,7 +432,7 @@ class Lifecycle:
     def renew(self, job: Job) -> bool:
         """Extend a claimed job's lease; False when another worker took it over (fence moved on)."""
         with write_session(self._sessions) as session:
-            return _rows_changed(session, update(AnalysisJob).where(
+            return rows_changed(session, update(AnalysisJob).where(
                 AnalysisJob.id == job.job_id, AnalysisJob.fence == job.fence, AnalysisJob.state == "running"
             ).values(lease_until=utcnow() + self._lease)) == 1
 
@@ -457,7 +449,7 @@ class Lifecycle:
         """
         if outcome not in OUTCOME_STATES:
             raise ValueError(f"{outcome} is not an analysis outcome ({', '.join(sorted(OUTCOME_STATES))})")
-        fenced = _rows_changed(session, update(AnalysisJob).where(
+        fenced = rows_changed(session, update(AnalysisJob).where(
             AnalysisJob.id == job.job_id, AnalysisJob.fence == job.fence, AnalysisJob.state == "running"
         ).values(state="done", finished_at=utcnow(), outcome=outcome.value, lease_until=None))
         if fenced != 1:
@@ -554,7 +546,7 @@ def _enqueue(session: Session, study_uid: str, reason: str, *, rerun: bool) -> b
 
 def _cancel_queued_job(session: Session, study_uid: str) -> bool:
     study_pk = session.execute(select(Study.id).where(Study.study_uid == study_uid)).scalar_one()
-    cancelled = _rows_changed(
+    cancelled = rows_changed(
         session,
         update(AnalysisJob)
         .where(AnalysisJob.study_pk == study_pk, AnalysisJob.state == "queued")

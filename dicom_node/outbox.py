@@ -505,13 +505,11 @@ class Outbox:
             by_destination: dict[str, list[OutboxItem]] = defaultdict(list)
             for item in due:
                 by_destination[item.destination].append(item)
-            touched: set[str] = set()
             with LeaseKeeper(lambda: self.renew(due), self.lease_s / 3, what="outbox rows"):
                 for name, items in by_destination.items():
                     outcomes = self._send(known.get(name), name, items)
                     self._record(items, outcomes, report, known.get(name))
-                    touched.update(item.study_uid for item in items)
-            self._settle(touched, report)
+            self._settle(report)
             return report
 
     def suspended(self) -> bool:
@@ -550,12 +548,10 @@ class Outbox:
         if not items:
             return True
         until = self.clock() + dt.timedelta(seconds=self.lease_s)
-        with write_session(self._sessions) as session:
-            changed = 0
-            for item in items:
-                changed += rows_changed(session, update(OutboxItem).where(
-                    OutboxItem.id == item.id, OutboxItem.fence == item.fence, OutboxItem.claimed_by == item.claimed_by,
-                ).values(lease_until=until))
+        with write_session(self._sessions) as session:  # a pass's token is its own: a re-claimed row carries another
+            changed = rows_changed(session, update(OutboxItem).where(
+                OutboxItem.id.in_([item.id for item in items]), OutboxItem.claimed_by == items[0].claimed_by,
+            ).values(lease_until=until))
         return changed == len(items)
 
     def _send(self, destination: AnyDestination | None, name: str, items: list[OutboxItem]) -> list[StoreOutcome]:
@@ -587,12 +583,13 @@ class Outbox:
                     sent.append((row.study_uid, row.sent_sop_class_uid or row.sop_class_uid))
             if sent:
                 self._audit_sent(session, items[0].destination, destination, sent)
-            if self.settle_in is not None:  # the study's outcome commits with its last row's
-                session.flush()
-                for study_uid in sorted({item.study_uid for item in items}):
-                    states = session.scalars(select(OutboxItem.state).where(OutboxItem.study_uid == study_uid)).all()
-                    settled = study_delivery_outcome(states)
-                    if settled is not None:
+            session.flush()  # the study's outcome commits with its last row's
+            for study_uid in sorted({item.study_uid for item in items}):
+                states = session.scalars(select(OutboxItem.state).where(OutboxItem.study_uid == study_uid)).all()
+                settled = study_delivery_outcome(states)
+                if settled is not None:
+                    report.settled[study_uid] = settled
+                    if self.settle_in is not None:
                         self.settle_in(session, study_uid, settled)
 
     @staticmethod
@@ -642,14 +639,9 @@ class Outbox:
         row.next_try_at = min(now + dt.timedelta(seconds=backoff_s(row.attempts, self.delivery)), deadline)
         report.failed += 1
 
-    def _settle(self, study_uids: set[str], report: RunReport) -> None:
-        with self._sessions() as session:
-            for study_uid in sorted(study_uids):
-                states = session.scalars(select(OutboxItem.state).where(OutboxItem.study_uid == study_uid)).all()
-                outcome = study_delivery_outcome(states)
-                if outcome is not None:
-                    report.settled[study_uid] = outcome
-        for study_uid, outcome in report.settled.items():
+    def _settle(self, report: RunReport) -> None:
+        """Log and notify (``on_settled``) each study the pass settled; their states moved in :meth:`_record`."""
+        for study_uid, outcome in sorted(report.settled.items()):
             log.info("study %s: delivery %s", study_uid, outcome.value)
             if self.on_settled is not None:
                 self.on_settled(study_uid, outcome)

@@ -22,13 +22,13 @@ SR, from the outbox. Every action is recorded in the study's timeline.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.delivery import discard_result_files
 from dicom_node.index.models import Study
 from dicom_node.index.outbox import OutboxItem
 from dicom_node.lifecycle import Lifecycle, StudyState
@@ -65,22 +65,6 @@ def _unsent_result_files(session_factory: sessionmaker[Session], results_dir: Pa
     return [path for path in sorted(folder.glob("*/*.dcm")) if path.stem not in queued]
 
 
-def _discard(paths: Sequence[Path], study_uid: str) -> int:
-    removed = 0
-    for path in paths:
-        try:
-            path.unlink()
-            removed += 1
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("study %s: unsent result file %s not removed: %s", study_uid, path.name, exc)
-    for folder in {path.parent for path in paths}:
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-    return removed
-
-
 def recover_study(
     session_factory: sessionmaker[Session], lifecycle: Lifecycle, settings: Settings, study_uid: str, *, by: str
 ) -> Finding | None:
@@ -93,7 +77,7 @@ def recover_study(
         finding = None if study is None else examine(study)
     if finding is None or finding.action != "requeue":
         return None
-    removed = _discard(_unsent_result_files(session_factory, settings.storage.results_dir, study_uid), study_uid)
+    removed = discard_result_files(_unsent_result_files(session_factory, settings.storage.results_dir, study_uid), study_uid)
     discarded = f"; {removed} unsent result files discarded" if removed else ""
     detail = f"recovered at {by}: {finding.why} (results failed){discarded}; analysis queued again"
     if not lifecycle.requeue_analysis(study_uid, detail, expected=[finding.state]):
