@@ -196,12 +196,14 @@ def build_node(
     engine = build_engine(settings)
     upgrade_to_head(engine)
     session_factory = build_session_factory(engine)
-    # Before the SCP listens. Other receivers may be writing to a shared folder: files they put in
-    # place moments ago are not orphans (a study's store takes seconds, not minutes).
-    shared = role != "all"
-    reconciled = reconcile_orphans(files, session_factory, min_age_s=SHARED_ORPHAN_AGE_S if shared else 0.0)
-    if reconciled.adopted or reconciled.quarantined:
-        log.warning("files without index rows: %d adopted, %d quarantined", reconciled.adopted, reconciled.quarantined)
+    if "receiver" in ROLES[role]:  # the receivers' files: a worker or sender never walks the storage folder
+        # Before the SCP listens. Other receivers may be writing to a shared folder: files they put in
+        # place moments ago are not orphans (a study's store takes seconds, not minutes).
+        shared = role != "all"
+        reconciled = reconcile_orphans(files, session_factory, min_age_s=SHARED_ORPHAN_AGE_S if shared else 0.0)
+        if reconciled.adopted or reconciled.quarantined:
+            log.warning("files without index rows: %d adopted, %d quarantined",
+                        reconciled.adopted, reconciled.quarantined)
     peers = PeerRegistry(session_factory)
     peers.seed(settings.peers)
     scheduler = BackgroundScheduler(timezone=dt.timezone.utc)

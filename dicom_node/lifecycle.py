@@ -35,8 +35,6 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
-import os
-import socket
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,7 +47,7 @@ from dicom_node.index.db import write_session
 from dicom_node.index.jobs import AnalysisJob
 from dicom_node.index.models import Study, StudyEvent
 from dicom_node.index.users import Suspension
-from dicom_node.leases import LeaseLost, holder_is_dead_here, rows_changed
+from dicom_node.leases import LeaseLost, holder_is_dead_here, holder_token, rows_changed
 from dicom_node.settings import CompletionSettings
 
 log = logging.getLogger(__name__)
@@ -250,11 +248,6 @@ class Job:
     """``claimed_by`` of the claim."""
 
 
-def worker_name() -> str:
-    """``host:pid`` of this process, recorded on the jobs it claims."""
-    return f"{socket.gethostname()[:32]}:{os.getpid()}"
-
-
 class Lifecycle:
     """Study transitions and the analysis queue over the index, one unit of work per call.
 
@@ -371,7 +364,7 @@ class Lifecycle:
             # a re-claimed job past its attempts was ended; look for the next one
 
     def _claim_one(self, worker: str | None) -> Job | str | None:
-        token = f"{(worker or worker_name())[:40]}:{uuid.uuid4().hex[:16]}"
+        token = holder_token() if worker is None else f"{worker[:40]}:{uuid.uuid4().hex[:16]}"
         now = utcnow()
         cutoff = now - self._live_window
         live_first = case((AnalysisJob.priority_at >= cutoff, 0), else_=1)
