@@ -85,7 +85,8 @@ class JobOutcome:
     result: Result | None
     reason: str | None = None
     fenced: bool = False
-    """True when the run was not recorded: the job's lease ran out and another worker holds it."""
+    """True when the run was not recorded: the job's lease ran out and another worker holds it
+    (its fence moved on), or the study left ``analysing`` meanwhile."""
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ class Analyst:
                 outcome = self._finish(job, StudyState.NOT_ANALYSED, NotAnalysed(reason), None)
         log.info(
             "study %s: %s in %.1f s%s", job.study_uid, outcome.state.value, time.perf_counter() - started,
-            " (fenced out: another worker holds the study now; nothing recorded)" if outcome.fenced else "",
+            " (not recorded: the study is another worker's now, or moved on)" if outcome.fenced else "",
         )
         return outcome
 
